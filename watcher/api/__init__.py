@@ -1,0 +1,55 @@
+"""The HTTP control API: Starlette app served by Hypercorn's Trio worker inside the daemon's
+nursery. Routes live in the ``*_routes`` modules, each a table of :class:`Endpoint`."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import core_routes
+from .routing import Endpoint, error_response, wrap
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+ROUTE_MODULES = (core_routes,)
+
+
+def all_endpoints() -> list[Endpoint]:
+    return [e for m in ROUTE_MODULES for e in m.endpoints.items]
+
+
+def create_app(daemon: Daemon) -> Starlette:
+    routes = [Route(e.path, wrap(e, daemon), methods=[e.method]) for e in all_endpoints()]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    api = daemon.config.api
+    hc = HypercornConfig()
+    host = f"[{api.host}]" if ":" in api.host else api.host
+    hc.bind = [f"{host}:{api.port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("watcher.api.server")
+    hc.graceful_timeout = 2.0
+    hc.keep_alive_timeout = 30.0
+    hc.server_names = []
+    hc.include_server_header = False
+    await hypercorn_serve(create_app(daemon), hc, task_status=task_status)

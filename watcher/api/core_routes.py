@@ -1,0 +1,185 @@
+"""Health, chains, addresses and transfers."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..errors import BadRequest, InvalidAddress, NotFound
+from ..money import format_amount
+from .routing import ApiRequest, Endpoints
+
+endpoints = Endpoints()
+
+LABEL_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+
+_error = {"$ref": "#/components/schemas/Error"}
+_chain_param = {"name": "chain", "in": "query", "required": False, "schema": {"type": "string"}}
+_limit_param = {"name": "limit", "in": "query", "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+_cursor_param = {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "next_cursor of the previous page"}
+
+
+def chain_or_404(req: ApiRequest, chain_id: Any) -> Any:
+    if not isinstance(chain_id, str) or not chain_id:
+        raise BadRequest("chain is required", code="invalid_chain")
+    cfg = req.daemon.config.chain(chain_id)
+    if cfg is None:
+        raise NotFound(f"unknown chain {chain_id[:64]!r}", code="unknown_chain")
+    return cfg
+
+
+def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
+    if not isinstance(text, str):
+        raise InvalidAddress("address must be a string")
+    return req.daemon.store.family(chain_id).validate_address(text)
+
+
+def check_label(label: Any, *, required: bool = True) -> str | None:
+    if label is None and not required:
+        return None
+    if not isinstance(label, str) or not LABEL_RE.match(label):
+        raise BadRequest("label must be a string of 1-128 printable characters", code="invalid_label")
+    return label
+
+
+# --- health ------------------------------------------------------------------------------------
+
+
+@endpoints.add("GET", "/healthz", summary="Liveness: the process is up and its event loop answers.",
+               auth=False, tag="health", responses={200: {"type": "object"}})
+async def healthz(req: ApiRequest) -> Any:
+    return {"status": "ok"}
+
+
+@endpoints.add("GET", "/readyz", summary="Readiness: every chain's node answers and is within its lag threshold.",
+               auth=False, tag="health", responses={200: {"type": "object"}, 503: {"type": "object"}})
+async def readyz(req: ApiRequest) -> Any:
+    chains, ready = {}, True
+    for cid, w in req.daemon.watchers.items():
+        s = w.status
+        problem = None
+        if s.halted:
+            problem = "halted"
+        elif not s.node_up:
+            problem = "node unreachable" if s.error else "starting"
+        elif s.lag is not None and s.lag > w.config.max_lag:
+            problem = f"lagging {s.lag} blocks (max_lag {w.config.max_lag})"
+        chains[cid] = {"ready": problem is None, "problem": problem, "lag": s.lag}
+        ready = ready and problem is None
+    return JSONResponse({"status": "ready" if ready else "unready", "chains": chains},
+                        status_code=200 if ready else 503)
+
+
+# --- chains ------------------------------------------------------------------------------------
+
+
+@endpoints.add("GET", "/v1/chains", summary="Configured chains with their node's head, scan progress and status.",
+               tag="chains", responses={200: {"type": "object"}})
+async def list_chains(req: ApiRequest) -> Any:
+    out = []
+    for cid, w in req.daemon.watchers.items():
+        s = w.status
+        cfg = w.config
+        out.append({
+            "id": cid,
+            "family": cfg.family,
+            "node": {
+                "status": "halted" if s.halted else ("up" if s.node_up else "down"),
+                "error": s.halted or s.error,
+                "last_ok_seconds_ago": None if s.last_ok is None else round(time.monotonic() - s.last_ok, 1),
+                **s.node_info,
+            },
+            "head": s.head,
+            "scanned": s.scanned if s.scanned is not None else req.daemon.store.chains.scanned_number(cid),
+            "lag": s.lag,
+            "catching_up": s.catching_up,
+            "confirmations": cfg.confirmations,
+            "assets": [{"symbol": a.symbol, "decimals": a.decimals,
+                        "contract": w.family.display_address(a.contract) if a.contract else None}
+                       for a in cfg.assets],
+            "watched_addresses": req.daemon.store.addresses.count(cid),
+        })
+    return {"items": out}
+
+
+# --- addresses ---------------------------------------------------------------------------------
+
+
+def address_view(req: ApiRequest, a: Any, *, totals: bool = False) -> dict[str, Any]:
+    store = req.daemon.store
+    family = store.family(a.chain)
+    out: dict[str, Any] = {
+        "chain": a.chain,
+        "address": family.display_address(a.address),
+        "kind": a.kind,
+        "label": a.label,
+        "invoice_id": a.invoice_id,
+        "derivation_path": None if a.derivation_index is None else f"m/44'/{family.bip44_coin}'/0'/0/{a.derivation_index}",
+    }
+    if totals:
+        cfg = store.chain_config(a.chain)
+        out["totals"] = {
+            sym: {"confirmed": format_amount(t["confirmed"], cfg.asset(sym).decimals if cfg.asset(sym) else 0),
+                  "pending": format_amount(t["pending"], cfg.asset(sym).decimals if cfg.asset(sym) else 0),
+                  "transfers": t["count"]}
+            for sym, t in store.addresses.totals(a.chain, a.address).items()
+        }
+    return out
+
+
+@endpoints.add("POST", "/v1/addresses", summary="Get the static deposit address of a label (created on first call).",
+               tag="addresses", errors=(400, 404, 409),
+               body={"type": "object", "required": ["chain", "label"], "additionalProperties": False,
+                     "properties": {"chain": {"type": "string"}, "label": {"type": "string", "minLength": 1, "maxLength": 128}}},
+               responses={200: {"$ref": "#/components/schemas/Address"}, 201: {"$ref": "#/components/schemas/Address"}})
+async def create_address(req: ApiRequest) -> Any:
+    body = await req.json()
+    unknown = set(body) - {"chain", "label"}
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", code="unknown_field")
+    cfg = chain_or_404(req, body.get("chain"))
+    label = check_label(body.get("label"))
+    addr, created = req.daemon.store.addresses.deposit_address(cfg.id, label)
+    return (201 if created else 200), address_view(req, addr)
+
+
+@endpoints.add("GET", "/v1/addresses/{chain}/{address}", summary="A watched address with totals received per asset.",
+               tag="addresses", errors=(400, 404), responses={200: {"$ref": "#/components/schemas/Address"}})
+async def get_address(req: ApiRequest) -> Any:
+    cfg = chain_or_404(req, req.path_params["chain"])
+    address = canonical_address(req, cfg.id, req.path_params["address"])
+    return address_view(req, req.daemon.store.addresses.require(cfg.id, address), totals=True)
+
+
+# --- transfers ---------------------------------------------------------------------------------
+
+
+@endpoints.add("GET", "/v1/transfers", summary="Transfers to watched addresses, oldest first, paginated.",
+               tag="transfers", errors=(400, 404),
+               query=(_chain_param,
+                      {"name": "address", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "status", "in": "query", "required": False,
+                       "schema": {"type": "string", "enum": ["detected", "confirmed", "orphaned"]}},
+                      {"name": "since", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+                       "description": "only transfers changed at or after this Unix time (seconds)"},
+                      _limit_param, _cursor_param),
+               responses={200: {"type": "object"}})
+async def list_transfers(req: ApiRequest) -> Any:
+    chain_id = req.query("chain")
+    address = req.query("address")
+    if address is not None and chain_id is None:
+        raise BadRequest("address needs chain", code="invalid_parameter")
+    if chain_id is not None:
+        chain_or_404(req, chain_id)
+    canonical = canonical_address(req, chain_id, address) if address is not None else None
+    since = req.query_int("since", -1, lo=0, hi=2**40)
+    items, next_cursor = req.daemon.store.transfers.list(
+        chain=chain_id, address=canonical, status=req.query("status"),
+        since=since * 1000 if since >= 0 else None, after=req.query("cursor"),
+        limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": next_cursor}

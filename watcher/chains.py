@@ -1,0 +1,154 @@
+"""The contract between the core and chain plugins.
+
+A plugin provides :class:`ChainFamily` objects (through the ``watcher_chain_families`` hook).
+A family checks config and addresses and derives addresses from public keys; for each
+configured chain it opens a :class:`ChainClient`, which answers questions about that chain.
+Neither ever touches the store: the core decides what is watched, what is credited and when.
+
+Transfer indexes: a transfer is identified by ``(chain, txid, index)``. Families choose the
+index scheme for their chain and must keep it stable; the EVM family uses the log index
+(>= 0) for token transfers, -1 for the value of the transaction itself and -(2 + n) for the
+n-th internal value transfer found by tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry  # noqa: F401
+
+    from .config import ChainConfig, ConfigTable
+    from .jsonrpc import JsonRpc
+
+AddressFilter = Callable[[Iterable[str]], set[str]]
+"""Given canonical addresses, return the subset watched on this chain. Cheap, synchronous,
+safe to call with thousands of addresses at once (the core answers it from an index)."""
+
+TransferKind = Literal["native", "token", "internal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A value movement to a watched address, as found on chain."""
+
+    txid: str
+    index: int
+    kind: TransferKind
+    asset: str  # the asset's symbol in this chain's config
+    to: str  # canonical address
+    sender: str  # canonical address ("" if the chain has no single sender)
+    amount: int  # base units, > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block of the canonical chain as the node sees it, with the transfers in it that
+    pay watched addresses."""
+
+    number: int
+    hash: str
+    parent_hash: str
+    timestamp: int
+    transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TxLookup:
+    """Where a transaction stands, as answered by :meth:`ChainClient.lookup_tx`."""
+
+    txid: str
+    status: Literal["unknown", "pending", "failed", "included"]
+    block: Block | None = None  # for "included": the block, carrying the transfers of this tx
+
+
+@dataclass
+class ChainContext:
+    """What the core gives a family when it opens a client for one configured chain."""
+
+    config: ChainConfig
+    jsonrpc: Callable[..., JsonRpc]  # jsonrpc(concurrency=, max_batch=): a transport to config.rpc_url
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChainClient:
+    """Talks to one chain's node. Every method may raise :class:`watcher.errors.NodeError`
+    (the core retries with backoff) or :class:`watcher.errors.InconsistentData` (the node
+    changed its mind mid-request; the core asks again)."""
+
+    async def __aenter__(self) -> ChainClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+    async def check(self) -> dict[str, Any]:
+        """Called when the chain starts: verify the node serves the configured chain (raise
+        :class:`watcher.errors.ChainMismatch` if not) and return facts for logs and
+        ``/v1/chains`` (e.g. ``{"chain_id": 1}``)."""
+        return {}
+
+    async def head(self) -> int:
+        """The number of the newest block the node has."""
+        raise NotImplementedError
+
+    async def block_hashes(self, numbers: list[int]) -> dict[int, tuple[str, str]]:
+        """``{number: (hash, parent_hash)}`` for each number the node has; missing numbers
+        are left out. Used to find the common ancestor after a reorg."""
+        raise NotImplementedError
+
+    async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
+        """Blocks ``start..end`` (inclusive), in order, each with the transfers to addresses
+        for which ``watched`` says yes. Failed transactions are never reported. May return
+        fewer blocks than asked (a prefix) if the node does not have them all yet."""
+        raise NotImplementedError
+
+    async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:
+        """Find one transaction (for ``submit-tx``): is it unknown, pending, failed or
+        included, and if included, in which block and with which watched transfers."""
+        raise NotImplementedError
+
+
+class ChainFamily:
+    """A kind of chain (``evm``, later ``tron``, ``bitcoin``). One instance serves every
+    configured chain of its kind."""
+
+    name: ClassVar[str]
+    bip44_coin: ClassVar[int]  # SLIP-44 coin type used for m/44'/coin'/account'/0/index
+    native_decimals: ClassVar[int] = 18
+    default_native_symbol: ClassVar[str] = "ETH"
+    default_confirmations: ClassVar[int] = 12
+    default_finality_depth: ClassVar[int] = 64
+
+    def parse_options(self, table: ConfigTable) -> Any:
+        """Take this family's own per-chain keys from ``table`` (``table.take(...)``) and
+        return them in any form; the core stores it as ``ChainConfig.options``. Raise
+        :class:`watcher.errors.ConfigError` (with ``table.key(name)``) on bad values. Keys
+        not taken here or by the core are reported as unknown."""
+        return None
+
+    def validate_address(self, text: str) -> str:
+        """Return the canonical form of an address of this family (what the store keeps and
+        what the client reports), or raise :class:`watcher.errors.InvalidAddress`."""
+        raise NotImplementedError
+
+    def display_address(self, canonical: str) -> str:
+        """How an address is shown to people and apps (e.g. EIP-55 checksum case)."""
+        return canonical
+
+    def address_from_public_key(self, public_key: bytes) -> str:
+        """Canonical address for a 33-byte compressed secp256k1 public key."""
+        raise NotImplementedError
+
+    def payment_uri(self, config: ChainConfig, address: str, asset: str, amount: int) -> str | None:
+        """A wallet link for paying ``amount`` of ``asset`` to ``address`` (EIP-681 for EVM)."""
+        return None
+
+    def open_client(self, ctx: ChainContext) -> ChainClient:
+        """A client for one configured chain; the core enters it as an async context."""
+        raise NotImplementedError

@@ -1,0 +1,417 @@
+"""Loading and checking ``watcher.toml``.
+
+Every mistake is reported as a :class:`ConfigError` whose message starts with the key path
+(``chains[0].rpc_url: ...``), says what is wrong, and suggests the nearest known key for a
+misspelt one. Relative paths are resolved against the directory of the config file, so the
+daemon behaves the same whatever its working directory.
+
+Chain families add their own per-chain keys: the core reads the keys every chain has, then
+hands the same :class:`ConfigTable` to the family's ``parse_options``; whatever neither of
+them took is an unknown key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, InvalidAddress
+
+if TYPE_CHECKING:
+    from .chains import ChainFamily
+
+_MISSING: Any = object()
+CHAIN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigTable:
+    """A TOML table being read: ``take`` each known key, then ``done`` rejects the rest."""
+
+    def __init__(self, raw: Any, where: str):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, f"must be a table, got {_kind(raw)}")
+        self.raw = dict(raw)
+        self.where = where
+        self._taken: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def take(
+        self,
+        name: str,
+        kind: type | tuple[type, ...],
+        default: Any = _MISSING,
+        *,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        """Return ``raw[name]`` after checking its type and, if given, ``check(value)``, which
+        returns a problem description or None."""
+        self._taken.add(name)
+        if name not in self.raw:
+            if default is _MISSING:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        value = self.raw[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML ints are acceptable where floats are expected; bools are never ints here.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(self.key(name), f"must be {_names(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise ConfigError(self.key(name), f"must be {_names(kinds)}, got {_kind(value)}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(self.key(name), problem)
+        return value
+
+    def table(self, name: str, *, required: bool = False) -> ConfigTable:
+        self._taken.add(name)
+        if name not in self.raw:
+            if required:
+                raise ConfigError(self.key(name), "is required")
+            return ConfigTable({}, self.key(name))
+        return ConfigTable(self.raw[name], self.key(name))
+
+    def array_of_tables(self, name: str) -> list[ConfigTable]:
+        self._taken.add(name)
+        value = self.raw.get(name, [])
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]]), got {_kind(value)}")
+        return [ConfigTable(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        for name in self.raw:
+            if name not in self._taken:
+                hint = difflib.get_close_matches(name, sorted(self._taken), n=1)
+                suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ConfigError(self.key(name), f"unknown key{suffix}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "an array", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+# --- checks, each returning a problem or None ------------------------------------------------
+
+
+def positive(v: float) -> str | None:
+    return None if v > 0 else f"must be greater than 0, got {v}"
+
+
+def non_negative(v: int) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v}"
+
+
+def between(lo: float, hi: float) -> Callable[[float], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+
+
+def http_url(v: str) -> str | None:
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return f"{v!r} is not a valid URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{v!r} is not an http(s) URL with a host"
+    return None
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
+
+
+# --- the configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AssetConfig:
+    symbol: str
+    decimals: int
+    contract: str | None = None  # canonical form (the family's validate_address), None = native
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    id: str
+    family: str
+    rpc_url: str
+    native_symbol: str
+    native_decimals: int
+    confirmations: int
+    finality_depth: int
+    start_block: int | None
+    poll_interval: float
+    batch_size: int
+    max_lag: int
+    rpc_timeout: float
+    assets: tuple[AssetConfig, ...]
+    options: Any = None  # whatever the family's parse_options returned
+
+    def asset(self, symbol: str) -> AssetConfig | None:
+        for a in self.assets:
+            if a.symbol == symbol:
+                return a
+        return None
+
+    @property
+    def native(self) -> AssetConfig:
+        return self.assets[0]
+
+    @property
+    def tokens(self) -> tuple[AssetConfig, ...]:
+        return tuple(a for a in self.assets if a.contract is not None)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path
+    synchronous: str = "full"
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    mnemonic_file: Path | None = None
+    passphrase_file: Path | None = None
+    xpub: str | None = None
+
+    @property
+    def watch_only(self) -> bool:
+        return self.mnemonic_file is None
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8420
+    tokens: Mapping[str, str] = field(default_factory=dict)  # name -> token (secret)
+    max_body_bytes: int = 64 * 1024
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # auto: text on a TTY, JSON lines otherwise
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    storage: StorageConfig
+    keys: KeysConfig
+    api: ApiConfig
+    log: LogConfig
+    chains: tuple[ChainConfig, ...]
+
+    def chain(self, chain_id: str) -> ChainConfig | None:
+        for c in self.chains:
+            if c.id == chain_id:
+                return c
+        return None
+
+
+def load_config(path: str | Path, families: Mapping[str, ChainFamily]) -> Config:
+    """Read and check the TOML file at ``path``. ``families`` maps family names to the chain
+    families the loaded plugins provide."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path}: not valid TOML: {e}") from None
+    return parse_config(raw, families, base_dir=path.resolve().parent, path=path)
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    families: Mapping[str, ChainFamily],
+    *,
+    base_dir: Path,
+    path: Path | None = None,
+) -> Config:
+    top = ConfigTable(raw, "")
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else base_dir / q
+
+    st = top.table("storage", required=True)
+    storage = StorageConfig(
+        path=resolve(st.take("path", str, check=lambda v: None if v.strip() else "must not be empty")),
+        synchronous=st.take("synchronous", str, "full", check=one_of("normal", "full", "extra")),
+    )
+    st.done()
+
+    keys = _parse_keys(top.table("keys", required=True), resolve)
+    api = _parse_api(top.table("api"))
+
+    lg = top.table("log")
+    log = LogConfig(
+        level=lg.take("level", str, "info", check=one_of(*LOG_LEVELS)),
+        format=lg.take("format", str, "auto", check=one_of("auto", "json", "text")),
+    )
+    lg.done()
+
+    tables = top.array_of_tables("chains")
+    if not tables:
+        raise ConfigError("chains", "at least one [[chains]] entry is required")
+    chains = []
+    seen: set[str] = set()
+    for t in tables:
+        chain = _parse_chain(t, families)
+        if chain.id in seen:
+            raise ConfigError(t.key("id"), f"duplicate chain id {chain.id!r}")
+        seen.add(chain.id)
+        chains.append(chain)
+    top.done()
+    return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains))
+
+
+def _parse_keys(t: ConfigTable, resolve: Callable[[str], Path]) -> KeysConfig:
+    mnemonic = t.take("mnemonic_file", str, None)
+    passphrase = t.take("passphrase_file", str, None)
+    xpub = t.take("xpub", str, None)
+    t.done()
+    if mnemonic and xpub:
+        raise ConfigError(t.key("xpub"), "set either mnemonic_file or xpub, not both")
+    if not mnemonic and not xpub:
+        raise ConfigError(t.key("mnemonic_file"), "is required (or xpub = \"xpub...\" for watch-only)")
+    if passphrase and not mnemonic:
+        raise ConfigError(t.key("passphrase_file"), "only makes sense with mnemonic_file")
+    return KeysConfig(
+        mnemonic_file=resolve(mnemonic) if mnemonic else None,
+        passphrase_file=resolve(passphrase) if passphrase else None,
+        xpub=xpub.strip() if xpub else None,
+    )
+
+
+def _parse_listen(v: str) -> str | None:
+    try:
+        _split_listen(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _split_listen(v: str) -> tuple[str, int]:
+    m = re.match(r"^\[(?P<h6>[0-9a-fA-F:.]+)\]:(?P<p6>\d+)$|^(?P<h>[^:\[\]]+):(?P<p>\d+)$", v)
+    if not m:
+        raise ValueError(f"{v!r} is not host:port (e.g. \"127.0.0.1:8420\" or \"[::1]:8420\")")
+    host = m.group("h6") or m.group("h")
+    port = int(m.group("p6") or m.group("p"))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def _parse_api(t: ConfigTable) -> ApiConfig:
+    host, port = _split_listen(t.take("listen", str, "127.0.0.1:8420", check=_parse_listen))
+    tokens: dict[str, str] = {}
+    token = t.take("token", str, None, check=_token_check)
+    if token:
+        tokens["default"] = token
+    named = t.table("tokens")
+    for name in list(named.raw):
+        if not re.match(r"^[a-z0-9_-]{1,32}$", name):
+            raise ConfigError(named.key(name), "token names are 1-32 of a-z 0-9 _ -")
+        tokens[name] = named.take(name, str, check=_token_check)
+    named.done()
+    if len(set(tokens.values())) != len(tokens):
+        raise ConfigError(t.key("tokens"), "two token names share the same token")
+    max_body = t.take("max_body_bytes", int, 64 * 1024, check=between(1024, 16 * 1024 * 1024))
+    t.done()
+    api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body)
+    if not api.loopback and not tokens:
+        raise ConfigError(t.key("listen"), f"{host!r} is not a loopback address: set api.token first")
+    return api
+
+
+def _token_check(v: str) -> str | None:
+    if len(v) < 8:
+        return "must be at least 8 characters"
+    if v != v.strip() or any(c.isspace() for c in v):
+        return "must not contain whitespace"
+    return None
+
+
+def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainConfig:
+    chain_id = t.take("id", str, check=lambda v: None if CHAIN_ID_RE.match(v) else
+                      f"{v!r} must be 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
+    fam_name = t.take("family", str)
+    family = families.get(fam_name)
+    if family is None:
+        available = ", ".join(sorted(families)) or "none: no chain plugin is loaded"
+        raise ConfigError(t.key("family"), f"unknown chain family {fam_name!r} (available: {available})")
+    rpc_url = t.take("rpc_url", str, check=http_url)
+    native_symbol = t.take("native_symbol", str, family.default_native_symbol,
+                           check=lambda v: None if SYMBOL_RE.match(v) else f"{v!r} is not a valid symbol")
+    native_decimals = t.take("native_decimals", int, family.native_decimals, check=between(0, 77))
+    confirmations = t.take("confirmations", int, family.default_confirmations, check=between(1, 10_000))
+    finality = t.take("finality_depth", int, max(family.default_finality_depth, confirmations),
+                      check=between(1, 100_000))
+    if finality < confirmations:
+        raise ConfigError(t.key("finality_depth"), f"must be at least confirmations ({confirmations})")
+    start_block = t.take("start_block", int, None, check=non_negative)
+    poll_interval = t.take("poll_interval", float, 2.0, check=between(0.05, 3600))
+    batch_size = t.take("batch_size", int, 200, check=between(1, 10_000))
+    max_lag = t.take("max_lag", int, max(10, confirmations * 3), check=between(1, 1_000_000))
+    rpc_timeout = t.take("rpc_timeout", float, 10.0, check=between(0.1, 600))
+
+    assets = [AssetConfig(symbol=native_symbol, decimals=native_decimals, contract=None)]
+    for at in t.array_of_tables("assets"):
+        symbol = at.take("symbol", str, check=lambda v: None if SYMBOL_RE.match(v) else f"{v!r} is not a valid symbol")
+        if any(a.symbol == symbol for a in assets):
+            raise ConfigError(at.key("symbol"), f"symbol {symbol!r} is already used on chain {chain_id!r}")
+        raw_contract = at.take("contract", str)
+        try:
+            contract = family.validate_address(raw_contract)
+        except InvalidAddress as e:
+            raise ConfigError(at.key("contract"), e.message) from None
+        if any(a.contract == contract for a in assets):
+            raise ConfigError(at.key("contract"), f"contract {raw_contract} is configured twice")
+        decimals = at.take("decimals", int, check=between(0, 77))
+        at.done()
+        assets.append(AssetConfig(symbol=symbol, decimals=decimals, contract=contract))
+
+    options = family.parse_options(t)
+    t.done()
+    return ChainConfig(
+        id=chain_id, family=fam_name, rpc_url=rpc_url, native_symbol=native_symbol,
+        native_decimals=native_decimals, confirmations=confirmations, finality_depth=finality,
+        start_block=start_block, poll_interval=poll_interval, batch_size=batch_size,
+        max_lag=max_lag, rpc_timeout=rpc_timeout, assets=tuple(assets), options=options,
+    )

@@ -1,0 +1,152 @@
+"""The daemon: one Trio process, one root nursery that owns every task.
+
+``Daemon.open`` does everything that can fail fast and synchronously (plugins, config, keys,
+database, migrations); ``Daemon.run`` starts the services. ``run_until_signal`` is what
+``watcher run`` calls: SIGINT/SIGTERM cancel the root nursery; since no transaction ever
+spans an await, cancellation cannot leave anything half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+import trio
+from prometheus_client import CollectorRegistry
+
+from .chains import ChainFamily
+from .clock import Clock
+from .config import Config, load_config
+from .errors import ChainMismatch, NodeError
+from .keys import Keyring
+from .metrics import Metrics
+from .plugins import await_me_maybe, chain_families, make_plugin_manager
+from .scanner import ChainWatcher
+from .store import Store
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        pm: pluggy.PluginManager,
+        families: Mapping[str, ChainFamily],
+        keyring: Keyring,
+        store: Store,
+        metrics: Metrics,
+        clock: Clock,
+    ):
+        self.config = config
+        self.pm = pm
+        self.families = families
+        self.keyring = keyring
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.watchers: dict[str, ChainWatcher] = {
+            c.id: ChainWatcher(c, families[c.family], store, metrics) for c in config.chains
+        }
+        self.api_urls: list[str] = []
+        self.started = trio.Event()
+
+    @classmethod
+    def open(
+        cls,
+        config: Config | str | Path,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Clock | None = None,
+    ) -> Daemon:
+        pm = pm or make_plugin_manager()
+        families = chain_families(pm)
+        if not isinstance(config, Config):
+            config = load_config(config, families)
+        keyring = Keyring.from_config(config.keys)
+        metrics = Metrics(registry)
+        clock = clock or Clock()
+        store = Store.open(config, families=families, keyring=keyring, metrics=metrics, clock=clock)
+        return cls(config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics, clock=clock)
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def preflight(self) -> None:
+        """Ask every node who it is, concurrently and briefly. A node serving another chain
+        than configured stops start-up; an unreachable one only gets a warning (its watcher
+        keeps trying, the other chains start)."""
+
+        async def check(w: ChainWatcher) -> None:
+            try:
+                with trio.fail_after(min(w.config.rpc_timeout, 10.0)):
+                    async with w.open_client() as client:
+                        info = await client.check()
+            except (NodeError, trio.TooSlowError) as e:
+                msg = getattr(e, "message", None) or "timed out"
+                log.warning("%s: node %s is not reachable yet (%s); will keep trying",
+                            w.config.id, w.config.rpc_url, msg, extra={"chain": w.config.id})
+                return
+            cursor = self.store.chains.cursor(w.config.id)
+            if cursor is not None:
+                for k, v in cursor.node_info.items():
+                    if k in info and info[k] != v:
+                        raise ChainMismatch(
+                            f"{w.config.id}: the node at {w.config.rpc_url} reports {k} = {info[k]!r}, but this "
+                            f"database holds chain {w.config.id!r} scanned with {k} = {v!r}")
+
+        async with trio.open_nursery() as nursery:
+            for w in self.watchers.values():
+                nursery.start_soon(check, w)
+
+    async def run(self, *, api: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from . import api as api_module
+
+        await self.preflight()
+        for impl in self.pm.hook.watcher_startup.get_hookimpls():
+            await await_me_maybe(impl.function(daemon=self))
+        try:
+            async with trio.open_nursery() as nursery:
+                for w in self.watchers.values():
+                    await nursery.start(w.run)
+                if api:
+                    self.api_urls = await nursery.start(api_module.serve, self)
+                    log.info("API listening on %s", ", ".join(self.api_urls))
+                log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
+                self.started.set()
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
+                for impl in self.pm.hook.watcher_shutdown.get_hookimpls():
+                    try:
+                        await await_me_maybe(impl.function(daemon=self))
+                    except Exception:
+                        log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
+
+
+async def run_until_signal(daemon: Daemon) -> None:
+    """Run the daemon until SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for sig in signals:
+                    log.info("received %s, stopping", signal.Signals(sig).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(on_signal)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
+    log.info("stopped")

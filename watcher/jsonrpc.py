@@ -1,0 +1,218 @@
+"""JSON-RPC 2.0 over HTTP with httpx: batching, bounded concurrency, timeouts, retries.
+
+Chain plugins use this instead of web3's providers (web3's async provider is asyncio-only;
+watcher runs on Trio). One :class:`JsonRpc` per configured chain; every exchange is counted
+in the metrics with the chain id and method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from .errors import NodeError, RpcError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# JSON-RPC error codes that mean "do not ask again, the answer will be the same".
+_FINAL_RPC_CODES = {-32600, -32601, -32602, 3}
+# Codes providers use for "too much at once": the caller should split the request.
+TOO_LARGE_RPC_CODES = {-32005, -32602, -32011}
+
+Call = tuple[str, Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4  # tries per call before the error reaches the caller
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: attempt 1 waits up to base_delay, ..."""
+        cap = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return random.uniform(cap / 2, cap)
+
+
+class JsonRpc:
+    """A JSON-RPC client for one node URL."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        chain: str,
+        metrics: Metrics,
+        timeout: float = 10.0,
+        concurrency: int = 8,
+        max_batch: int = 100,
+        retry: RetryPolicy | None = None,
+    ):
+        self.url = url
+        self.chain = chain
+        self.metrics = metrics
+        self.timeout = timeout
+        self.max_batch = max_batch
+        self.retry = retry or RetryPolicy()
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._ids = itertools.count(1)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            headers={"content-type": "application/json"},
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def call(self, method: str, *params: Any) -> Any:
+        """One call; returns its ``result`` or raises :class:`RpcError` / :class:`NodeError`."""
+        (result,) = await self.batch([(method, params)])
+        return result
+
+    async def batch(self, calls: Sequence[Call]) -> list[Any]:
+        """Many calls, sent as JSON-RPC batches of at most ``max_batch`` calls, concurrently.
+        Returns the results in order; raises on the first call that failed."""
+        results = await self.batch_outcomes(calls)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    async def batch_outcomes(self, calls: Sequence[Call]) -> list[Any]:
+        """Like :meth:`batch`, but a call that failed with a JSON-RPC error gives its
+        :class:`RpcError` in place of a result instead of raising (transport failures still
+        raise once retries are spent)."""
+        if not calls:
+            return []
+        chunks = [list(calls[i:i + self.max_batch]) for i in range(0, len(calls), self.max_batch)]
+        if len(chunks) == 1:
+            return await self._send_with_retry(chunks[0])
+        out: list[list[Any]] = [[] for _ in chunks]
+
+        async def run(i: int) -> None:
+            out[i] = await self._send_with_retry(chunks[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(chunks)):
+                nursery.start_soon(run, i)
+        return [r for chunk in out for r in chunk]
+
+    async def _send_with_retry(self, calls: list[Call]) -> list[Any]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                results = await self._send(calls)
+            except NodeError as e:
+                if not e.retryable or attempt >= self.retry.attempts:
+                    raise
+                delay = getattr(e, "retry_after", None) or self.retry.delay(attempt)
+                await trio.sleep(delay)
+                continue
+            # Retry only the calls whose error is transient (e.g. a rate-limit per call).
+            retry_idx = [i for i, r in enumerate(results) if isinstance(r, RpcError) and r.retryable]
+            if not retry_idx or attempt >= self.retry.attempts:
+                return results
+            await trio.sleep(self.retry.delay(attempt))
+            again = await self._send_with_retry([calls[i] for i in retry_idx])
+            for i, r in zip(retry_idx, again, strict=True):
+                results[i] = r
+            return results
+
+    async def _send(self, calls: list[Call]) -> list[Any]:
+        first = calls[0][0]
+        label = first if len(calls) == 1 else ("batch:" + first if all(c[0] == first for c in calls) else "batch")
+        ids = [next(self._ids) for _ in calls]
+        payload = [
+            {"jsonrpc": "2.0", "id": i, "method": m, "params": list(p)} for i, (m, p) in zip(ids, calls, strict=True)
+        ]
+        body = json.dumps(payload if len(calls) > 1 else payload[0], separators=(",", ":"))
+        for m, _ in calls:
+            self.metrics.rpc_requests.labels(self.chain, m).inc()
+        async with self._limiter:
+            t0 = time.perf_counter()
+            try:
+                with trio.fail_after(self.timeout + 1):
+                    resp = await self._client.post(self.url, content=body)
+            except (httpx.TimeoutException, trio.TooSlowError):
+                self._error(label, "timeout")
+                raise NodeError(f"{self.chain}: {label} timed out after {self.timeout}s") from None
+            except httpx.TransportError as e:
+                self._error(label, "connect")
+                raise NodeError(f"{self.chain}: cannot reach node: {type(e).__name__}") from None
+            finally:
+                self.metrics.rpc_latency.labels(self.chain, label).observe(time.perf_counter() - t0)
+        if resp.status_code != 200:
+            self._error(label, "http")
+            err = NodeError(f"{self.chain}: node answered HTTP {resp.status_code} to {label}",
+                            retryable=resp.status_code in (408, 425, 429) or resp.status_code >= 500)
+            err.retry_after = _retry_after(resp)  # type: ignore[attr-defined]
+            raise err
+        try:
+            data = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._error(label, "decode")
+            raise NodeError(f"{self.chain}: node sent a response that is not JSON to {label}") from None
+        return self._match(calls, ids, data, label)
+
+    def _match(self, calls: list[Call], ids: list[int], data: Any, label: str) -> list[Any]:
+        items = data if isinstance(data, list) else [data]
+        by_id: dict[Any, Any] = {}
+        for item in items:
+            if isinstance(item, dict) and "id" in item:
+                by_id[item["id"]] = item
+            elif isinstance(item, dict) and "error" in item and len(calls) == 1:
+                # a node may answer a whole request with one error object without an id
+                by_id[ids[0]] = item
+        results: list[Any] = []
+        for rid, (method, _) in zip(ids, calls, strict=True):
+            item = by_id.get(rid)
+            if item is None:
+                self._error(method, "decode")
+                raise NodeError(f"{self.chain}: node left {method} (id {rid}) unanswered in {label}")
+            if "error" in item and item["error"] is not None:
+                e = item["error"] if isinstance(item["error"], dict) else {"message": str(item["error"])}
+                code = e.get("code") if isinstance(e.get("code"), int) else None
+                msg = str(e.get("message", "error"))[:300]
+                self._error(method, "rpc")
+                results.append(RpcError(f"{self.chain}: {method}: {msg} (code {code})",
+                                        retryable=code not in _FINAL_RPC_CODES and not _looks_final(msg),
+                                        rpc_code=code))
+            elif "result" in item:
+                results.append(item["result"])
+            else:
+                self._error(method, "decode")
+                raise NodeError(f"{self.chain}: {method}: response has neither result nor error")
+        return results
+
+    def _error(self, method: str, kind: str) -> None:
+        self.metrics.rpc_errors.labels(self.chain, method, kind).inc()
+
+
+def _looks_final(message: str) -> bool:
+    m = message.lower()
+    return "revert" in m or "not supported" in m
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        secs = float(value)
+    except ValueError:
+        return None
+    return min(max(secs, 0.0), 60.0) if math.isfinite(secs) else None

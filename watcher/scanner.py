@@ -1,0 +1,283 @@
+"""One chain watcher per configured chain: follows the node's head, scans new blocks in
+batches, links every block to its parent by hash, handles reorgs, counts confirmations.
+
+Failure policy: node errors (timeouts, HTTP errors, JSON-RPC errors) are retried forever with
+capped exponential backoff and jitter and show in ``status``, the metrics and ``/readyz``;
+they never stop the daemon or another chain. A reorg deeper than the finality depth or a
+node that turns out to serve another chain halts this chain only (``chain_halted`` = 1),
+because both need an operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .chains import ChainClient, ChainContext, ChainFamily
+from .config import ChainConfig
+from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
+from .jsonrpc import JsonRpc
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .store import Cursor, Store
+
+log = logging.getLogger(__name__)
+
+_REORG_WINDOW = 64  # block hashes asked per request while looking for the common ancestor
+_PROGRESS_EVERY = 5.0  # seconds between catch-up progress lines
+
+
+@dataclass
+class ChainStatus:
+    """What the API and ``watcher status`` show about a chain (in memory, per process)."""
+
+    chain: str
+    family: str
+    head: int | None = None
+    scanned: int | None = None
+    node_up: bool = False
+    last_ok: float | None = None  # time.monotonic() of the last successful poll
+    error: str | None = None
+    halted: str | None = None
+    catching_up: bool = False
+    node_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lag(self) -> int | None:
+        if self.head is None or self.scanned is None:
+            return None
+        return max(0, self.head - self.scanned)
+
+
+class ChainWatcher:
+    def __init__(self, config: ChainConfig, family: ChainFamily, store: Store, metrics: Metrics):
+        self.config = config
+        self.family = family
+        self.store = store
+        self.metrics = metrics
+        self.status = ChainStatus(chain=config.id, family=config.family)
+        self.client: ChainClient | None = None
+        self._poke = trio.Event()
+        self._backoff = 0
+        m = metrics
+        cid = config.id
+        self._m_head = m.chain_head.labels(cid)
+        self._m_scanned = m.chain_scanned.labels(cid)
+        self._m_lag = m.chain_lag.labels(cid)
+        self._m_up = m.chain_up.labels(cid)
+        self._m_halted = m.chain_halted.labels(cid)
+        self._m_blocks = m.blocks_scanned.labels(cid)
+        self._m_halted.set(0)
+        self._m_up.set(0)
+
+    def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50) -> JsonRpc:
+        return JsonRpc(self.config.rpc_url, chain=self.config.id, metrics=self.metrics,
+                       timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch)
+
+    def open_client(self) -> ChainClient:
+        return self.family.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))
+
+    def poke(self) -> None:
+        """Poll the node now instead of at the end of the current interval."""
+        self._poke.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cid = self.config.id
+        self.metrics.watched_addresses.labels(cid).set(self.store.addresses.count(cid))
+        async with self.open_client() as client:
+            self.client = client
+            task_status.started()
+            try:
+                await self._connect(client)
+                await self._follow(client)
+            except (ChainMismatch, DeepReorg) as e:
+                self._halt(e)
+                await trio.sleep_forever()
+            finally:
+                self.client = None
+
+    def _halt(self, e: Exception) -> None:
+        self.status.halted = str(e)
+        self.status.node_up = False
+        self._m_halted.set(1)
+        self.metrics.errors.labels(type(e).__name__).inc()
+        log.critical("%s: scanning halted: %s", self.config.id, e, extra={"chain": self.config.id})
+
+    async def _connect(self, client: ChainClient) -> Cursor:
+        """Check the node (retrying until it answers) and create or check the cursor."""
+        while True:
+            try:
+                info = await client.check()
+                head = await client.head()
+                break
+            except NodeError as e:
+                await self._node_down(e)
+        cursor = self.store.chains.cursor(self.config.id)
+        if cursor is None:
+            start = self.config.start_block if self.config.start_block is not None else head
+            cursor = self.store.chains.ensure(self.config, start_block=start, node_info=info)
+            log.info("%s: first start, scanning from block %d (node head %d)", self.config.id, start, head,
+                     extra={"chain": self.config.id})
+        else:
+            for k, v in cursor.node_info.items():
+                if k in info and info[k] != v:
+                    raise ChainMismatch(
+                        f"{self.config.id}: the node reports {k} = {info[k]!r} but this database scanned "
+                        f"{k} = {v!r}; refusing to mix chains")
+        self.status.node_info = info
+        self._ok(head, cursor.number)
+        return cursor
+
+    async def _follow(self, client: ChainClient) -> None:
+        while True:
+            try:
+                more = await self._step(client)
+            except InconsistentData as e:
+                self.metrics.errors.labels("inconsistent_node_data").inc()
+                log.info("%s: %s; fetching again", self.config.id, e, extra={"chain": self.config.id})
+                more = False
+            except NodeError as e:
+                await self._node_down(e)
+                continue
+            if not more:
+                with trio.move_on_after(self.config.poll_interval):
+                    await self._poke.wait()
+                self._poke = trio.Event()
+
+    async def _step(self, client: ChainClient) -> bool:
+        """One poll: returns True if there is more to scan right away."""
+        cid = self.config.id
+        head = await client.head()
+        cur = self.store.chains.cursor(cid)
+        assert cur is not None
+        if head <= cur.number:
+            # Nothing new. Make sure our tip is still the node's block at that height
+            # (a same-height reorg, or a node that went back to a lower height).
+            check_at = head if head < cur.number else cur.number
+            ours = cur.hash if check_at == cur.number else self.store.chains.recent_blocks(cid).get(check_at)
+            if ours is not None and check_at >= 0:
+                theirs = (await client.block_hashes([check_at])).get(check_at)
+                if theirs is not None and theirs[0] != ours:
+                    await self._reorg(client, cur)
+                    return True
+            self._ok(head, cur.number)
+            return False
+        end = min(head, cur.number + self.config.batch_size)
+        t0 = time.monotonic()
+        blocks = await client.fetch_blocks(cur.number + 1, end, self._watched)
+        if not blocks:
+            self._ok(head, cur.number)
+            return False
+        if cur.hash is not None and blocks[0].parent_hash != cur.hash:
+            await self._reorg(client, cur)
+            return True
+        result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
+        self._m_blocks.inc(len(blocks))
+        self._ok(head, result.tip)
+        self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
+        return result.tip < head
+
+    def _watched(self, candidates: Any) -> set[str]:
+        return self.store.addresses.watched(self.config.id, candidates)
+
+    async def _reorg(self, client: ChainClient, cur: Cursor) -> None:
+        cid = self.config.id
+        stored = self.store.chains.recent_blocks(cid)
+        if cur.hash is not None:
+            stored[cur.number] = cur.hash
+        numbers = sorted(stored, reverse=True)
+        ancestor: int | None = None
+        for i in range(0, len(numbers), _REORG_WINDOW):
+            window = numbers[i:i + _REORG_WINDOW]
+            theirs = await client.block_hashes(window)
+            for n in window:
+                if n in theirs and theirs[n][0] == stored[n]:
+                    ancestor = n
+                    break
+            if ancestor is not None:
+                break
+        if ancestor is None:
+            if numbers and numbers[-1] == cur.start_block:
+                ancestor = cur.start_block - 1  # nothing older was ever scanned: start over
+            else:
+                oldest = numbers[-1] if numbers else cur.number
+                raise DeepReorg(
+                    f"{cid}: the node's chain differs from ours at every block we keep (down to {oldest}, "
+                    f"finality depth {self.config.finality_depth}); a reorg this deep needs an operator")
+        depth = cur.number - ancestor
+        orphaned = self.store.chains.rollback(self.config, ancestor, stored.get(ancestor))
+        self.metrics.reorgs.labels(cid).inc()
+        self.metrics.reorg_depth.labels(cid).observe(depth)
+        log.warning("%s: reorg of depth %d: rolled back to block %d, %d transfer(s) orphaned",
+                    cid, depth, ancestor, orphaned, extra={"chain": cid, "reorg_depth": depth})
+
+    # --- status bookkeeping ---------------------------------------------------------------
+
+    def _ok(self, head: int, scanned: int) -> None:
+        s = self.status
+        if not s.node_up and s.error is not None:
+            log.info("%s: node is back (head %d)", self.config.id, head, extra={"chain": self.config.id})
+        s.head, s.scanned, s.node_up, s.error = head, scanned, True, None
+        s.last_ok = time.monotonic()
+        s.catching_up = head - scanned > self.config.batch_size
+        self._backoff = 0
+        self._m_head.set(head)
+        self._m_scanned.set(scanned)
+        self._m_lag.set(max(0, head - scanned))
+        self._m_up.set(1)
+
+    async def _node_down(self, e: NodeError) -> None:
+        s = self.status
+        first = s.node_up or s.error is None
+        s.node_up = False
+        s.error = e.message
+        self._m_up.set(0)
+        self.metrics.errors.labels("node").inc()
+        self._backoff = min(self._backoff + 1, 6)
+        delay = min(30.0, 0.5 * 2 ** self._backoff) * random.uniform(0.75, 1.0)
+        level = logging.WARNING if first else logging.DEBUG
+        log.log(level, "%s: node error: %s; retrying in %.1fs", self.config.id, e.message, delay,
+                extra={"chain": self.config.id})
+        await trio.sleep(delay)
+
+    _last_progress = 0.0
+    _progress_blocks = 0
+    _progress_since = 0.0
+
+    def _progress(self, n: int, took: float, head: int, tip: int) -> None:
+        now = time.monotonic()
+        if self._progress_since == 0.0:
+            self._progress_since = now - took
+        self._progress_blocks += n
+        behind = head - tip
+        if behind <= self.config.batch_size and self._last_progress == 0.0:
+            self._progress_blocks, self._progress_since = 0, 0.0
+            return  # following the head: no progress lines
+        if now - self._last_progress < _PROGRESS_EVERY and behind > 0:
+            return
+        elapsed = max(now - self._progress_since, 1e-6)
+        rate = self._progress_blocks / elapsed
+        eta = behind / rate if rate > 0 else float("inf")
+        log.info("%s: catching up: block %d of %d (%.0f blocks/s, %d behind, ETA %s)",
+                 self.config.id, tip, head, rate, behind, _fmt_eta(eta),
+                 extra={"chain": self.config.id, "blocks_per_s": round(rate, 1), "behind": behind})
+        self._last_progress = now
+        if behind == 0:
+            self._last_progress, self._progress_blocks, self._progress_since = 0.0, 0, 0.0
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

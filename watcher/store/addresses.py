@@ -1,0 +1,165 @@
+"""Watched addresses and the derivation indexes behind them.
+
+A label gets one derivation index per key space (the family's SLIP-44 coin type), so the
+label ``alice`` has the same address on every EVM chain: a user who pays on the wrong EVM
+chain still pays an address the operator holds the key to. Indexes are never reused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import Conflict, NotFound
+
+if TYPE_CHECKING:
+    from . import Store
+
+_CHUNK = 500  # SQLite host parameters per IN (...) query
+
+
+@dataclass(frozen=True)
+class WatchedAddress:
+    chain: str
+    address: str  # canonical
+    kind: str  # 'deposit', 'invoice', 'external'
+    label: str | None
+    invoice_id: str | None
+    derivation_index: int | None
+    created_at: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> WatchedAddress:
+        return cls(chain=row["chain"], address=row["address"], kind=row["kind"], label=row["label"],
+                   invoice_id=row["invoice_id"], derivation_index=row["derivation_index"],
+                   created_at=row["created_at"])
+
+
+class Addresses:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # --- reading ------------------------------------------------------------------------
+
+    def watched(self, chain: str, candidates: Iterable[str]) -> set[str]:
+        """The subset of ``candidates`` (canonical addresses) watched on ``chain``."""
+        unique = list(set(candidates))
+        found: set[str] = set()
+        conn = self.store.db.conn
+        for i in range(0, len(unique), _CHUNK):
+            part = unique[i:i + _CHUNK]
+            rows = conn.execute(
+                f"SELECT address FROM addresses WHERE chain = ? AND address IN ({','.join('?' * len(part))})",
+                [chain, *part],
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def get(self, chain: str, address: str) -> WatchedAddress | None:
+        row = self.store.db.one("SELECT * FROM addresses WHERE chain = ? AND address = ?", (chain, address))
+        return WatchedAddress.from_row(row) if row else None
+
+    def by_label(self, chain: str, label: str) -> WatchedAddress | None:
+        row = self.store.db.one("SELECT * FROM addresses WHERE chain = ? AND label = ?", (chain, label))
+        return WatchedAddress.from_row(row) if row else None
+
+    def count(self, chain: str) -> int:
+        return self.store.db.scalar("SELECT COUNT(*) FROM addresses WHERE chain = ?", (chain,)) or 0
+
+    def list(self, chain: str, *, after: str = "", limit: int = 100) -> list[WatchedAddress]:
+        rows = self.store.db.query(
+            "SELECT * FROM addresses WHERE chain = ? AND address > ? ORDER BY address LIMIT ?", (chain, after, limit)
+        )
+        return [WatchedAddress.from_row(r) for r in rows]
+
+    # --- writing ------------------------------------------------------------------------
+
+    def deposit_address(self, chain: str, label: str) -> tuple[WatchedAddress, bool]:
+        """The static deposit address of ``label`` on ``chain``: ``(address, created)``.
+        The same label always gets the same address."""
+        existing = self.by_label(chain, label)
+        if existing is not None:
+            if existing.kind != "deposit":
+                raise Conflict(f"label {label!r} on chain {chain!r} is already used by an {existing.kind} address")
+            return existing, False
+        with self.store.db.transaction():
+            index = self._index_for(chain, "label", label)
+            return self._insert_derived(chain, index, kind="deposit", label=label), True
+
+    def derived_for(self, chain: str, purpose: str, ref: str, *, kind: str, label: str | None = None,
+                    invoice_id: str | None = None) -> WatchedAddress:
+        """A derived address for an object (e.g. an invoice); call inside a transaction."""
+        index = self._index_for(chain, purpose, ref)
+        return self._insert_derived(chain, index, kind=kind, label=label, invoice_id=invoice_id)
+
+    def watch_external(self, chain: str, address: str, label: str | None) -> tuple[WatchedAddress, bool]:
+        """Watch an address watcher did not derive (no sweeping possible)."""
+        existing = self.get(chain, address)
+        if existing is not None:
+            if existing.label != label and label is not None:
+                raise Conflict(f"address is already watched on {chain!r} with another label")
+            return existing, False
+        if label is not None and self.by_label(chain, label) is not None:
+            raise Conflict(f"label {label!r} on chain {chain!r} is already used by another address")
+        now = self.store.clock.now_ms()
+        with self.store.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO addresses (chain, address, kind, label, invoice_id, derivation_index, created_at)"
+                " VALUES (?, ?, 'external', ?, NULL, NULL, ?)",
+                (chain, address, label, now),
+            )
+            self.store.db.after_commit(lambda: self.store.metrics.watched_addresses.labels(chain).inc())
+        return WatchedAddress(chain, address, "external", label, None, None, now), True
+
+    def _index_for(self, chain: str, purpose: str, ref: str) -> int:
+        family = self.store.family(chain)
+        coin = family.bip44_coin
+        conn = self.store.db.conn
+        row = conn.execute(
+            "SELECT idx FROM derivations WHERE coin = ? AND purpose = ? AND ref = ?", (coin, purpose, ref)
+        ).fetchone()
+        if row is not None:
+            return row[0]
+        index = conn.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM derivations WHERE coin = ?", (coin,)).fetchone()[0]
+        conn.execute(
+            "INSERT INTO derivations (coin, idx, purpose, ref, created_at) VALUES (?, ?, ?, ?, ?)",
+            (coin, index, purpose, ref, self.store.clock.now_ms()),
+        )
+        return index
+
+    def _insert_derived(self, chain: str, index: int, *, kind: str, label: str | None,
+                        invoice_id: str | None = None) -> WatchedAddress:
+        family = self.store.family(chain)
+        address = family.address_from_public_key(self.store.keyring.public_key(family.bip44_coin, index))
+        now = self.store.clock.now_ms()
+        clash = self.get(chain, address)
+        if clash is not None:
+            # Only possible if someone watched one of our future addresses as external.
+            raise Conflict(f"derived address #{index} is already watched on {chain!r} as {clash.kind}")
+        self.store.db.conn.execute(
+            "INSERT INTO addresses (chain, address, kind, label, invoice_id, derivation_index, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (chain, address, kind, label, invoice_id, index, now),
+        )
+        self.store.db.after_commit(lambda: self.store.metrics.watched_addresses.labels(chain).inc())
+        return WatchedAddress(chain, address, kind, label, invoice_id, index, now)
+
+    def require(self, chain: str, address: str) -> WatchedAddress:
+        found = self.get(chain, address)
+        if found is None:
+            raise NotFound(f"address is not watched on chain {chain!r}")
+        return found
+
+    def totals(self, chain: str, address: str) -> dict[str, dict[str, int]]:
+        """Per asset: base units confirmed and still unconfirmed (orphaned ones excluded)."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.store.db.query(
+            "SELECT asset, status, amount FROM transfers WHERE chain = ? AND address = ? AND status != 'orphaned'",
+            (chain, address),
+        ):
+            bucket = out.setdefault(row["asset"], {"confirmed": 0, "pending": 0, "count": 0})
+            bucket["confirmed" if row["status"] == "confirmed" else "pending"] += int(row["amount"])
+            bucket["count"] += 1
+        return out

@@ -1,0 +1,115 @@
+"""Per-chain scan state: the cursor (last scanned block and its hash) and the recent blocks
+that new blocks must link to. ``apply_blocks`` and ``rollback`` are the two transactions the
+scanner writes; each moves the cursor together with the transfers and events it implies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..chains import Block
+from ..config import ChainConfig
+from ..errors import InconsistentData
+
+if TYPE_CHECKING:
+    from . import Store
+
+
+@dataclass(frozen=True)
+class Cursor:
+    chain: str
+    start_block: int
+    number: int  # last scanned block (start_block - 1 before the first)
+    hash: str | None
+    node_info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    tip: int
+    detected: int
+    confirmed: int
+
+
+class ChainState:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def cursor(self, chain: str) -> Cursor | None:
+        row = self.store.db.one("SELECT * FROM chains WHERE id = ?", (chain,))
+        if row is None:
+            return None
+        return Cursor(chain=row["id"], start_block=row["start_block"], number=row["scanned_number"],
+                      hash=row["scanned_hash"], node_info=json.loads(row["node_info"]))
+
+    def scanned_number(self, chain: str) -> int:
+        value = self.store.db.scalar("SELECT scanned_number FROM chains WHERE id = ?", (chain,))
+        return -1 if value is None else value
+
+    def ensure(self, chain: ChainConfig, *, start_block: int, node_info: dict[str, Any]) -> Cursor:
+        """Create the chain's cursor on first sight (scanning starts at ``start_block``)."""
+        now = self.store.clock.now_ms()
+        with self.store.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO chains (id, family, start_block, scanned_number, scanned_hash, node_info,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, NULL, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                (chain.id, chain.family, start_block, start_block - 1, json.dumps(node_info, sort_keys=True), now, now),
+            )
+        cursor = self.cursor(chain.id)
+        assert cursor is not None
+        return cursor
+
+    def recent_blocks(self, chain: str) -> dict[int, str]:
+        return {r[0]: r[1] for r in self.store.db.query(
+            "SELECT number, hash FROM blocks WHERE chain = ? ORDER BY number", (chain,))}
+
+    def apply_blocks(self, chain: ChainConfig, blocks: list[Block], *, node_head: int) -> ScanResult:
+        """Record a run of new blocks (they must continue the cursor) with their transfers,
+        advance the cursor, confirm what is now deep enough, prune old block hashes; all in
+        one transaction. Raises :class:`InconsistentData` if the blocks do not link."""
+        if not blocks:
+            raise ValueError("apply_blocks needs at least one block")
+        db = self.store.db
+        with db.transaction() as conn:
+            cur = self.cursor(chain.id)
+            assert cur is not None
+            prev_number, prev_hash = cur.number, cur.hash
+            for b in blocks:
+                if b.number != prev_number + 1 or (prev_hash is not None and b.parent_hash != prev_hash):
+                    raise InconsistentData(
+                        f"{chain.id}: block {b.number} ({b.hash[:12]}) does not link to {prev_number}"
+                        f" ({(prev_hash or '?')[:12]})")
+                prev_number, prev_hash = b.number, b.hash
+            tip = blocks[-1].number
+            keep_from = max(node_head, tip) - chain.finality_depth
+            detected = 0
+            for b in blocks:
+                if b.number > keep_from:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO blocks (chain, number, hash, parent_hash, timestamp) VALUES (?, ?, ?, ?, ?)",
+                        (chain.id, b.number, b.hash, b.parent_hash, b.timestamp),
+                    )
+                for t in b.transfers:
+                    if self.store.transfers.record(chain, b, t, tip) is not None:
+                        detected += 1
+            conn.execute(
+                "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
+                (tip, blocks[-1].hash, self.store.clock.now_ms(), chain.id),
+            )
+            confirmed = self.store.transfers.confirm_upto(chain, tip)
+            conn.execute("DELETE FROM blocks WHERE chain = ? AND number <= ?", (chain.id, tip - chain.finality_depth))
+        return ScanResult(tip=tip, detected=detected, confirmed=confirmed)
+
+    def rollback(self, chain: ChainConfig, ancestor: int, ancestor_hash: str | None) -> int:
+        """Undo every block above ``ancestor`` (a reorg): orphan their transfers (with
+        events) and move the cursor back. Returns the number of orphaned transfers."""
+        with self.store.db.transaction() as conn:
+            orphaned = self.store.transfers.orphan_above(chain, ancestor, ancestor)
+            conn.execute("DELETE FROM blocks WHERE chain = ? AND number > ?", (chain.id, ancestor))
+            conn.execute(
+                "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
+                (ancestor, ancestor_hash, self.store.clock.now_ms(), chain.id),
+            )
+        return orphaned

@@ -1,0 +1,127 @@
+"""The SQLite file: one connection, one writer, explicit transactions, WAL.
+
+All writes go through :meth:`Database.transaction` (``BEGIN IMMEDIATE`` ... ``COMMIT``). A
+transaction never spans an ``await``: the daemon's tasks share this connection, and Trio
+only switches tasks at awaits, so a transaction is never interleaved with another task's
+statements, and a cancelled task can never leave one half-written. Work that must happen
+only if the transaction commits (metrics, waking the webhook dispatcher) is registered with
+:meth:`Database.after_commit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ..errors import WatcherError
+from .schema import migrations
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(WatcherError):
+    """The database could not be opened or written."""
+
+    code = "storage_error"
+
+
+class Database:
+    def __init__(self, path: Path | str, *, synchronous: str = "full"):
+        self.path = Path(path) if str(path) != ":memory:" else path
+        if isinstance(self.path, Path):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"storage.path: cannot create {str(self.path.parent)!r}: {e.strerror}") from None
+        try:
+            self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StorageError(f"storage.path: cannot open {str(path)!r}: {e}") from None
+        self.conn.row_factory = sqlite3.Row
+        c = self.conn
+        c.execute("PRAGMA busy_timeout = 10000")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal" and str(path) != ":memory:":
+            log.warning("SQLite refused WAL mode (got %s); concurrent readers will block writes", mode)
+        c.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        c.execute("PRAGMA foreign_keys = ON")
+        self._in_tx = False
+        self._after: list[Callable[[], None]] = []
+
+    def migrate(self) -> list[str]:
+        """Apply pending schema migrations, each atomically; returns their names."""
+        db = sqlite_utils.Database(self.conn)
+        pending = [m.name for m in migrations.pending(db)]
+        migrations.apply(db)
+        return pending
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA optimize")
+        self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``with db.transaction() as conn:`` — everything inside commits together or not at
+        all. Nested use joins the outer transaction."""
+        if self._in_tx:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self.conn
+        except BaseException:
+            self._in_tx = False
+            self._after.clear()
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._in_tx = False
+            self._after.clear()
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        self._in_tx = False
+        callbacks, self._after = self._after, []
+        for fn in callbacks:
+            fn()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_tx
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the current transaction has committed (dropped on rollback)."""
+        if not self._in_tx:
+            fn()
+        else:
+            self._after.append(fn)
+
+    def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def scalar(self, sql: str, params: Any = ()) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def get_meta(self, key: str) -> str | None:
+        return self.scalar("SELECT value FROM meta WHERE key = ?", (key,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )

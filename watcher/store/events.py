@@ -1,0 +1,93 @@
+"""The outbox. A state change and the event that reports it are written in the same
+transaction; the webhook dispatcher and plugin sinks read them from here afterwards."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..ids import new_id
+
+if TYPE_CHECKING:
+    from . import Store
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    id: str
+    type: str
+    created_at: int  # ms
+    chain: str | None
+    subject: str | None
+    data: dict[str, Any]
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON body apps receive: ``{"type", "timestamp", "data"}`` (Standard Webhooks)."""
+        return {"type": self.type, "timestamp": iso_ms(self.created_at), "data": self.data}
+
+    @classmethod
+    def from_row(cls, row: Any) -> Event:
+        return cls(seq=row["seq"], id=row["id"], type=row["type"], created_at=row["created_at"],
+                   chain=row["chain"], subject=row["subject"], data=json.loads(row["data"]))
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """Milliseconds since the epoch to RFC 3339 UTC (``2026-11-22T02:40:35.123Z``)."""
+    if ms is None:
+        return None
+    import datetime as _dt
+
+    t = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+class Outbox:
+    def __init__(self, store: Store):
+        self.store = store
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def on_commit(self, fn: Callable[[Event], None]) -> None:
+        """Call ``fn(event)`` for every event once its transaction has committed."""
+        self._listeners.append(fn)
+
+    def emit(self, type: str, data: dict[str, Any], *, chain: str | None = None, subject: str | None = None) -> Event:
+        """Write an event; must be called inside a transaction with the change it reports."""
+        db = self.store.db
+        assert db.in_transaction, "events are written in the transaction of the change they report"
+        now = self.store.clock.now_ms()
+        event_id = new_id("evt", now_ms=now)
+        body = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        cur = db.conn.execute(
+            "INSERT INTO events (id, type, created_at, chain, subject, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, type, now, chain, subject, body),
+        )
+        event = Event(seq=cur.lastrowid, id=event_id, type=type, created_at=now, chain=chain,
+                      subject=subject, data=data)
+
+        def committed() -> None:
+            self.store.metrics.events.labels(type).inc()
+            for fn in self._listeners:
+                fn(event)
+
+        db.after_commit(committed)
+        return event
+
+    def list(self, *, after_seq: int = 0, limit: int = 100, types: tuple[str, ...] = (),
+             subject: str | None = None) -> list[Event]:
+        sql = "SELECT * FROM events WHERE seq > ?"
+        params: list[Any] = [after_seq]
+        if types:
+            sql += f" AND type IN ({','.join('?' * len(types))})"
+            params += list(types)
+        if subject is not None:
+            sql += " AND subject = ?"
+            params.append(subject)
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+        return [Event.from_row(r) for r in self.store.db.query(sql, params)]
+
+    def last_seq(self) -> int:
+        return self.store.db.scalar("SELECT COALESCE(MAX(seq), 0) FROM events") or 0
