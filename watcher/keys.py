@@ -34,7 +34,7 @@ HOT_WALLET_ACCOUNT = 1
 def new_mnemonic(words: int = 24) -> str:
     """A fresh English BIP39 mnemonic from the OS's CSPRNG."""
     num = {12: Bip39WordsNum.WORDS_NUM_12, 24: Bip39WordsNum.WORDS_NUM_24}[words]
-    return str(Bip39MnemonicGenerator(Bip39Languages.ENGLISH).FromWordsNum(num))
+    return str(Bip39MnemonicGenerator(Bip39Languages.ENGLISH).FromWordsNumber(num))
 
 
 def write_secret_file(path: Path, text: str) -> None:

@@ -53,6 +53,6 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream=None) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("watcher").setLevel(level.upper())
-    logging.getLogger("watcher_evm").setLevel(level.upper())
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "hpack", "hypercorn", "hypercorn.error", "web3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -33,8 +33,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chain_entry(chain_id: str, url: str, *, tokens: list[tuple[str, str, int]] = (), **extra: Any) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": chain_id, "family": "evm", "rpc_url": url, "native_symbol": "ETH",
+def chain_entry(name: str, url: str, *, tokens: list[tuple[str, str, int]] = (), **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": name, "family": "evm", "rpc_url": url, "native_symbol": "ETH",
                              "confirmations": 2, "start_block": 0, "poll_interval": 0.1}
     entry.update(extra)
     if tokens:

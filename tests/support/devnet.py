@@ -1,0 +1,129 @@
+"""``make run``: a local devnet with a working example.
+
+Starts anvil (a block a second) with a demo ERC-20 (USDT, 6 decimals), writes
+``devnet/watcher.toml`` with a fresh seed, starts ``watcher run``, then plays the part of an
+app: asks for alice's deposit address, pays it ETH and USDT from an anvil account, and
+prints what watcher reports. Keeps running until Ctrl-C, then stops both processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import tomli_w
+
+from tests.support.daemon import free_port, wait_http
+from tests.support.evm import Anvil, Token
+
+ROOT = Path(__file__).resolve().parents[2]
+DIR = ROOT / "devnet"
+
+
+def say(text: str) -> None:
+    print(f"\033[1;36m[devnet]\033[0m {text}", flush=True)
+
+
+def main() -> int:
+    from watcher.keys import new_mnemonic, write_secret_file
+
+    DIR.mkdir(exist_ok=True)
+    node = Anvil(chain_id=31337, block_time=1, port=8545 if _port_free(8545) else 0)
+    node.start()
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        say(f"anvil is up at {node.url} (chain id 31337, a block every second)")
+        usdt = Token.deploy(node, "USDT", 6)
+        say(f"deployed demo ERC-20 USDT at {usdt.address}")
+
+        seed = DIR / "seed.txt"
+        if seed.exists():
+            seed.unlink()
+        write_secret_file(seed, new_mnemonic() + "\n")
+        db = DIR / "watcher.db"
+        for p in (db, DIR / "watcher.db-wal", DIR / "watcher.db-shm"):
+            p.unlink(missing_ok=True)  # a new anvil is a new chain: start from an empty database
+        port = 8420 if _port_free(8420) else free_port()
+        token = "devnet-token-" + os.urandom(6).hex()
+        config = {
+            "storage": {"path": "watcher.db"},
+            "keys": {"mnemonic_file": "seed.txt"},
+            "api": {"listen": f"127.0.0.1:{port}", "token": token},
+            "log": {"level": "info", "format": "text"},
+            "chains": [{
+                "id": "devnet", "family": "evm", "rpc_url": node.url, "native_symbol": "ETH",
+                "confirmations": 2, "start_block": 0, "poll_interval": 0.5, "chain_id": 31337,
+                "assets": [{"symbol": "USDT", "contract": usdt.address, "decimals": 6}],
+            }],
+        }
+        cfg_path = DIR / "watcher.toml"
+        cfg_path.write_bytes(tomli_w.dumps(config).encode())
+        say(f"wrote {cfg_path.relative_to(ROOT)} and a fresh seed in {seed.relative_to(ROOT)}")
+
+        daemon = subprocess.Popen([sys.executable, "-m", "watcher", "run", "-c", str(cfg_path)], cwd=str(ROOT))
+        api = f"http://127.0.0.1:{port}"
+        wait_http(f"{api}/healthz", timeout=30)
+        headers = {"authorization": f"Bearer {token}"}
+        http = httpx.Client(base_url=api, headers=headers, timeout=10, trust_env=False)
+
+        r = http.post("/v1/addresses", json={"chain": "devnet", "label": "alice"})
+        r.raise_for_status()
+        alice = r.json()["address"]
+        say(f"POST /v1/addresses {{chain: devnet, label: alice}} -> {alice}")
+        payer = node.accounts[1]
+        usdt.mint(payer, 1_000 * 10**6)
+        node.send(payer, alice, 15 * 10**17)
+        usdt.transfer(payer, alice, 25 * 10**6)
+        say("paid alice 1.5 ETH and 25 USDT from an anvil account; waiting for 2 confirmations...")
+        deadline = time.monotonic() + 60
+        items: list[dict] = []
+        while time.monotonic() < deadline:
+            items = http.get("/v1/transfers", params={"chain": "devnet", "address": alice}).json()["items"]
+            if len(items) == 2 and all(t["status"] == "confirmed" for t in items):
+                break
+            time.sleep(0.5)
+        for t in items:
+            say(f"  {t['status']}: {t['amount']} {t['asset']} to {t['label']} in block {t['block_number']} ({t['txid'][:18]}...)")
+        totals = http.get(f"/v1/addresses/devnet/{alice}").json()["totals"]
+        say(f"GET /v1/addresses/devnet/{alice} totals: {json.dumps(totals)}")
+        say("")
+        say("watcher is running. Try it yourself:")
+        say(f"  curl -s -H 'Authorization: Bearer {token}' {api}/v1/chains")
+        say(f"  curl -s -H 'Authorization: Bearer {token}' -X POST {api}/v1/addresses -d '{{\"chain\":\"devnet\",\"label\":\"bob\"}}'")
+        say(f"  curl -s -H 'Authorization: Bearer {token}' '{api}/v1/transfers?chain=devnet'")
+        say("Press Ctrl-C to stop.")
+        while daemon.poll() is None:
+            time.sleep(0.5)
+        return daemon.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        node.close()
+        say("stopped watcher and anvil")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

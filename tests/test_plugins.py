@@ -1,0 +1,107 @@
+"""Plugins: discovery through entry points, the hook contract, and its documentation."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.support.daemon import chain_entry, write_config
+from tests.support.evm import Anvil
+from watcher import hookspecs
+from watcher.config import load_config
+from watcher.errors import ConfigError
+from watcher.hookspecs import hookimpl
+from watcher.plugins import PluginError, chain_families, make_plugin_manager
+from watcher_evm import EvmFamily
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hook_names() -> list[str]:
+    return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("watcher_")]
+
+
+def test_every_hook_is_documented():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    missing = [n for n in hook_names() if not re.search(rf"^### `?{n}", docs, re.M)]
+    assert not missing, f"hooks missing from docs/plugins.md: {missing}"
+
+
+def test_every_hookspec_has_a_docstring_saying_what_happens_on_error():
+    for name in hook_names():
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert "rais" in doc or "error" in doc.lower(), f"{name}: say what happens if it raises"
+
+
+def test_core_never_imports_a_plugin():
+    for path in (ROOT / "watcher").rglob("*.py"):
+        assert "watcher_evm" not in path.read_text(), f"{path} imports the EVM plugin"
+
+
+def test_evm_family_comes_from_the_entry_point(monkeypatch):
+    pm = make_plugin_manager()
+    assert pm.get_plugin("evm") is not None  # registered under its entry-point name
+    assert isinstance(chain_families(pm)["evm"], EvmFamily)
+    monkeypatch.setenv("WATCHER_PLUGINS", "")
+    assert dict(chain_families(make_plugin_manager())) == {}
+
+
+def test_config_names_the_missing_family_when_the_plugin_is_not_loaded(tmp_path, monkeypatch):
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
+    monkeypatch.setenv("WATCHER_PLUGINS", "")
+    with pytest.raises(ConfigError, match=r"chains\[0\].family: unknown chain family 'evm' \(available: none"):
+        load_config(cfg, chain_families(make_plugin_manager()))
+
+
+def test_two_plugins_may_not_provide_the_same_family():
+    class Again:
+        @hookimpl
+        def watcher_chain_families(self):
+            return [EvmFamily()]
+
+    with pytest.raises(PluginError, match="provided by both"):
+        chain_families(make_plugin_manager(extra=(Again(),)))
+
+
+def test_a_plugin_returning_garbage_is_named():
+    class Broken:
+        @hookimpl
+        def watcher_chain_families(self):
+            return ["evm"]
+
+    with pytest.raises(PluginError, match="not a ChainFamily"):
+        chain_families(make_plugin_manager(extra=(Broken(),)))
+
+
+async def test_startup_and_shutdown_hooks_may_be_async(tmp_path, anvil: Anvil):
+    calls = []
+
+    class Lifecycle:
+        @hookimpl
+        async def watcher_startup(self, daemon):
+            await trio.sleep(0)
+            calls.append(("startup", sorted(daemon.watchers)))
+
+        @hookimpl
+        def watcher_shutdown(self, daemon):
+            calls.append(("shutdown", None))
+
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)])
+    from prometheus_client import CollectorRegistry
+
+    from watcher.daemon import Daemon
+
+    d = Daemon.open(cfg, pm=make_plugin_manager(extra=(Lifecycle(),)), registry=CollectorRegistry())
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: d.run(api=False, task_status=task_status))
+                assert calls == [("startup", ["devnet"])]
+                nursery.cancel_scope.cancel()
+    finally:
+        d.close()
+    assert calls[-1] == ("shutdown", None)
