@@ -65,6 +65,7 @@ class ChainWatcher:
         self.client: ChainClient | None = None
         self._poke = trio.Event()
         self._backoff = 0
+        self._meter = ProgressMeter()
         m = metrics
         cid = config.id
         self._m_head = m.chain_head.labels(cid)
@@ -246,30 +247,40 @@ class ChainWatcher:
                 extra={"chain": self.config.id})
         await trio.sleep(delay)
 
-    _last_progress = 0.0
-    _progress_blocks = 0
-    _progress_since = 0.0
-
     def _progress(self, n: int, took: float, head: int, tip: int) -> None:
-        now = time.monotonic()
-        if self._progress_since == 0.0:
-            self._progress_since = now - took
-        self._progress_blocks += n
+        line = self._meter.update(n, took, head, tip, far=head - tip > self.config.batch_size)
+        if line:
+            log.info("%s: %s", self.config.id, line, extra={"chain": self.config.id, "head": head, "scanned": tip})
+
+
+class ProgressMeter:
+    """Catch-up progress: starts when a batch leaves us ``far`` behind; then a line every
+    few seconds (blocks/s, ETA) and one when the head is reached. Silent while following."""
+
+    def __init__(self, every: float = _PROGRESS_EVERY):
+        self.every = every
+        self.active = False
+        self.blocks = 0
+        self.started = 0.0
+        self.last = 0.0
+
+    def update(self, n: int, took: float, head: int, tip: int, *, far: bool, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        if not self.active:
+            if not far:
+                return None
+            self.active, self.blocks, self.started, self.last = True, 0, now - took, now
+        self.blocks += n
+        rate = self.blocks / max(now - self.started, 1e-6)
         behind = head - tip
-        if behind <= self.config.batch_size and self._last_progress == 0.0:
-            self._progress_blocks, self._progress_since = 0, 0.0
-            return  # following the head: no progress lines
-        if now - self._last_progress < _PROGRESS_EVERY and behind > 0:
-            return
-        elapsed = max(now - self._progress_since, 1e-6)
-        rate = self._progress_blocks / elapsed
+        if behind <= 0:
+            self.active = False
+            return f"caught up at block {tip}: {self.blocks} blocks in {now - self.started:.1f}s ({rate:.0f} blocks/s)"
+        if now - self.last < self.every:
+            return None
+        self.last = now
         eta = behind / rate if rate > 0 else float("inf")
-        log.info("%s: catching up: block %d of %d (%.0f blocks/s, %d behind, ETA %s)",
-                 self.config.id, tip, head, rate, behind, _fmt_eta(eta),
-                 extra={"chain": self.config.id, "blocks_per_s": round(rate, 1), "behind": behind})
-        self._last_progress = now
-        if behind == 0:
-            self._last_progress, self._progress_blocks, self._progress_since = 0.0, 0, 0.0
+        return f"catching up: block {tip} of {head} ({rate:.0f} blocks/s, {behind} behind, ETA {_fmt_eta(eta)})"
 
 
 def _fmt_eta(seconds: float) -> str:
