@@ -77,7 +77,7 @@ def main() -> int:
         alice = r.json()["address"]
         say(f"POST /v1/addresses {{chain: devnet, label: alice}} -> {alice}")
         payer = node.accounts[1]
-        usdt.mint(payer, 1_000 * 10**6)
+        node.wait_receipt(usdt.mint(payer, 1_000 * 10**6))
         node.send(payer, alice, 15 * 10**17)
         usdt.transfer(payer, alice, 25 * 10**6)
         say("paid alice 1.5 ETH and 25 USDT from an anvil account; waiting for 2 confirmations...")

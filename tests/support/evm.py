@@ -170,6 +170,15 @@ class Anvil:
     def receipt(self, txid: str) -> dict[str, Any] | None:
         return self.rpc("eth_getTransactionReceipt", txid)
 
+    def wait_receipt(self, txid: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The receipt once the transaction is mined (for interval-mining nodes)."""
+        deadline = time.monotonic() + timeout
+        while (rc := self.receipt(txid)) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{txid} not mined within {timeout}s")
+            time.sleep(0.05)
+        return rc
+
     def send(self, sender: str, to: str | None, value: int = 0, data: str = "0x", gas: int | None = None) -> str:
         tx: dict[str, Any] = {"from": sender, "value": hex(value), "data": data}
         if to is not None:
@@ -238,20 +247,11 @@ def calldata(signature: str, *args: Any) -> str:
 def deploy(node: Anvil, art: Artifact, ctor_types: list[str], ctor_args: list[Any], sender: str | None = None) -> str:
     sender = sender or node.accounts[0]
     data = art.bytecode + encode(ctor_types, ctor_args).hex()
-    was_auto = node.rpc("anvil_getAutomine")
-    if not was_auto:
-        node.automine(True)
-    try:
-        txid = node.send(sender, None, 0, data)
-        rc = node.receipt(txid)
-        for _ in range(100):
-            if rc:
-                break
-            time.sleep(0.05)
-            rc = node.receipt(txid)
-    finally:
-        if not was_auto:
-            node.automine(False)
+    txid = node.send(sender, None, 0, data)
+    rc = node.receipt(txid)
+    if rc is None:
+        node.mine(1)  # automine is off (interval or manual mining): mine it now
+        rc = node.wait_receipt(txid)
     assert rc and int(rc["status"], 16) == 1, f"deploy of {art.name} failed"
     return to_checksum_address(rc["contractAddress"])
 
