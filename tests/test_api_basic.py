@@ -65,7 +65,7 @@ async def test_health_transfers_and_auth(tmp_path, anvil: Anvil, token: Token):
             assert chains[0]["scanned"] <= chains[0]["head"]
 
             for params, status, code in [
-                ({"chain": "nope"}, 404, "unknown_chain"),
+                ({"chain": "nope"}, 400, "unknown_chain"),
                 ({"chain": "devnet", "address": "0x1234"}, 400, "invalid_address"),
                 ({"chain": "devnet", "address": alice[:-1] + ("a" if alice[-1] != "a" else "b")}, 400, "invalid_address"),
                 ({"status": "weird"}, 400, "invalid_status"),
@@ -81,7 +81,7 @@ async def test_health_transfers_and_auth(tmp_path, anvil: Anvil, token: Token):
                 (b"{not json", 400, "malformed_json"),
                 (b"[1, 2]", 400, "malformed_json"),
                 (b'{"chain": "devnet"}', 400, "invalid_label"),
-                (b'{"chain": "nope", "label": "x"}', 404, "unknown_chain"),
+                (b'{"chain": "nope", "label": "x"}', 400, "unknown_chain"),
                 (b'{"chain": "devnet", "label": "x", "extra": 1}', 400, "unknown_field"),
                 (b'{"chain": "devnet", "label": "' + b"x" * 70_000 + b'"}', 413, "payload_too_large"),
             ]:

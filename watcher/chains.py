@@ -137,6 +137,14 @@ class ChainFamily:
         what the client reports), or raise :class:`watcher.errors.InvalidAddress`."""
         raise NotImplementedError
 
+    def validate_txid(self, text: object) -> str:
+        """The canonical form of a transaction id, or raise :class:`watcher.errors.BadRequest`."""
+        from .errors import BadRequest
+
+        if not isinstance(text, str) or not 1 <= len(text) <= 128 or not text.isprintable():
+            raise BadRequest("txid must be a transaction id", code="invalid_txid")
+        return text
+
     def display_address(self, canonical: str) -> str:
         """How an address is shown to people and apps (e.g. EIP-55 checksum case)."""
         return canonical
@@ -145,8 +153,10 @@ class ChainFamily:
         """Canonical address for a 33-byte compressed secp256k1 public key."""
         raise NotImplementedError
 
-    def payment_uri(self, config: ChainConfig, address: str, asset: str, amount: int) -> str | None:
-        """A wallet link for paying ``amount`` of ``asset`` to ``address`` (EIP-681 for EVM)."""
+    def payment_uri(self, config: ChainConfig, address: str, asset: str, amount: int,
+                    node_info: dict[str, Any]) -> str | None:
+        """A wallet link for paying ``amount`` of ``asset`` to ``address`` (EIP-681 for EVM);
+        ``node_info`` is what the client's ``check()`` returned (e.g. the chain id)."""
         return None
 
     def open_client(self, ctx: ChainContext) -> ChainClient:

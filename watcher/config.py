@@ -226,6 +226,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class InvoicesConfig:
+    default_expires_in: int = 3600  # seconds an invoice waits for full payment
+    max_expires_in: int = 30 * 86400
+    monitoring_window: int = 86400  # seconds after expiry during which payments still count
+    default_tolerance_ppm: int = 0  # underpayment accepted, parts per million
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    timeout: float = 10.0  # seconds per delivery attempt
+    concurrency: int = 64  # attempts in flight, all endpoints together
+    per_endpoint_concurrency: int = 4  # attempts in flight to one endpoint
+    # delay before each attempt, seconds: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h
+    schedule: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+    rotation_grace: int = 86400  # seconds the previous secret still signs after a rotation
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     storage: StorageConfig
@@ -233,6 +251,8 @@ class Config:
     api: ApiConfig
     log: LogConfig
     chains: tuple[ChainConfig, ...]
+    invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     def chain(self, chain_id: str) -> ChainConfig | None:
         for c in self.chains:
@@ -286,6 +306,9 @@ def parse_config(
     )
     lg.done()
 
+    invoices = _parse_invoices(top.table("invoices"))
+    webhooks = _parse_webhooks(top.table("webhooks"))
+
     tables = top.array_of_tables("chains")
     if not tables:
         raise ConfigError("chains", "at least one [[chains]] entry is required")
@@ -298,7 +321,43 @@ def parse_config(
         seen.add(chain.id)
         chains.append(chain)
     top.done()
-    return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains))
+    return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains),
+                  invoices=invoices, webhooks=webhooks)
+
+
+def _parse_invoices(t: ConfigTable) -> InvoicesConfig:
+    from .errors import InvalidAmount
+    from .money import parse_amount
+
+    max_expires = t.take("max_expires_in", int, 30 * 86400, check=between(60, 365 * 86400))
+    default_expires = t.take("default_expires_in", int, 3600, check=between(60, max_expires))
+    window = t.take("monitoring_window", int, 86400, check=between(0, 365 * 86400))
+    raw_tol = t.take("default_tolerance", str, "0")
+    try:
+        tol = parse_amount(raw_tol, 6, allow_zero=True, what="default_tolerance")
+    except InvalidAmount as e:
+        raise ConfigError(t.key("default_tolerance"), e.message) from None
+    if tol > 500_000:
+        raise ConfigError(t.key("default_tolerance"), "must be at most 0.5")
+    t.done()
+    return InvoicesConfig(default_expires_in=default_expires, max_expires_in=max_expires,
+                          monitoring_window=window, default_tolerance_ppm=tol)
+
+
+def _parse_webhooks(t: ConfigTable) -> WebhooksConfig:
+    schedule = t.take("schedule", list, list(WebhooksConfig.schedule),
+                      check=lambda v: None if v and len(v) <= 50 and all(
+                          isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 7 * 86400 for x in v)
+                      else "must be 1-50 delays in seconds, each between 0 and 604800")
+    cfg = WebhooksConfig(
+        timeout=t.take("timeout", float, 10.0, check=between(0.1, 300)),
+        concurrency=t.take("concurrency", int, 64, check=between(1, 10_000)),
+        per_endpoint_concurrency=t.take("per_endpoint_concurrency", int, 4, check=between(1, 1000)),
+        schedule=tuple(float(x) for x in schedule),
+        rotation_grace=t.take("rotation_grace", int, 86400, check=between(0, 30 * 86400)),
+    )
+    t.done()
+    return cfg
 
 
 def _parse_keys(t: ConfigTable, resolve: Callable[[str], Path]) -> KeysConfig:

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry
 from .chains import ChainFamily
 from .clock import Clock
 from .config import Config, load_config
+from .deadlines import InvoiceDeadlines
+from .dispatch import Dispatcher
 from .errors import ChainMismatch, NodeError
 from .keys import Keyring
 from .metrics import Metrics
@@ -58,6 +60,8 @@ class Daemon:
         self.watchers: dict[str, ChainWatcher] = {
             c.id: ChainWatcher(c, families[c.family], store, metrics) for c in config.chains
         }
+        self.dispatcher = Dispatcher(store, config.webhooks, metrics, clock)
+        self.deadlines = InvoiceDeadlines(store, clock)
         self.api_urls: list[str] = []
         self.started = trio.Event()
 
@@ -120,6 +124,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 for w in self.watchers.values():
                     await nursery.start(w.run)
+                await nursery.start(self.deadlines.run)
+                await nursery.start(self.dispatcher.run)
                 if api:
                     self.api_urls = await nursery.start(api_module.serve, self)
                     log.info("API listening on %s", ", ".join(self.api_urls))

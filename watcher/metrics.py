@@ -37,6 +37,13 @@ class Metrics:
         self.detection_latency = Histogram("detection_latency_seconds", "Block timestamp to transfer.detected event written.", ["chain"], namespace=ns, registry=r, buckets=_DETECTION_BUCKETS)
         self.watched_addresses = Gauge("watched_addresses", "Addresses watched per chain.", ["chain"], namespace=ns, registry=r)
 
+        # webhooks
+        self.webhook_attempts = Counter("webhook_attempts_total", "Webhook delivery attempts, by result (success, http_error, network_error).", ["result"], namespace=ns, registry=r)
+        self.webhook_deliveries = Counter("webhook_deliveries_total", "Webhook deliveries finished, by outcome (delivered, failed after the last retry).", ["outcome"], namespace=ns, registry=r)
+        self.webhook_latency = Histogram("webhook_attempt_seconds", "Time per delivery attempt (request to response).", namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
+        self.webhook_delivery_delay = Histogram("webhook_delivery_delay_seconds", "Event written to successful delivery (includes retries).", namespace=ns, registry=r, buckets=_DETECTION_BUCKETS)
+        self.webhook_backlog = Gauge("webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried.", namespace=ns, registry=r)
+
         # events, errors
         self.events = Counter("events_total", "Events written to the outbox, by type.", ["type"], namespace=ns, registry=r)
         self.errors = Counter("errors_total", "Errors handled by the daemon, by where they happened.", ["kind"], namespace=ns, registry=r)

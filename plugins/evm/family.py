@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.chains import ChainClient, ChainContext, ChainFamily
 from watcher.config import between
-from watcher.errors import InvalidAddress
+from watcher.errors import BadRequest, InvalidAddress
 
 if TYPE_CHECKING:
     from watcher.config import ChainConfig, ConfigTable
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_TXID = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class EvmFamily(ChainFamily):
                 raise InvalidAddress("EVM address has a bad EIP-55 checksum (mixed case that does not match)")
         return "0x" + body.lower()
 
+    def validate_txid(self, text: object) -> str:
+        if not isinstance(text, str) or not _TXID.match(text):
+            raise BadRequest("txid must be 0x followed by 64 hex digits", code="invalid_txid")
+        return text.lower()
+
     def display_address(self, canonical: str) -> str:
         from eth_utils import to_checksum_address
 
@@ -68,12 +74,13 @@ class EvmFamily(ChainFamily):
         return "0x" + keccak(uncompressed[1:])[-20:].hex()
 
     def payment_uri(self, config: ChainConfig, address: str, asset: str, amount: int,
-                    chain_id: int | None = None) -> str | None:
+                    node_info: dict[str, Any]) -> str | None:
         """EIP-681: ``ethereum:<to>@<chainId>?value=<wei>`` for the native coin,
         ``ethereum:<token>@<chainId>/transfer?address=<to>&uint256=<units>`` for tokens."""
         a = config.asset(asset)
         if a is None:
             return None
+        chain_id = config.options.chain_id if config.options and config.options.chain_id else chain_id_of(node_info)
         chain_part = f"@{chain_id}" if chain_id else ""
         to = self.display_address(address)
         if a.contract is None:

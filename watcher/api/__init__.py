@@ -15,19 +15,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import core_routes
-from .routing import Endpoint, error_response, wrap
+from . import core_routes, invoice_routes, openapi, webhook_routes
+from .routing import ApiRequest, Endpoint, Endpoints, error_response, wrap
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
 log = logging.getLogger(__name__)
 
-ROUTE_MODULES = (core_routes,)
+docs_endpoints = Endpoints()
+
+
+@docs_endpoints.add("GET", "/openapi.json", summary="This API's OpenAPI 3.1 document.", auth=False, tag="docs",
+                    responses={200: {"type": "object"}})
+async def openapi_document(req: ApiRequest) -> dict:
+    return openapi.build(all_endpoints())
+
+
+ROUTE_MODULES = (core_routes, invoice_routes, webhook_routes)
 
 
 def all_endpoints() -> list[Endpoint]:
-    return [e for m in ROUTE_MODULES for e in m.endpoints.items]
+    return [e for m in ROUTE_MODULES for e in m.endpoints.items] + docs_endpoints.items
 
 
 def create_app(daemon: Daemon) -> Starlette:

@@ -24,13 +24,22 @@ _cursor_param = {"name": "cursor", "in": "query", "required": False, "schema": {
                  "description": "next_cursor of the previous page"}
 
 
-def chain_or_404(req: ApiRequest, chain_id: Any) -> Any:
+def chain_param(req: ApiRequest, chain_id: Any, *, in_path: bool = False) -> Any:
+    """The configured chain named by a parameter: 400 unknown_chain for a query or body
+    field, 404 for a path segment."""
     if not isinstance(chain_id, str) or not chain_id:
         raise BadRequest("chain is required", code="invalid_chain")
     cfg = req.daemon.config.chain(chain_id)
     if cfg is None:
-        raise NotFound(f"unknown chain {chain_id[:64]!r}", code="unknown_chain")
+        cls = NotFound if in_path else BadRequest
+        raise cls(f"unknown chain {chain_id[:64]!r}", code="unknown_chain")
     return cfg
+
+
+def reject_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0][:64]!r}", code="unknown_field")
 
 
 def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
@@ -139,19 +148,41 @@ def address_view(req: ApiRequest, a: Any, *, totals: bool = False) -> dict[str, 
                responses={200: {"$ref": "#/components/schemas/Address"}, 201: {"$ref": "#/components/schemas/Address"}})
 async def create_address(req: ApiRequest) -> Any:
     body = await req.json()
-    unknown = set(body) - {"chain", "label"}
-    if unknown:
-        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", code="unknown_field")
-    cfg = chain_or_404(req, body.get("chain"))
+    reject_unknown_fields(body, {"chain", "label"})
+    cfg = chain_param(req, body.get("chain"))
     label = check_label(body.get("label"))
-    addr, created = req.daemon.store.addresses.deposit_address(cfg.id, label)
+    store = req.daemon.store
+    with store.db.transaction():
+        addr, created = store.addresses.deposit_address(cfg.id, label)
+        if created:
+            store.audit.record(req.actor, "address.create", addr.address, {"chain": cfg.id, "label": label})
+    return (201 if created else 200), address_view(req, addr)
+
+
+@endpoints.add("POST", "/v1/watch", summary="Watch an address watcher did not derive (its transfers are recorded; it is never swept).",
+               tag="addresses", errors=(400, 409),
+               body={"type": "object", "required": ["chain", "address"], "additionalProperties": False,
+                     "properties": {"chain": {"type": "string"}, "address": {"type": "string"},
+                                    "label": {"type": "string", "minLength": 1, "maxLength": 128}}},
+               responses={200: {"$ref": "#/components/schemas/Address"}, 201: {"$ref": "#/components/schemas/Address"}})
+async def watch_address(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"chain", "address", "label"})
+    cfg = chain_param(req, body.get("chain"))
+    address = canonical_address(req, cfg.id, body.get("address"))
+    label = check_label(body.get("label"), required=False)
+    store = req.daemon.store
+    with store.db.transaction():
+        addr, created = store.addresses.watch_external(cfg.id, address, label)
+        if created:
+            store.audit.record(req.actor, "address.watch", address, {"chain": cfg.id, "label": label})
     return (201 if created else 200), address_view(req, addr)
 
 
 @endpoints.add("GET", "/v1/addresses/{chain}/{address}", summary="A watched address with totals received per asset.",
                tag="addresses", errors=(400, 404), responses={200: {"$ref": "#/components/schemas/Address"}})
 async def get_address(req: ApiRequest) -> Any:
-    cfg = chain_or_404(req, req.path_params["chain"])
+    cfg = chain_param(req, req.path_params["chain"], in_path=True)
     address = canonical_address(req, cfg.id, req.path_params["address"])
     return address_view(req, req.daemon.store.addresses.require(cfg.id, address), totals=True)
 
@@ -175,7 +206,7 @@ async def list_transfers(req: ApiRequest) -> Any:
     if address is not None and chain_id is None:
         raise BadRequest("address needs chain", code="invalid_parameter")
     if chain_id is not None:
-        chain_or_404(req, chain_id)
+        chain_param(req, chain_id)
     canonical = canonical_address(req, chain_id, address) if address is not None else None
     since = req.query_int("since", -1, lo=0, hi=2**40)
     items, next_cursor = req.daemon.store.transfers.list(

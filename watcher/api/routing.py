@@ -39,6 +39,11 @@ class ApiRequest:
     _body: Any = None
 
     @property
+    def actor(self) -> str:
+        """Who is calling, for the audit log: the name of the API token used."""
+        return self.token_name or "anonymous"
+
+    @property
     def path_params(self) -> Mapping[str, str]:
         return self.request.path_params
 

@@ -2,22 +2,26 @@
 
 ``Store`` ties the database to what the domain code needs around it (config, chain families
 for address formatting, the keyring for public derivation, metrics, the clock) and exposes
-one object per table group: ``chains``, ``addresses``, ``transfers``, ``events``.
+one object per table group: ``chains``, ``addresses``, ``transfers``, ``invoices``,
+``events`` (the outbox), ``webhooks`` (endpoints and deliveries), ``audit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..clock import Clock
 from ..errors import NotFound
 from ..metrics import Metrics
 from .addresses import Addresses, WatchedAddress
+from .audit import AuditLog
 from .chainstate import ChainState, Cursor, ScanResult
 from .db import Database, StorageError
 from .events import Event, Outbox
+from .invoices import Invoices
 from .transfers import Transfers
+from .webhooks import Webhooks
 
 if TYPE_CHECKING:
     from ..chains import ChainFamily
@@ -44,10 +48,27 @@ class Store:
         self.keyring = keyring
         self.metrics = metrics or Metrics()
         self.clock = clock or Clock()
+        # services register callbacks here to be woken after a commit that concerns them
+        self.wakers: dict[str, list[Callable[[], None]]] = {}
         self.events = Outbox(self)
         self.chains = ChainState(self)
         self.addresses = Addresses(self)
         self.transfers = Transfers(self)
+        self.invoices = Invoices(self)
+        self.webhooks = Webhooks(self)
+        self.audit = AuditLog(self)
+
+    def on_wake(self, topic: str, fn: Callable[[], None]) -> None:
+        self.wakers.setdefault(topic, []).append(fn)
+
+    def wake_after_commit(self, topic: str) -> None:
+        """Wake the services listening on ``topic`` once the current transaction commits."""
+
+        def wake() -> None:
+            for fn in self.wakers.get(topic, ()):
+                fn()
+
+        self.db.after_commit(wake)
 
     @classmethod
     def open(cls, config: Config, *, families: Mapping[str, ChainFamily], keyring: Keyring,

@@ -85,7 +85,11 @@ class ChainState:
             tip = blocks[-1].number
             keep_from = max(node_head, tip) - chain.finality_depth
             detected = 0
+            # transfers recorded ahead of the scanner (submit-tx) must be in the blocks we now see
+            ahead = self.store.transfers.max_block_above(chain.id, cur.number)
             for b in blocks:
+                if ahead is not None and b.number <= ahead:
+                    self.store.transfers.orphan_other_forks(chain, b, tip)
                 if b.number > keep_from:
                     conn.execute(
                         "INSERT OR REPLACE INTO blocks (chain, number, hash, parent_hash, timestamp) VALUES (?, ?, ?, ?, ?)",
@@ -101,6 +105,22 @@ class ChainState:
             confirmed = self.store.transfers.confirm_upto(chain, tip)
             conn.execute("DELETE FROM blocks WHERE chain = ? AND number <= ?", (chain.id, tip - chain.finality_depth))
         return ScanResult(tip=tip, detected=detected, confirmed=confirmed)
+
+    def record_lookup(self, chain: ChainConfig, block: Block) -> bool:
+        """Record the transfers of one transaction found by ``lookup_tx`` (submit-tx). A block
+        above the cursor is recorded ahead of the scanner, which orphans the transfers if it
+        finds another block at that height. Returns False (nothing recorded) if the block is
+        at or below the cursor but not the one we scanned there (another fork)."""
+        with self.store.db.transaction():
+            cur = self.cursor(chain.id)
+            assert cur is not None
+            if block.number <= cur.number:
+                ours = cur.hash if block.number == cur.number else self.recent_blocks(chain.id).get(block.number)
+                if ours is not None and ours != block.hash:
+                    return False
+            for t in block.transfers:
+                self.store.transfers.record(chain, block, t, cur.number)
+        return True
 
     def rollback(self, chain: ChainConfig, ancestor: int, ancestor_hash: str | None) -> int:
         """Undo every block above ``ancestor`` (a reorg): orphan their transfers (with

@@ -53,8 +53,10 @@ class Outbox:
         """Call ``fn(event)`` for every event once its transaction has committed."""
         self._listeners.append(fn)
 
-    def emit(self, type: str, data: dict[str, Any], *, chain: str | None = None, subject: str | None = None) -> Event:
-        """Write an event; must be called inside a transaction with the change it reports."""
+    def emit(self, type: str, data: dict[str, Any], *, chain: str | None = None, subject: str | None = None,
+             webhooks_only: str | None = None) -> Event:
+        """Write an event and its webhook deliveries; must be called inside the transaction
+        of the change it reports. ``webhooks_only`` sends it to that endpoint only (tests)."""
         db = self.store.db
         assert db.in_transaction, "events are written in the transaction of the change they report"
         now = self.store.clock.now_ms()
@@ -66,6 +68,7 @@ class Outbox:
         )
         event = Event(seq=cur.lastrowid, id=event_id, type=type, created_at=now, chain=chain,
                       subject=subject, data=data)
+        self.store.webhooks.fan_out(event, only=webhooks_only)
 
         def committed() -> None:
             self.store.metrics.events.labels(type).inc()

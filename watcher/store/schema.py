@@ -107,3 +107,95 @@ def m001_core(db: Database) -> None:
         CREATE INDEX events_type ON events (type, seq);
         """
     )
+
+
+@migrations()
+def m002_invoices_webhooks_audit(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE invoices (
+            id TEXT PRIMARY KEY,
+            chain TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            mode TEXT NOT NULL,                   -- 'sale' or 'deposit'
+            amount TEXT,                          -- base units; NULL: any amount (deposit mode)
+            tolerance_ppm INTEGER NOT NULL,       -- underpayment accepted, parts per million
+            address TEXT NOT NULL,
+            status TEXT NOT NULL,
+            partial INTEGER NOT NULL DEFAULT 0,
+            overpaid INTEGER NOT NULL DEFAULT 0,
+            late INTEGER NOT NULL DEFAULT 0,
+            received TEXT NOT NULL DEFAULT '0',   -- base units, every live payment
+            confirmed TEXT NOT NULL DEFAULT '0',  -- base units, confirmed payments
+            order_id TEXT,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            payment_uri TEXT,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            monitor_until INTEGER NOT NULL,       -- after this, payments no longer change it
+            paid_at INTEGER,
+            completed_at INTEGER,
+            updated_at INTEGER NOT NULL,
+            created_by TEXT
+        );
+        CREATE INDEX invoices_status ON invoices (status, expires_at);
+        CREATE INDEX invoices_monitor ON invoices (monitor_until);
+        CREATE INDEX invoices_order ON invoices (order_id);
+        CREATE UNIQUE INDEX invoices_address ON invoices (chain, address);
+
+        CREATE TABLE webhooks (
+            id TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            events TEXT NOT NULL,                 -- JSON array of patterns ("invoice.*")
+            description TEXT,
+            secret TEXT NOT NULL,                 -- whsec_...
+            old_secret TEXT,                      -- still signed with until old_secret_until
+            old_secret_until INTEGER,
+            status TEXT NOT NULL,                 -- 'active' or 'disabled'
+            disabled_reason TEXT,
+            last_seq INTEGER NOT NULL DEFAULT 0,  -- per-endpoint event sequence
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            deleted_at INTEGER
+        );
+
+        CREATE TABLE deliveries (
+            id TEXT PRIMARY KEY,
+            webhook_id TEXT NOT NULL REFERENCES webhooks (id),
+            event_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,                 -- the endpoint's sequence number of the event
+            status TEXT NOT NULL,                 -- 'pending', 'delivered', 'failed', 'cancelled'
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER,
+            last_status INTEGER,
+            last_error TEXT,
+            created_at INTEGER NOT NULL,
+            delivered_at INTEGER,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX deliveries_due ON deliveries (webhook_id, status, next_attempt_at);
+        CREATE INDEX deliveries_event ON deliveries (event_id);
+
+        CREATE TABLE delivery_attempts (
+            id INTEGER PRIMARY KEY,
+            delivery_id TEXT NOT NULL REFERENCES deliveries (id),
+            attempt INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            status_code INTEGER,
+            latency_ms INTEGER,
+            error TEXT,
+            response TEXT                         -- first bytes of the body, for debugging
+        );
+        CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id, attempt);
+
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,                  -- API token name, or 'cli'
+            action TEXT NOT NULL,                 -- e.g. 'invoice.create'
+            object_id TEXT,
+            details TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX audit_log_object ON audit_log (object_id);
+        """
+    )

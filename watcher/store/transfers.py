@@ -27,8 +27,9 @@ STATUSES = ("detected", "confirmed", "orphaned")
 ChangeListener = Callable[[dict[str, Any], str | None, str], None]
 
 _SELECT = (
-    "SELECT t.*, a.label AS label, a.invoice_id AS invoice_id, a.kind AS address_kind"
+    "SELECT t.*, a.label AS label, a.invoice_id AS invoice_id, a.kind AS address_kind, i.order_id AS order_id"
     " FROM transfers t LEFT JOIN addresses a ON a.chain = t.chain AND a.address = t.address"
+    " LEFT JOIN invoices i ON i.id = a.invoice_id"
 )
 
 
@@ -91,6 +92,26 @@ class Transfers:
             self._changed(chain, tid, "detected", "confirmed", tip)
         return len(ids)
 
+    def max_block_above(self, chain: str, number: int) -> int | None:
+        """The highest block of a live transfer above ``number`` (None if there is none)."""
+        return self.store.db.scalar(
+            "SELECT MAX(block_number) FROM transfers WHERE chain = ? AND status IN ('detected', 'confirmed')"
+            " AND block_number > ?", (chain, number))
+
+    def orphan_other_forks(self, chain: ChainConfig, block: Block, tip: int) -> int:
+        """Orphan live transfers recorded at ``block.number`` in another block (recorded
+        ahead of the scanner, e.g. by submit-tx, in a block that lost a race)."""
+        conn = self.store.db.conn
+        rows = conn.execute(
+            "SELECT id, status FROM transfers WHERE chain = ? AND status IN ('detected', 'confirmed')"
+            " AND block_number = ? AND block_hash != ?", (chain.id, block.number, block.hash)).fetchall()
+        now = self.store.clock.now_ms()
+        for r in rows:
+            conn.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?, updated_at = ? WHERE id = ?",
+                         (now, now, r["id"]))
+            self._changed(chain, r["id"], r["status"], "orphaned", tip)
+        return len(rows)
+
     def orphan_above(self, chain: ChainConfig, ancestor: int, tip: int) -> int:
         """Orphan every live transfer in a block above ``ancestor`` (after a reorg)."""
         conn = self.store.db.conn
@@ -146,6 +167,7 @@ class Transfers:
             "address": family.display_address(row["address"]),
             "label": row["label"] if "label" in keys else None,
             "invoice_id": row["invoice_id"] if "invoice_id" in keys else None,
+            "order_id": row["order_id"] if "order_id" in keys else None,
             "from": family.display_address(row["sender"]) if row["sender"] else None,
             "block_number": row["block_number"],
             "block_hash": row["block_hash"],

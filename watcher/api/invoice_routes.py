@@ -1,0 +1,173 @@
+"""Invoices (pay orders): create, read, list, and point at a payment (submit-tx)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..errors import BadRequest, InvalidAmount, NodeError, WatcherError
+from ..invoicing import MODES, STATUSES
+from ..money import parse_amount
+from .core_routes import chain_param, reject_unknown_fields
+from .routing import ApiRequest, Endpoints
+
+endpoints = Endpoints()
+
+ORDER_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+MAX_METADATA_BYTES = 8192
+MAX_METADATA_DEPTH = 8
+
+_invoice = {"$ref": "#/components/schemas/Invoice"}
+
+
+class NodeUnavailable(WatcherError):
+    """The chain's node cannot be asked right now."""
+
+    status = 503
+    code = "node_unavailable"
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_METADATA_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max([_depth(v, level + 1) for v in value.values()] or [level + 1])
+    if isinstance(value, list):
+        return max([_depth(v, level + 1) for v in value] or [level + 1])
+    return level
+
+
+@endpoints.add(
+    "POST", "/v1/invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
+    errors=(400,),
+    body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
+        "chain": {"type": "string"},
+        "asset": {"type": "string"},
+        "amount": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "in asset units, e.g. \"12.5\"; required in sale mode"},
+        "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
+        "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
+        "tolerance": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
+        "order_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"},
+    }},
+    responses={201: _invoice})
+async def create_invoice(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"chain", "asset", "amount", "mode", "expires_in", "tolerance", "order_id", "metadata"})
+    daemon = req.daemon
+    cfg = chain_param(req, body.get("chain"))
+    asset_name = body.get("asset")
+    if not isinstance(asset_name, str) or cfg.asset(asset_name) is None:
+        raise BadRequest(f"unknown asset {str(asset_name)[:32]!r} on chain {cfg.id!r} "
+                         f"(configured: {', '.join(a.symbol for a in cfg.assets)})", code="unknown_asset")
+    asset = cfg.asset(asset_name)
+    mode = body.get("mode", "sale")
+    if mode not in MODES:
+        raise BadRequest(f"mode must be one of {', '.join(MODES)}", code="invalid_mode")
+    amount = None
+    if body.get("amount") is not None:
+        amount = parse_amount(body["amount"], asset.decimals)
+    elif mode == "sale":
+        raise InvalidAmount("amount is required in sale mode")
+    inv_cfg = daemon.config.invoices
+    expires_in = body.get("expires_in", inv_cfg.default_expires_in)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not 60 <= expires_in <= inv_cfg.max_expires_in:
+        raise BadRequest(f"expires_in must be an integer number of seconds between 60 and {inv_cfg.max_expires_in}",
+                         code="invalid_expires_in")
+    tolerance = inv_cfg.default_tolerance_ppm
+    if "tolerance" in body:
+        try:
+            tolerance = parse_amount(body["tolerance"], 6, allow_zero=True, what="tolerance")
+        except InvalidAmount as e:
+            raise BadRequest(e.message, code="invalid_tolerance") from None
+        if tolerance > 500_000:
+            raise BadRequest("tolerance must be at most 0.5", code="invalid_tolerance")
+    order_id = body.get("order_id")
+    if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.match(order_id)):
+        raise BadRequest("order_id must be a string of 1-128 printable characters", code="invalid_order_id")
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a JSON object", code="invalid_metadata")
+    if len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES or _depth(metadata) > MAX_METADATA_DEPTH:
+        raise BadRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes and {MAX_METADATA_DEPTH} levels deep",
+                         code="invalid_metadata")
+    store = daemon.store
+    with store.db.transaction():
+        view = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
+                                     tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor,
+                                     node_info=daemon.watchers[cfg.id].status.node_info)
+        store.audit.record(req.actor, "invoice.create", view["id"],
+                           {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "order_id": order_id})
+    return 201, view
+
+
+@endpoints.add("GET", "/v1/invoices/{id}", summary="One invoice with its payments.", tag="invoices", errors=(404,),
+               responses={200: _invoice})
+async def get_invoice(req: ApiRequest) -> Any:
+    return req.daemon.store.invoices.get(req.path_params["id"])
+
+
+@endpoints.add("GET", "/v1/invoices", summary="Invoices, oldest first, filtered by status and order id.",
+               tag="invoices", errors=(400,),
+               query=({"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": list(STATUSES)}},
+                      {"name": "order_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "chain", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                      {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}),
+               responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _invoice},
+                                                                 "next_cursor": {"type": ["string", "null"]}}}})
+async def list_invoices(req: ApiRequest) -> Any:
+    chain = req.query("chain")
+    if chain is not None:
+        chain_param(req, chain)
+    items, cursor = req.daemon.store.invoices.list(
+        status=req.query("status"), order_id=req.query("order_id"), chain=chain, after=req.query("cursor"),
+        limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": cursor}
+
+
+@endpoints.add(
+    "POST", "/v1/invoices/{id}/submit-tx",
+    summary="Point at the payment's transaction so it is checked now instead of when the scanner reaches it.",
+    tag="invoices", errors=(400, 404, 422, 503),
+    body={"type": "object", "required": ["txid"], "additionalProperties": False,
+          "properties": {"txid": {"type": "string"}}},
+    responses={200: {"type": "object"}, 202: {"type": "object"}})
+async def submit_tx(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"txid"})
+    store = req.daemon.store
+    invoice = store.invoices.get(req.path_params["id"])
+    chain = invoice["chain"]
+    family = store.family(chain)
+    txid = family.validate_txid(body.get("txid"))
+    watcher = req.daemon.watchers[chain]
+    client = watcher.client
+    if client is None or not watcher.status.node_up:
+        raise NodeUnavailable(f"the node of chain {chain!r} is not reachable right now; the scanner will find the "
+                              "payment when it is")
+    try:
+        found = await client.lookup_tx(txid, lambda cands: store.addresses.watched(chain, cands))
+    except NodeError as e:
+        raise NodeUnavailable(f"asking the node failed: {e.message}") from None
+    address = family.validate_address(invoice["address"])
+    if found.status == "failed":
+        raise BadRequest("that transaction failed (reverted) on chain; it pays nothing", code="tx_failed", status=422)
+    if found.status in ("unknown", "pending"):
+        watcher.poke()
+        return JSONResponse({"tx": {"txid": txid, "status": found.status}, "invoice": invoice}, status_code=202)
+    assert found.block is not None
+    mine = [t for t in found.block.transfers if t.to == address and t.asset == invoice["asset"]]
+    if not mine:
+        raise BadRequest(f"transaction {txid} does not pay {invoice['asset']} to this invoice's address",
+                         code="tx_not_for_invoice", status=422)
+    recorded = store.chains.record_lookup(store.chain_config(chain), found.block)
+    watcher.poke()
+    status = "included" if recorded else "pending"
+    if recorded:
+        store.audit.record(req.actor, "invoice.submit_tx", invoice["id"], {"txid": txid})
+    return JSONResponse({"tx": {"txid": txid, "status": status, "block_number": found.block.number},
+                         "invoice": store.invoices.get(invoice["id"])}, status_code=200 if recorded else 202)

@@ -1,0 +1,127 @@
+"""The OpenAPI 3.1 document, built from the same endpoint table that builds the routes, so
+the two cannot disagree (a test checks it anyway)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .. import __version__
+from .routing import Endpoint
+
+_nullable_str = {"type": ["string", "null"]}
+_time = {"type": ["string", "null"], "format": "date-time"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["code", "message"],
+                                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+    },
+    "Address": {
+        "type": "object", "required": ["chain", "address", "kind"],
+        "properties": {
+            "chain": {"type": "string"}, "address": {"type": "string"},
+            "kind": {"type": "string", "enum": ["deposit", "invoice", "external"]},
+            "label": _nullable_str, "invoice_id": _nullable_str, "derivation_path": _nullable_str,
+            "totals": {"type": "object", "additionalProperties": {
+                "type": "object", "properties": {"confirmed": {"type": "string"}, "pending": {"type": "string"},
+                                                 "transfers": {"type": "integer"}}}},
+        },
+    },
+    "Transfer": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "chain": {"type": "string"}, "txid": {"type": "string"},
+            "index": {"type": "integer"}, "kind": {"type": "string", "enum": ["native", "token", "internal"]},
+            "asset": {"type": "string"}, "contract": _nullable_str, "amount": {"type": "string"},
+            "base_units": {"type": "string"}, "decimals": {"type": "integer"}, "address": {"type": "string"},
+            "label": _nullable_str, "invoice_id": _nullable_str, "order_id": _nullable_str, "from": _nullable_str,
+            "block_number": {"type": "integer"}, "block_hash": {"type": "string"}, "block_time": _time,
+            "status": {"type": "string", "enum": ["detected", "confirmed", "orphaned"]},
+            "confirmations": {"type": "integer"}, "required_confirmations": {"type": ["integer", "null"]},
+            "detected_at": _time, "confirmed_at": _time, "orphaned_at": _time,
+        },
+    },
+    "Invoice": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "chain": {"type": "string"}, "asset": {"type": "string"},
+            "contract": _nullable_str, "decimals": {"type": "integer"},
+            "mode": {"type": "string", "enum": ["sale", "deposit"]}, "amount": _nullable_str,
+            "base_units": _nullable_str, "tolerance": {"type": "string"}, "address": {"type": "string"},
+            "payment_uri": _nullable_str,
+            "status": {"type": "string", "enum": ["awaiting_payment", "awaiting_confirmation", "completed", "expired",
+                                                  "failed", "refunded"]},
+            "partial": {"type": "boolean"}, "overpaid": {"type": "boolean"}, "late": {"type": "boolean"},
+            "received": {"type": "string"}, "confirmed": {"type": "string"}, "due": {"type": "string"},
+            "required_confirmations": {"type": "integer"}, "order_id": _nullable_str, "metadata": {"type": "object"},
+            "payments": {"type": "array", "items": {"type": "object"}},
+            "created_at": _time, "expires_at": _time, "monitor_until": _time, "paid_at": _time, "completed_at": _time,
+        },
+    },
+    "Webhook": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "url": {"type": "string"}, "events": {"type": "array", "items": {"type": "string"}},
+            "description": _nullable_str, "status": {"type": "string", "enum": ["active", "disabled"]},
+            "disabled_reason": _nullable_str, "last_sequence": {"type": "integer"},
+            "deliveries": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "secret_rotating_until": _time, "created_at": _time,
+            "secret": {"type": "string", "description": "only in the answers of create and rotate-secret"},
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "webhook_id": {"type": "string"}, "event_id": {"type": "string"},
+            "event_type": _nullable_str, "sequence": {"type": "integer"},
+            "status": {"type": "string", "enum": ["pending", "delivered", "failed", "cancelled"]},
+            "attempts": {"type": "integer"}, "next_attempt_at": _time, "last_status_code": {"type": ["integer", "null"]},
+            "last_error": _nullable_str, "created_at": _time, "delivered_at": _time,
+            "attempt_log": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+}
+
+_ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 404: "no such object", 409: "conflict",
+               413: "request body too large", 422: "valid but unusable input", 503: "the chain's node is unavailable"}
+
+
+def build(endpoints: list[Endpoint]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for e in endpoints:
+        op: dict[str, Any] = {"summary": e.summary, "operationId": e.handler.__name__, "tags": [e.tag]}
+        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for n in re.findall(r"{(\w+)}", e.path)]
+        params += list(e.query)
+        if params:
+            op["parameters"] = params
+        if e.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": e.body}}}
+        responses: dict[str, Any] = {}
+        for status, schema in (e.responses or {200: {}}).items():
+            entry: dict[str, Any] = {"description": "OK" if status < 300 else "see body"}
+            if status != 204:
+                entry["content"] = {"application/json": {"schema": schema or {"type": "object"}}}
+            responses[str(status)] = entry
+        errors = set(e.errors)
+        if e.auth:
+            errors.add(401)
+        if e.body is not None:
+            errors |= {400, 413}
+        for status in sorted(errors):
+            responses[str(status)] = {"description": _ERROR_TEXT.get(status, "error"),
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if e.auth:
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(e.path, {})[e.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "watcher", "version": __version__,
+                 "description": "Local control API of the watcher payment daemon. Amounts are decimal strings in "
+                                "asset units. Errors are {\"error\": {\"code\", \"message\"}}."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

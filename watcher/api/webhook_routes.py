@@ -1,0 +1,199 @@
+"""Webhook endpoints, their deliveries, the event log and the audit log."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.responses import Response
+
+from ..errors import BadRequest
+from ..store.events import Event
+from ..store.webhooks import DELIVERY_STATUSES, EVENT_TYPES, check_patterns
+from .core_routes import reject_unknown_fields
+from .routing import ApiRequest, Endpoints
+
+endpoints = Endpoints()
+
+_webhook = {"$ref": "#/components/schemas/Webhook"}
+_delivery = {"$ref": "#/components/schemas/Delivery"}
+_id_param_doc = "the webhook's id"
+_pattern_schema = {"type": "array", "minItems": 1, "maxItems": 50, "items": {"type": "string"},
+                   "description": f"event types or patterns; known types: {', '.join(EVENT_TYPES)}"}
+
+
+def check_url(req: ApiRequest, url: Any) -> str:
+    """An http(s) URL with a host, that does not point back at this daemon's API."""
+    if not isinstance(url, str) or not url or len(url) > 2048:
+        raise BadRequest("url must be an http(s) URL of at most 2048 characters", code="invalid_url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise BadRequest("url is not a valid URL", code="invalid_url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise BadRequest("url must be an http(s) URL with a host", code="invalid_url")
+    api = req.daemon.config.api
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname.lower()
+    if port == api.port and (host in ("localhost", api.host.lower()) or _is_local(host)):
+        raise BadRequest("url points at watcher's own API; webhooks would loop", code="webhook_loop")
+    return url
+
+
+def _is_local(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _description(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 500:
+        raise BadRequest("description must be a string of at most 500 characters", code="invalid_description")
+    return value
+
+
+@endpoints.add("POST", "/v1/webhooks", summary="Add an endpoint; the answer holds its signing secret (whsec_...).",
+               tag="webhooks", errors=(400,),
+               body={"type": "object", "required": ["url", "events"], "additionalProperties": False,
+                     "properties": {"url": {"type": "string"}, "events": _pattern_schema,
+                                    "description": {"type": "string", "maxLength": 500}}},
+               responses={201: _webhook})
+async def create_webhook(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"url", "events", "description"})
+    url = check_url(req, body.get("url"))
+    patterns = check_patterns(body.get("events"))
+    description = _description(body.get("description"))
+    store = req.daemon.store
+    with store.db.transaction():
+        view, secret = store.webhooks.create(url, patterns, description)
+        store.audit.record(req.actor, "webhook.create", view["id"], {"url": url, "events": patterns})
+    return 201, {**view, "secret": secret}
+
+
+@endpoints.add("GET", "/v1/webhooks", summary="Webhook endpoints (secrets are never shown again).", tag="webhooks",
+               responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _webhook}}}})
+async def list_webhooks(req: ApiRequest) -> Any:
+    return {"items": req.daemon.store.webhooks.list()}
+
+
+@endpoints.add("GET", "/v1/webhooks/{id}", summary="One webhook endpoint with its delivery counts.", tag="webhooks",
+               errors=(404,), responses={200: _webhook})
+async def get_webhook(req: ApiRequest) -> Any:
+    return req.daemon.store.webhooks.get(req.path_params["id"])
+
+
+@endpoints.add("PATCH", "/v1/webhooks/{id}", summary="Change an endpoint's url, events or description, or "
+               "enable/disable it (re-enabling sends what waited).", tag="webhooks", errors=(400, 404),
+               body={"type": "object", "additionalProperties": False,
+                     "properties": {"url": {"type": "string"}, "events": _pattern_schema, "enabled": {"type": "boolean"},
+                                    "description": {"type": "string", "maxLength": 500}}},
+               responses={200: _webhook})
+async def update_webhook(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"url", "events", "enabled", "description"})
+    store = req.daemon.store
+    store.webhooks.get(req.path_params["id"])
+    url = check_url(req, body["url"]) if "url" in body else None
+    patterns = check_patterns(body["events"]) if "events" in body else None
+    enabled = body.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise BadRequest("enabled must be true or false", code="invalid_enabled")
+    description = _description(body.get("description"))
+    with store.db.transaction():
+        view = store.webhooks.update(req.path_params["id"], url=url, patterns=patterns, enabled=enabled,
+                                     description=description)
+        store.audit.record(req.actor, "webhook.update", view["id"], body)
+    return view
+
+
+@endpoints.add("DELETE", "/v1/webhooks/{id}", summary="Remove an endpoint; its pending deliveries are cancelled.",
+               tag="webhooks", errors=(404,), responses={204: {}})
+async def delete_webhook(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        store.webhooks.delete(req.path_params["id"])
+        store.audit.record(req.actor, "webhook.delete", req.path_params["id"])
+    return Response(status_code=204)
+
+
+@endpoints.add("POST", "/v1/webhooks/{id}/rotate-secret", summary="A new signing secret; the previous one keeps "
+               "signing alongside it (two signatures) for the rotation grace period.", tag="webhooks",
+               errors=(404,), responses={200: _webhook})
+async def rotate_secret(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        view, secret = store.webhooks.rotate_secret(req.path_params["id"])
+        store.audit.record(req.actor, "webhook.rotate_secret", view["id"])
+    return {**view, "secret": secret}
+
+
+@endpoints.add("GET", "/v1/webhooks/{id}/deliveries", summary="Deliveries to an endpoint with every attempt "
+               "(status code, latency, error).", tag="webhooks", errors=(400, 404),
+               query=({"name": "status", "in": "query", "required": False,
+                       "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)}},
+                      {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                      {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}),
+               responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _delivery},
+                                                                 "next_cursor": {"type": ["string", "null"]}}}})
+async def list_deliveries(req: ApiRequest) -> Any:
+    items, cursor = req.daemon.store.webhooks.deliveries(
+        req.path_params["id"], status=req.query("status"), after=req.query("cursor"),
+        limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": cursor}
+
+
+@endpoints.add("POST", "/v1/deliveries/{id}/redeliver", summary="Send a finished delivery's event again (same "
+               "webhook-id, so receivers dedupe).", tag="webhooks", errors=(404, 409), responses={202: _delivery})
+async def redeliver(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        view = store.webhooks.redeliver(req.path_params["id"])
+        store.audit.record(req.actor, "delivery.redeliver", req.path_params["id"], {"new_delivery": view["id"]})
+    return 202, view
+
+
+@endpoints.add("POST", "/v1/webhooks/{id}/test", summary="Send a webhook.test event to this endpoint only.",
+               tag="webhooks", errors=(404,), responses={202: _delivery})
+async def test_webhook(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        view = store.webhooks.send_test(req.path_params["id"])
+        store.audit.record(req.actor, "webhook.test", req.path_params["id"])
+    return 202, view
+
+
+@endpoints.add("GET", "/v1/events", summary="The event log, in order: for catching up without webhooks.",
+               tag="events", errors=(400,),
+               query=({"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+                       "description": "sequence number of the last event seen"},
+                      {"name": "type", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
+               responses={200: {"type": "object"}})
+async def list_events(req: ApiRequest) -> Any:
+    after = req.query_int("after", 0, lo=0, hi=2**62)
+    types = tuple(t for t in (req.query("type") or "").split(",") if t)
+    events = req.daemon.store.events.list(after_seq=after, types=types, limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": [_event_view(e) for e in events], "last_seq": events[-1].seq if events else after}
+
+
+def _event_view(e: Event) -> dict[str, Any]:
+    return {"id": e.id, "seq": e.seq, **e.envelope()}
+
+
+@endpoints.add("GET", "/v1/audit", summary="The audit log of every change made through the API.", tag="events",
+               errors=(400,),
+               query=({"name": "object_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+                      {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
+               responses={200: {"type": "object"}})
+async def list_audit(req: ApiRequest) -> Any:
+    return {"items": req.daemon.store.audit.list(object_id=req.query("object_id"),
+                                                 after=req.query_int("after", 0, lo=0, hi=2**62),
+                                                 limit=req.query_int("limit", 100, lo=1, hi=1000))}

@@ -1,0 +1,208 @@
+"""Invoices (pay orders): each has its own derived address; its status follows its payments
+(``watcher.invoicing.decide``) inside the transaction of every transfer change, and the clock
+(expiry, monitoring window) through ``apply_deadlines``. Every status change writes
+``invoice.<status>`` in the same transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadRequest, NotFound
+from ..ids import new_id
+from ..invoicing import STATUSES, InvoiceTerms, Outcome, Payment, decide, timed_status
+from ..money import format_amount
+from .events import iso_ms
+
+if TYPE_CHECKING:
+    from . import Store
+
+
+def _terms(row: sqlite3.Row) -> InvoiceTerms:
+    return InvoiceTerms(mode=row["mode"], amount=int(row["amount"]) if row["amount"] is not None else None,
+                        tolerance_ppm=row["tolerance_ppm"], expires_at=row["expires_at"],
+                        monitor_until=row["monitor_until"])
+
+
+class Invoices:
+    def __init__(self, store: Store):
+        self.store = store
+        store.transfers.on_change(self._on_transfer)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def create(self, *, chain: str, asset: str, amount: int | None, mode: str, expires_in: int,
+               tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
+               node_info: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg = self.store.chain_config(chain)
+        family = self.store.family(chain)
+        now = self.store.clock.now_ms()
+        invoice_id = new_id("inv", now_ms=now)
+        expires_at = now + expires_in * 1000
+        monitor_until = expires_at + self.store.config.invoices.monitoring_window * 1000
+        with self.store.db.transaction() as conn:
+            addr = self.store.addresses.derived_for(chain, "invoice", invoice_id, kind="invoice", invoice_id=invoice_id)
+            uri = family.payment_uri(cfg, addr.address, asset, amount, node_info or {}) if amount else None
+            conn.execute(
+                "INSERT INTO invoices (id, chain, asset, mode, amount, tolerance_ppm, address, status, order_id,"
+                " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'awaiting_payment', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (invoice_id, chain, asset, mode, None if amount is None else str(amount), tolerance_ppm,
+                 addr.address, order_id, json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), uri,
+                 now, expires_at, monitor_until, now, actor),
+            )
+            view = self.get(invoice_id)
+            self.store.events.emit("invoice.created", view, chain=chain, subject=invoice_id)
+            self.store.wake_after_commit("invoices")
+        return view
+
+    def _on_transfer(self, transfer: dict[str, Any], old: str | None, new: str) -> None:
+        invoice_id = transfer.get("invoice_id")
+        if invoice_id:
+            self.recompute(invoice_id)
+
+    def recompute(self, invoice_id: str) -> str | None:
+        """Re-derive status and totals from the invoice's payments (inside a transaction)."""
+        row = self.store.db.one("SELECT * FROM invoices WHERE id = ?", (invoice_id,))
+        if row is None:
+            return None
+        now = self.store.clock.now_ms()
+        outcome = decide(_terms(row), row["status"], self._payments(row), now)
+        return self._apply(row, outcome, now)
+
+    def apply_deadlines(self) -> int:
+        """Expire unpaid invoices past ``expires_at`` and fail paid, unconfirmed ones past
+        ``monitor_until``; returns how many changed."""
+        now = self.store.clock.now_ms()
+        changed = 0
+        with self.store.db.transaction():
+            rows = self.store.db.query(
+                "SELECT * FROM invoices WHERE (status = 'awaiting_payment' AND expires_at <= ?)"
+                " OR (status = 'awaiting_confirmation' AND monitor_until <= ?) ORDER BY expires_at", (now, now))
+            for row in rows:
+                new = timed_status(_terms(row), row["status"], now)
+                if new is not None:
+                    self.store.db.conn.execute("UPDATE invoices SET status = ?, updated_at = ? WHERE id = ?",
+                                               (new, now, row["id"]))
+                    self._emit(row["id"], new)
+                    changed += 1
+        return changed
+
+    def next_deadline(self) -> int | None:
+        """The earliest time (ms) at which ``apply_deadlines`` has something to do."""
+        return self.store.db.scalar(
+            "SELECT MIN(t) FROM (SELECT MIN(expires_at) AS t FROM invoices WHERE status = 'awaiting_payment'"
+            " UNION ALL SELECT MIN(monitor_until) FROM invoices WHERE status = 'awaiting_confirmation')")
+
+    def _payments(self, row: sqlite3.Row) -> list[Payment]:
+        rows = self.store.db.query(
+            "SELECT amount, status, detected_at FROM transfers WHERE chain = ? AND address = ? AND asset = ?"
+            " AND status != 'orphaned' AND detected_at <= ?",
+            (row["chain"], row["address"], row["asset"], row["monitor_until"]))
+        return [Payment(amount=int(r["amount"]), confirmed=r["status"] == "confirmed", detected_at=r["detected_at"])
+                for r in rows]
+
+    def _apply(self, row: sqlite3.Row, o: Outcome, now: int) -> str | None:
+        status_changed = o.status != row["status"]
+        completed_at = row["completed_at"]
+        if o.status == "completed" and status_changed:
+            completed_at = now
+        elif o.status != "completed":
+            completed_at = None
+        fields = (o.status, int(o.partial), int(o.overpaid), int(o.late), str(o.received), str(o.confirmed),
+                  o.paid_at, completed_at)
+        current = (row["status"], row["partial"], row["overpaid"], row["late"], row["received"], row["confirmed"],
+                   row["paid_at"], row["completed_at"])
+        if fields == current:
+            return None
+        self.store.db.conn.execute(
+            "UPDATE invoices SET status = ?, partial = ?, overpaid = ?, late = ?, received = ?, confirmed = ?,"
+            " paid_at = ?, completed_at = ?, updated_at = ? WHERE id = ?", (*fields, now, row["id"]))
+        if status_changed:
+            self._emit(row["id"], o.status)
+            return o.status
+        return None
+
+    def _emit(self, invoice_id: str, status: str) -> None:
+        view = self.get(invoice_id)
+        self.store.events.emit(f"invoice.{status}", view, chain=view["chain"], subject=invoice_id)
+        self.store.wake_after_commit("invoices")
+
+    # --- reading ------------------------------------------------------------------------
+
+    def get(self, invoice_id: str) -> dict[str, Any]:
+        row = self.store.db.one("SELECT * FROM invoices WHERE id = ?", (invoice_id,))
+        if row is None:
+            raise NotFound(f"no invoice {invoice_id[:64]!r}", code="unknown_invoice")
+        return self.view(row)
+
+    def view(self, row: sqlite3.Row) -> dict[str, Any]:
+        cfg = self.store.chain_config(row["chain"])
+        family = self.store.family(row["chain"])
+        asset = cfg.asset(row["asset"])
+        decimals = asset.decimals if asset else 0
+        terms = _terms(row)
+        amount = terms.amount
+        received = int(row["received"])
+        tip = self.store.chains.scanned_number(row["chain"])
+        payments = []
+        for t in self.store.db.query(
+            "SELECT id, txid, idx, amount, status, block_number, detected_at FROM transfers"
+            " WHERE chain = ? AND address = ? AND asset = ? ORDER BY detected_at, id",
+            (row["chain"], row["address"], row["asset"]),
+        ):
+            payments.append({
+                "transfer_id": t["id"], "txid": t["txid"], "index": t["idx"],
+                "amount": format_amount(int(t["amount"]), decimals), "status": t["status"],
+                "block_number": t["block_number"],
+                "confirmations": 0 if t["status"] == "orphaned" else max(0, tip - t["block_number"] + 1),
+                "counted": t["status"] != "orphaned" and t["detected_at"] <= row["monitor_until"],
+                "detected_at": iso_ms(t["detected_at"]),
+            })
+        return {
+            "id": row["id"],
+            "chain": row["chain"],
+            "asset": row["asset"],
+            "contract": family.display_address(asset.contract) if asset and asset.contract else None,
+            "decimals": decimals,
+            "mode": row["mode"],
+            "amount": None if amount is None else format_amount(amount, decimals),
+            "base_units": None if amount is None else str(amount),
+            "tolerance": format_amount(row["tolerance_ppm"], 6),
+            "address": family.display_address(row["address"]),
+            "payment_uri": row["payment_uri"],
+            "status": row["status"],
+            "partial": bool(row["partial"]),
+            "overpaid": bool(row["overpaid"]),
+            "late": bool(row["late"]),
+            "received": format_amount(received, decimals),
+            "confirmed": format_amount(int(row["confirmed"]), decimals),
+            "due": format_amount(max(0, terms.required - received) if amount is not None else 0, decimals),
+            "required_confirmations": cfg.confirmations,
+            "order_id": row["order_id"],
+            "metadata": json.loads(row["metadata"]),
+            "payments": payments,
+            "created_at": iso_ms(row["created_at"]),
+            "expires_at": iso_ms(row["expires_at"]),
+            "monitor_until": iso_ms(row["monitor_until"]),
+            "paid_at": iso_ms(row["paid_at"]),
+            "completed_at": iso_ms(row["completed_at"]),
+        }
+
+    def list(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
+             after: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
+        where, params = [], []
+        for col, value in (("status", status), ("order_id", order_id), ("chain", chain)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if after is not None:
+            where.append("id > ?")
+            params.append(after)
+        sql = "SELECT * FROM invoices" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id LIMIT ?"
+        rows = self.store.db.query(sql, [*params, limit + 1])
+        items = [self.view(r) for r in rows[:limit]]
+        return items, (items[-1]["id"] if len(rows) > limit else None)
