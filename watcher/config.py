@@ -241,6 +241,7 @@ class WebhooksConfig:
     # delay before each attempt, seconds: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h
     schedule: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
     rotation_grace: int = 86400  # seconds the previous secret still signs after a rotation
+    allowed_hosts: tuple[str, ...] = ()  # webhook URL hosts allowed ("*.example.com"); empty: any
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,9 @@ def _parse_webhooks(t: ConfigTable) -> WebhooksConfig:
         per_endpoint_concurrency=t.take("per_endpoint_concurrency", int, 4, check=between(1, 1000)),
         schedule=tuple(float(x) for x in schedule),
         rotation_grace=t.take("rotation_grace", int, 86400, check=between(0, 30 * 86400)),
+        allowed_hosts=tuple(h.lower() for h in t.take(
+            "allowed_hosts", list, [], check=lambda v: None if all(isinstance(h, str) and h for h in v)
+            else "must be a list of host names or patterns such as \"*.example.com\"")),
     )
     t.done()
     return cfg

@@ -4,7 +4,7 @@ nursery. Routes live in the ``*_routes`` modules, each a table of :class:`Endpoi
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -29,7 +29,7 @@ docs_endpoints = Endpoints()
 @docs_endpoints.add("GET", "/openapi.json", summary="This API's OpenAPI 3.1 document.", auth=False, tag="docs",
                     responses={200: {"type": "object"}})
 async def openapi_document(req: ApiRequest) -> dict:
-    return openapi.build(all_endpoints())
+    return openapi.build(all_endpoints(), req.daemon.config)
 
 
 ROUTE_MODULES = (core_routes, invoice_routes, webhook_routes)
@@ -40,14 +40,26 @@ def all_endpoints() -> list[Endpoint]:
 
 
 def create_app(daemon: Daemon) -> Starlette:
-    routes = [Route(e.path, wrap(e, daemon), methods=[e.method]) for e in all_endpoints()]
+    by_path: dict[str, dict[str, Any]] = {}
+    for e in all_endpoints():
+        by_path.setdefault(e.path, {})[e.method] = wrap(e, daemon)
+    # one Route per path, so a 405 names every method the path has in its Allow header
+    routes = [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _by_method(handlers: dict[str, Any]) -> Any:
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return endpoint
 
 
 async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:

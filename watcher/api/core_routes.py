@@ -17,7 +17,9 @@ endpoints = Endpoints()
 LABEL_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
 
 _error = {"$ref": "#/components/schemas/Error"}
-_chain_param = {"name": "chain", "in": "query", "required": False, "schema": {"type": "string"}}
+_chain_ref = {"$ref": "#/components/schemas/ChainId"}
+_label = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"}
+_chain_param = {"name": "chain", "in": "query", "required": False, "schema": _chain_ref}
 _limit_param = {"name": "limit", "in": "query", "required": False,
                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
 _cursor_param = {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
@@ -144,7 +146,7 @@ def address_view(req: ApiRequest, a: Any, *, totals: bool = False) -> dict[str, 
 @endpoints.add("POST", "/v1/addresses", summary="Get the static deposit address of a label (created on first call).",
                tag="addresses", errors=(400, 404, 409),
                body={"type": "object", "required": ["chain", "label"], "additionalProperties": False,
-                     "properties": {"chain": {"type": "string"}, "label": {"type": "string", "minLength": 1, "maxLength": 128}}},
+                     "properties": {"chain": _chain_ref, "label": _label}},
                responses={200: {"$ref": "#/components/schemas/Address"}, 201: {"$ref": "#/components/schemas/Address"}})
 async def create_address(req: ApiRequest) -> Any:
     body = await req.json()
@@ -162,8 +164,8 @@ async def create_address(req: ApiRequest) -> Any:
 @endpoints.add("POST", "/v1/watch", summary="Watch an address watcher did not derive (its transfers are recorded; it is never swept).",
                tag="addresses", errors=(400, 409),
                body={"type": "object", "required": ["chain", "address"], "additionalProperties": False,
-                     "properties": {"chain": {"type": "string"}, "address": {"type": "string"},
-                                    "label": {"type": "string", "minLength": 1, "maxLength": 128}}},
+                     "properties": {"chain": _chain_ref, "address": {"type": "string", "minLength": 1},
+                                    "label": _label}},
                responses={200: {"$ref": "#/components/schemas/Address"}, 201: {"$ref": "#/components/schemas/Address"}})
 async def watch_address(req: ApiRequest) -> Any:
     body = await req.json()
@@ -196,7 +198,7 @@ async def get_address(req: ApiRequest) -> Any:
                       {"name": "address", "in": "query", "required": False, "schema": {"type": "string"}},
                       {"name": "status", "in": "query", "required": False,
                        "schema": {"type": "string", "enum": ["detected", "confirmed", "orphaned"]}},
-                      {"name": "since", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+                      {"name": "since", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "maximum": 2**40},
                        "description": "only transfers changed at or after this Unix time (seconds)"},
                       _limit_param, _cursor_param),
                responses={200: {"type": "object"}})

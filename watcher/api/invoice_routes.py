@@ -44,13 +44,13 @@ def _depth(value: Any, level: int = 0) -> int:
     "POST", "/v1/invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
     errors=(400,),
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
-        "chain": {"type": "string"},
-        "asset": {"type": "string"},
+        "chain": {"$ref": "#/components/schemas/ChainId"},
+        "asset": {"$ref": "#/components/schemas/AssetSymbol"},
         "amount": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "in asset units, e.g. \"12.5\"; required in sale mode"},
         "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
         "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
         "tolerance": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
-        "order_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "order_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
         "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"},
     }},
     responses={201: _invoice})
@@ -114,7 +114,7 @@ async def get_invoice(req: ApiRequest) -> Any:
                tag="invoices", errors=(400,),
                query=({"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": list(STATUSES)}},
                       {"name": "order_id", "in": "query", "required": False, "schema": {"type": "string"}},
-                      {"name": "chain", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "chain", "in": "query", "required": False, "schema": {"$ref": "#/components/schemas/ChainId"}},
                       {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                       {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}),
                responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _invoice},
@@ -134,7 +134,7 @@ async def list_invoices(req: ApiRequest) -> Any:
     summary="Point at the payment's transaction so it is checked now instead of when the scanner reaches it.",
     tag="invoices", errors=(400, 404, 422, 503),
     body={"type": "object", "required": ["txid"], "additionalProperties": False,
-          "properties": {"txid": {"type": "string"}}},
+          "properties": {"txid": {"type": "string", "minLength": 1}}},
     responses={200: {"type": "object"}, 202: {"type": "object"}})
 async def submit_tx(req: ApiRequest) -> Any:
     body = await req.json()

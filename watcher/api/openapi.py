@@ -4,10 +4,13 @@ the two cannot disagree (a test checks it anyway)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .routing import Endpoint
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 _nullable_str = {"type": ["string", "null"]}
 _time = {"type": ["string", "null"], "format": "date-time"}
@@ -88,7 +91,14 @@ _ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 404: "no such 
                413: "request body too large", 422: "valid but unusable input", 503: "the chain's node is unavailable"}
 
 
-def build(endpoints: list[Endpoint]) -> dict[str, Any]:
+def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, Any]:
+    """The document for these endpoints; with a config, chain ids and asset symbols are
+    enumerated (the API accepts nothing else)."""
+    schemas = dict(SCHEMAS)
+    chains = [c.id for c in config.chains] if config else []
+    assets = sorted({a.symbol for c in config.chains for a in c.assets}) if config else []
+    schemas["ChainId"] = {"type": "string", "enum": chains} if chains else {"type": "string", "minLength": 1}
+    schemas["AssetSymbol"] = {"type": "string", "enum": assets} if assets else {"type": "string", "minLength": 1}
     paths: dict[str, Any] = {}
     for e in endpoints:
         op: dict[str, Any] = {"summary": e.summary, "operationId": e.handler.__name__, "tags": [e.tag]}
@@ -106,6 +116,10 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
                 entry["content"] = {"application/json": {"schema": schema or {"type": "object"}}}
             responses[str(status)] = entry
         errors = set(e.errors)
+        if "{" in e.path:
+            errors.add(404)
+        if e.query:
+            errors.add(400)
         if e.auth:
             errors.add(401)
         if e.body is not None:
@@ -113,6 +127,7 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
         for status in sorted(errors):
             responses[str(status)] = {"description": _ERROR_TEXT.get(status, "error"),
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        op["responses"] = responses
         if e.auth:
             op["security"] = [{"bearer": []}]
         paths.setdefault(e.path, {})[e.method.lower()] = op
@@ -122,6 +137,6 @@ def build(endpoints: list[Endpoint]) -> dict[str, Any]:
                  "description": "Local control API of the watcher payment daemon. Amounts are decimal strings in "
                                 "asset units. Errors are {\"error\": {\"code\", \"message\"}}."},
         "paths": paths,
-        "components": {"schemas": SCHEMAS,
+        "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

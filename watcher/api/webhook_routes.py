@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,7 +20,10 @@ endpoints = Endpoints()
 _webhook = {"$ref": "#/components/schemas/Webhook"}
 _delivery = {"$ref": "#/components/schemas/Delivery"}
 _id_param_doc = "the webhook's id"
-_pattern_schema = {"type": "array", "minItems": 1, "maxItems": 50, "items": {"type": "string"},
+_url_schema = {"type": "string", "format": "uri", "pattern": "^https?://", "maxLength": 2048}
+_pattern_schema = {"type": "array", "minItems": 1, "maxItems": 50,
+                   "items": {"type": "string", "enum": ["*", *sorted({t.split(".")[0] + ".*" for t in EVENT_TYPES}),
+                                                         *EVENT_TYPES]},
                    "description": f"event types or patterns; known types: {', '.join(EVENT_TYPES)}"}
 
 
@@ -34,6 +38,13 @@ def check_url(req: ApiRequest, url: Any) -> str:
         raise BadRequest("url is not a valid URL", code="invalid_url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
         raise BadRequest("url must be an http(s) URL with a host", code="invalid_url")
+    if not url.isascii():
+        raise BadRequest("url must be ASCII (write an international host name in punycode, xn--...)",
+                         code="invalid_url")
+    allowed = req.daemon.config.webhooks.allowed_hosts
+    if allowed and not any(fnmatchcase(parts.hostname.lower(), h) for h in allowed):
+        raise BadRequest(f"webhook host {parts.hostname[:64]!r} is not in webhooks.allowed_hosts",
+                         code="webhook_host_not_allowed")
     api = req.daemon.config.api
     port = port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname.lower()
@@ -61,8 +72,8 @@ def _description(value: Any) -> str | None:
 @endpoints.add("POST", "/v1/webhooks", summary="Add an endpoint; the answer holds its signing secret (whsec_...).",
                tag="webhooks", errors=(400,),
                body={"type": "object", "required": ["url", "events"], "additionalProperties": False,
-                     "properties": {"url": {"type": "string"}, "events": _pattern_schema,
-                                    "description": {"type": "string", "maxLength": 500}}},
+                     "properties": {"url": _url_schema, "events": _pattern_schema,
+                                    "description": {"type": ["string", "null"], "maxLength": 500}}},
                responses={201: _webhook})
 async def create_webhook(req: ApiRequest) -> Any:
     body = await req.json()
@@ -92,8 +103,8 @@ async def get_webhook(req: ApiRequest) -> Any:
 @endpoints.add("PATCH", "/v1/webhooks/{id}", summary="Change an endpoint's url, events or description, or "
                "enable/disable it (re-enabling sends what waited).", tag="webhooks", errors=(400, 404),
                body={"type": "object", "additionalProperties": False,
-                     "properties": {"url": {"type": "string"}, "events": _pattern_schema, "enabled": {"type": "boolean"},
-                                    "description": {"type": "string", "maxLength": 500}}},
+                     "properties": {"url": _url_schema, "events": _pattern_schema, "enabled": {"type": "boolean"},
+                                    "description": {"type": ["string", "null"], "maxLength": 500}}},
                responses={200: _webhook})
 async def update_webhook(req: ApiRequest) -> Any:
     body = await req.json()
@@ -103,7 +114,7 @@ async def update_webhook(req: ApiRequest) -> Any:
     url = check_url(req, body["url"]) if "url" in body else None
     patterns = check_patterns(body["events"]) if "events" in body else None
     enabled = body.get("enabled")
-    if enabled is not None and not isinstance(enabled, bool):
+    if "enabled" in body and not isinstance(enabled, bool):
         raise BadRequest("enabled must be true or false", code="invalid_enabled")
     description = _description(body.get("description"))
     with store.db.transaction():
@@ -171,7 +182,8 @@ async def test_webhook(req: ApiRequest) -> Any:
 
 @endpoints.add("GET", "/v1/events", summary="The event log, in order: for catching up without webhooks.",
                tag="events", errors=(400,),
-               query=({"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+               query=({"name": "after", "in": "query", "required": False,
+                       "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
                        "description": "sequence number of the last event seen"},
                       {"name": "type", "in": "query", "required": False, "schema": {"type": "string"}},
                       {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
@@ -190,7 +202,8 @@ def _event_view(e: Event) -> dict[str, Any]:
 @endpoints.add("GET", "/v1/audit", summary="The audit log of every change made through the API.", tag="events",
                errors=(400,),
                query=({"name": "object_id", "in": "query", "required": False, "schema": {"type": "string"}},
-                      {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+                      {"name": "after", "in": "query", "required": False,
+                       "schema": {"type": "integer", "minimum": 0, "maximum": 2**62}},
                       {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
                responses={200: {"type": "object"}})
 async def list_audit(req: ApiRequest) -> Any:

@@ -1,7 +1,9 @@
 """Webhook endpoints, their deliveries and every attempt.
 
-Fan-out happens in the transaction that writes the event: each active endpoint whose
-patterns match gets a ``pending`` delivery with the endpoint's next sequence number. The
+Fan-out happens in the transaction that writes the event: each endpoint whose patterns match
+gets a ``pending`` delivery with the endpoint's next sequence number. A disabled endpoint
+(by the API, or after answering 410) keeps queueing; nothing is sent to it until it is
+enabled again, and then everything that waited goes out. The
 dispatcher (``watcher.dispatch``) sends due deliveries and records each attempt here.
 """
 
@@ -157,7 +159,8 @@ class Webhooks:
         if only is not None:
             targets = [only]
         else:
-            targets = [r["id"] for r in conn.execute("SELECT id, events FROM webhooks WHERE status = 'active'")
+            # disabled endpoints still queue (they are paused, not forgotten); deleted ones do not
+            targets = [r["id"] for r in conn.execute("SELECT id, events FROM webhooks WHERE deleted_at IS NULL")
                        if any(fnmatchcase(event.type, p) for p in json.loads(r["events"]))]
         now = event.created_at
         for wid in targets:

@@ -1,0 +1,265 @@
+"""Webhook delivery: signatures, at-least-once with retries, ordering numbers, isolation of
+slow endpoints, 410, rotation, redelivery. Receivers are real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import httpx
+import pytest
+import trio
+from standardwebhooks import Webhook
+from trio.testing import MockClock
+
+from tests.support.daemon import (
+    API_TOKEN,
+    chain_entry,
+    free_port,
+    running,
+    wait_until,
+    write_config,
+)
+from tests.support.receiver import receiving
+from watcher.clock import TrioClock
+from watcher.dispatch import next_delay, parse_retry_after, sign
+
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}
+DEAD_NODE = "http://127.0.0.1:9"  # these tests need no chain: events come from invoices and test sends
+
+
+def config(tmp_path, schedule=(0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2), **webhooks):
+    return write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)],
+                        extra={"webhooks": {"schedule": list(schedule), **webhooks}})
+
+
+def new_invoice(d, n=0):
+    return d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18 + n, mode="sale", expires_in=3600,
+                                   tolerance_ppm=0, order_id=f"o{n}", metadata={}, actor="test")
+
+
+def verify_by_hand(secret: str, req) -> bool:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    msg = f"{req.headers['webhook-id']}.{req.headers['webhook-timestamp']}.".encode() + req.body
+    expected = base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode()
+    return any(s == f"v1,{expected}" for s in req.headers["webhook-signature"].split())
+
+
+def test_signature_matches_the_standard_webhooks_library():
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"type":"invoice.completed"}'
+    ts = int(time.time())
+    sig = sign(secret, "evt_1", ts, body)
+    Webhook(secret).verify(body, {"webhook-id": "evt_1", "webhook-timestamp": str(ts), "webhook-signature": sig})
+    with pytest.raises(Exception):  # noqa: B017 - the library's own verification error
+        Webhook(secret).verify(body + b" ", {"webhook-id": "evt_1", "webhook-timestamp": str(ts),
+                                             "webhook-signature": sig})
+
+
+def test_retry_after_and_schedule_helpers():
+    import random
+
+    rng = random.Random(1)
+    sched = (0, 5, 300)
+    assert 4.5 <= next_delay(sched, 1, None, rng) <= 5.5
+    assert next_delay(sched, 1, 120.0, rng) == 120.0  # never sooner than Retry-After
+    assert 270 <= next_delay(sched, 2, 10.0, rng) <= 330  # the schedule wins when it is later
+    assert next_delay(sched, 3, None, rng) is None
+    assert parse_retry_after("30", 0) == 30
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412480 - 60) == 60
+    assert parse_retry_after("soon", 0) is None and parse_retry_after("9999999", 0) == 86400
+
+
+async def test_failing_receiver_gets_every_event_once_after_dedupe_across_a_restart(tmp_path):
+    fail_until = trio.current_time() + 1.5
+    async with receiving(lambda r: 500 if trio.current_time() < fail_until else 200) as rx:
+        cfg = config(tmp_path)
+        with trio.fail_after(60):
+            async with running(cfg) as d:
+                _, secret = d.store.webhooks.create(rx.url, ["invoice.*"], None)
+                invoices = [new_invoice(d, i) for i in range(5)]
+                await wait_until(lambda: len(rx.requests) >= 5, what="first (failing) attempts")
+            # restarted: what was pending in the outbox is sent by the new process
+            async with running(cfg) as d:
+                invoices += [new_invoice(d, i) for i in range(5, 10)]
+                await wait_until(lambda: d.store.webhooks.backlog() == 0, what="backlog drained")
+                event_ids = {e.id for e in d.store.events.list(limit=1000, types=("invoice.created",))}
+        assert len(event_ids) == 10
+        delivered_ok = {r.webhook_id for r in rx.requests if r.at >= fail_until}
+        assert delivered_ok == event_ids  # every event arrived with a 200 (after dedupe on webhook-id)
+        assert len(rx.requests) > 10  # there were retries
+        wh = Webhook(secret)
+        by_id = {}
+        for r in rx.requests:
+            payload = wh.verify(r.body, r.headers)
+            by_id.setdefault(r.webhook_id, set()).add((payload["sequence"], payload["data"]["id"]))
+        assert all(len(v) == 1 for v in by_id.values())  # retries carry the same body
+        seqs = sorted(next(iter(v))[0] for v in by_id.values())
+        assert seqs == list(range(1, 11))  # a per-endpoint sequence number, one per event
+        assert {next(iter(v))[1] for v in by_id.values()} == {i["id"] for i in invoices}
+
+
+async def test_one_event_that_keeps_failing_does_not_block_later_ones(tmp_path):
+    poisoned: list[str] = []
+
+    def behavior(r):
+        if not poisoned:
+            poisoned.append(r.webhook_id)
+        return 500 if r.webhook_id == poisoned[0] else 200
+
+    async with receiving(behavior) as rx:
+        with trio.fail_after(30):
+            async with running(config(tmp_path, schedule=(0, 0.5, 0.5, 0.5, 0.5, 0.5))) as d:
+                d.store.webhooks.create(rx.url, ["invoice.created"], None)
+                for i in range(6):
+                    new_invoice(d, i)
+                await wait_until(lambda: len({r.webhook_id for r in rx.requests}) == 6, what="all six events")
+                ok = [r for r in rx.requests if r.webhook_id != poisoned[0]]
+                assert len({r.webhook_id for r in ok}) == 5
+                first_ok_at = min(r.at for r in ok)
+                assert first_ok_at - rx.requests[0].at < 0.5  # later events went out while the first failed
+                await wait_until(lambda: d.store.webhooks.backlog() == 0, what="the poisoned one gives up")
+                hook = d.store.webhooks.list()[0]
+                assert hook["deliveries"] == {"pending": 0, "delivered": 5, "failed": 1, "cancelled": 0}
+
+
+async def test_slow_endpoint_never_delays_the_others(tmp_path):
+    async def hang(r):
+        await trio.sleep_forever()
+
+    async with receiving(hang) as slow, receiving() as fast:
+        with trio.fail_after(30):
+            async with running(config(tmp_path, timeout=3.0, per_endpoint_concurrency=2)) as d:
+                d.store.webhooks.create(slow.url, ["invoice.*"], None)
+                d.store.webhooks.create(fast.url, ["invoice.*"], None)
+                t0 = trio.current_time()
+                for i in range(30):
+                    new_invoice(d, i)
+                await wait_until(lambda: len(fast.requests) == 30, what="fast endpoint gets all 30")
+                assert trio.current_time() - t0 < 2.0  # long before the slow one's first timeout
+                assert len(slow.requests) == 2  # only its own two slots are taken
+
+
+async def test_410_disables_the_endpoint(tmp_path):
+    async with receiving(lambda r: 410) as rx:
+        with trio.fail_after(30):
+            async with running(config(tmp_path)) as d:
+                view, _ = d.store.webhooks.create(rx.url, ["invoice.*"], None)
+                new_invoice(d, 1)
+                await wait_until(lambda: d.store.webhooks.get(view["id"])["status"] == "disabled", what="disabled")
+                new_invoice(d, 2)
+                await trio.sleep(0.5)
+                assert len(rx.requests) == 1
+                got = d.store.webhooks.get(view["id"])
+                assert got["disabled_reason"] == "endpoint answered 410 Gone"
+                assert got["deliveries"]["cancelled"] == 1 and got["deliveries"]["pending"] == 1
+
+
+@pytest.fixture
+def mock_clock():
+    return MockClock(autojump_threshold=0.02)
+
+
+async def test_retry_schedule_spans_days_then_redeliver(tmp_path, mock_clock, anvil):
+    """The default schedule (immediately, 5 s, 5 min, ... 24 h) with a receiver that is down
+    for three days, then back: ten attempts, `failed`, and a redelivery that arrives."""
+    state = {"up": False, "first": True}
+
+    def behavior(r):
+        if state["first"]:
+            state["first"] = False
+            return 429, {"retry-after": "120"}  # honoured: the 2nd attempt waits 120 s, not 5 s
+        return 200 if state["up"] else 503
+
+    port = free_port()
+    # a live node polled hourly: few clock jumps over four days (a dead one would be retried every 30 s)
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, poll_interval=3600)], api_port=port)
+    async with receiving(behavior) as rx, running(cfg, api=True, clock=TrioClock(anchor=time.time())) as d:
+        view, secret = d.store.webhooks.create(rx.url, ["invoice.created"], None)
+        new_invoice(d)
+        await trio.sleep(4 * 86400)
+        assert len(rx.requests) == 10
+        gaps = [b.at - a.at for a, b in zip(rx.requests, rx.requests[1:], strict=False)]
+        expected = [120, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+        for gap, want in zip(gaps, expected, strict=True):
+            assert want * 0.9 - 1 <= gap <= want * 1.1 + 1, (gaps, expected)
+        assert all(verify_by_hand(secret, r) for r in rx.requests)
+        assert len({r.webhook_id for r in rx.requests}) == 1
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH, trust_env=False) as http:
+            items = (await http.get(f"/v1/webhooks/{view['id']}/deliveries")).json()["items"]
+            assert len(items) == 1 and items[0]["status"] == "failed" and items[0]["attempts"] == 10
+            log = items[0]["attempt_log"]
+            assert [a["status_code"] for a in log] == [429] + [503] * 9
+            assert all(a["latency_ms"] is not None for a in log)
+            state["up"] = True
+            r = await http.post(f"/v1/deliveries/{items[0]['id']}/redeliver")
+            assert r.status_code == 202
+            await wait_until(lambda: d.store.webhooks.backlog() == 0, interval=1.0, what="redelivered")
+            assert rx.requests[-1].webhook_id == rx.requests[0].webhook_id  # same webhook-id: apps dedupe
+            assert d.store.webhooks.get(view["id"])["deliveries"]["delivered"] == 1
+            again = await http.post(f"/v1/deliveries/{items[0]['id']}/redeliver")
+            assert again.status_code == 202
+
+
+async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
+    async with receiving() as rx:
+        with trio.fail_after(30):
+            async with running(config(tmp_path)) as d:
+                view, old = d.store.webhooks.create(rx.url, ["*"], None)
+                _, new = d.store.webhooks.rotate_secret(view["id"])
+                assert new != old and new.startswith("whsec_")
+                d.store.webhooks.send_test(view["id"])
+                await wait_until(lambda: len(rx.requests) == 1)
+                req = rx.requests[0]
+                assert len(req.headers["webhook-signature"].split()) == 2
+                Webhook(new).verify(req.body, req.headers)
+                Webhook(old).verify(req.body, req.headers)  # apps that have not switched yet still verify
+                assert req.json["type"] == "webhook.test"
+
+
+async def test_webhook_api(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port)
+    async with receiving() as rx, running(cfg, api=True) as d:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH, trust_env=False) as http:
+            r = await http.post("/v1/webhooks", json={"url": rx.url, "events": ["transfer.confirmed", "invoice.*"],
+                                                      "description": "shop"})
+            assert r.status_code == 201
+            hook = r.json()
+            listed = (await http.get("/v1/webhooks")).json()["items"]
+            assert [h["id"] for h in listed] == [hook["id"]] and "secret" not in listed[0]
+            r = await http.post(f"/v1/webhooks/{hook['id']}/test")
+            assert r.status_code == 202
+            await wait_until(lambda: len(rx.requests) == 1)
+            Webhook(hook["secret"]).verify(rx.requests[0].body, rx.requests[0].headers)
+            r = await http.post(f"/v1/webhooks/{hook['id']}/rotate-secret")
+            assert r.status_code == 200 and r.json()["secret"] != hook["secret"]
+            r = await http.patch(f"/v1/webhooks/{hook['id']}", json={"enabled": False})
+            assert r.json()["status"] == "disabled"
+            new_invoice(d)  # queued while disabled
+            await trio.sleep(0.3)
+            assert len(rx.requests) == 1
+            r = await http.patch(f"/v1/webhooks/{hook['id']}", json={"enabled": True})
+            await wait_until(lambda: len(rx.requests) == 2, what="queued event sent after re-enabling")
+            for body, code in [
+                ({"url": "ftp://x", "events": ["*"]}, "invalid_url"),
+                ({"url": rx.url, "events": []}, "invalid_events"),
+                ({"url": rx.url, "events": ["payout.sent"]}, "invalid_events"),
+                ({"url": f"http://127.0.0.1:{port}/hook", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://localhost:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": rx.url, "events": ["*"], "x": 1}, "unknown_field"),
+            ]:
+                r = await http.post("/v1/webhooks", json=body)
+                assert (r.status_code, r.json()["error"]["code"]) == (400, code), body
+            r = await http.delete(f"/v1/webhooks/{hook['id']}")
+            assert r.status_code == 204
+            assert (await http.get(f"/v1/webhooks/{hook['id']}")).status_code == 404
+            assert (await http.get("/v1/webhooks")).json()["items"] == []
+            audit = (await http.get("/v1/audit", params={"object_id": hook["id"]})).json()["items"]
+            assert [a["action"] for a in audit] == ["webhook.create", "webhook.test", "webhook.rotate_secret",
+                                                    "webhook.update", "webhook.update", "webhook.delete"]
+            assert {a["actor"] for a in audit} == {"default"}
+            events = (await http.get("/v1/events", params={"type": "invoice.created"})).json()
+            assert len(events["items"]) == 1 and events["items"][0]["type"] == "invoice.created"
