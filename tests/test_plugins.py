@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,46 @@ async def test_startup_and_shutdown_hooks_may_be_async(tmp_path, anvil: Anvil):
     finally:
         d.close()
     assert calls[-1] == ("shutdown", None)
+
+
+async def test_event_hook_gets_every_event_in_order_at_least_once_with_retries(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from watcher.daemon import Daemon
+
+    class Ledger:
+        def __init__(self):
+            self.seen: list[str] = []
+            self.failures = 2
+
+        @hookimpl
+        async def watcher_event(self, event):
+            if event.type == "invoice.created" and self.failures:
+                self.failures -= 1
+                raise RuntimeError("ledger database is down")
+            self.seen.append(event.id)
+
+    ledger = Ledger()
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
+
+    def make(n):
+        return d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18, mode="sale", expires_in=3600,
+                                       tolerance_ppm=0, order_id=f"o{n}", metadata={}, actor="t")
+
+    for round_ in range(2):
+        d = Daemon.open(cfg, pm=make_plugin_manager(extra=(ledger,)), registry=CollectorRegistry())
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(partial(d.run, api=False))
+                    for n in range(3):
+                        make(round_ * 3 + n)
+                    want = [e.id for e in d.store.events.list(limit=100)]
+                    while ledger.seen != want:
+                        await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+            if round_ == 0:
+                assert d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "plugin_event"}) == 2
+        finally:
+            d.close()
+    assert len(ledger.seen) == 6 == len(set(ledger.seen))  # the restart resumed from the cursor

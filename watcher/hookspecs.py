@@ -11,6 +11,7 @@ import pluggy
 if TYPE_CHECKING:
     from .chains import ChainFamily
     from .daemon import Daemon
+    from .store import Event
 
 hookspec = pluggy.HookspecMarker("watcher")
 hookimpl = pluggy.HookimplMarker("watcher")
@@ -47,3 +48,21 @@ def watcher_shutdown(daemon: Daemon) -> Any:
     """Called once on the way out, after every task has stopped and before the store is
     closed. May return an awaitable, which gets a few seconds. Errors are logged with the
     plugin's name and do not stop the other plugins' shutdown hooks."""
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@hookspec
+def watcher_event(event: Event, daemon: Daemon) -> Any:
+    """Called for every event in the outbox (``transfer.*``, ``invoice.*``, ...), after the
+    transaction that wrote it committed: e.g. an app-specific ledger that credits an internal
+    currency on ``transfer.confirmed``. May return an awaitable.
+
+    Each implementation has its own durable cursor: events arrive in order and at least once
+    (after a crash the last one may come again: dedupe on ``event.id``). A plugin installed
+    later starts with the events written after it was first loaded. If the hook raises, the
+    error is logged with the plugin's name and counted (``watcher_errors_total{kind=
+    "plugin_event"}``), and the same event is retried with backoff (1 s doubling to 60 s); the
+    plugin's later events wait, nothing else does. Not firstresult.
+    """

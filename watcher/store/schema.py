@@ -199,3 +199,17 @@ def m002_invoices_webhooks_audit(db: Database) -> None:
         CREATE INDEX audit_log_object ON audit_log (object_id);
         """
     )
+
+
+@migrations()
+def m003_event_sinks(db: Database) -> None:
+    db.executescript(
+        """
+        -- how far each plugin's watcher_event implementation has processed the outbox
+        CREATE TABLE sink_cursors (
+            name TEXT PRIMARY KEY,
+            last_seq INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        """
+    )
