@@ -92,6 +92,23 @@ def main() -> int:
             say(f"  {t['status']}: {t['amount']} {t['asset']} to {t['label']} in block {t['block_number']} ({t['txid'][:18]}...)")
         totals = http.get(f"/v1/addresses/devnet/{alice}").json()["totals"]
         say(f"GET /v1/addresses/devnet/{alice} totals: {json.dumps(totals)}")
+
+        # a shop: a webhook endpoint (a tiny receiver here that verifies signatures) and an invoice
+        hook_url, hooks = _start_receiver()
+        r = http.post("/v1/webhooks", json={"url": hook_url, "events": ["invoice.*"], "description": "demo shop"})
+        r.raise_for_status()
+        hooks.secret = r.json()["secret"]
+        say(f"POST /v1/webhooks -> {r.json()['id']} (events invoice.*, secret whsec_...)")
+        inv = http.post("/v1/invoices", json={"chain": "devnet", "asset": "USDT", "amount": "12.5",
+                                              "order_id": "demo-order-1"}).json()
+        say(f"POST /v1/invoices 12.5 USDT -> {inv['id']} pay to {inv['address']}")
+        say(f"  payment_uri: {inv['payment_uri']}")
+        usdt.transfer(payer, inv["address"], 12_500_000)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "invoice.completed" not in hooks.types:
+            time.sleep(0.3)
+        inv_id = inv["id"]
+        say(f"GET /v1/invoices/{inv_id} -> {http.get(f'/v1/invoices/{inv_id}').json()['status']}")
         say("")
         say("watcher is running. Try it yourself:")
         say(f"  curl -s -H 'Authorization: Bearer {token}' {api}/v1/chains")
@@ -112,6 +129,45 @@ def main() -> int:
                 daemon.kill()
         node.close()
         say("stopped watcher and anvil")
+
+
+class _Hooks:
+    secret = ""
+    types: list[str] = []
+
+
+def _start_receiver() -> tuple[str, _Hooks]:
+    """A webhook receiver on 127.0.0.1 that verifies each delivery as an app would."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from standardwebhooks import Webhook
+
+    hooks = _Hooks()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            try:
+                payload = Webhook(hooks.secret).verify(body, dict(self.headers.items()))
+            except Exception as e:
+                say(f"  webhook REJECTED: {e}")
+                self.send_response(400)
+                self.end_headers()
+                return
+            hooks.types.append(payload["type"])
+            data = payload["data"]
+            say(f"  webhook (signature ok) #{payload['sequence']}: {payload['type']} {data['id']} "
+                f"status={data['status']} received={data['received']}")
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/hook", hooks
 
 
 def _port_free(port: int) -> bool:
