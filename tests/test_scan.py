@@ -53,7 +53,7 @@ async def test_reverted_transaction_with_value_is_not_credited(tmp_path, anvil: 
             d.store.addresses.watch_external("devnet", token.address.lower(), "token-contract")
             alice, _ = d.store.addresses.deposit_address("devnet", "alice")
             bad = anvil.send(payer, token.address, 10**18, gas=100_000)
-            assert int(anvil.receipt(bad)["status"], 16) == 0
+            assert int(anvil.wait_receipt(bad)["status"], 16) == 0
             good = anvil.send(payer, alice.address, 5)
             anvil.mine(3)
             await wait_until(lambda: any(t["txid"] == good for t in transfers(d)), what="the good transfer")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry  # noqa: F401
 
-    from .config import ChainConfig, ConfigTable
+    from .config import AssetConfig, ChainConfig, ConfigTable
     from .jsonrpc import JsonRpc
 
 AddressFilter = Callable[[Iterable[str]], set[str]]
@@ -62,6 +62,69 @@ class TxLookup:
     txid: str
     status: Literal["unknown", "pending", "failed", "included"]
     block: Block | None = None  # for "included": the block, carrying the transfers of this tx
+
+
+@dataclass(frozen=True, slots=True)
+class FeeQuote:
+    """What to pay per unit of gas. EIP-1559 chains set ``priority_fee``; legacy ones leave it
+    None and ``max_fee`` is the gas price."""
+
+    max_fee: int
+    priority_fee: int | None = None
+
+    def bumped(self, ppm: int, floor: FeeQuote | None = None) -> FeeQuote:
+        """At least ``ppm`` parts per million more than self on every field (what a node asks
+        of a replacement), and never below ``floor`` (the current market)."""
+
+        def up(x: int) -> int:
+            return x + max(1, -(-x * ppm // 1_000_000))
+
+        max_fee = up(self.max_fee)
+        prio = None if self.priority_fee is None else up(self.priority_fee)
+        if floor is not None:
+            max_fee = max(max_fee, floor.max_fee)
+            if prio is not None and floor.priority_fee is not None:
+                prio = max(prio, floor.priority_fee)
+        if prio is not None:
+            prio = min(prio, max_fee)
+        return FeeQuote(max_fee=max_fee, priority_fee=prio)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedTx:
+    raw: str  # hex, ready for broadcast
+    txid: str
+    nonce: int
+    gas_limit: int
+    fees: FeeQuote
+
+    @property
+    def max_cost(self) -> int:
+        """The most this transaction can cost in fees (base units of the native coin)."""
+        return self.gas_limit * self.fees.max_fee
+
+
+@dataclass(frozen=True, slots=True)
+class TxStatus:
+    """Where a transaction we sent stands."""
+
+    txid: str
+    state: Literal["unknown", "pending", "mined"]
+    success: bool = False
+    block_number: int | None = None
+    block_hash: str | None = None
+    fee_paid: int | None = None  # gas used x effective price, base units of the native coin
+    error: str | None = None  # revert reason when not successful
+
+
+class BroadcastRejected(Exception):
+    """The node refused a transaction. ``permanent`` means sending the same bytes again
+    cannot help (invalid signature, insufficient funds for this exact transaction...)."""
+
+    def __init__(self, message: str, *, permanent: bool):
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
 
 
 @dataclass
@@ -113,6 +176,33 @@ class ChainClient:
         included, and if included, in which block and with which watched transfers."""
         raise NotImplementedError
 
+    # --- sending (sweeps and payouts) ---------------------------------------------------
+
+    async def fee_quote(self) -> FeeQuote:
+        """What a transaction should pay per gas to be included soon."""
+        raise NotImplementedError
+
+    async def nonce(self, address: str, *, pending: bool = True) -> int:
+        """The account's next nonce, counting mempool transactions if ``pending``."""
+        raise NotImplementedError
+
+    async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
+        """Balance in base units, at ``block`` (None: the latest block)."""
+        raise NotImplementedError
+
+    async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
+        """Gas a transfer of ``amount`` of ``asset`` from ``sender`` to ``to`` needs."""
+        raise NotImplementedError
+
+    async def broadcast(self, tx: SignedTx) -> None:
+        """Send a signed transaction. Sending one the node already has, or that is already
+        mined, succeeds quietly; a refusal raises :class:`BroadcastRejected`."""
+        raise NotImplementedError
+
+    async def tx_status(self, txid: str) -> TxStatus:
+        """Whether a transaction is unknown, pending or mined (and how it went)."""
+        raise NotImplementedError
+
 
 class ChainFamily:
     """A kind of chain (``evm``, later ``tron``, ``bitcoin``). One instance serves every
@@ -158,6 +248,11 @@ class ChainFamily:
         """A wallet link for paying ``amount`` of ``asset`` to ``address`` (EIP-681 for EVM);
         ``node_info`` is what the client's ``check()`` returned (e.g. the chain id)."""
         return None
+
+    def sign_transfer(self, private_key: bytes, *, node_info: dict[str, Any], to: str, asset: AssetConfig,
+                      amount: int, nonce: int, gas_limit: int, fees: FeeQuote) -> SignedTx:
+        """Build and sign a transfer of ``amount`` base units of ``asset`` to ``to``."""
+        raise NotImplementedError
 
     def open_client(self, ctx: ChainContext) -> ChainClient:
         """A client for one configured chain; the core enters it as an async context."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, InvalidAddress
+from .policy import PayoutPolicy, SweepConfig, parse_paused, parse_payouts, parse_sweep
 
 if TYPE_CHECKING:
     from .chains import ChainFamily
@@ -169,6 +170,8 @@ class ChainConfig:
     rpc_timeout: float
     assets: tuple[AssetConfig, ...]
     options: Any = None  # whatever the family's parse_options returned
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    payouts: PayoutPolicy = field(default_factory=PayoutPolicy)
 
     def asset(self, symbol: str) -> AssetConfig | None:
         for a in self.assets:
@@ -207,6 +210,7 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8420
     tokens: Mapping[str, str] = field(default_factory=dict)  # name -> token (secret)
+    admin_tokens: frozenset[str] = frozenset()  # names of the tokens that may use /v1/admin and approve
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -254,6 +258,7 @@ class Config:
     chains: tuple[ChainConfig, ...]
     invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    paused: frozenset[str] = frozenset()  # [admin] paused: scopes held by config
 
     def chain(self, chain_id: str) -> ChainConfig | None:
         for c in self.chains:
@@ -308,6 +313,7 @@ def parse_config(
     lg.done()
 
     invoices = _parse_invoices(top.table("invoices"))
+    paused = parse_paused(top.table("admin"))
     webhooks = _parse_webhooks(top.table("webhooks"))
 
     tables = top.array_of_tables("chains")
@@ -323,7 +329,7 @@ def parse_config(
         chains.append(chain)
     top.done()
     return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains),
-                  invoices=invoices, webhooks=webhooks)
+                  invoices=invoices, webhooks=webhooks, paused=paused)
 
 
 def _parse_invoices(t: ConfigTable) -> InvoicesConfig:
@@ -407,6 +413,9 @@ def _parse_api(t: ConfigTable) -> ApiConfig:
     token = t.take("token", str, None, check=_token_check)
     if token:
         tokens["default"] = token
+    admin = t.take("admin_token", str, None, check=_token_check)
+    if admin:
+        tokens["admin"] = admin
     named = t.table("tokens")
     for name in list(named.raw):
         if not re.match(r"^[a-z0-9_-]{1,32}$", name):
@@ -414,10 +423,12 @@ def _parse_api(t: ConfigTable) -> ApiConfig:
         tokens[name] = named.take(name, str, check=_token_check)
     named.done()
     if len(set(tokens.values())) != len(tokens):
-        raise ConfigError(t.key("tokens"), "two token names share the same token")
+        raise ConfigError(t.key("admin_token" if admin else "tokens"),
+                          "two token names share the same token (the admin token must differ from app tokens)")
     max_body = t.take("max_body_bytes", int, 64 * 1024, check=between(1024, 16 * 1024 * 1024))
     t.done()
-    api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body)
+    api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body,
+                    admin_tokens=frozenset({"admin"} if admin else ()))
     if not api.loopback and not tokens:
         raise ConfigError(t.key("listen"), f"{host!r} is not a loopback address: set api.token first")
     return api
@@ -470,6 +481,8 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         at.done()
         assets.append(AssetConfig(symbol=symbol, decimals=decimals, contract=contract))
 
+    sweep = parse_sweep(t.table("sweep"), family, tuple(assets))
+    payouts = parse_payouts(t.table("payouts"), family, tuple(assets))
     options = family.parse_options(t)
     t.done()
     return ChainConfig(
@@ -477,4 +490,5 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         native_decimals=native_decimals, confirmations=confirmations, finality_depth=finality,
         start_block=start_block, poll_interval=poll_interval, batch_size=batch_size,
         max_lag=max_lag, rpc_timeout=rpc_timeout, assets=tuple(assets), options=options,
+        sweep=sweep, payouts=payouts,
     )

@@ -28,6 +28,7 @@ from .keys import Keyring
 from .metrics import Metrics
 from .plugins import await_me_maybe, chain_families, make_plugin_manager
 from .scanner import ChainWatcher
+from .sender import Sender
 from .sinks import EventSinks
 from .store import Store
 
@@ -64,6 +65,7 @@ class Daemon:
         self.dispatcher = Dispatcher(store, config.webhooks, metrics, clock)
         self.deadlines = InvoiceDeadlines(store, clock)
         self.sinks = EventSinks(self, pm, store, metrics)
+        self.senders: dict[str, Sender] = {cid: Sender(self, w) for cid, w in self.watchers.items()}
         self.api_urls: list[str] = []
         self.started = trio.Event()
 
@@ -129,6 +131,8 @@ class Daemon:
                 await nursery.start(self.deadlines.run)
                 await nursery.start(self.dispatcher.run)
                 await nursery.start(self.sinks.run)
+                for sender in self.senders.values():
+                    await nursery.start(sender.run)
                 if api:
                     self.api_urls = await nursery.start(api_module.serve, self)
                     log.info("API listening on %s", ", ".join(self.api_urls))

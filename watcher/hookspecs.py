@@ -10,6 +10,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .chains import ChainFamily
+    from .checks import PayoutRequest, Veto
     from .daemon import Daemon
     from .store import Event
 
@@ -65,4 +66,21 @@ def watcher_event(event: Event, daemon: Daemon) -> Any:
     error is logged with the plugin's name and counted (``watcher_errors_total{kind=
     "plugin_event"}``), and the same event is retried with backoff (1 s doubling to 60 s); the
     plugin's later events wait, nothing else does. Not firstresult.
+    """
+
+
+# --- payouts ---------------------------------------------------------------------------------
+
+
+@hookspec
+def watcher_payout_check(payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+    """Called for every payout request before anything is written: return a ``Veto`` (with a
+    reason the API shows the caller) to refuse it, or None to let it pass. May return an
+    awaitable (e.g. a KYC lookup). The built-in limits, deny-list and destination checks are
+    implementations of this hook too (``watcher.checks``).
+
+    Implementations run one after another; the first veto stops the payout (the API answers
+    422 ``payout_rejected`` with its reason). If an implementation raises, the payout is
+    refused too (fail closed: 503 ``payout_check_failed``, naming the plugin) and the error is
+    logged. Not firstresult (every check runs until one vetoes).
     """

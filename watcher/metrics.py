@@ -44,6 +44,10 @@ class Metrics:
         self.webhook_delivery_delay = Histogram("webhook_delivery_delay_seconds", "Event written to successful delivery (includes retries).", namespace=ns, registry=r, buckets=_DETECTION_BUCKETS)
         self.webhook_backlog = Gauge("webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried.", namespace=ns, registry=r)
 
+        # money out
+        self.payouts_blocked = Gauge("payouts_blocked", "Pending payouts that cannot be sent right now (e.g. the hot wallet lacks funds).", ["chain"], namespace=ns, registry=r)
+        self.hot_wallet_balance = Gauge("hot_wallet_balance", "Hot wallet balance in asset units (a float: for dashboards and alerts, never for accounting).", ["chain", "asset"], namespace=ns, registry=r)
+
         # events, errors
         self.events = Counter("events_total", "Events written to the outbox, by type.", ["type"], namespace=ns, registry=r)
         self.errors = Counter("errors_total", "Errors handled by the daemon, by where they happened.", ["kind"], namespace=ns, registry=r)

@@ -22,7 +22,12 @@ from .chains import ChainFamily
 from .errors import WatcherError
 
 ENTRY_POINT_GROUP = "watcher.plugins"
-DEFAULT_PLUGINS: tuple[str, ...] = ()
+# Built-in features that are plugins themselves: (name, "module:attribute"); a class is
+# instantiated. An operator can unregister one by name (pm.unregister(name=...)).
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = tuple(
+    (f"watcher.checks.{name}", f"watcher.checks:BUILTIN.{name}")
+    for name in ("destination", "max_amount", "daily_limits", "label_rate")
+)
 
 
 class PluginError(WatcherError):
@@ -34,8 +39,8 @@ class PluginError(WatcherError):
 def make_plugin_manager(*, load_entry_points: bool = True, extra: tuple[object, ...] = ()) -> pluggy.PluginManager:
     pm = pluggy.PluginManager("watcher")
     pm.add_hookspecs(hookspecs)
-    for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name)
+    for name, ref in DEFAULT_PLUGINS:
+        pm.register(_load(ref), name)
     if load_entry_points:
         allow = os.environ.get("WATCHER_PLUGINS")
         allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
@@ -53,6 +58,14 @@ def make_plugin_manager(*, load_entry_points: bool = True, extra: tuple[object, 
         pm.register(plugin)
     pm.check_pending()
     return pm
+
+
+def _load(ref: str) -> object:
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj() if isinstance(obj, type) else obj
 
 
 def chain_families(pm: pluggy.PluginManager) -> Mapping[str, ChainFamily]:

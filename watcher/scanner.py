@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,7 @@ class ChainWatcher:
         self.status = ChainStatus(chain=config.id, family=config.family)
         self.client: ChainClient | None = None
         self._poke = trio.Event()
+        self._on_blocks: list[Callable[[], None]] = []
         self._backoff = 0
         self._meter = ProgressMeter()
         m = metrics
@@ -83,6 +85,14 @@ class ChainWatcher:
 
     def open_client(self) -> ChainClient:
         return self.family.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))
+
+    def on_new_blocks(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` whenever scanned blocks were committed (or rolled back)."""
+        self._on_blocks.append(fn)
+
+    def _blocks_changed(self) -> None:
+        for fn in self._on_blocks:
+            fn()
 
     def poke(self) -> None:
         """Poll the node now instead of at the end of the current interval."""
@@ -179,6 +189,7 @@ class ChainWatcher:
             await self._reorg(client, cur)
             return True
         result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
+        self._blocks_changed()
         self._m_blocks.inc(len(blocks))
         self._ok(head, result.tip)
         self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
@@ -213,6 +224,7 @@ class ChainWatcher:
                     f"finality depth {self.config.finality_depth}); a reorg this deep needs an operator")
         depth = cur.number - ancestor
         orphaned = self.store.chains.rollback(self.config, ancestor, stored.get(ancestor))
+        self._blocks_changed()
         self.metrics.reorgs.labels(cid).inc()
         self.metrics.reorg_depth.labels(cid).observe(depth)
         log.warning("%s: reorg of depth %d: rolled back to block %d, %d transfer(s) orphaned",

@@ -17,11 +17,28 @@ from typing import Any
 
 import trio
 
-from watcher.chains import AddressFilter, Block, ChainClient, ChainContext, Transfer, TxLookup
+from watcher.chains import (
+    AddressFilter,
+    Block,
+    BroadcastRejected,
+    ChainClient,
+    ChainContext,
+    FeeQuote,
+    SignedTx,
+    Transfer,
+    TxLookup,
+    TxStatus,
+)
+from watcher.config import AssetConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
 from watcher.jsonrpc import TOO_LARGE_RPC_CODES
 
 from .family import EvmOptions
+from .send import NATIVE_TRANSFER_GAS, transfer_calldata
+
+GWEI = 10**9
+# eth_sendRawTransaction answers that mean "the node already has exactly this transaction"
+_ALREADY_KNOWN = ("already known", "known transaction", "already imported", "alreadyknown")
 
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 _MAX_TRACE_INDEX = 10**6
@@ -258,3 +275,88 @@ class EvmClient(ChainClient):
         block = Block(number=number, hash=header["hash"], parent_hash=header["parentHash"],
                       timestamp=_int(header["timestamp"]), transfers=tuple(t for t in transfers if t.to in hits))
         return TxLookup(txid=txid, status="included", block=block)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    async def fee_quote(self) -> FeeQuote:
+        mode = self.opts.fee_mode
+        if mode != "legacy":
+            hist, tip = await self.rpc.batch_outcomes([("eth_feeHistory", (hex(5), "latest", [50])),
+                                                       ("eth_maxPriorityFeePerGas", ())])
+            base_fees = hist.get("baseFeePerGas") if isinstance(hist, dict) else None
+            if base_fees and (mode == "eip1559" or _int(base_fees[-1]) > 0):
+                base = _int(base_fees[-1])  # the next block's base fee
+                if isinstance(tip, Exception):
+                    rewards = sorted(_int(r[0]) for r in hist.get("reward") or [] if r)
+                    tip = rewards[len(rewards) // 2] if rewards else GWEI
+                else:
+                    tip = _int(tip)
+                return FeeQuote(max_fee=2 * base + tip, priority_fee=tip)
+            if mode == "eip1559":
+                raise NodeError(f"{self.cfg.id}: the node gives no EIP-1559 fee history (set fee_mode = \"legacy\")")
+        price = _int(await self.rpc.call("eth_gasPrice"))
+        return FeeQuote(max_fee=price + price // 10)
+
+    async def nonce(self, address: str, *, pending: bool = True) -> int:
+        return _int(await self.rpc.call("eth_getTransactionCount", address, "pending" if pending else "latest"))
+
+    async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
+        tag = "latest" if block is None else hex(block)
+        if asset.contract is None:
+            return _int(await self.rpc.call("eth_getBalance", address, tag))
+        data = "0x70a08231" + address.lower().removeprefix("0x").rjust(64, "0")
+        result = await self.rpc.call("eth_call", {"to": asset.contract, "data": data}, tag)
+        if not isinstance(result, str) or len(result) < 66:
+            raise NodeError(f"{self.cfg.id}: {asset.symbol} contract {asset.contract} answered balanceOf with "
+                            f"{str(result)[:20]!r}; is it deployed on this chain?", retryable=False)
+        return _int(result[:66])
+
+    async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
+        if asset.contract is None:
+            code = await self.rpc.call("eth_getCode", to, "latest")
+            if code in (None, "0x", "0x0"):
+                return NATIVE_TRANSFER_GAS  # to an account without code: always exactly this
+            call = {"from": sender, "to": to, "value": hex(amount)}
+        else:
+            call = {"from": sender, "to": asset.contract, "data": transfer_calldata(to, amount)}
+        return _int(await self.rpc.call("eth_estimateGas", call))
+
+    async def broadcast(self, tx: SignedTx) -> None:
+        try:
+            await self.rpc.call("eth_sendRawTransaction", tx.raw)
+        except RpcError as e:
+            msg = e.message.lower()
+            if any(k in msg for k in _ALREADY_KNOWN):
+                return
+            if "nonce too low" in msg or "nonce is too low" in msg:
+                status = await self.tx_status(tx.txid)
+                if status.state != "unknown":
+                    return  # it is this very transaction that used the nonce
+            permanent = not any(k in msg for k in ("insufficient funds", "underpriced", "base fee", "fee cap",
+                                                    "temporarily", "try again", "busy"))
+            raise BroadcastRejected(e.message, permanent=permanent) from None
+
+    async def tx_status(self, txid: str) -> TxStatus:
+        rc, tx = await self.rpc.batch([("eth_getTransactionReceipt", (txid,)), ("eth_getTransactionByHash", (txid,))])
+        if rc is None:
+            return TxStatus(txid=txid, state="pending" if tx else "unknown")
+        ok = _int(rc.get("status")) == 1
+        fee = _int(rc.get("gasUsed")) * _int(rc.get("effectiveGasPrice") or (tx or {}).get("gasPrice"))
+        error = None
+        if not ok:
+            error = await self._revert_reason(tx, _int(rc["blockNumber"]))
+        return TxStatus(txid=txid, state="mined", success=ok, block_number=_int(rc["blockNumber"]),
+                        block_hash=rc["blockHash"], fee_paid=fee, error=error)
+
+    async def _revert_reason(self, tx: dict[str, Any] | None, block: int) -> str:
+        if not tx:
+            return "reverted"
+        call = {"from": tx["from"], "to": tx.get("to"), "data": tx.get("input", "0x"), "value": tx.get("value", "0x0"),
+                "gas": tx.get("gas")}
+        try:
+            await self.rpc.call("eth_call", call, hex(max(0, block - 1)))
+        except RpcError as e:
+            return e.message.split(": ", 1)[-1][:200]
+        except NodeError:
+            pass
+        return "reverted"

@@ -7,12 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from watcher.chains import ChainClient, ChainContext, ChainFamily
-from watcher.config import between
+from watcher.chains import ChainClient, ChainContext, ChainFamily, FeeQuote, SignedTx
+from watcher.config import between, one_of
 from watcher.errors import BadRequest, InvalidAddress
 
 if TYPE_CHECKING:
-    from watcher.config import ChainConfig, ConfigTable
+    from watcher.config import AssetConfig, ChainConfig, ConfigTable
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _TXID = re.compile(r"^0x[0-9a-fA-F]{64}$")
@@ -25,6 +25,7 @@ class EvmOptions:
     rpc_concurrency: int = 4  # HTTP requests in flight to the node
     rpc_batch_size: int = 50  # JSON-RPC calls per HTTP request
     logs_block_range: int = 2000  # widest eth_getLogs range tried first
+    fee_mode: str = "auto"  # "auto", "eip1559" or "legacy" (gasPrice)
 
 
 class EvmFamily(ChainFamily):
@@ -42,6 +43,7 @@ class EvmFamily(ChainFamily):
             rpc_concurrency=table.take("rpc_concurrency", int, 4, check=between(1, 64)),
             rpc_batch_size=table.take("rpc_batch_size", int, 50, check=between(1, 1000)),
             logs_block_range=table.take("logs_block_range", int, 2000, check=between(1, 1_000_000)),
+            fee_mode=table.take("fee_mode", str, "auto", check=one_of("auto", "eip1559", "legacy")),
         )
 
     def validate_address(self, text: str) -> str:
@@ -86,6 +88,13 @@ class EvmFamily(ChainFamily):
         if a.contract is None:
             return f"ethereum:{to}{chain_part}?value={amount}"
         return f"ethereum:{self.display_address(a.contract)}{chain_part}/transfer?address={to}&uint256={amount}"
+
+    def sign_transfer(self, private_key: bytes, *, node_info: dict[str, Any], to: str, asset: AssetConfig,
+                      amount: int, nonce: int, gas_limit: int, fees: FeeQuote) -> SignedTx:
+        from .send import sign_transfer
+
+        return sign_transfer(private_key, chain_id=chain_id_of(node_info), to=to, asset=asset, amount=amount,
+                             nonce=nonce, gas_limit=gas_limit, fees=fees)
 
     def open_client(self, ctx: ChainContext) -> ChainClient:
         from .client import EvmClient

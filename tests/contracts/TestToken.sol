@@ -11,6 +11,8 @@ contract TestToken {
 
     mapping(address => uint256) public balanceOf;
     mapping(address => mapping(address => uint256)) public allowance;
+    /// like USDT's blacklist: transfers to a blocked address revert
+    mapping(address => bool) public blocked;
 
     event Transfer(address indexed from, address indexed to, uint256 value);
     event Approval(address indexed owner, address indexed spender, uint256 value);
@@ -27,6 +29,11 @@ contract TestToken {
         totalSupply += value;
         balanceOf[to] += value;
         emit Transfer(address(0), to, value);
+    }
+
+    function setBlocked(address who, bool value) external {
+        require(msg.sender == owner, "only owner");
+        blocked[who] = value;
     }
 
     function transfer(address to, uint256 value) external returns (bool) {
@@ -49,6 +56,7 @@ contract TestToken {
     }
 
     function _move(address from, address to, uint256 value) internal {
+        require(!blocked[to], "recipient blocked");
         require(balanceOf[from] >= value, "balance");
         balanceOf[from] -= value;
         balanceOf[to] += value;

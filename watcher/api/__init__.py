@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import core_routes, invoice_routes, openapi, webhook_routes
+from . import core_routes, invoice_routes, money_routes, openapi, webhook_routes
 from .routing import ApiRequest, Endpoint, Endpoints, error_response, wrap
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ async def openapi_document(req: ApiRequest) -> dict:
     return openapi.build(all_endpoints(), req.daemon.config)
 
 
-ROUTE_MODULES = (core_routes, invoice_routes, webhook_routes)
+ROUTE_MODULES = (core_routes, invoice_routes, money_routes, webhook_routes)
 
 
 def all_endpoints() -> list[Endpoint]:

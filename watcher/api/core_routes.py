@@ -6,9 +6,10 @@ import re
 import time
 from typing import Any
 
+import trio
 from starlette.responses import JSONResponse
 
-from ..errors import BadRequest, InvalidAddress, NotFound
+from ..errors import BadRequest, InvalidAddress, NotFound, WatcherError
 from ..money import format_amount
 from .routing import ApiRequest, Endpoints
 
@@ -114,8 +115,28 @@ async def list_chains(req: ApiRequest) -> Any:
                         "contract": w.family.display_address(a.contract) if a.contract else None}
                        for a in cfg.assets],
             "watched_addresses": req.daemon.store.addresses.count(cid),
+            "hot_wallet": await hot_wallet_view(req, cid),
         })
     return {"items": out}
+
+
+async def hot_wallet_view(req: ApiRequest, chain: str) -> dict[str, Any] | None:
+    """The hot wallet's address and live balances (None when watch-only; balances null if the
+    node does not answer within 3 s)."""
+    store = req.daemon.store
+    address = store.hot_wallet(chain)
+    if address is None:
+        return None
+    w = req.daemon.watchers[chain]
+    balances: dict[str, str | None] = {a.symbol: None for a in w.config.assets}
+    if w.client is not None and w.status.node_up:
+        with trio.move_on_after(3):
+            for a in w.config.assets:
+                try:
+                    balances[a.symbol] = format_amount(await w.client.balance(address, a), a.decimals)
+                except WatcherError:
+                    pass
+    return {"address": w.family.display_address(address), "balances": balances}
 
 
 # --- addresses ---------------------------------------------------------------------------------

@@ -30,6 +30,15 @@ class NodeUnavailable(WatcherError):
     code = "node_unavailable"
 
 
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, dict):
+        raise BadRequest("metadata must be a JSON object", code="invalid_metadata")
+    if len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES or _depth(metadata) > MAX_METADATA_DEPTH:
+        raise BadRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes and {MAX_METADATA_DEPTH} levels deep",
+                         code="invalid_metadata")
+    return metadata
+
+
 def _depth(value: Any, level: int = 0) -> int:
     if level > MAX_METADATA_DEPTH:
         return level
@@ -88,12 +97,7 @@ async def create_invoice(req: ApiRequest) -> Any:
     order_id = body.get("order_id")
     if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.match(order_id)):
         raise BadRequest("order_id must be a string of 1-128 printable characters", code="invalid_order_id")
-    metadata = body.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise BadRequest("metadata must be a JSON object", code="invalid_metadata")
-    if len(json.dumps(metadata, ensure_ascii=False).encode()) > MAX_METADATA_BYTES or _depth(metadata) > MAX_METADATA_DEPTH:
-        raise BadRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes and {MAX_METADATA_DEPTH} levels deep",
-                         code="invalid_metadata")
+    metadata = check_metadata(body.get("metadata", {}))
     store = daemon.store
     with store.db.transaction():
         view = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,

@@ -74,6 +74,34 @@ SCHEMAS: dict[str, Any] = {
             "secret": {"type": "string", "description": "only in the answers of create and rotate-secret"},
         },
     },
+    "Payout": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "chain": {"type": "string"}, "asset": {"type": "string"},
+            "amount": {"type": "string"}, "base_units": {"type": "string"}, "decimals": {"type": "integer"},
+            "to": {"type": "string"}, "label": _nullable_str, "idempotency_key": {"type": "string"},
+            "metadata": {"type": "object"},
+            "status": {"type": "string", "enum": ["pending", "awaiting_approval", "broadcast", "completed", "failed",
+                                                  "cancelled"]},
+            "reason": _nullable_str, "txid": _nullable_str, "nonce": {"type": ["integer", "null"]},
+            "block_number": {"type": ["integer", "null"]}, "fee_paid": _nullable_str,
+            "transactions": {"type": "array", "items": {"type": "object"}},
+            "created_by": _nullable_str, "approved_by": _nullable_str,
+            "created_at": _time, "approved_at": _time, "broadcast_at": _time, "completed_at": _time,
+        },
+    },
+    "Sweep": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "chain": {"type": "string"}, "asset": {"type": "string"},
+            "address": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "string"},
+            "base_units": {"type": "string"},
+            "status": {"type": "string", "enum": ["planned", "funding", "broadcast", "confirmed", "failed"]},
+            "reason": _nullable_str, "txid": _nullable_str, "topup_amount": _nullable_str, "topup_txid": _nullable_str,
+            "fee_paid": _nullable_str, "topup_fee_paid": _nullable_str, "dust": _nullable_str,
+            "transactions": {"type": "array", "items": {"type": "object"}}, "created_at": _time, "confirmed_at": _time,
+        },
+    },
     "Delivery": {
         "type": "object",
         "properties": {
@@ -87,7 +115,8 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-_ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 404: "no such object", 409: "conflict",
+_ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 403: "needs the admin token",
+               404: "no such object", 409: "conflict",
                413: "request body too large", 422: "valid but unusable input", 503: "the chain's node is unavailable"}
 
 
@@ -122,6 +151,8 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
             errors.add(400)
         if e.auth:
             errors.add(401)
+        if e.admin:
+            errors.add(403)
         if e.body is not None:
             errors |= {400, 413}
         for status in sorted(errors):

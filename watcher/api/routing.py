@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import BadRequest, Unauthorized, WatcherError
+from ..errors import BadRequest, Forbidden, Unauthorized, WatcherError
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -100,6 +100,7 @@ class Endpoint:
     summary: str
     auth: bool = True
     tag: str = "misc"
+    admin: bool = False  # needs an admin token ([api] admin_token)
     query: tuple[dict[str, Any], ...] = ()  # OpenAPI parameter objects (in: query)
     body: dict[str, Any] | None = None  # JSON schema of the request body
     responses: dict[int, dict[str, Any]] = field(default_factory=dict)  # status -> JSON schema
@@ -113,11 +114,12 @@ class Endpoints:
         self.items: list[Endpoint] = []
 
     def add(self, method: str, path: str, *, summary: str, auth: bool = True, tag: str = "misc",
-            query: tuple[dict[str, Any], ...] = (), body: dict[str, Any] | None = None,
+            admin: bool = False, query: tuple[dict[str, Any], ...] = (), body: dict[str, Any] | None = None,
             responses: dict[int, dict[str, Any]] | None = None, errors: tuple[int, ...] = ()
             ) -> Callable[[Handler], Handler]:
         def deco(fn: Handler) -> Handler:
-            self.items.append(Endpoint(method, path, fn, summary, auth, tag, query, body, responses or {}, errors))
+            self.items.append(Endpoint(method, path, fn, summary, auth, tag, admin, query, body, responses or {},
+                                       errors))
             return fn
         return deco
 
@@ -147,6 +149,8 @@ def wrap(endpoint: Endpoint, daemon: Daemon) -> Callable[[Request], Awaitable[Re
     async def asgi_endpoint(request: Request) -> Response:
         try:
             token_name = authenticate(request, daemon.config.api.tokens) if endpoint.auth else None
+            if endpoint.admin and token_name not in daemon.config.api.admin_tokens:
+                raise Forbidden("this route needs the admin token ([api] admin_token)", code="admin_only")
             result = await endpoint.handler(ApiRequest(request, daemon, token_name))
         except WatcherError as e:
             headers = {"www-authenticate": "Bearer"} if e.status == 401 else None

@@ -17,9 +17,12 @@ from ..metrics import Metrics
 from .addresses import Addresses, WatchedAddress
 from .audit import AuditLog
 from .chainstate import ChainState, Cursor, ScanResult
+from .chaintx import ChainTxs
 from .db import Database, StorageError
 from .events import Event, Outbox
 from .invoices import Invoices
+from .payouts import Payouts
+from .sweeps import Sweeps
 from .transfers import Transfers
 from .webhooks import Webhooks
 
@@ -57,6 +60,10 @@ class Store:
         self.invoices = Invoices(self)
         self.webhooks = Webhooks(self)
         self.audit = AuditLog(self)
+        self.chaintxs = ChainTxs(self)
+        self.payouts = Payouts(self)
+        self.sweeps = Sweeps(self)
+        self._hot: dict[str, str | None] = {}
 
     def on_wake(self, topic: str, fn: Callable[[], None]) -> None:
         self.wakers.setdefault(topic, []).append(fn)
@@ -90,6 +97,39 @@ class Store:
 
     def family(self, chain: str) -> ChainFamily:
         return self.families[self.chain_config(chain).family]
+
+    # --- the hot wallet and the kill switch ------------------------------------------------
+
+    def hot_wallet(self, chain: str) -> str | None:
+        """The chain's hot wallet address (m/44'/coin'/1'/0/0), None when watch-only."""
+        if chain not in self._hot:
+            from ..keys import HOT_WALLET_ACCOUNT
+
+            family = self.family(chain)
+            if self.keyring.watch_only:
+                self._hot[chain] = None
+            else:
+                pub = self.keyring.public_key(family.bip44_coin, 0, account=HOT_WALLET_ACCOUNT)
+                self._hot[chain] = family.address_from_public_key(pub)
+        return self._hot[chain]
+
+    def paused(self) -> frozenset[str]:
+        """Scopes held right now: by config (``[admin] paused``) or by pause commands."""
+        import json
+
+        raw = self.db.get_meta("paused")
+        return self.config.paused | frozenset(json.loads(raw) if raw else ())
+
+    def set_paused(self, scopes: set[str], *, paused: bool) -> frozenset[str]:
+        import json
+
+        with self.db.transaction():
+            raw = self.db.get_meta("paused")
+            current = set(json.loads(raw) if raw else ())
+            current = current | scopes if paused else current - scopes
+            self.db.set_meta("paused", json.dumps(sorted(current)))
+            self.wake_after_commit("sender")
+        return self.paused()
 
     def check_keyring(self) -> None:
         """Refuse to run with a different seed than the one this database was made with:

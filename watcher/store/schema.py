@@ -213,3 +213,105 @@ def m003_event_sinks(db: Database) -> None:
         );
         """
     )
+
+
+@migrations()
+def m004_payouts_sweeps(db: Database) -> None:
+    db.executescript(
+        """
+        -- the local nonce of each chain's hot wallet (one sender per chain)
+        CREATE TABLE hot_wallets (
+            chain TEXT PRIMARY KEY,
+            address TEXT NOT NULL,
+            next_nonce INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+
+        -- every transaction watcher signs, stored BEFORE it is broadcast: after a crash the
+        -- same bytes are sent again, never a second transfer
+        CREATE TABLE chain_txs (
+            id INTEGER PRIMARY KEY,
+            chain TEXT NOT NULL,
+            purpose TEXT NOT NULL,                -- 'payout', 'sweep', 'topup'
+            ref_id TEXT NOT NULL,                 -- the payout or sweep it serves
+            sender TEXT NOT NULL,
+            nonce INTEGER NOT NULL,
+            txid TEXT NOT NULL UNIQUE,
+            raw TEXT NOT NULL,
+            amount TEXT NOT NULL,                 -- value moved (base units of the asset)
+            asset TEXT NOT NULL,
+            gas_limit INTEGER NOT NULL,
+            max_fee TEXT NOT NULL,
+            priority_fee TEXT,
+            status TEXT NOT NULL,                 -- 'open', 'mined', 'replaced', 'failed'
+            block_number INTEGER,
+            fee_paid TEXT,
+            error TEXT,
+            created_at INTEGER NOT NULL,
+            broadcast_at INTEGER,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX chain_txs_ref ON chain_txs (ref_id, purpose, nonce);
+        CREATE INDEX chain_txs_open ON chain_txs (chain, status);
+
+        CREATE TABLE payouts (
+            id TEXT PRIMARY KEY,
+            chain TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            to_address TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL UNIQUE,
+            request_hash TEXT NOT NULL,
+            label TEXT,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL,
+            reason TEXT,                          -- why it waits, or why it failed
+            txid TEXT,
+            nonce INTEGER,
+            block_number INTEGER,
+            fee_paid TEXT,
+            created_by TEXT,
+            approved_by TEXT,
+            created_at INTEGER NOT NULL,
+            approved_at INTEGER,
+            broadcast_at INTEGER,
+            completed_at INTEGER,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX payouts_status ON payouts (chain, status, created_at);
+        CREATE INDEX payouts_label ON payouts (label, created_at);
+        CREATE INDEX payouts_created ON payouts (chain, asset, created_at);
+
+        CREATE TABLE sweeps (
+            id TEXT PRIMARY KEY,
+            chain TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            address TEXT NOT NULL,                -- the deposit address swept
+            to_address TEXT NOT NULL,             -- the treasury
+            amount TEXT NOT NULL,                 -- planned; for native coin: set when signed
+            status TEXT NOT NULL,                 -- planned, funding, broadcast, confirmed, failed
+            topup_amount TEXT,
+            topup_txid TEXT,
+            txid TEXT,
+            fee_paid TEXT,
+            topup_fee_paid TEXT,
+            dust TEXT,                            -- native coin left on the address afterwards
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL,
+            confirmed_at INTEGER,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX sweeps_status ON sweeps (chain, status);
+        CREATE INDEX sweeps_address ON sweeps (chain, address, asset);
+
+        -- (address, asset) pairs that received a confirmed deposit since they were last looked at
+        CREATE TABLE sweep_candidates (
+            chain TEXT NOT NULL,
+            address TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            since INTEGER NOT NULL,
+            PRIMARY KEY (chain, address, asset)
+        ) WITHOUT ROWID;
+        """
+    )

@@ -46,7 +46,10 @@ class Transfers:
     # --- state changes (inside a transaction) ---------------------------------------------
 
     def record(self, chain: ChainConfig, block: Block, t: Transfer, tip: int) -> str | None:
-        """Store a transfer seen in ``block``; returns the new status if it changed."""
+        """Store a transfer seen in ``block``; returns the new status if it changed. Money
+        from the chain's own hot wallet (gas top-ups for sweeps) is housekeeping, not a deposit."""
+        if t.sender and t.sender == self.store.hot_wallet(chain.id):
+            return None
         conn = self.store.db.conn
         now = self.store.clock.now_ms()
         row = conn.execute(

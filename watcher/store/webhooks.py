@@ -27,6 +27,9 @@ EVENT_TYPES = (
     "transfer.detected", "transfer.confirmed", "transfer.orphaned",
     "invoice.created", "invoice.awaiting_payment", "invoice.awaiting_confirmation", "invoice.completed",
     "invoice.expired", "invoice.failed", "invoice.refunded",
+    "payout.pending", "payout.awaiting_approval", "payout.broadcast", "payout.completed", "payout.failed",
+    "payout.cancelled",
+    "sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed", "sweep.failed",
     "webhook.test",
 )
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")

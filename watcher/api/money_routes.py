@@ -1,0 +1,238 @@
+"""Money going out: payouts, sweeps, and the admin kill switch."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..checks import PayoutRequest, Veto
+from ..errors import BadRequest, WatcherError, WatchOnlyError
+from ..money import parse_amount
+from ..plugins import await_me_maybe
+from ..policy import PAUSE_SCOPES
+from ..store.payouts import STATUSES as PAYOUT_STATUSES
+from ..store.sweeps import STATUSES as SWEEP_STATUSES
+from .core_routes import canonical_address, chain_param, check_label, reject_unknown_fields
+from .invoice_routes import MAX_METADATA_BYTES, check_metadata
+from .routing import ApiRequest, Endpoints
+
+log = logging.getLogger(__name__)
+endpoints = Endpoints()
+
+KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_payout = {"$ref": "#/components/schemas/Payout"}
+_sweep = {"$ref": "#/components/schemas/Sweep"}
+_scope = {"type": "string", "enum": [*PAUSE_SCOPES, "all"]}
+_list_query = ({"name": "chain", "in": "query", "required": False, "schema": {"$ref": "#/components/schemas/ChainId"}},
+               {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+               {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}})
+
+
+class PayoutRejected(WatcherError):
+    """A payout check vetoed the payout."""
+
+    status = 422
+    code = "payout_rejected"
+
+
+class PayoutCheckFailed(WatcherError):
+    """A payout check raised: the payout is refused (fail closed)."""
+
+    status = 503
+    code = "payout_check_failed"
+
+
+@endpoints.add(
+    "POST", "/v1/payouts", summary="Request a payout (withdrawal) from the hot wallet; idempotent on idempotency_key.",
+    tag="payouts", errors=(400, 409, 422, 503),
+    body={"type": "object", "required": ["chain", "asset", "amount", "to", "idempotency_key"],
+          "additionalProperties": False, "properties": {
+              "chain": {"$ref": "#/components/schemas/ChainId"},
+              "asset": {"$ref": "#/components/schemas/AssetSymbol"},
+              "amount": {"type": "string", "pattern": r"^\d+(\.\d+)?$"},
+              "to": {"type": "string", "minLength": 1},
+              "idempotency_key": {"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"},
+              "label": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
+              "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"}}},
+    responses={202: _payout})
+async def create_payout(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"chain", "asset", "amount", "to", "idempotency_key", "label", "metadata"})
+    daemon = req.daemon
+    store = daemon.store
+    cfg = chain_param(req, body.get("chain"))
+    asset = cfg.asset(body.get("asset")) if isinstance(body.get("asset"), str) else None
+    if asset is None:
+        raise BadRequest(f"unknown asset {str(body.get('asset'))[:32]!r} on chain {cfg.id!r}", code="unknown_asset")
+    amount = parse_amount(body.get("amount"), asset.decimals)
+    to = canonical_address(req, cfg.id, body.get("to"))
+    key = body.get("idempotency_key")
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise BadRequest("idempotency_key must be 1-128 printable ASCII characters without spaces",
+                         code="invalid_idempotency_key")
+    label = check_label(body.get("label"), required=False)
+    metadata = check_metadata(body.get("metadata", {}))
+    if store.hot_wallet(cfg.id) is None:
+        raise WatchOnlyError("watcher runs watch-only (keys.xpub): payouts need the seed")
+    existing = store.payouts.by_key(key)
+    if existing is None:  # checks judge new payouts only: a replay must not count itself twice
+        request = PayoutRequest(chain=cfg.id, asset=asset.symbol, amount=amount, to=to, label=label,
+                                decimals=asset.decimals, metadata=metadata)
+        veto = await run_checks(req, request)
+        if veto is not None:
+            raise PayoutRejected(veto.reason, code=veto.code if veto.code != "payout_rejected" else None)
+    threshold = cfg.payouts.approval_above.get(asset.symbol)
+    with store.db.transaction():
+        view, created = store.payouts.create(chain=cfg.id, asset=asset.symbol, amount=amount, to=to,
+                                             idempotency_key=key, label=label, metadata=metadata, actor=req.actor,
+                                             needs_approval=threshold is not None and amount > threshold)
+        if created:
+            store.audit.record(req.actor, "payout.create", view["id"], {"chain": cfg.id, "asset": asset.symbol,
+                                                                        "amount": view["amount"], "to": view["to"]})
+    headers = {} if created else {"idempotent-replayed": "true"}
+    return JSONResponse(view, status_code=202, headers=headers)
+
+
+async def run_checks(req: ApiRequest, request: PayoutRequest) -> Veto | None:
+    for impl in req.daemon.pm.hook.watcher_payout_check.get_hookimpls():
+        args = {"payout": request, "daemon": req.daemon}
+        try:
+            result = await await_me_maybe(impl.function(**{k: args[k] for k in impl.argnames}))
+        except Exception:
+            log.exception("payout check %s failed", impl.plugin_name)
+            raise PayoutCheckFailed(f"payout check {impl.plugin_name!r} failed; the payout was refused") from None
+        if result is not None:
+            return result
+    return None
+
+
+@endpoints.add("GET", "/v1/payouts/{id}", summary="One payout with its transactions.", tag="payouts", errors=(404,),
+               responses={200: _payout})
+async def get_payout(req: ApiRequest) -> Any:
+    return req.daemon.store.payouts.get(req.path_params["id"])
+
+
+@endpoints.add("GET", "/v1/payouts", summary="Payouts, oldest first.", tag="payouts", errors=(400,),
+               query=({"name": "status", "in": "query", "required": False,
+                       "schema": {"type": "string", "enum": list(PAYOUT_STATUSES)}},
+                      {"name": "label", "in": "query", "required": False, "schema": {"type": "string"}}, *_list_query),
+               responses={200: {"type": "object"}})
+async def list_payouts(req: ApiRequest) -> Any:
+    chain = req.query("chain")
+    if chain is not None:
+        chain_param(req, chain)
+    items, cursor = req.daemon.store.payouts.list(status=req.query("status"), label=req.query("label"), chain=chain,
+                                                  after=req.query("cursor"),
+                                                  limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": cursor}
+
+
+@endpoints.add("POST", "/v1/payouts/{id}/approve", summary="Approve a payout above the approval threshold.",
+               tag="payouts", admin=True, errors=(404, 409), responses={200: _payout})
+async def approve_payout(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        view = store.payouts.approve(req.path_params["id"], req.actor)
+        store.audit.record(req.actor, "payout.approve", view["id"])
+    return view
+
+
+@endpoints.add("POST", "/v1/payouts/{id}/cancel", summary="Cancel a payout that has not been broadcast.",
+               tag="payouts", errors=(404, 409), responses={200: _payout})
+async def cancel_payout(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    with store.db.transaction():
+        view = store.payouts.cancel(req.path_params["id"])
+        store.audit.record(req.actor, "payout.cancel", view["id"])
+    return view
+
+
+@endpoints.add("GET", "/v1/sweeps", summary="Sweeps to the treasury, with transactions and fees paid.",
+               tag="sweeps", errors=(400,),
+               query=({"name": "status", "in": "query", "required": False,
+                       "schema": {"type": "string", "enum": list(SWEEP_STATUSES)}}, *_list_query),
+               responses={200: {"type": "object"}})
+async def list_sweeps(req: ApiRequest) -> Any:
+    chain = req.query("chain")
+    if chain is not None:
+        chain_param(req, chain)
+    items, cursor = req.daemon.store.sweeps.list(status=req.query("status"), chain=chain, after=req.query("cursor"),
+                                                 limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": cursor}
+
+
+@endpoints.add("POST", "/v1/sweeps/run", summary="Plan sweeps now (all chains, or one) instead of at the next interval.",
+               tag="sweeps", admin=True, errors=(400, 409),
+               body={"type": "object", "additionalProperties": False,
+                     "properties": {"chain": {"$ref": "#/components/schemas/ChainId"}}},
+               responses={202: {"type": "object"}})
+async def run_sweeps(req: ApiRequest) -> Any:
+    body = await req.json() if req.request.headers.get("content-length", "0") not in ("0", "") else {}
+    reject_unknown_fields(body, {"chain"})
+    daemon = req.daemon
+    chains = [chain_param(req, body["chain"]).id] if "chain" in body else list(daemon.senders)
+    if daemon.keyring.watch_only:
+        raise WatchOnlyError("watcher runs watch-only (keys.xpub): sweeps need the seed")
+    enabled = [c for c in chains if daemon.config.chain(c).sweep.enabled]
+    if not enabled:
+        raise BadRequest("no [chains.sweep] treasury is configured for " + ", ".join(chains), code="sweeps_off",
+                         status=409)
+    if "sweeps" in daemon.store.paused():
+        raise BadRequest("sweeps are paused (POST /v1/admin/resume)", code="paused", status=409)
+    for c in enabled:
+        daemon.senders[c].sweeper.request()
+    daemon.store.audit.record(req.actor, "sweeps.run", None, {"chains": enabled})
+    return 202, {"requested": enabled}
+
+
+def _scopes(body: dict[str, Any]) -> set[str]:
+    reject_unknown_fields(body, {"scope"})
+    scope = body.get("scope")
+    if scope not in (*PAUSE_SCOPES, "all"):
+        raise BadRequest(f"scope must be one of {', '.join((*PAUSE_SCOPES, 'all'))}", code="invalid_scope")
+    return set(PAUSE_SCOPES) if scope == "all" else {scope}
+
+
+@endpoints.add("POST", "/v1/admin/pause", summary="Kill switch: hold payouts, sweeps or all (nothing is dropped).",
+               tag="admin", admin=True, body={"type": "object", "required": ["scope"], "additionalProperties": False,
+                                              "properties": {"scope": _scope}},
+               responses={200: {"type": "object"}})
+async def pause(req: ApiRequest) -> Any:
+    scopes = _scopes(await req.json())
+    store = req.daemon.store
+    with store.db.transaction():
+        paused = store.set_paused(scopes, paused=True)
+        store.audit.record(req.actor, "admin.pause", None, {"scopes": sorted(scopes)})
+    log.warning("paused %s by %s", ", ".join(sorted(scopes)), req.actor)
+    return {"paused": sorted(paused)}
+
+
+@endpoints.add("POST", "/v1/admin/resume", summary="Release what pause held.", tag="admin", admin=True,
+               errors=(409,), body={"type": "object", "required": ["scope"], "additionalProperties": False,
+                                    "properties": {"scope": _scope}},
+               responses={200: {"type": "object"}})
+async def resume(req: ApiRequest) -> Any:
+    scopes = _scopes(await req.json())
+    store = req.daemon.store
+    held = scopes & req.daemon.config.paused
+    if held:
+        raise BadRequest(f"{', '.join(sorted(held))} paused by the config file ([admin] paused); edit it and restart",
+                         code="paused_by_config", status=409)
+    with store.db.transaction():
+        paused = store.set_paused(scopes, paused=False)
+        store.audit.record(req.actor, "admin.resume", None, {"scopes": sorted(scopes)})
+    log.warning("resumed %s by %s", ", ".join(sorted(scopes)), req.actor)
+    return {"paused": sorted(paused)}
+
+
+@endpoints.add("GET", "/v1/admin/status", summary="What is paused, and the hot wallets.", tag="admin", admin=True,
+               responses={200: {"type": "object"}})
+async def admin_status(req: ApiRequest) -> Any:
+    store = req.daemon.store
+    return {"paused": sorted(store.paused()), "paused_by_config": sorted(req.daemon.config.paused),
+            "hot_wallets": {c: (None if store.hot_wallet(c) is None else
+                                store.family(c).display_address(store.hot_wallet(c)))
+                            for c in req.daemon.senders}}

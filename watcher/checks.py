@@ -1,0 +1,110 @@
+"""Checks every payout must pass, as ``watcher_payout_check`` implementations: the built-in
+ones below read the chain's ``[chains.payouts]`` policy; an operator's own plugin (a KYC
+lookup, a sanctions list) plugs in the same way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+from .money import format_amount
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class PayoutRequest:
+    """A payout as the checks see it, before it exists."""
+
+    chain: str
+    asset: str
+    amount: int  # base units
+    to: str  # canonical address
+    label: str | None
+    decimals: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def show(self, units: int) -> str:
+        return f"{format_amount(units, self.decimals)} {self.asset}"
+
+
+@dataclass(frozen=True)
+class Veto:
+    reason: str
+    code: str = "payout_rejected"
+
+
+class MaxAmount:
+    """``max_amount``: no single payout above it."""
+
+    @hookimpl
+    def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+        limit = daemon.config.chain(payout.chain).payouts.max_amount.get(payout.asset)
+        if limit is not None and payout.amount > limit:
+            return Veto(f"amount {payout.show(payout.amount)} is above the per-payout maximum {payout.show(limit)}",
+                        "amount_above_maximum")
+        return None
+
+
+class DailyLimits:
+    """``daily_limit`` (all payouts of the asset) and ``label_daily_limit`` (per label), over
+    the last 24 hours, counting every payout that was not cancelled or failed."""
+
+    @hookimpl
+    def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+        policy = daemon.config.chain(payout.chain).payouts
+        since = daemon.clock.now_ms() - DAY_MS
+        limit = policy.daily_limit.get(payout.asset)
+        if limit is not None:
+            used = daemon.store.payouts.total_since(payout.chain, payout.asset, since)
+            if used + payout.amount > limit:
+                return Veto(f"daily limit {payout.show(limit)} would be exceeded ({payout.show(used)} paid out in "
+                            "the last 24 h)", "daily_limit_exceeded")
+        limit = policy.label_daily_limit.get(payout.asset)
+        if limit is not None and payout.label is not None:
+            used = daemon.store.payouts.total_since(payout.chain, payout.asset, since, label=payout.label)
+            if used + payout.amount > limit:
+                return Veto(f"daily limit {payout.show(limit)} for label {payout.label!r} would be exceeded "
+                            f"({payout.show(used)} in the last 24 h)", "label_daily_limit_exceeded")
+        return None
+
+
+class LabelRate:
+    """``label_rate = "N/h"``: at most N payouts per label per period."""
+
+    @hookimpl
+    def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+        rate = daemon.config.chain(payout.chain).payouts.label_rate
+        if rate is None or payout.label is None:
+            return None
+        count, period = rate
+        recent = daemon.store.payouts.count_since(payout.label, daemon.clock.now_ms() - period * 1000)
+        if recent >= count:
+            return Veto(f"label {payout.label!r} already had {recent} payout(s) in the last {period} s "
+                        f"(at most {count})", "rate_limited")
+        return None
+
+
+class Destination:
+    """The destination must not be denied, and must not be one of watcher's own addresses
+    (a deposit address or the hot wallet): that would be money going in circles."""
+
+    @hookimpl
+    def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+        policy = daemon.config.chain(payout.chain).payouts
+        if payout.to in policy.deny:
+            return Veto("the destination address is on the deny-list", "destination_denied")
+        if payout.to == daemon.store.hot_wallet(payout.chain):
+            return Veto("the destination is watcher's own hot wallet", "destination_is_own")
+        own = daemon.store.addresses.get(payout.chain, payout.to)
+        if own is not None and own.derivation_index is not None:
+            return Veto("the destination is one of watcher's own deposit addresses", "destination_is_own")
+        return None
+
+
+BUILTIN = {"max_amount": MaxAmount, "daily_limits": DailyLimits, "label_rate": LabelRate,
+           "destination": Destination}
