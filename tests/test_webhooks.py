@@ -75,7 +75,8 @@ def test_retry_after_and_schedule_helpers():
 async def test_failing_receiver_gets_every_event_once_after_dedupe_across_a_restart(tmp_path):
     fail_until = trio.current_time() + 1.5
     async with receiving(lambda r: 500 if trio.current_time() < fail_until else 200) as rx:
-        cfg = config(tmp_path)
+        # retries span ~5 s, well past the 1.5 s outage, so no delivery runs out of attempts
+        cfg = config(tmp_path, schedule=(0, 0.3, 0.3, 0.3, 0.5, 0.5, 0.5, 1, 1, 1))
         with trio.fail_after(60):
             async with running(cfg) as d:
                 _, secret = d.store.webhooks.create(rx.url, ["invoice.*"], None)

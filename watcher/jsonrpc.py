@@ -110,8 +110,7 @@ class JsonRpc:
                 nursery.start_soon(run, i)
         return [r for chunk in out for r in chunk]
 
-    async def _send_with_retry(self, calls: list[Call]) -> list[Any]:
-        attempt = 0
+    async def _send_with_retry(self, calls: list[Call], attempt: int = 0) -> list[Any]:
         while True:
             attempt += 1
             try:
@@ -127,7 +126,7 @@ class JsonRpc:
             if not retry_idx or attempt >= self.retry.attempts:
                 return results
             await trio.sleep(self.retry.delay(attempt))
-            again = await self._send_with_retry([calls[i] for i in retry_idx])
+            again = await self._send_with_retry([calls[i] for i in retry_idx], attempt)
             for i, r in zip(retry_idx, again, strict=True):
                 results[i] = r
             return results

@@ -41,17 +41,19 @@ def cap_fees(fees: FeeQuote, cap: int | None) -> FeeQuote:
     return FeeQuote(max_fee=cap, priority_fee=prio)
 
 
-async def broadcast(store: Store, client: ChainClient, tx: SignedTx, what: str) -> None:
-    """Send stored bytes; a transient refusal is logged and retried next round."""
+async def broadcast(store: Store, client: ChainClient, tx: SignedTx, what: str) -> bool:
+    """Send stored bytes; a transient refusal (e.g. fees below the base fee) is logged and
+    False is returned: the bytes are sent again, or replaced, in a later round."""
     try:
         await client.broadcast(tx)
     except BroadcastRejected as e:
         log.warning("%s: node refused %s (%s); %s", what, tx.txid, e.message,
-                    "will not retry these bytes" if e.permanent else "retrying later")
+                    "will not retry these bytes" if e.permanent else "trying again later")
         if e.permanent:
             raise
-        return
+        return False
     store.chaintxs.mark_broadcast(tx.txid)
+    return True
 
 
 async def track(store: Store, client: ChainClient, txs: list[sqlite3.Row], *, head: int, stuck_after: float,
@@ -76,10 +78,10 @@ async def track(store: Store, client: ChainClient, txs: list[sqlite3.Row], *, he
         log.warning("%s: transaction left the chain in a reorg; following it again", what)
     newest = live[-1]
     tx = store.chaintxs.signed(newest)
-    if statuses[-1].state == "unknown":
-        # the node does not have the newest (never sent, or dropped after a node restart):
-        # the newest supersedes the others, so it is the one to send again
-        await broadcast(store, client, tx, what)
+    # The node does not have the newest (never sent, or dropped after a node restart): the
+    # newest supersedes the others, so it is the one to send again. If the node refuses it
+    # (fees below what it accepts now), it is replaced below once it is stuck_after old.
+    if statuses[-1].state == "unknown" and await broadcast(store, client, tx, what):
         return Tracked("pending")
     since = newest["broadcast_at"] or newest["created_at"]
     if resign is not None and store.clock.now_ms() - since > stuck_after * 1000:

@@ -349,14 +349,21 @@ class EvmClient(ChainClient):
                         block_hash=rc["blockHash"], fee_paid=fee, error=error)
 
     async def _revert_reason(self, tx: dict[str, Any] | None, block: int) -> str:
+        """Replay the call to read the revert reason: at the block's own state first (what
+        made it revert is usually still true there), then at the state before it."""
         if not tx:
             return "reverted"
         call = {"from": tx["from"], "to": tx.get("to"), "data": tx.get("input", "0x"), "value": tx.get("value", "0x0"),
                 "gas": tx.get("gas")}
-        try:
-            await self.rpc.call("eth_call", call, hex(max(0, block - 1)))
-        except RpcError as e:
-            return e.message.split(": ", 1)[-1][:200]
-        except NodeError:
-            pass
+        for at in (block, max(0, block - 1)):
+            try:
+                await self.rpc.call("eth_call", call, hex(at))
+            except RpcError as e:
+                msg = e.message.split(": ", 2)[-1]
+                msg = msg.rsplit(" (code", 1)[0]
+                if "execution reverted" in msg:
+                    msg = msg.split("execution reverted", 1)[1].lstrip(": ") or "execution reverted"
+                return msg[:200]
+            except NodeError:
+                break
         return "reverted"

@@ -1,0 +1,310 @@
+"""Payouts on anvil: idempotency, approval, limits, cancel, pause, insufficient funds,
+reverts, stuck transactions replaced, and no second send after a crash."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+import trio
+
+from tests.support.daemon import (
+    API_TOKEN,
+    DaemonProcess,
+    chain_entry,
+    free_port,
+    running,
+    wait_http,
+    wait_until,
+    write_config,
+)
+from tests.support.evm import Anvil, Token, calldata
+
+ADMIN_TOKEN = "admin-token-0123456789"
+APP = {"authorization": f"Bearer {API_TOKEN}"}
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+GWEI = 10**9
+
+
+def config(tmp_path, anvil: Anvil, token: Token, port: int, *, payouts=None, confirmations=1, **extra):
+    return write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                               confirmations=confirmations, chain_id=31337,
+                                               payouts={"stuck_after": 2.0, **(payouts or {})})],
+                        api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}, **extra})
+
+
+def fund(anvil: Anvil, token: Token, address: str, eth: int = 10**18, usdt: int = 10**9) -> None:
+    anvil.wait_receipt(anvil.send(anvil.accounts[0], address, eth))
+    anvil.wait_receipt(token.mint(address, usdt))
+
+
+def client(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=APP, trust_env=False, timeout=10)
+
+
+def payout_body(to: str, key: str, amount="5", asset="USDT", **kw):
+    return {"chain": "devnet", "asset": asset, "amount": amount, "to": to, "idempotency_key": key, **kw}
+
+
+async def until_status(d, pid: str, status: str, timeout: float = 20):
+    return await wait_until(lambda: (p := d.store.payouts.get(pid))["status"] == status and p, timeout=timeout,
+                            what=f"payout {status}")
+
+
+def sent_from(d, address: str) -> int:
+    return d.store.db.scalar("SELECT COUNT(*) FROM chain_txs WHERE sender = ?", (address,))
+
+
+async def test_payouts_complete_once_and_idempotency_keys_never_send_twice(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    bob = anvil.accounts[5]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            usdt0, eth0 = token.balance(bob), anvil.balance(bob)
+            r1 = await http.post("/v1/payouts", json=payout_body(bob, "w-1", "12.5", label="bob"))
+            r2 = await http.post("/v1/payouts", json=payout_body(bob, "w-1", "12.5", label="bob"))
+            assert r1.status_code == r2.status_code == 202
+            assert r1.json()["id"] == r2.json()["id"] and r2.headers["idempotent-replayed"] == "true"
+            r3 = await http.post("/v1/payouts", json=payout_body(bob, "w-1", "13", label="bob"))
+            assert r3.status_code == 409 and r3.json()["error"]["code"] == "idempotency_key_reused"
+            native = (await http.post("/v1/payouts", json=payout_body(bob, "w-2", "0.25", asset="ETH"))).json()
+            done = await until_status(d, r1.json()["id"], "completed")
+            await until_status(d, native["id"], "completed")
+            # and again after completion: still the same payout, nothing new sent
+            r4 = await http.post("/v1/payouts", json=payout_body(bob, "w-1", "12.5", label="bob"))
+            assert r4.json()["id"] == done["id"] and r4.json()["status"] == "completed"
+            await trio.sleep(0.5)
+            assert token.balance(bob) - usdt0 == 12_500_000
+            assert anvil.balance(bob) - eth0 == 25 * 10**16
+            assert sent_from(d, hot) == 2
+            assert done["fee_paid"] and done["transactions"][0]["status"] == "mined"
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 2
+            events = [e.type for e in d.store.events.list(subject=done["id"], limit=20)]
+            assert events == ["payout.pending", "payout.broadcast", "payout.completed"]
+            listed = (await http.get("/v1/payouts", params={"label": "bob"})).json()["items"]
+            assert [p["id"] for p in listed] == [done["id"]]
+            chains = (await http.get("/v1/chains")).json()["items"][0]
+            assert chains["hot_wallet"]["address"].lower() == hot and chains["hot_wallet"]["balances"]["USDT"] == "987.5"
+
+
+async def test_approval_above_threshold_needs_the_admin_token(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, payouts={"approval_above": {"USDT": "100"}})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            fund(anvil, token, d.store.hot_wallet("devnet"))
+            small = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "s", "100"))).json()
+            big = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "b", "100.000001"))).json()
+            assert small["status"] == "pending" and big["status"] == "awaiting_approval"
+            await until_status(d, small["id"], "completed")
+            await trio.sleep(0.3)
+            assert d.store.payouts.get(big["id"])["status"] == "awaiting_approval"  # not sent on its own
+            r = await http.post(f"/v1/payouts/{big['id']}/approve")
+            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
+            r = await http.post(f"/v1/payouts/{big['id']}/approve", headers=ADMIN)
+            assert r.status_code == 200 and r.json()["approved_by"] == "admin"
+            await until_status(d, big["id"], "completed")
+            again = await http.post(f"/v1/payouts/{big['id']}/approve", headers=ADMIN)
+            assert again.status_code == 409
+
+
+async def test_checks_veto_with_reasons_and_write_nothing(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    denied = anvil.accounts[7]
+    cfg = config(tmp_path, anvil, token, port, payouts={
+        "max_amount": {"USDT": "50"}, "daily_limit": {"USDT": "100"}, "label_daily_limit": {"USDT": "30"},
+        "label_rate": "2/h", "deny": [denied]})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            fund(anvil, token, d.store.hot_wallet("devnet"))
+            own, _ = d.store.addresses.deposit_address("devnet", "someone")
+            to = anvil.accounts[5]
+
+            async def veto(body, code, text):
+                before = d.store.db.scalar("SELECT COUNT(*) FROM payouts")
+                r = await http.post("/v1/payouts", json=body)
+                assert r.status_code == 422, r.text
+                assert r.json()["error"]["code"] == code and text in r.json()["error"]["message"], r.text
+                assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == before
+
+            await veto(payout_body(to, "a", "50.01"), "amount_above_maximum", "above the per-payout maximum 50 USDT")
+            await veto(payout_body(denied, "b", "1"), "destination_denied", "deny-list")
+            await veto(payout_body(own.address, "c", "1"), "destination_is_own", "deposit addresses")
+            await veto(payout_body(d.store.hot_wallet("devnet"), "c2", "1"), "destination_is_own", "hot wallet")
+            assert (await http.post("/v1/payouts", json=payout_body(to, "d", "20", label="carol"))).status_code == 202
+            await veto(payout_body(to, "e", "20", label="carol"), "label_daily_limit_exceeded", "for label 'carol'")
+            assert (await http.post("/v1/payouts", json=payout_body(to, "f", "5", label="carol"))).status_code == 202
+            await veto(payout_body(to, "g", "1", label="carol"), "rate_limited", "already had 2 payout(s)")
+            r = await http.post("/v1/payouts", json=payout_body(to, "h", "50"))  # no label: no label limit
+            assert r.status_code == 202, r.text
+            await veto(payout_body(to, "i", "30", label="erin"), "daily_limit_exceeded", "75 USDT paid out")
+            # bad input is a 400 before any check
+            r = await http.post("/v1/payouts", json=payout_body(to[:-1] + "x", "j", "1"))
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_address"
+            r = await http.post("/v1/payouts", json=payout_body(to, "k k", "1"))
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            r = await http.post("/v1/admin/pause", json={"scope": "payouts"})
+            assert r.status_code == 403
+            r = await http.post("/v1/admin/pause", json={"scope": "payouts"}, headers=ADMIN)
+            assert r.json()["paused"] == ["payouts"]
+            held = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "h1", "1"))).json()
+            dropped = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "h2", "2"))).json()
+            anvil.mine(3)
+            await trio.sleep(0.5)
+            assert d.store.payouts.get(held["id"])["status"] == "pending" and sent_from(d, hot) == 0
+            r = await http.post(f"/v1/payouts/{dropped['id']}/cancel")
+            assert r.status_code == 200 and r.json()["status"] == "cancelled"
+            r = await http.post("/v1/admin/resume", json={"scope": "all"}, headers=ADMIN)
+            assert r.json()["paused"] == []
+            await until_status(d, held["id"], "completed")
+            await trio.sleep(0.5)
+            assert d.store.payouts.get(dropped["id"])["status"] == "cancelled" and sent_from(d, hot) == 1
+            r = await http.post(f"/v1/payouts/{held['id']}/cancel")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "not_cancellable"
+            actions = [a["action"] for a in d.store.audit.list()]
+            assert "admin.pause" in actions and "admin.resume" in actions and "payout.cancel" in actions
+
+
+async def test_insufficient_hot_wallet_balance_waits_then_goes(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            p = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "x", "10"))).json()
+            v = await wait_until(lambda: (v := d.store.payouts.get(p["id"]))["reason"] and v, what="a reason")
+            assert v["status"] == "pending" and v["reason"].startswith("insufficient hot wallet balance")
+            assert "USDT needed" in v["reason"] and "ETH needed" in v["reason"]
+            blocked = d.metrics.registry.get_sample_value("watcher_payouts_blocked", {"chain": "devnet"})
+            assert blocked == 1
+            fund(anvil, token, hot)
+            await until_status(d, p["id"], "completed")
+            assert token.balance(anvil.accounts[5]) >= 10 * 10**6
+
+
+async def test_reverted_payout_fails_with_the_reason(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    victim = anvil.accounts[6]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            fund(anvil, token, d.store.hot_wallet("devnet"))
+            anvil.automine(False)
+            p = (await http.post("/v1/payouts", json=payout_body(victim, "r", "3"))).json()
+            await until_status(d, p["id"], "broadcast")
+            # the token owner blocks the recipient in the same block, ahead of the payout
+            anvil.rpc("eth_sendTransaction", {"from": anvil.accounts[0], "to": token.address,
+                                              "data": calldata("setBlocked(address,bool)", victim, True),
+                                              "maxPriorityFeePerGas": hex(50 * GWEI), "maxFeePerGas": hex(100 * GWEI)})
+            anvil.mine(1)
+            v = await until_status(d, p["id"], "failed")
+            assert "recipient blocked" in v["reason"], v["reason"]
+            assert token.balance(victim) == 0
+
+
+async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, payouts={"stuck_after": 1.0, "fee_bump": "0.2"})
+    bob = anvil.accounts[5]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            anvil.automine(False)
+            before = anvil.balance(bob)
+            p = (await http.post("/v1/payouts", json=payout_body(bob, "stuck", "0.5", asset="ETH"))).json()
+            first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
+            # fees jump far above what the payout offered: it cannot get into a block
+            for _ in range(3):
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
+                anvil.mine(1)
+                await trio.sleep(0.5)
+            assert anvil.receipt(first["txid"]) is None
+            v = await wait_until(lambda: len((v := d.store.payouts.get(p["id"]))["transactions"]) >= 2 and v,
+                                 what="a replacement")
+            second = v["transactions"][-1]
+            assert second["nonce"] == first["nonce"] and int(second["max_fee_per_gas"]) > 500 * GWEI
+            anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
+            anvil.mine(2)
+            v = await until_status(d, p["id"], "completed")
+            mined = [t for t in v["transactions"] if t["status"] == "mined"]
+            assert len(mined) == 1 and v["txid"] == mined[0]["txid"]
+            assert {t["status"] for t in v["transactions"]} <= {"mined", "replaced"}
+            assert anvil.balance(bob) - before == 5 * 10**17  # paid exactly once
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+
+
+async def test_watch_only_refuses_payouts_and_sweeps(tmp_path, anvil: Anvil, token: Token):
+    from tests.support.daemon import TEST_MNEMONIC
+    from watcher.keys import Keyring
+
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    text = cfg.read_text().replace('mnemonic_file = "seed.txt"',
+                                   f'xpub = "{Keyring.from_mnemonic(TEST_MNEMONIC).account_xpub(60)}"')
+    cfg.write_text(text)
+    with trio.fail_after(30):
+        async with running(cfg, api=True), client(port) as http:
+            r = await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "w", "1"))
+            assert r.status_code == 409 and r.json()["error"]["code"] == "watch_only"
+            r = await http.post("/v1/sweeps/run", json={}, headers=ADMIN)
+            assert r.status_code == 409
+
+
+@pytest.mark.slow
+def test_killed_right_after_broadcast_does_not_send_again(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, payouts={"stuck_after": 3600})
+    db = tmp_path / "watcher.db"
+    proc = DaemonProcess(cfg).start()
+    bob = anvil.accounts[5]
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        hot = httpx.get(f"http://127.0.0.1:{port}/v1/admin/status", headers=ADMIN).json()["hot_wallets"]["devnet"]
+        anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+        anvil.automine(False)
+        before = anvil.balance(bob)
+        pid = httpx.post(f"http://127.0.0.1:{port}/v1/payouts", headers=APP,
+                         json=payout_body(bob, "once", "0.3", asset="ETH")).json()["id"]
+        deadline = time.monotonic() + 20
+        while True:
+            with sqlite3.connect(db) as c:
+                row = c.execute("SELECT status FROM payouts WHERE id = ?", (pid,)).fetchone()
+            if row and row[0] == "broadcast":
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.kill()  # the instant it is stored as broadcast: sent or not, we cannot know
+        # the node forgets its mempool too, so on restart only our stored bytes exist
+        anvil.rpc("anvil_dropAllTransactions")
+        proc = DaemonProcess(cfg).start()
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        deadline = time.monotonic() + 30
+        while True:
+            anvil.mine(1)
+            status = httpx.get(f"http://127.0.0.1:{port}/v1/payouts/{pid}", headers=APP).json()
+            if status["status"] == "completed":
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        anvil.mine(3)
+        time.sleep(1)
+        assert anvil.balance(bob) - before == 3 * 10**17
+        assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+        assert len(status["transactions"]) == 1
+    finally:
+        proc.stop()

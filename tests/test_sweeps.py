@@ -1,0 +1,175 @@
+"""Sweeps on anvil: native and ERC-20 (with a gas top-up from the hot wallet), exact amounts
+at the treasury, dust accounted for, pause, and a crash between top-up and token transfer."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import trio
+
+from tests.support.daemon import (
+    API_TOKEN,
+    DaemonProcess,
+    chain_entry,
+    free_port,
+    running,
+    wait_http,
+    write_config,
+)
+from tests.support.evm import Anvil, Token
+from watcher.money import parse_amount
+
+ADMIN_TOKEN = "admin-token-0123456789"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+TREASURY = "0x000000000000000000000000000000000000bEEF"
+
+
+def config(tmp_path, anvil: Anvil, token: Token, port: int, *, interval: float = 0, funding_confirmations: int = 1):
+    return write_config(tmp_path, [chain_entry(
+        "devnet", anvil.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
+        sweep={"to": TREASURY, "min_amount": {"ETH": "0.01", "USDT": "1"}, "interval": interval,
+               "funding_confirmations": funding_confirmations})],
+        api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+
+
+def transfer_logs_from(anvil: Anvil, token: Token, sender: str) -> list[dict]:
+    topic = "0x" + sender.lower().removeprefix("0x").rjust(64, "0")
+    return anvil.rpc("eth_getLogs", {"fromBlock": "0x0", "toBlock": "latest", "address": token.address,
+                                     "topics": ["0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef",
+                                                topic]})
+
+
+async def mine_until(anvil: Anvil, predicate, *, timeout: float = 40, what: str = "condition"):
+    deadline = trio.current_time() + timeout
+    while not (value := predicate()):
+        assert trio.current_time() < deadline, f"timed out waiting for {what}"
+        anvil.mine(1)
+        await trio.sleep(0.15)
+    return value
+
+
+async def test_native_and_token_sweeps_reach_the_treasury_exactly(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                  headers=ADMIN, trust_env=False) as http:
+            hot = d.store.hot_wallet("devnet")
+            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            bob, _ = d.store.addresses.deposit_address("devnet", "bob")
+            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+            anvil.wait_receipt(token.mint(bob.address, 100_000_000))
+            tiny, _ = d.store.addresses.deposit_address("devnet", "tiny")
+            anvil.wait_receipt(token.mint(tiny.address, 500_000))  # below min_amount: stays
+            await mine_until(anvil, lambda: len(d.store.transfers.list(status="confirmed")[0]) == 3, what="deposits")
+            r = await http.post("/v1/sweeps/run", json={})
+            assert r.status_code == 202 and r.json() == {"requested": ["devnet"]}
+            sweeps = await mine_until(anvil, lambda: (s := d.store.sweeps.list()[0]) and len(s) == 2
+                                      and all(x["status"] == "confirmed" for x in s) and s, what="sweeps confirmed")
+            by_asset = {s["asset"]: s for s in sweeps}
+            eth, usdt = by_asset["ETH"], by_asset["USDT"]
+
+            # the treasury got exactly what the sweeps say
+            assert token.balance(TREASURY) == 100_000_000 == int(usdt["base_units"])
+            assert anvil.balance(TREASURY) == int(eth["base_units"])
+            # native: every wei of the deposit is the amount swept, the fee, or recorded dust
+            def units(v: str) -> int:
+                return parse_amount(v, 18, allow_zero=True)
+
+            assert int(eth["base_units"]) + units(eth["fee_paid"]) + units(eth["dust"]) == 10**18
+            assert anvil.balance(alice.address) == units(eth["dust"])
+            # token: the gas came from the hot wallet, exactly once, and is not a "deposit"
+            assert usdt["topup_amount"] and usdt["topup_txid"]
+            assert len(transfer_logs_from(anvil, token, bob.address)) == 1
+            assert anvil.balance(bob.address) == units(usdt["dust"])
+            assert units(usdt["topup_amount"]) == units(usdt["fee_paid"]) + units(usdt["dust"])
+            assert [t["asset"] for t in d.store.transfers.list(chain="devnet")[0] if t["label"] == "bob"] == ["USDT"]
+            events = [e.type for e in d.store.events.list(subject=usdt["id"], limit=20)]
+            assert events == ["sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed"]
+            assert token.balance(tiny.address) == 500_000
+            listed = (await http.get("/v1/sweeps", params={"status": "confirmed"})).json()["items"]
+            assert {s["id"] for s in listed} == {eth["id"], usdt["id"]}
+            # the same deposits are never swept twice
+            await http.post("/v1/sweeps/run", json={})
+            for _ in range(5):
+                anvil.mine(1)
+                await trio.sleep(0.1)
+            assert len(d.store.sweeps.list()[0]) == 2
+
+
+async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, interval=0.3)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                  headers=ADMIN, trust_env=False) as http:
+            r = await http.post("/v1/admin/pause", json={"scope": "sweeps"})
+            assert r.json()["paused"] == ["sweeps"]
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+            anvil.mine(3)
+            await trio.sleep(1.5)  # several sweep intervals pass while paused
+            assert d.store.sweeps.list()[0] == []
+            r = await http.post("/v1/sweeps/run", json={})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "paused"
+            r = await http.post("/v1/admin/resume", json={"scope": "sweeps"})
+            assert r.json()["paused"] == []
+            await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0] if s["status"] == "confirmed"],
+                             what="sweep after resume")
+
+
+def sweep_status(db) -> str | None:
+    with sqlite3.connect(db) as c:
+        row = c.execute("SELECT status FROM sweeps").fetchone()
+    return row[0] if row else None
+
+
+@pytest.mark.slow
+def test_killed_between_topup_and_token_transfer_finishes_the_sweep_once(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, funding_confirmations=3)
+    db = tmp_path / "watcher.db"
+    out = subprocess.run([sys.executable, "-m", "watcher", "address", "new", "-c", str(cfg), "--chain", "devnet",
+                          "--label", "bob"], capture_output=True, text=True, check=True)
+    bob = out.stdout.strip()
+    proc = DaemonProcess(cfg).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        hot = httpx.get(f"http://127.0.0.1:{port}/v1/admin/status", headers=ADMIN).json()["hot_wallets"]["devnet"]
+        anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+        anvil.wait_receipt(token.mint(bob, 42_000_000))
+        anvil.mine(3)
+        deadline = time.monotonic() + 20
+        while not httpx.get(f"http://127.0.0.1:{port}/v1/transfers", params={"status": "confirmed"},
+                            headers={"authorization": f"Bearer {API_TOKEN}"}).json()["items"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/sweeps/run", json={}, headers=ADMIN).status_code == 202
+        deadline = time.monotonic() + 20
+        while sweep_status(db) != "funding":
+            assert time.monotonic() < deadline, sweep_status(db)
+            time.sleep(0.01)
+        proc.kill()  # the top-up is out (automine), the token transfer not yet: it waits for 3 confirmations
+        assert anvil.balance(bob) > 0 and token.balance(TREASURY) == 0
+        anvil.mine(3)
+        proc = DaemonProcess(cfg).start()
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        deadline = time.monotonic() + 40
+        while sweep_status(db) != "confirmed":
+            assert time.monotonic() < deadline, sweep_status(db)
+            anvil.mine(1)
+            time.sleep(0.2)
+    finally:
+        proc.stop()
+    assert token.balance(TREASURY) == 42_000_000
+    assert len(transfer_logs_from(anvil, token, bob)) == 1  # one token transfer, not two
+    with sqlite3.connect(db) as c:
+        purposes = [r[0] for r in c.execute("SELECT purpose FROM chain_txs ORDER BY id")]
+    assert purposes == ["topup", "sweep"]  # one top-up, one sweep: nothing repeated
+    assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
