@@ -119,3 +119,31 @@ def test_run_with_unreachable_node_starts_and_says_so(tmp_path):
     log = proc.log()
     assert f"devnet: node {dead} is not reachable yet" in log
     assert "cannot reach node" in log
+
+
+def test_pause_and_resume_from_the_cli(tmp_path):
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")], extra={"admin": {"paused": ["sweeps"]}})
+    out = cli("pause", "payouts", "-c", str(cfg), cwd=tmp_path).stdout
+    assert "paused: payouts, sweeps" in out
+    bad = cli("resume", "all", "-c", str(cfg), cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "sweeps paused by the config file" in bad.stderr
+    out = cli("resume", "payouts", "-c", str(cfg), cwd=tmp_path).stdout
+    assert "paused: sweeps" in out
+    with sqlite3.connect(tmp_path / "watcher.db") as c:
+        actions = [r[0] for r in c.execute("SELECT action || ':' || actor FROM audit_log ORDER BY id")]
+    assert actions == ["admin.pause:cli", "admin.resume:cli"]
+
+
+def test_status_shows_chains_pending_work_and_the_hot_wallet(tmp_path, anvil: Anvil):
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url), chain_entry("gone", dead)])
+    cli("address", "new", "-c", str(cfg), "--chain", "devnet", "--label", "alice", cwd=tmp_path)
+    anvil.mine(7)
+    report = json.loads(cli("status", "--json", "-c", str(cfg), cwd=tmp_path).stdout)
+    dev, gone = report["chains"]["devnet"], report["chains"]["gone"]
+    assert dev["node"] == "up" and dev["head"] == 7 and dev["watched_addresses"] == 1
+    assert dev["hot_wallet"]["balances"] == {"ETH": "0"}
+    assert gone["node"] == "down" and gone["error"] and gone["head"] is None
+    assert dev["hot_wallet"]["address"] == gone["hot_wallet"]["address"]  # one hot wallet for every EVM chain
+    text = cli("status", "-c", str(cfg), cwd=tmp_path).stdout
+    assert "devnet: node up" in text and "hot wallet 0x" in text and "gone: node down" in text

@@ -161,6 +161,47 @@ def cmd_address_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .status import print_report, status_report
+
+    daemon = Daemon.open(_config_path(args))
+    try:
+        report = status_report(daemon)
+    finally:
+        daemon.close()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, *, paused: bool = True) -> int:
+    from .daemon import Daemon
+    from .policy import PAUSE_SCOPES
+
+    daemon = Daemon.open(_config_path(args))
+    try:
+        scopes = set(PAUSE_SCOPES) if args.scope == "all" else {args.scope}
+        if not paused and scopes & daemon.config.paused:
+            return _fail(f"{', '.join(sorted(scopes & daemon.config.paused))} paused by the config file "
+                         "([admin] paused); edit it and restart")
+        with daemon.store.db.transaction():
+            now = daemon.store.set_paused(scopes, paused=paused)
+            daemon.store.audit.record("cli", "admin.pause" if paused else "admin.resume", None,
+                                      {"scopes": sorted(scopes)})
+        print(f"paused: {', '.join(sorted(now)) or 'nothing'}")
+        print("(a running daemon applies this within a few seconds)")
+    finally:
+        daemon.close()
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return cmd_pause(args, paused=False)
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 
@@ -189,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("check-config", help="check the config and keys, then exit"))
     sp.set_defaults(fn=cmd_check_config)
+
+    sp = with_config(sub.add_parser("status", help="per chain: node, head, scanned, lag, pending work, hot wallet"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_status)
+
+    for name, fn, text in (("pause", cmd_pause, "kill switch: hold payouts, sweeps or all (nothing is dropped)"),
+                           ("resume", cmd_resume, "release what pause held")):
+        sp = with_config(sub.add_parser(name, help=text))
+        sp.add_argument("scope", choices=("payouts", "sweeps", "all"))
+        sp.set_defaults(fn=fn)
 
     ap = sub.add_parser("address", help="deposit addresses")
     asub = ap.add_subparsers(dest="address_command", required=True, metavar="SUBCOMMAND")
