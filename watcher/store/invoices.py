@@ -9,10 +9,11 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadRequest, NotFound
+from ..errors import NotFound
 from ..ids import new_id
 from ..invoicing import STATUSES, InvoiceTerms, Outcome, Payment, decide, timed_status
 from ..money import format_amount
+from .common import page
 from .events import iso_ms
 
 if TYPE_CHECKING:
@@ -192,17 +193,5 @@ class Invoices:
 
     def list(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
              after: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
-        where, params = [], []
-        for col, value in (("status", status), ("order_id", order_id), ("chain", chain)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        if after is not None:
-            where.append("id > ?")
-            params.append(after)
-        sql = "SELECT * FROM invoices" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id LIMIT ?"
-        rows = self.store.db.query(sql, [*params, limit + 1])
-        items = [self.view(r) for r in rows[:limit]]
-        return items, (items[-1]["id"] if len(rows) > limit else None)
+        return page(self.store, "invoices", {"status": status, "order_id": order_id, "chain": chain}, after=after,
+                    limit=limit, view=self.view, statuses=STATUSES)

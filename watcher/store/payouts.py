@@ -15,9 +15,10 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from ..chains import SignedTx
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import Conflict, NotFound
 from ..ids import new_id
 from ..money import format_amount
+from .common import page, set_status
 from .events import iso_ms
 
 if TYPE_CHECKING:
@@ -118,11 +119,7 @@ class Payouts:
         self._set(payout_id, "failed", reason=reason, **fields)
 
     def _set(self, payout_id: str, status: str, **fields: Any) -> None:
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.store.db.transaction() as conn:
-            conn.execute(f"UPDATE payouts SET status = ?, {cols + ', ' if cols else ''}updated_at = ? WHERE id = ?",
-                         (status, *fields.values(), self.store.clock.now_ms(), payout_id))
-            self._emit(payout_id)
+        set_status(self.store, "payouts", "payout", payout_id, status, self.get, **fields)
 
     def _emit(self, payout_id: str) -> None:
         view = self.get(payout_id)
@@ -173,17 +170,5 @@ class Payouts:
 
     def list(self, *, status: str | None = None, label: str | None = None, chain: str | None = None,
              after: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
-        where, params = [], []
-        for col, value in (("status", status), ("label", label), ("chain", chain)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        if after is not None:
-            where.append("id > ?")
-            params.append(after)
-        rows = self.store.db.query("SELECT * FROM payouts" + (" WHERE " + " AND ".join(where) if where else "")
-                                   + " ORDER BY id LIMIT ?", [*params, limit + 1])
-        items = [self.view(r) for r in rows[:limit]]
-        return items, (items[-1]["id"] if len(rows) > limit else None)
+        return page(self.store, "payouts", {"status": status, "label": label, "chain": chain}, after=after,
+                    limit=limit, view=self.view, statuses=STATUSES)

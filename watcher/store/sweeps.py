@@ -12,9 +12,10 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from ..chains import SignedTx
-from ..errors import BadRequest, NotFound
+from ..errors import NotFound
 from ..ids import new_id
 from ..money import format_amount
+from .common import page, set_status
 from .events import iso_ms
 
 if TYPE_CHECKING:
@@ -121,11 +122,7 @@ class Sweeps:
         return row
 
     def _set(self, sweep_id: str, status: str, **fields: Any) -> None:
-        cols = "".join(f"{k} = ?, " for k in fields)
-        with self.store.db.transaction() as conn:
-            conn.execute(f"UPDATE sweeps SET status = ?, {cols}updated_at = ? WHERE id = ?",
-                         (status, *fields.values(), self.store.clock.now_ms(), sweep_id))
-            self._emit(sweep_id)
+        set_status(self.store, "sweeps", "sweep", sweep_id, status, self.get, **fields)
 
     def _emit(self, sweep_id: str) -> None:
         view = self.get(sweep_id)
@@ -160,17 +157,5 @@ class Sweeps:
 
     def list(self, *, status: str | None = None, chain: str | None = None, after: str | None = None,
              limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
-        where, params = [], []
-        for col, value in (("status", status), ("chain", chain)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        if after is not None:
-            where.append("id > ?")
-            params.append(after)
-        rows = self.store.db.query("SELECT * FROM sweeps" + (" WHERE " + " AND ".join(where) if where else "")
-                                   + " ORDER BY id LIMIT ?", [*params, limit + 1])
-        items = [self.view(r) for r in rows[:limit]]
-        return items, (items[-1]["id"] if len(rows) > limit else None)
+        return page(self.store, "sweeps", {"status": status, "chain": chain}, after=after, limit=limit,
+                    view=self.view, statuses=STATUSES)
