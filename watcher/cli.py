@@ -177,6 +177,43 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .reconcile import as_json, reconcile
+
+    daemon = Daemon.open(_config_path(args))
+    try:
+        lines = reconcile(daemon)
+    finally:
+        daemon.close()
+    bad = [line for line in lines if line.status in ("mismatch", "node_error")]
+    if args.json:
+        print(json.dumps({"ok": not bad, "lines": as_json(lines)}, indent=2))
+    else:
+        for line in lines:
+            if line.status == "ok" and not args.all:
+                continue
+            who = f" ({line.label})" if line.label else ""
+            print(f"{line.status:10} {line.chain} {line.address}{who} {line.asset}: expected {line.expected}, "
+                  f"on chain {line.actual if line.actual is not None else '?'}"
+                  + (f", difference {line.difference}" if line.difference else ""))
+        checked = sum(1 for line in lines if line.status == "ok")
+        print(f"{checked} balance(s) match, {len(bad)} problem(s), "
+              f"{sum(1 for line in lines if line.status == 'in_flight')} skipped (sweep in flight)")
+    return 1 if bad else 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import backup
+    from .config import load_config
+    from .plugins import chain_families, make_plugin_manager
+
+    config = load_config(_config_path(args), chain_families(make_plugin_manager()))
+    size = backup(config.storage.path, Path(args.path), force=args.force)
+    print(f"backed up {config.storage.path} to {args.path} ({size} bytes, integrity ok)")
+    return 0
+
+
 def cmd_pause(args: argparse.Namespace, *, paused: bool = True) -> int:
     from .daemon import Daemon
     from .policy import PAUSE_SCOPES
@@ -234,6 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("status", help="per chain: node, head, scanned, lag, pending work, hot wallet"))
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_status)
+
+    sp = with_config(sub.add_parser("reconcile", help="compare expected balances with the chain; exit 1 on any difference"))
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--all", action="store_true", help="also list the balances that match")
+    sp.set_defaults(fn=cmd_reconcile)
+
+    sp = with_config(sub.add_parser("backup", help="a consistent copy of the live database (safe while running)"))
+    sp.add_argument("path")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sp.set_defaults(fn=cmd_backup)
 
     for name, fn, text in (("pause", cmd_pause, "kill switch: hold payouts, sweeps or all (nothing is dropped)"),
                            ("resume", cmd_resume, "release what pause held")):

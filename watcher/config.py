@@ -211,6 +211,7 @@ class ApiConfig:
     port: int = 8420
     tokens: Mapping[str, str] = field(default_factory=dict)  # name -> token (secret)
     admin_tokens: frozenset[str] = frozenset()  # names of the tokens that may use /v1/admin and approve
+    metrics_auth: bool = False  # /metrics needs a bearer token too
     max_body_bytes: int = 64 * 1024
 
     @property
@@ -426,9 +427,10 @@ def _parse_api(t: ConfigTable) -> ApiConfig:
         raise ConfigError(t.key("admin_token" if admin else "tokens"),
                           "two token names share the same token (the admin token must differ from app tokens)")
     max_body = t.take("max_body_bytes", int, 64 * 1024, check=between(1024, 16 * 1024 * 1024))
+    metrics_auth = t.take("metrics_auth", bool, False)
     t.done()
     api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body,
-                    admin_tokens=frozenset({"admin"} if admin else ()))
+                    admin_tokens=frozenset({"admin"} if admin else ()), metrics_auth=metrics_auth)
     if not api.loopback and not tokens:
         raise ConfigError(t.key("listen"), f"{host!r} is not a loopback address: set api.token first")
     return api

@@ -86,6 +86,7 @@ class Daemon:
         metrics = Metrics(registry)
         clock = clock or Clock()
         store = Store.open(config, families=families, keyring=keyring, metrics=metrics, clock=clock)
+        metrics.watch_store(store)
         return cls(config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics, clock=clock)
 
     def close(self) -> None:

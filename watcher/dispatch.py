@@ -115,7 +115,6 @@ class Dispatcher:
             while True:
                 self._wake = trio.Event()
                 self._start_due(client, nursery)
-                self.metrics.webhook_backlog.set(self.store.webhooks.backlog())
                 next_due = self.store.webhooks.next_due()
                 now = self.clock.now_ms()
                 if next_due is None or next_due <= now:

@@ -35,6 +35,7 @@ class Metrics:
         self.transfers = Counter("transfers_total", "Transfer state changes, by the new status.", ["chain", "asset", "status"], namespace=ns, registry=r)
         self.received = Counter("received_base_units_total", "Confirmed volume received, in the asset's base units (divide by 10^decimals).", ["chain", "asset"], namespace=ns, registry=r)
         self.detection_latency = Histogram("detection_latency_seconds", "Block timestamp to transfer.detected event written.", ["chain"], namespace=ns, registry=r, buckets=_DETECTION_BUCKETS)
+        self.received_units = Counter("received_total", "Confirmed volume received, in asset units (a float: for dashboards, never for accounting).", ["chain", "asset"], namespace=ns, registry=r)
         self.watched_addresses = Gauge("watched_addresses", "Addresses watched per chain.", ["chain"], namespace=ns, registry=r)
 
         # webhooks
@@ -42,7 +43,6 @@ class Metrics:
         self.webhook_deliveries = Counter("webhook_deliveries_total", "Webhook deliveries finished, by outcome (delivered, failed after the last retry).", ["outcome"], namespace=ns, registry=r)
         self.webhook_latency = Histogram("webhook_attempt_seconds", "Time per delivery attempt (request to response).", namespace=ns, registry=r, buckets=_LATENCY_BUCKETS)
         self.webhook_delivery_delay = Histogram("webhook_delivery_delay_seconds", "Event written to successful delivery (includes retries).", namespace=ns, registry=r, buckets=_DETECTION_BUCKETS)
-        self.webhook_backlog = Gauge("webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried.", namespace=ns, registry=r)
 
         # money out
         self.payouts_blocked = Gauge("payouts_blocked", "Pending payouts that cannot be sent right now (e.g. the hot wallet lacks funds).", ["chain"], namespace=ns, registry=r)
@@ -51,3 +51,48 @@ class Metrics:
         # events, errors
         self.events = Counter("events_total", "Events written to the outbox, by type.", ["type"], namespace=ns, registry=r)
         self.errors = Counter("errors_total", "Errors handled by the daemon, by where they happened.", ["kind"], namespace=ns, registry=r)
+        self.build_info = Gauge("build_info", "Always 1; the version label says which watcher runs.", ["version"], namespace=ns, registry=r)
+        from . import __version__
+
+        self.build_info.labels(__version__).set(1)
+
+    def watch_store(self, store) -> None:
+        """Add the gauges read from the database at scrape time."""
+        self.registry.register(StoreCollector(store))
+
+
+class StoreCollector:
+    """Gauges read from the database at scrape time: work by status, the webhook backlog.
+    Counting rows is cheap with the status indexes, and always right after a restart."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def describe(self):
+        return []  # no descriptions up front: the registry then never collects at registration
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        db = self.store.db
+        for table, name, doc in (
+            ("invoices", "invoices", "Invoices by chain and status."),
+            ("payouts", "payouts", "Payouts by chain and status."),
+            ("sweeps", "sweeps", "Sweeps by chain and status."),
+        ):
+            g = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["chain", "status"])
+            for row in db.query(f"SELECT chain, status, COUNT(*) FROM {table} GROUP BY chain, status"):
+                g.add_metric([row[0], row[1]], row[2])
+            yield g
+        g = GaugeMetricFamily(f"{NAMESPACE}_webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried.",
+                              labels=["webhook"])
+        for row in db.query("SELECT webhook_id, COUNT(*) FROM deliveries WHERE status = 'pending' GROUP BY webhook_id"):
+            g.add_metric([row[0]], row[1])
+        yield g
+        g = GaugeMetricFamily(f"{NAMESPACE}_webhook_deliveries_failed", "Webhook deliveries that gave up after the "
+                              "last retry (redeliver them).", labels=["webhook"])
+        for row in db.query("SELECT webhook_id, COUNT(*) FROM deliveries WHERE status = 'failed' GROUP BY webhook_id"):
+            g.add_metric([row[0]], row[1])
+        yield g
+        yield GaugeMetricFamily(f"{NAMESPACE}_events_last_seq", "Sequence number of the newest event in the outbox.",
+                                value=self.store.events.last_seq())

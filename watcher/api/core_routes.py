@@ -87,6 +87,19 @@ async def readyz(req: ApiRequest) -> Any:
                         status_code=200 if ready else 503)
 
 
+@endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a token if api.metrics_auth.",
+               auth=False, tag="health", responses={200: {"type": "string"}})
+async def metrics(req: ApiRequest) -> Any:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.responses import Response
+
+    from .routing import authenticate
+
+    if req.daemon.config.api.metrics_auth:
+        authenticate(req.request, req.daemon.config.api.tokens)
+    return Response(generate_latest(req.daemon.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 # --- chains ------------------------------------------------------------------------------------
 
 

@@ -142,7 +142,8 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
         for status, schema in (e.responses or {200: {}}).items():
             entry: dict[str, Any] = {"description": "OK" if status < 300 else "see body"}
             if status != 204:
-                entry["content"] = {"application/json": {"schema": schema or {"type": "object"}}}
+                media = "text/plain" if schema.get("type") == "string" else "application/json"
+                entry["content"] = {media: {"schema": schema or {"type": "object"}}}
             responses[str(status)] = entry
         errors = set(e.errors)
         if "{" in e.path:

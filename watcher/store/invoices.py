@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from .events import iso_ms
 
 if TYPE_CHECKING:
     from . import Store
+
+log = logging.getLogger(__name__)
 
 
 def _terms(row: sqlite3.Row) -> InvoiceTerms:
@@ -128,6 +131,10 @@ class Invoices:
     def _emit(self, invoice_id: str, status: str) -> None:
         view = self.get(invoice_id)
         self.store.events.emit(f"invoice.{status}", view, chain=view["chain"], subject=invoice_id)
+        self.store.db.after_commit(lambda: log.info(
+            "invoice %s %s: received %s of %s %s", invoice_id, status, view["received"], view["amount"] or "any",
+            view["asset"], extra={"chain": view["chain"], "invoice_id": invoice_id, "order_id": view["order_id"],
+                                  "status": status}))
         self.store.wake_after_commit("invoices")
 
     # --- reading ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Every status change writes its event in the same transaction.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from .events import iso_ms
 
 if TYPE_CHECKING:
     from . import Store
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("detected", "confirmed", "orphaned")
 ChangeListener = Callable[[dict[str, Any], str | None, str], None]
@@ -138,9 +141,15 @@ class Transfers:
         asset, amount = row["asset"], int(row["amount"])
 
         def count() -> None:
+            log.info("transfer %s %s: %s %s to %s%s in block %d (%s)", tid, new, view["amount"], asset,
+                     view["address"], f" ({view['label']})" if view["label"] else "", view["block_number"],
+                     view["txid"], extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
+                                          "invoice_id": view["invoice_id"], "status": new})
             metrics.transfers.labels(chain.id, asset, new).inc()
             if new == "confirmed":
                 metrics.received.labels(chain.id, asset).inc(amount)
+                decimals = chain.asset(asset).decimals if chain.asset(asset) else 0
+                metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)
 

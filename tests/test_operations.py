@@ -1,0 +1,224 @@
+"""Operating watcher: backups of the live database, reconciliation against the chain,
+readiness that follows the node, and logs that never carry a secret."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.support.daemon import (
+    API_TOKEN,
+    TEST_MNEMONIC,
+    DaemonProcess,
+    chain_entry,
+    free_port,
+    running,
+    wait_http,
+    wait_until,
+    write_config,
+)
+from tests.support.evm import Anvil, Token, calldata, compile_contracts, deploy
+from tests.support.receiver import receiving
+from watcher.keys import HOT_WALLET_ACCOUNT, Keyring
+
+APP = {"authorization": f"Bearer {API_TOKEN}"}
+ADMIN_TOKEN = "admin-token-0123456789"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "watcher", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def transfers(port: int) -> list[dict]:
+    return httpx.get(f"http://127.0.0.1:{port}/v1/transfers", params={"limit": 1000}, headers=APP,
+                     trust_env=False).json()["items"]
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def test_backup_of_a_running_daemon_restores_and_continues(tmp_path, anvil: Anvil):
+    port = free_port()
+    cfg = write_config(tmp_path / "live", [chain_entry("devnet", anvil.url)], api_port=port)
+    proc = DaemonProcess(cfg).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        alice = httpx.post(f"http://127.0.0.1:{port}/v1/addresses", json={"chain": "devnet", "label": "alice"},
+                           headers=APP).json()["address"]
+        for i in range(5):
+            anvil.send(anvil.accounts[1], alice, 10**15 + i)
+        anvil.mine(2)
+        wait_for(lambda: len([t for t in transfers(port) if t["status"] == "confirmed"]) == 5, what="deposits")
+        r = cli("backup", str(tmp_path / "backup.db"), "-c", str(cfg), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "integrity ok" in r.stdout and (tmp_path / "backup.db").stat().st_mode & 0o777 == 0o600
+        again = cli("backup", str(tmp_path / "backup.db"), "-c", str(cfg), cwd=tmp_path)
+        assert again.returncode == 1 and "--force" in again.stderr
+        anvil.send(anvil.accounts[1], alice, 7)  # after the backup: the restored daemon must find it
+        anvil.mine(2)
+    finally:
+        proc.stop()
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    shutil.copy(tmp_path / "backup.db", restored_dir / "watcher.db")
+    port2 = free_port()
+    cfg2 = write_config(restored_dir, [chain_entry("devnet", anvil.url)], api_port=port2)
+    proc = DaemonProcess(cfg2).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port2}/healthz")
+        items = wait_for(lambda: (t := transfers(port2)) and len(t) == 6 and all(x["status"] == "confirmed" for x in t)
+                         and t, what="the restored daemon catching up")
+        assert sorted(int(t["base_units"]) for t in items) == sorted([10**15 + i for i in range(5)] + [7])
+        assert all(t["label"] == "alice" for t in items)
+    finally:
+        proc.stop()
+
+
+async def test_reconcile_matches_after_deposits_and_sweeps_then_finds_a_gap(tmp_path, anvil: Anvil, token: Token):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry(
+        "devnet", anvil.url, tokens=[("USDT", token.address, 6)], confirmations=2,
+        sweep={"to": "0x000000000000000000000000000000000000bEEF", "min_amount": {"ETH": "0.01", "USDT": "1"},
+               "interval": 0})], api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    fwd = deploy(anvil, compile_contracts()["Forwarder"], [], [])
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d:
+            hot = d.store.hot_wallet("devnet")
+            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            bob, _ = d.store.addresses.deposit_address("devnet", "bob")
+            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 3 * 10**17))
+            anvil.wait_receipt(token.mint(bob.address, 50_000_000))
+            anvil.wait_receipt(token.mint(alice.address, 2_000_000))
+            d.senders["devnet"].sweeper.request()
+            deadline = trio.current_time() + 60
+            while not ((s := d.store.sweeps.list()[0]) and len(s) == 3 and all(x["status"] == "confirmed" for x in s)):
+                assert trio.current_time() < deadline, s
+                anvil.mine(1)
+                await trio.sleep(0.15)
+            anvil.mine(3)
+            await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
+    r = await trio.to_thread.run_sync(lambda: cli("reconcile", "--json", "-c", str(cfg), cwd=tmp_path))
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"], r.stdout
+    statuses = {(line["address"].lower(), line["asset"]): line for line in report["lines"]}
+    assert statuses[(alice.address, "ETH")]["status"] == "ok"
+    assert statuses[(bob.address, "ETH")]["status"] == "ok"  # top-up in, fee out, dust left: all accounted
+    assert statuses[(bob.address, "USDT")]["actual"] == "0"
+    # money arrives that watcher did not record: an internal transfer, with tracing off
+    anvil.wait_receipt(anvil.send(anvil.accounts[1], fwd, 12345,
+                                  calldata("forward(address[],uint256[])", [alice.address], [12345])))
+    anvil.mine(3)
+    async with running(cfg) as d:
+        await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
+    r = await trio.to_thread.run_sync(lambda: cli("reconcile", "-c", str(cfg), cwd=tmp_path))
+    assert r.returncode == 1
+    assert "mismatch" in r.stdout and "difference 0.000000000000012345" in r.stdout and "(alice)" in r.stdout
+
+
+async def test_readyz_follows_the_node(tmp_path, anvil: Anvil):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, rpc_timeout=0.5, max_lag=5, batch_size=2,
+                                              poll_interval=0.1)], api_port=port)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                  trust_env=False) as http:
+            async def ready() -> bool:
+                return (await http.get("/readyz")).status_code == 200
+
+            await wait_until(lambda: d.watchers["devnet"].status.node_up)
+            assert await ready()
+            anvil.pause()
+            try:
+                await wait_until(lambda: not d.watchers["devnet"].status.node_up, what="node marked down")
+                r = await http.get("/readyz")
+                assert r.status_code == 503 and r.json()["chains"]["devnet"]["problem"] == "node unreachable"
+            finally:
+                anvil.resume()
+            await wait_until(lambda: d.watchers["devnet"].status.node_up, what="node back")
+            assert await ready()
+            # far behind (more than max_lag): unready until caught up
+            anvil.mine(400)
+            saw_lagging = False
+            for _ in range(200):
+                r = await http.get("/readyz")
+                if r.status_code == 503 and "lagging" in (r.json()["chains"]["devnet"]["problem"] or ""):
+                    saw_lagging = True
+                    break
+                await trio.sleep(0.01)
+            assert saw_lagging
+            await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head(), timeout=60)
+            await wait_until(lambda: d.watchers["devnet"].status.lag == 0)
+            assert await ready()
+
+
+def test_secrets_never_reach_the_logs(tmp_path, anvil: Anvil, token: Token):
+    """A full run (deposits, an invoice, a webhook, a payout, a sweep with gas top-up), then
+    the log is searched for the seed, private keys and tokens."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry(
+        "devnet", anvil.url, tokens=[("USDT", token.address, 6)], confirmations=1,
+        sweep={"to": "0x000000000000000000000000000000000000bEEF", "min_amount": {"USDT": "1"}, "interval": 0.5})],
+        api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    keyring = Keyring.from_mnemonic(TEST_MNEMONIC)
+    proc = DaemonProcess(cfg).start()
+    secrets: list[str] = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=APP, trust_env=False, timeout=10)
+
+        async def with_receiver() -> None:
+            async with receiving() as rx:
+                hook = (await trio.to_thread.run_sync(lambda: api.post(
+                    "/v1/webhooks", json={"url": rx.url, "events": ["*"]}))).json()
+                secrets.append(hook["secret"])
+                await trio.to_thread.run_sync(run_workload)
+                await trio.sleep(1)
+
+        def run_workload() -> None:
+            hot = api.get("/v1/admin/status", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+            hot = hot["hot_wallets"]["devnet"]
+            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+            anvil.wait_receipt(token.mint(hot, 10**9))
+            alice = api.post("/v1/addresses", json={"chain": "devnet", "label": "alice"}).json()["address"]
+            anvil.wait_receipt(token.mint(alice, 5_000_000))
+            inv = api.post("/v1/invoices", json={"chain": "devnet", "asset": "USDT", "amount": "1"}).json()
+            anvil.wait_receipt(token.mint(inv["address"], 1_000_000))
+            p = api.post("/v1/payouts", json={"chain": "devnet", "asset": "USDT", "amount": "3",
+                                              "to": anvil.accounts[4], "idempotency_key": "k"}).json()
+            deadline = time.monotonic() + 40
+            while True:
+                anvil.mine(1)
+                done = api.get(f"/v1/payouts/{p['id']}").json()["status"] == "completed"
+                swept = [s for s in api.get("/v1/sweeps").json()["items"] if s["status"] == "confirmed"]
+                if done and len(swept) >= 2:
+                    break
+                assert time.monotonic() < deadline, (done, swept)
+                time.sleep(0.2)
+
+        trio.run(with_receiver)
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert "sweep" in log and "payout" in log and "invoice" in log  # the log did cover the workload
+    secrets += [TEST_MNEMONIC, API_TOKEN, ADMIN_TOKEN,
+                keyring.private_key(60, 0, account=HOT_WALLET_ACCOUNT).hex(),
+                keyring.private_key(60, 0).hex(), keyring.private_key(60, 1).hex()]
+    words = TEST_MNEMONIC.split()
+    secrets += [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+    secrets.append(secrets[0].removeprefix("whsec_"))
+    for s in secrets:
+        assert s not in log and s.lower() not in log.lower(), "a secret reached the log"

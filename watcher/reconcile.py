@@ -1,0 +1,124 @@
+"""``watcher reconcile``: does the chain hold what the database says it should?
+
+For every derived address that ever received something, and every asset, at the confirmed
+block B (the scanned tip less the confirmations, so nothing in flight blurs it):
+
+    expected = confirmed deposits
+             + gas top-ups from the hot wallet (native coin)
+             - what sweeps sent out - the fees this address paid (native coin)
+
+and the on-chain balance at B must equal it. Addresses with a sweep under way are skipped
+(reported as such). A difference means money arrived that watcher did not record (e.g.
+internal transfers with ``trace_internal`` off, or deposits before ``start_block``) or left
+without watcher (someone else holds the key): either needs an operator.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import NodeError
+from .money import format_amount
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .scanner import ChainWatcher
+
+
+@dataclass
+class Line:
+    chain: str
+    address: str
+    asset: str
+    expected: str
+    actual: str | None
+    difference: str | None
+    status: str  # 'ok', 'mismatch', 'in_flight', 'node_error'
+    label: str | None = None
+
+
+def _expected(daemon: Daemon, chain: str, block: int) -> dict[tuple[str, str], int]:
+    """(address, asset) -> base units the database says the address holds at ``block``."""
+    db = daemon.store.db
+    cfg = daemon.store.chain_config(chain)
+    native = cfg.native.symbol
+    exp: dict[tuple[str, str], int] = defaultdict(int)
+    for r in db.query(
+        "SELECT t.address, t.asset, t.amount FROM transfers t JOIN addresses a ON a.chain = t.chain"
+        " AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed' AND t.block_number <= ?"
+        " AND a.derivation_index IS NOT NULL", (chain, block)):
+        exp[(r["address"], r["asset"])] += int(r["amount"])
+    # what watcher itself moved: gas top-ups in; sweeps out, and the fees the address paid
+    # for them (a reverted sweep still pays its fee)
+    for r in db.query(
+        "SELECT c.purpose, c.status, c.asset, c.amount, c.fee_paid, s.address FROM chain_txs c"
+        " JOIN sweeps s ON s.id = c.ref_id WHERE c.chain = ? AND c.status IN ('mined', 'failed')"
+        " AND c.block_number <= ? AND c.purpose IN ('topup', 'sweep')", (chain, block)):
+        if r["purpose"] == "topup":
+            if r["status"] == "mined":
+                exp[(r["address"], native)] += int(r["amount"])
+            continue
+        if r["fee_paid"] is not None:
+            exp[(r["address"], native)] -= int(r["fee_paid"])
+        if r["status"] == "mined":
+            exp[(r["address"], r["asset"])] -= int(r["amount"])
+    return exp
+
+
+async def _chain_lines(daemon: Daemon, w: ChainWatcher) -> list[Line]:
+    store = daemon.store
+    cid = w.config.id
+    block = store.chains.scanned_number(cid) - w.config.confirmations + 1
+    if block < 0:
+        return []
+    expected = _expected(daemon, cid, block)
+    busy = store.sweeps.busy_addresses(cid)
+    lines: list[Line] = []
+    async with w.open_client() as client:
+        for (address, symbol), units in sorted(expected.items()):
+            asset = w.config.asset(symbol)
+            if asset is None:
+                continue
+            watched = store.addresses.get(cid, address)
+            label = watched.label if watched else None
+            shown = w.family.display_address(address)
+            exp_s = format_amount(units, asset.decimals)
+            if address in busy:
+                lines.append(Line(cid, shown, symbol, exp_s, None, None, "in_flight", label))
+                continue
+            try:
+                actual = await client.balance(address, asset, block=block)
+            except NodeError as e:
+                lines.append(Line(cid, shown, symbol, exp_s, None, e.message, "node_error", label))
+                continue
+            diff = actual - units
+            lines.append(Line(cid, shown, symbol, exp_s, format_amount(actual, asset.decimals),
+                              format_amount(diff, asset.decimals), "ok" if diff == 0 else "mismatch", label))
+    return lines
+
+
+def reconcile(daemon: Daemon) -> list[Line]:
+    async def run() -> list[Line]:
+        out: list[Line] = []
+
+        async def one(w: ChainWatcher) -> None:
+            try:
+                with trio.fail_after(300):
+                    out.extend(await _chain_lines(daemon, w))
+            except (NodeError, trio.TooSlowError) as e:
+                out.append(Line(w.config.id, "*", "*", "", None, getattr(e, "message", "timed out"), "node_error"))
+
+        async with trio.open_nursery() as nursery:
+            for w in daemon.watchers.values():
+                nursery.start_soon(one, w)
+        return sorted(out, key=lambda line: (line.chain, line.address, line.asset))
+
+    return trio.run(run)
+
+
+def as_json(lines: list[Line]) -> list[dict[str, Any]]:
+    return [asdict(line) for line in lines]
