@@ -152,11 +152,13 @@ def test_killed_between_topup_and_token_transfer_finishes_the_sweep_once(tmp_pat
             time.sleep(0.1)
         assert httpx.post(f"http://127.0.0.1:{port}/v1/sweeps/run", json={}, headers=ADMIN).status_code == 202
         deadline = time.monotonic() + 20
-        while sweep_status(db) != "funding":
+        # the sweep row turns `funding` when the signed top-up is stored, just before it is broadcast:
+        # wait for the top-up to be mined (automine) so the kill lands between top-up and token transfer
+        while sweep_status(db) != "funding" or anvil.balance(bob) == 0:
             assert time.monotonic() < deadline, sweep_status(db)
             time.sleep(0.01)
-        proc.kill()  # the top-up is out (automine), the token transfer not yet: it waits for 3 confirmations
-        assert anvil.balance(bob) > 0 and token.balance(TREASURY) == 0
+        proc.kill()  # the token transfer is not out yet: it waits for 3 confirmations of the top-up
+        assert token.balance(TREASURY) == 0
         anvil.mine(3)
         proc = DaemonProcess(cfg).start()
         wait_http(f"http://127.0.0.1:{port}/healthz")
