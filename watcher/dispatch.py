@@ -23,23 +23,23 @@ import json
 import logging
 import math
 import random
+import sqlite3
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from . import __version__
 from .clock import Clock
 from .config import WebhooksConfig
+from .httpclient import DeliveryError, WebhookClient
 from .metrics import Metrics
 from .store.events import iso_ms
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,41 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(secs, 0.0), MAX_RETRY_AFTER)
 
 
+@dataclass
+class _Result:
+    delivery: sqlite3.Row
+    webhook_id: str
+    attempt: int
+    status: int | None
+    latency: float
+    error: str | None
+    text: str | None
+    next_at: int | None
+    disable: str | None
+
+
+class _Endpoint:
+    """One endpoint's queue of due deliveries and its workers (at most
+    ``per_endpoint_concurrency`` attempts in flight: a dead endpoint holds only these)."""
+
+    def __init__(self, webhook_id: str, url: str):
+        self.id = webhook_id
+        self.url = url
+        self.queue: deque[sqlite3.Row] = deque()
+        self.ready = trio.Event()
+        self.workers = 0
+        self.gone = False
+
+
 class Dispatcher:
+    """Reads due deliveries in bulk into per-endpoint queues, sends them with per-endpoint
+    workers, and records the attempts in batched transactions (a crash before a batch is
+    written means those deliveries are sent again: at least once)."""
+
+    REFILL = 256  # due deliveries read per endpoint at a time
+    FLUSH_EVERY = 0.02  # seconds between attempt-record commits
+    FLUSH_MAX = 256  # ... or as soon as this many attempts wait to be recorded
+
     def __init__(self, store: Store, config: WebhooksConfig, metrics: Metrics, clock: Clock,
                  *, rng: random.Random | None = None):
         self.store = store
@@ -99,57 +133,103 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self._wake = trio.Event()
-        self._inflight: set[str] = set()
-        self._per_endpoint: Counter[str] = Counter()
+        self._taken: set[str] = set()  # queued or in flight
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._results: list[_Result] = []
+        self._flush_now = trio.Event()
+        self._have_results = trio.Event()
+        self._global = trio.CapacityLimiter(config.concurrency)
+        self._secrets: dict[str, tuple[float, list[str]]] = {}
         store.on_wake("webhooks", self.wake)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        limits = httpx.Limits(max_connections=self.config.concurrency,
-                              max_keepalive_connections=min(self.config.concurrency, 32))
-        async with httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout), limits=limits, trust_env=False,
-                                     follow_redirects=False) as client, trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                self._wake = trio.Event()
-                self._start_due(client, nursery)
-                next_due = self.store.webhooks.next_due()
-                now = self.clock.now_ms()
-                if next_due is None or next_due <= now:
-                    # nothing scheduled, or everything due is in flight / waiting for a slot:
-                    # an attempt finishing or a new delivery wakes us
-                    await self._wake.wait()
-                else:
-                    with trio.move_on_after((next_due - now) / 1000):
-                        await self._wake.wait()
-
-    def _start_due(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> None:
-        now = self.clock.now_ms()
-        for ep in self.store.webhooks.active_endpoints():
-            free = min(self.config.per_endpoint_concurrency - self._per_endpoint[ep["id"]],
-                       self.config.concurrency - len(self._inflight))
-            if free <= 0:
-                continue
-            for d in self.store.webhooks.due(ep["id"], now, free, self._inflight):
-                self._inflight.add(d["id"])
-                self._per_endpoint[ep["id"]] += 1
-                nursery.start_soon(self._attempt, client, ep["id"], ep["url"], d)
-
-    async def _attempt(self, client: httpx.AsyncClient, webhook_id: str, url: str, d: sqlite3.Row) -> None:
+        client = WebhookClient(max_idle_per_origin=self.config.per_endpoint_concurrency)
         try:
-            await self._send(client, webhook_id, url, d)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._flusher)
+                    task_status.started()
+                    while True:
+                        self._wake = trio.Event()
+                        self._refill(client, nursery)
+                        next_due = self.store.webhooks.next_due(exclude=self._taken)
+                        now = self.clock.now_ms()
+                        if next_due is None or next_due <= now:
+                            # nothing scheduled, or all that is due is queued: a finished
+                            # attempt, a new delivery or a config change wakes us
+                            await self._wake.wait()
+                        else:
+                            with trio.move_on_after((next_due - now) / 1000):
+                                await self._wake.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    self._flush()  # attempts already made are recorded on the way out
         finally:
-            self._inflight.discard(d["id"])
-            self._per_endpoint[webhook_id] -= 1
-            self.wake()
+            with trio.CancelScope(shield=True):
+                await client.aclose()
 
-    async def _send(self, client: httpx.AsyncClient, webhook_id: str, url: str, d: sqlite3.Row) -> None:
+    def _refill(self, client: WebhookClient, nursery: trio.Nursery) -> None:
+        now = self.clock.now_ms()
+        active = {r["id"]: r["url"] for r in self.store.webhooks.active_endpoints()}
+        for wid, ep in list(self._endpoints.items()):
+            if wid not in active or ep.url != active[wid]:
+                ep.gone = True  # disabled, deleted or moved: its queued deliveries wait in the database
+                for d in ep.queue:
+                    self._taken.discard(d["id"])
+                ep.queue.clear()
+                ep.ready.set()
+                del self._endpoints[wid]
+        for wid, url in active.items():
+            ep = self._endpoints.get(wid)
+            if ep is None:
+                ep = self._endpoints[wid] = _Endpoint(wid, url)
+            if len(ep.queue) < self.REFILL // 2:
+                for d in self.store.webhooks.due(wid, now, self.REFILL, self._taken):
+                    self._taken.add(d["id"])
+                    ep.queue.append(d)
+            while ep.queue and ep.workers < self.config.per_endpoint_concurrency:
+                ep.workers += 1
+                nursery.start_soon(self._worker, client, ep)
+            if ep.queue:
+                ep.ready.set()
+
+    async def _worker(self, client: WebhookClient, ep: _Endpoint) -> None:
+        try:
+            while ep.queue and not ep.gone:
+                d = ep.queue.popleft()
+                if len(ep.queue) < self.REFILL // 4:
+                    self.wake()  # ask for more before running dry
+                try:
+                    async with self._global:
+                        result = await self._send(client, ep, d)
+                    # (not `self._results.append(await ...)`: that would bind the list the
+                    # flusher may swap out while we wait, and the result would be lost)
+                    self._results.append(result)
+                    self._have_results.set()
+                except BaseException:
+                    self._taken.discard(d["id"])
+                    raise
+                if len(self._results) >= self.FLUSH_MAX:
+                    self._flush_now.set()
+        finally:
+            ep.workers -= 1
+
+    def _cached_secrets(self, webhook_id: str) -> list[str]:
+        now = trio.current_time()
+        hit = self._secrets.get(webhook_id)
+        if hit is None or now - hit[0] > 1.0:  # a rotation is seen within a second
+            hit = (now, self.store.webhooks.secrets(webhook_id))
+            self._secrets[webhook_id] = hit
+        return hit[1]
+
+    async def _send(self, client: WebhookClient, ep: _Endpoint, d: sqlite3.Row) -> _Result:
         attempt = d["attempts"] + 1
         body = delivery_body(d)
         ts = int(self.clock.now())
-        signatures = " ".join(sign(s, d["event_id"], ts, body) for s in self.store.webhooks.secrets(webhook_id))
+        signatures = " ".join(sign(s, d["event_id"], ts, body) for s in self._cached_secrets(ep.id))
         headers = {
             "content-type": "application/json",
             "user-agent": f"watcher/{__version__}",
@@ -166,44 +246,74 @@ class Dispatcher:
         retry_after: float | None = None
         t0 = time.perf_counter()
         try:
-            with trio.fail_after(self.config.timeout + 1):
-                resp = await client.post(url, content=body, headers=headers)
-            status = resp.status_code
-            text = resp.text[:500] if resp.content else None
-            retry_after = parse_retry_after(resp.headers.get("retry-after"), self.clock.now())
-        except (httpx.TimeoutException, trio.TooSlowError):
+            with trio.fail_after(self.config.timeout):
+                answer = await client.post(ep.url, body, headers)
+            status = answer.status
+            text = answer.body[:500].decode("utf-8", "replace") if answer.body else None
+            retry_after = parse_retry_after(answer.headers.get("retry-after"), self.clock.now())
+        except trio.TooSlowError:
             error = f"no answer within {self.config.timeout}s"
-        except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {str(e)[:200]}" if str(e) else type(e).__name__
+        except DeliveryError as e:
+            error = str(e)[:300]
         latency = time.perf_counter() - t0
         ok = status is not None and 200 <= status < 300
-        disable = None
-        next_at = None
+        disable = next_at = None
         if not ok:
             if status == 410:
                 disable = "endpoint answered 410 Gone"
+                ep.gone = True
             else:
                 if error is None:
                     error = f"HTTP {status}"
                 delay = next_delay(self.config.schedule, attempt, retry_after, self.rng)
                 if delay is not None:
                     next_at = self.clock.now_ms() + int(delay * 1000)
-        outcome = self.store.webhooks.record_attempt(
-            d["id"], attempt=attempt, status_code=status, latency_ms=int(latency * 1000), error=error,
-            response=text, next_attempt_at=next_at, disable_endpoint=disable)
-        self.metrics.webhook_attempts.labels("success" if ok else ("http_error" if status else "network_error")).inc()
-        self.metrics.webhook_latency.observe(latency)
+        return _Result(d, ep.id, attempt, status, latency, error, text, next_at, disable)
+
+    async def _flusher(self) -> None:
+        # idle (no timer) until a result is waiting: a periodic wake-up would keep an idle
+        # daemon busy and stall a MockClock that only jumps when every task is blocked
+        while True:
+            await self._have_results.wait()
+            with trio.move_on_after(self.FLUSH_EVERY):
+                await self._flush_now.wait()
+            self._have_results = trio.Event()
+            self._flush_now = trio.Event()
+            if self._results:
+                self._flush()
+                self.wake()
+
+    def _flush(self) -> None:
+        """Record every finished attempt in one transaction."""
+        results, self._results = self._results, []
+        if not results:
+            return
+        outcomes = []
+        with self.store.db.transaction():
+            for r in results:
+                outcomes.append(self.store.webhooks.record_attempt(
+                    r.delivery["id"], attempt=r.attempt, status_code=r.status, latency_ms=int(r.latency * 1000),
+                    error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable))
+        for r, outcome in zip(results, outcomes, strict=True):
+            self._taken.discard(r.delivery["id"])
+            self._account(r, outcome)
+
+    def _account(self, r: _Result, outcome: str) -> None:
+        ok = r.status is not None and 200 <= r.status < 300
+        d = r.delivery
+        self.metrics.webhook_attempts.labels("success" if ok else ("http_error" if r.status else "network_error")).inc()
+        self.metrics.webhook_latency.observe(r.latency)
         if outcome in ("delivered", "failed"):
             self.metrics.webhook_deliveries.labels(outcome).inc()
         if ok:
             self.metrics.webhook_delivery_delay.observe(max(0.0, self.clock.now() - d["event_created_at"] / 1000))
-        extra: dict[str, Any] = {"webhook_id": webhook_id, "delivery_id": d["id"], "event_id": d["event_id"],
-                                 "attempt": attempt, "status_code": status}
-        if disable:
-            log.warning("webhook %s disabled: %s", webhook_id, disable, extra=extra)
+        extra: dict[str, Any] = {"webhook_id": r.webhook_id, "delivery_id": d["id"], "event_id": d["event_id"],
+                                 "attempt": r.attempt, "status_code": r.status}
+        if r.disable:
+            log.warning("webhook %s disabled: %s", r.webhook_id, r.disable, extra=extra)
         elif outcome == "failed":
-            log.warning("delivery %s of %s to %s failed after %d attempts (%s)", d["id"], d["type"], webhook_id,
-                        attempt, error, extra=extra)
+            log.warning("delivery %s of %s to %s failed after %d attempts (%s)", d["id"], d["type"], r.webhook_id,
+                        r.attempt, r.error, extra=extra)
         elif not ok:
-            log.info("delivery %s of %s to %s: attempt %d failed (%s); next at %s", d["id"], d["type"], webhook_id,
-                     attempt, error, iso_ms(next_at), extra=extra)
+            log.info("delivery %s of %s to %s: attempt %d failed (%s); next at %s", d["id"], d["type"], r.webhook_id,
+                     r.attempt, r.error, iso_ms(r.next_at), extra=extra)

@@ -8,7 +8,6 @@ in the metrics with the chain id and method.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import random
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 import trio
 
 from .errors import NodeError, RpcError
@@ -138,7 +138,7 @@ class JsonRpc:
         payload = [
             {"jsonrpc": "2.0", "id": i, "method": m, "params": list(p)} for i, (m, p) in zip(ids, calls, strict=True)
         ]
-        body = json.dumps(payload if len(calls) > 1 else payload[0], separators=(",", ":"))
+        body = orjson.dumps(payload if len(calls) > 1 else payload[0])
         for m, _ in calls:
             self.metrics.rpc_requests.labels(self.chain, m).inc()
         async with self._limiter:
@@ -161,8 +161,8 @@ class JsonRpc:
             err.retry_after = _retry_after(resp)  # type: ignore[attr-defined]
             raise err
         try:
-            data = resp.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
             self._error(label, "decode")
             raise NodeError(f"{self.chain}: node sent a response that is not JSON to {label}") from None
         return self._match(calls, ids, data, label)

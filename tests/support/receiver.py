@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # trio.current_time()
+    wall: float = 0.0  # time.time() on arrival
 
     @property
     def json(self) -> dict[str, Any]:
@@ -58,7 +60,7 @@ class Receiver:
             if not msg.get("more_body"):
                 break
         rec = Received(headers={k.decode().lower(): v.decode() for k, v in scope["headers"]}, body=body,
-                       at=trio.current_time())
+                       at=trio.current_time(), wall=time.time())
         self.requests.append(rec)
         result = self.behavior(rec)
         if inspect.isawaitable(result):
