@@ -8,6 +8,7 @@ spans an await, cancellation cannot leave anything half-written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Mapping
@@ -126,9 +127,10 @@ class Daemon:
         for impl in self.pm.hook.watcher_startup.get_hookimpls():
             await await_me_maybe(impl.function(daemon=self))
         try:
-            async with trio.open_nursery() as nursery:
+            # the chain clients outlive the nursery: no task ever sees its client closed
+            async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
                 for w in self.watchers.values():
-                    await nursery.start(w.run)
+                    await nursery.start(w.run, await clients.enter_async_context(w.open_client()))
                 await nursery.start(self.deadlines.run)
                 await nursery.start(self.dispatcher.run)
                 await nursery.start(self.sinks.run)

@@ -10,6 +10,7 @@ because both need an operator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -56,7 +57,32 @@ class ChainStatus:
         return max(0, self.head - self.scanned)
 
 
+class _Pending:
+    """The result of a fetch started ahead of time."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    async def run(self, coro: Any) -> None:
+        try:
+            self._value = await coro
+        except Exception as e:  # handed to the consumer, which raises it in order
+            self._error = e
+        finally:
+            self._done.set()
+
+    async def result(self) -> Any:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class ChainWatcher:
+    prefetch = 2  # batches fetched ahead while catching up
+
     def __init__(self, config: ChainConfig, family: ChainFamily, store: Store, metrics: Metrics):
         self.config = config
         self.family = family
@@ -98,10 +124,15 @@ class ChainWatcher:
         """Poll the node now instead of at the end of the current interval."""
         self._poke.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, client: ChainClient | None = None, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the chain. With ``client`` given (the daemon's, which outlives every task
+        that uses it, the sender included), that client is used and left open."""
         cid = self.config.id
         self.metrics.watched_addresses.labels(cid).set(self.store.addresses.count(cid))
-        async with self.open_client() as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if client is None:
+                client = await stack.enter_async_context(self.open_client())
             self.client = client
             task_status.started()
             try:
@@ -110,8 +141,6 @@ class ChainWatcher:
             except (ChainMismatch, DeepReorg) as e:
                 self._halt(e)
                 await trio.sleep_forever()
-            finally:
-                self.client = None
 
     def _halt(self, e: Exception) -> None:
         self.status.halted = str(e)
@@ -179,6 +208,9 @@ class ChainWatcher:
                     return True
             self._ok(head, cur.number)
             return False
+        if head - cur.number > self.config.batch_size:
+            await self._catch_up(client, head)
+            return True
         end = min(head, cur.number + self.config.batch_size)
         t0 = time.monotonic()
         blocks = await client.fetch_blocks(cur.number + 1, end, self._watched)
@@ -194,6 +226,46 @@ class ChainWatcher:
         self._ok(head, result.tip)
         self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
         return result.tip < head
+
+    async def _catch_up(self, client: ChainClient, head: int) -> None:
+        """Far behind the head: fetch the next batches while the current one is applied
+        (``prefetch`` batches ahead), applying them strictly in order. Stops at the first
+        batch that does not continue the cursor: the normal step then deals with it (a
+        reorg, or a node that does not have the blocks yet)."""
+        cid = self.config.id
+        cur = self.store.chains.cursor(cid)
+        assert cur is not None
+        size = self.config.batch_size
+        stop = head
+        send, recv = trio.open_memory_channel[_Pending](self.prefetch)
+
+        async def produce(nursery: trio.Nursery) -> None:
+            async with send:
+                start = cur.number + 1
+                while start <= stop:
+                    end = min(start + size - 1, stop)
+                    pending = _Pending()
+                    nursery.start_soon(pending.run, client.fetch_blocks(start, end, self._watched))
+                    await send.send(pending)
+                    start = end + 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce, nursery)
+            async with recv:
+                async for pending in recv:
+                    t0 = time.monotonic()
+                    blocks = await pending.result()
+                    tip = self.store.chains.cursor(cid)
+                    assert tip is not None
+                    if not blocks or blocks[0].number != tip.number + 1 or (
+                            tip.hash is not None and blocks[0].parent_hash != tip.hash):
+                        nursery.cancel_scope.cancel()
+                        return
+                    result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
+                    self._blocks_changed()
+                    self._m_blocks.inc(len(blocks))
+                    self._ok(head, result.tip)
+                    self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
 
     def _watched(self, candidates: Any) -> set[str]:
         return self.store.addresses.watched(self.config.id, candidates)

@@ -1,5 +1,6 @@
 """Reading an EVM chain over JSON-RPC: blocks, native and ERC-20 transfers, internal
-transfers from ``trace_block``.
+transfers from ``trace_block``. A token-only chain (``watch_native = false``) fetches block
+headers (for the hash chain) and ``Transfer`` logs only, never full blocks.
 
 What is credited:
 - native: a transaction with value > 0 to a watched address whose receipt has status 1;
@@ -88,9 +89,11 @@ class EvmClient(ChainClient):
         logs: list[dict[str, Any]] = []
         traces: dict[int, list[dict[str, Any]]] = {}
 
+        full = self.opts.watch_native  # a token-only chain needs headers only
+
         async def get_blocks() -> None:
             results = await self.rpc.batch(
-                [("eth_getBlockByNumber", (hex(n), True)) for n in range(start, end + 1)])
+                [("eth_getBlockByNumber", (hex(n), full)) for n in range(start, end + 1)])
             for b in results:
                 if not b:
                     break  # the node does not have it (yet): return the prefix we have
@@ -101,7 +104,7 @@ class EvmClient(ChainClient):
                 logs.extend(await self._logs(start, end))
 
         async def get_traces() -> None:
-            if self.opts.trace_internal:
+            if self.opts.trace_internal and full:
                 nums = list(range(start, end + 1))
                 results = await self.rpc.batch_outcomes([("trace_block", (hex(n),)) for n in nums])
                 for n, r in zip(nums, results, strict=True):
@@ -126,7 +129,7 @@ class EvmClient(ChainClient):
         token_cands: list[dict[str, Any]] = []
         internal_cands: list[tuple[int, Transfer]] = []
         recipients: set[str] = set()
-        for b in raw_blocks:
+        for b in raw_blocks if full else ():
             number = _int(b["number"])
             for tx in b["transactions"]:
                 if tx.get("to") and _int(tx.get("value")) > 0:

@@ -3,6 +3,7 @@ of per-chain options."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ class EvmOptions:
     rpc_batch_size: int = 50  # JSON-RPC calls per HTTP request
     logs_block_range: int = 2000  # widest eth_getLogs range tried first
     fee_mode: str = "auto"  # "auto", "eip1559" or "legacy" (gasPrice)
+    watch_native: bool = True  # False: a token-only chain, scanned from logs and headers alone
 
 
 class EvmFamily(ChainFamily):
@@ -44,6 +46,7 @@ class EvmFamily(ChainFamily):
             rpc_batch_size=table.take("rpc_batch_size", int, 50, check=between(1, 1000)),
             logs_block_range=table.take("logs_block_range", int, 2000, check=between(1, 1_000_000)),
             fee_mode=table.take("fee_mode", str, "auto", check=one_of("auto", "eip1559", "legacy")),
+            watch_native=table.take("watch_native", bool, True),
         )
 
     def validate_address(self, text: str) -> str:
@@ -64,9 +67,7 @@ class EvmFamily(ChainFamily):
         return text.lower()
 
     def display_address(self, canonical: str) -> str:
-        from eth_utils import to_checksum_address
-
-        return to_checksum_address(canonical)
+        return _checksummed(canonical)
 
     def address_from_public_key(self, public_key: bytes) -> str:
         from coincurve import PublicKey
@@ -100,6 +101,13 @@ class EvmFamily(ChainFamily):
         from .client import EvmClient
 
         return EvmClient(ctx)
+
+
+@functools.lru_cache(maxsize=65536)
+def _checksummed(address: str) -> str:
+    from eth_utils import to_checksum_address
+
+    return to_checksum_address(address)
 
 
 def chain_id_of(info: dict[str, Any]) -> int | None:
