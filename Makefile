@@ -38,5 +38,8 @@ lint: deps
 test: deps lint
 	WATCHER_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: deps
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) node_modules devnet tests/.cache .pytest_cache
