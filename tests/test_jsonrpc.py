@@ -60,3 +60,15 @@ async def test_unreachable_node_fails_fast_after_retries():
     finally:
         await rpc.aclose()
     assert time.monotonic() - t0 < 5
+
+
+async def test_a_failing_chunk_of_a_split_batch_raises_the_plain_node_error():
+    # chunks are sent concurrently; the callers catch NodeError (back off, retry), so the
+    # failure must not arrive wrapped in the nursery's ExceptionGroup
+    rpc = JsonRpc("http://127.0.0.1:9", chain="t", metrics=Metrics(), timeout=1, max_batch=2,
+                  retry=RetryPolicy(attempts=1))
+    try:
+        with pytest.raises(NodeError, match="cannot reach node"):
+            await rpc.batch([("eth_blockNumber", ())] * 5)
+    finally:
+        await rpc.aclose()

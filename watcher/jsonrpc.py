@@ -22,6 +22,7 @@ import trio
 
 from .errors import NodeError, RpcError
 from .metrics import Metrics
+from .tasks import fan_out
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class JsonRpc:
         async def run(i: int) -> None:
             out[i] = await self._send_with_retry(chunks[i])
 
-        async with trio.open_nursery() as nursery:
+        async with fan_out() as nursery:
             for i in range(len(chunks)):
                 nursery.start_soon(run, i)
         return [r for chunk in out for r in chunk]

@@ -23,6 +23,7 @@ import trio
 
 from .errors import NodeError
 from .money import format_amount
+from .tasks import fan_out
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -112,7 +113,7 @@ def reconcile(daemon: Daemon) -> list[Line]:
             except (NodeError, trio.TooSlowError) as e:
                 out.append(Line(w.config.id, "*", "*", "", None, getattr(e, "message", "timed out"), "node_error"))
 
-        async with trio.open_nursery() as nursery:
+        async with fan_out() as nursery:
             for w in daemon.watchers.values():
                 nursery.start_soon(one, w)
         return sorted(out, key=lambda line: (line.chain, line.address, line.asset))

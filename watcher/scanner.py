@@ -25,6 +25,7 @@ from .config import ChainConfig
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
 from .jsonrpc import JsonRpc
 from .metrics import Metrics
+from .tasks import fan_out
 
 if TYPE_CHECKING:
     from .store import Cursor, Store
@@ -249,7 +250,7 @@ class ChainWatcher:
                     await send.send(pending)
                     start = end + 1
 
-        async with trio.open_nursery() as nursery:
+        async with fan_out() as nursery:
             nursery.start_soon(produce, nursery)
             async with recv:
                 async for pending in recv:

@@ -9,6 +9,7 @@ import trio
 
 from .errors import NodeError
 from .money import format_amount
+from .tasks import fan_out
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -41,7 +42,7 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
         async def one(cid: str, w: ChainWatcher) -> None:
             out[cid] = await _node_facts(daemon, w)
 
-        async with trio.open_nursery() as nursery:
+        async with fan_out() as nursery:
             for cid, w in daemon.watchers.items():
                 nursery.start_soon(one, cid, w)
         return out

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import trio
-
 from watcher.chains import (
     AddressFilter,
     Block,
@@ -33,6 +31,7 @@ from watcher.chains import (
 from watcher.config import AssetConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
 from watcher.jsonrpc import TOO_LARGE_RPC_CODES
+from watcher.tasks import fan_out
 
 from .family import EvmOptions
 from .send import NATIVE_TRANSFER_GAS, transfer_calldata
@@ -112,7 +111,7 @@ class EvmClient(ChainClient):
                         raise r
                     traces[n] = r or []
 
-        async with trio.open_nursery() as nursery:
+        async with fan_out() as nursery:
             nursery.start_soon(get_blocks)
             nursery.start_soon(get_logs)
             nursery.start_soon(get_traces)
