@@ -64,7 +64,7 @@ class Daemon:
             c.id: ChainWatcher(c, families[c.family], store, metrics) for c in config.chains
         }
         self.dispatcher = Dispatcher(store, config.webhooks, metrics, clock)
-        self.deadlines = InvoiceDeadlines(store, clock)
+        self.deadlines = InvoiceDeadlines(store, clock, metrics)
         self.sinks = EventSinks(self, pm, store, metrics)
         self.senders: dict[str, Sender] = {cid: Sender(self, w) for cid, w in self.watchers.items()}
         self.api_urls: list[str] = []
@@ -123,6 +123,9 @@ class Daemon:
     async def run(self, *, api: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from . import api as api_module
 
+        # a lock held by another process (sqlite3 shell, a backup tool) must not freeze every
+        # task: statements give up quickly and the tasks back off (see tasks.StorageRetry)
+        self.store.db.set_busy_timeout(250)
         await self.preflight()
         for impl in self.pm.hook.watcher_startup.get_hookimpls():
             await await_me_maybe(impl.function(daemon=self))

@@ -6,11 +6,14 @@ woken when an invoice is created or changes status."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING
 
 import trio
 
 from .clock import Clock
+from .metrics import Metrics
+from .tasks import StorageRetry
 
 if TYPE_CHECKING:
     from .store import Store
@@ -19,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class InvoiceDeadlines:
-    def __init__(self, store: Store, clock: Clock):
+    def __init__(self, store: Store, clock: Clock, metrics: Metrics):
         self.store = store
         self.clock = clock
+        self._storage = StorageRetry(store.db, metrics, "invoice deadlines")
         self._wake = trio.Event()
         store.on_wake("invoices", self.wake)
 
@@ -32,7 +36,12 @@ class InvoiceDeadlines:
         task_status.started()
         while True:
             self._wake = trio.Event()
-            changed = self.store.invoices.apply_deadlines()
+            try:
+                changed = self.store.invoices.apply_deadlines()
+            except sqlite3.DatabaseError as e:
+                await self._storage.wait(e)
+                continue
+            self._storage.ok()
             if changed:
                 log.info("%d invoice(s) reached a deadline (expired or failed)", changed)
             deadline = self.store.invoices.next_deadline()

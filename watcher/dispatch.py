@@ -38,6 +38,7 @@ from .config import WebhooksConfig
 from .httpclient import DeliveryError, WebhookClient
 from .metrics import Metrics
 from .store.events import iso_ms
+from .tasks import StorageRetry
 
 if TYPE_CHECKING:
     from .store import Store
@@ -130,6 +131,7 @@ class Dispatcher:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self._storage = StorageRetry(store.db, metrics, "webhook dispatcher")
         self.clock = clock
         self.rng = rng or random.Random()
         self._wake = trio.Event()
@@ -166,7 +168,12 @@ class Dispatcher:
                                 await self._wake.wait()
             finally:
                 with trio.CancelScope(shield=True):
-                    self._flush()  # attempts already made are recorded on the way out
+                    try:
+                        self._flush()  # attempts already made are recorded on the way out
+                    except sqlite3.DatabaseError as e:
+                        # not recorded: those deliveries are sent again after a restart (same
+                        # webhook-id, so receivers dedupe); at-least-once holds
+                        log.warning("webhook attempts not recorded on shutdown: %s", e)
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
@@ -280,7 +287,13 @@ class Dispatcher:
             self._have_results = trio.Event()
             self._flush_now = trio.Event()
             if self._results:
-                self._flush()
+                try:
+                    self._flush()
+                except sqlite3.DatabaseError as e:
+                    self._have_results.set()  # the results were put back: try again after the wait
+                    await self._storage.wait(e)
+                    continue
+                self._storage.ok()
                 self.wake()
 
     def _flush(self) -> None:
@@ -289,11 +302,15 @@ class Dispatcher:
         if not results:
             return
         outcomes = []
-        with self.store.db.transaction():
-            for r in results:
-                outcomes.append(self.store.webhooks.record_attempt(
-                    r.delivery["id"], attempt=r.attempt, status_code=r.status, latency_ms=int(r.latency * 1000),
-                    error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable))
+        try:
+            with self.store.db.transaction():
+                for r in results:
+                    outcomes.append(self.store.webhooks.record_attempt(
+                        r.delivery["id"], attempt=r.attempt, status_code=r.status, latency_ms=int(r.latency * 1000),
+                        error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable))
+        except BaseException:
+            self._results = results + self._results  # rolled back: keep them for the next flush
+            raise
         for r, outcome in zip(results, outcomes, strict=True):
             self._taken.discard(r.delivery["id"])
             self._account(r, outcome)

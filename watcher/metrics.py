@@ -50,6 +50,7 @@ class Metrics:
 
         # events, errors
         self.events = Counter("events_total", "Events written to the outbox, by type.", ["type"], namespace=ns, registry=r)
+        self.storage_errors = Counter("storage_errors_total", "Database writes that failed for a storage reason and were retried, by kind (locked, full, io).", ["kind"], namespace=ns, registry=r)
         self.errors = Counter("errors_total", "Errors handled by the daemon, by where they happened.", ["kind"], namespace=ns, registry=r)
         self.build_info = Gauge("build_info", "Always 1; the version label says which watcher runs.", ["version"], namespace=ns, registry=r)
         from . import __version__

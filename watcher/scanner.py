@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .config import ChainConfig
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
 from .jsonrpc import JsonRpc
 from .metrics import Metrics
-from .tasks import fan_out
+from .tasks import StorageRetry, fan_out
 
 if TYPE_CHECKING:
     from .store import Cursor, Store
@@ -89,6 +90,7 @@ class ChainWatcher:
         self.family = family
         self.store = store
         self.metrics = metrics
+        self._storage = StorageRetry(store.db, metrics, f"chain {config.id}")
         self.status = ChainStatus(chain=config.id, family=config.family)
         self.client: ChainClient | None = None
         self._poke = trio.Event()
@@ -160,9 +162,13 @@ class ChainWatcher:
             except NodeError as e:
                 await self._node_down(e)
         cursor = self.store.chains.cursor(self.config.id)
-        if cursor is None:
+        while cursor is None:
             start = self.config.start_block if self.config.start_block is not None else head
-            cursor = self.store.chains.ensure(self.config, start_block=start, node_info=info)
+            try:
+                cursor = self.store.chains.ensure(self.config, start_block=start, node_info=info)
+            except sqlite3.DatabaseError as e:
+                await self._storage.wait(e)
+                continue
             log.info("%s: first start, scanning from block %d (node head %d)", self.config.id, start, head,
                      extra={"chain": self.config.id})
         else:
@@ -186,6 +192,10 @@ class ChainWatcher:
             except NodeError as e:
                 await self._node_down(e)
                 continue
+            except sqlite3.DatabaseError as e:  # locked, full: the batch rolled back, do it again
+                await self._storage.wait(e)
+                continue
+            self._storage.ok()
             if not more:
                 with trio.move_on_after(self.config.poll_interval):
                     await self._poke.wait()

@@ -10,6 +10,7 @@ again, so a payout can never go out twice.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from .errors import NodeError, RpcError, WatcherError
 from .keys import HOT_WALLET_ACCOUNT
 from .money import format_amount
 from .sweeper import Sweeper
+from .tasks import StorageRetry
 from .txtrack import broadcast, cap_fees, track
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ class Sender:
         self.family = watcher.family
         self.store = daemon.store
         self.metrics = daemon.metrics
+        self._storage = StorageRetry(daemon.store.db, daemon.metrics, f"sender {watcher.config.id}")
         self.clock = daemon.clock
         self.hot = self.store.hot_wallet(self.chain)
         # rounds run when woken (a new block, a new or approved payout, a sweep request, a
@@ -72,10 +75,16 @@ class Sender:
                 try:
                     wait = self.idle_wait() if not self.busy() else self.tick
                     await self.round(client)
+                    self._storage.ok()
                 except (NodeError, BroadcastRejected) as e:
                     self.metrics.errors.labels("sender").inc()
                     log.warning("%s: sender round failed: %s", self.chain, getattr(e, "message", e),
                                 extra={"chain": self.chain})
+                except sqlite3.DatabaseError as e:
+                    # locked or full: what the round was writing rolled back; every step is
+                    # stored before it acts, so the next round picks up where this one was
+                    await self._storage.wait(e)
+                    continue
                 except Exception:
                     # A bug in one round must not stop deposits, webhooks or the other chains:
                     # log it loudly, count it, and try again after a pause. Everything the

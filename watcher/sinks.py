@@ -10,6 +10,7 @@ outbox (it is not replayed the history).
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -17,6 +18,7 @@ import trio
 
 from .metrics import Metrics
 from .plugins import await_me_maybe
+from .tasks import StorageRetry
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -33,6 +35,7 @@ class EventSinks:
         self.daemon = daemon
         self.store = store
         self.metrics = metrics
+        self._storage = StorageRetry(store.db, metrics, "event plugins")
         self.impls = pm.hook.watcher_event.get_hookimpls()
         self._wakes: list[trio.Event] = []
         store.events.on_commit(lambda _event: self._wake_all())
@@ -75,8 +78,14 @@ class EventSinks:
                     await trio.sleep(backoff)
                     break
                 backoff = 0.0
+                while True:
+                    try:
+                        self._advance(name, event.seq)
+                        break
+                    except sqlite3.DatabaseError as e:  # the hook ran: a retry would run it twice
+                        await self._storage.wait(e)
+                self._storage.ok()
                 cursor = event.seq
-                self._advance(name, cursor)
             else:
                 if len(batch) < _BATCH:
                     await self._wakes[i].wait()

@@ -13,6 +13,7 @@ the same stored bytes and nonce, never a second transfer.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,6 +21,7 @@ import trio
 from .chains import ChainClient, FeeQuote, SignedTx
 from .errors import NodeError
 from .money import format_amount
+from .store.db import storage_trouble
 from .txtrack import broadcast, track
 
 if TYPE_CHECKING:
@@ -64,6 +66,11 @@ class Sweeper:
                 await self._step(client, head, row)
             except NodeError:
                 raise
+            except sqlite3.DatabaseError as e:
+                if storage_trouble(e):
+                    raise  # the file, not this sweep: the sender's round backs off and retries
+                log.exception("%s: sweep %s failed", self.chain, row["id"])
+                self.store.sweeps.failed(row["id"], f"{type(e).__name__}: {e}")
             except Exception as e:  # one bad sweep must not stop the others: record it
                 log.exception("%s: sweep %s failed", self.chain, row["id"])
                 self.store.sweeps.failed(row["id"], f"{type(e).__name__}: {e}")

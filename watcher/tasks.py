@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -35,3 +39,35 @@ def _first_real(group: BaseExceptionGroup) -> BaseException | None:
         elif not isinstance(e, trio.Cancelled):
             return e
     return None
+
+
+class StorageRetry:
+    """Backoff for a background task whose database write failed for a storage reason
+    (locked by another process, disk full, I/O error: see
+    :func:`watcher.store.db.storage_trouble`). The failed transaction has rolled back, so
+    the task only has to wait and do the same step again; ``wait`` re-raises errors that
+    are bugs rather than conditions of the file. The wait doubles from 0.5 s to 30 s and
+    starts over once a step gets through (:meth:`ok`)."""
+
+    def __init__(self, db: Any, metrics: Any, where: str):
+        self.db = db
+        self.metrics = metrics
+        self.where = where
+        self.failures = 0
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    async def wait(self, e: BaseException) -> None:
+        from .store.db import storage_trouble
+
+        kind = storage_trouble(e)
+        if kind is None:
+            raise e
+        self.failures += 1
+        self.db.trouble = f"{kind}: {e}"
+        self.metrics.storage_errors.labels(kind).inc()
+        delay = min(30.0, 0.5 * 2 ** (self.failures - 1))
+        log.warning("%s: database %s (%s); nothing was written, retrying in %.1f s", self.where, kind, e, delay,
+                    extra={"storage_error": kind})
+        await trio.sleep(delay)

@@ -68,7 +68,8 @@ async def healthz(req: ApiRequest) -> Any:
     return {"status": "ok"}
 
 
-@endpoints.add("GET", "/readyz", summary="Readiness: every chain's node answers and is within its lag threshold.",
+@endpoints.add("GET", "/readyz", summary="Readiness: every chain's node answers and is within its lag threshold, "
+               "and database writes go through.",
                auth=False, tag="health", responses={200: {"type": "object"}, 503: {"type": "object"}})
 async def readyz(req: ApiRequest) -> Any:
     chains, ready = {}, True
@@ -83,8 +84,12 @@ async def readyz(req: ApiRequest) -> Any:
             problem = f"lagging {s.lag} blocks (max_lag {w.config.max_lag})"
         chains[cid] = {"ready": problem is None, "problem": problem, "lag": s.lag}
         ready = ready and problem is None
-    return JSONResponse({"status": "ready" if ready else "unready", "chains": chains},
-                        status_code=200 if ready else 503)
+    body: dict[str, Any] = {"status": "ready" if ready else "unready", "chains": chains}
+    trouble = req.daemon.store.db.trouble  # a write failed (locked, disk full) and is being retried
+    body["storage"] = {"ready": trouble is None, "problem": trouble}
+    ready = ready and trouble is None
+    body["status"] = "ready" if ready else "unready"
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a token if api.metrics_auth.",

@@ -31,7 +31,29 @@ class StorageError(WatcherError):
     code = "storage_error"
 
 
+def storage_trouble(e: BaseException) -> str | None:
+    """What an SQLite error says about the *file*: ``locked`` (another process holds the
+    write lock past the busy timeout), ``full`` (disk or size limit), ``io`` (read-only,
+    I/O error, cannot open), or None for errors that are bugs (bad SQL, constraint
+    violations). The first three are conditions an operator fixes while the daemon waits."""
+    if not isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError) or isinstance(e, sqlite3.IntegrityError):
+        return None
+    name = getattr(e, "sqlite_errorname", "") or ""
+    text = str(e).lower()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return "locked"
+    if name.startswith("SQLITE_FULL") or "full" in text:
+        return "full"
+    if name.startswith(("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")) or "disk i/o" in text:
+        return "io"
+    return None
+
+
 class Database:
+    #: Set while the last write failed for a storage reason (see :func:`storage_trouble`);
+    #: cleared by the next commit. /readyz reports it.
+    trouble: str | None = None
+
     def __init__(self, path: Path | str, *, synchronous: str = "full"):
         self.path = Path(path) if str(path) != ":memory:" else path
         if isinstance(self.path, Path):
@@ -53,6 +75,12 @@ class Database:
         c.execute("PRAGMA foreign_keys = ON")
         self._in_tx = False
         self._after: list[Callable[[], None]] = []
+
+    def set_busy_timeout(self, ms: int) -> None:
+        """How long a statement waits for another process's lock. The daemon keeps this
+        short: SQLite waits by blocking the thread, which would freeze every Trio task; the
+        daemon's tasks instead back off and retry on ``database is locked``."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
 
     def migrate(self) -> list[str]:
         """Apply pending schema migrations, each atomically; returns their names."""
@@ -92,6 +120,7 @@ class Database:
                 self.conn.execute("ROLLBACK")
             raise
         self._in_tx = False
+        self.trouble = None
         callbacks, self._after = self._after, []
         for fn in callbacks:
             fn()
