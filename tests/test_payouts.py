@@ -248,6 +248,40 @@ async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvi
             assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
 
 
+async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_again(tmp_path, anvil: Anvil,
+                                                                                  token: Token):
+    """confirmations = 1, finality 6: a reorg of 3 blocks after the payout completed drops its
+    transaction. The same signed bytes go out again and land once; nothing is signed anew."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                              confirmations=1, finality_depth=6, chain_id=31337)],
+                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    carol = anvil.accounts[7]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            anvil.automine(False)
+            before = token.balance(carol)
+            p = (await http.post("/v1/payouts", json=payout_body(carol, "deep", "7"))).json()
+            done = await wait_until(lambda: (v := d.store.payouts.get(p["id"]))["status"] == "completed" and v
+                                    or anvil.mine(1), interval=0.2, what="payout completed")
+            assert token.balance(carol) - before == 7_000_000
+            anvil.mine(1)  # the reorg below goes deeper than the payout's block
+            anvil.reorg(3)  # the payout's block is replaced by an empty one
+            assert anvil.receipt(done["txid"]) is None and token.balance(carol) == before
+            d.watchers["devnet"].poke()
+            d.senders["devnet"].wake()
+            await wait_until(lambda: anvil.receipt(done["txid"]) is not None or anvil.mine(1), timeout=30,
+                             what="the same transaction mined again")
+            assert token.balance(carol) - before == 7_000_000  # paid again, exactly once
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+            v = d.store.payouts.get(p["id"])
+            assert v["status"] == "completed" and [t["txid"] for t in v["transactions"]] == [done["txid"]]
+            errors = d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "settled_tx_reorged"})
+            assert errors == 1
+
+
 async def test_watch_only_refuses_payouts_and_sweeps(tmp_path, anvil: Anvil, token: Token):
     from tests.support.daemon import TEST_MNEMONIC
     from watcher.keys import Keyring

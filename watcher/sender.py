@@ -113,6 +113,7 @@ class Sender:
             self._synced = True
         head = self.watcher.status.head or await client.head()
         await self._follow_payouts(client, head)
+        await self._guard_settled(client, head)
         paused = self.store.paused()
         if "payouts" not in paused:
             await self._send_payouts(client)
@@ -239,6 +240,31 @@ class Sender:
                                           fee_paid=None if s.fee_paid is None else str(s.fee_paid))
                 log.warning("%s: payout %s failed: %s", self.chain, p["id"], s.error,
                             extra={"chain": self.chain, "payout_id": p["id"], "txid": s.txid})
+
+    async def _guard_settled(self, client: ChainClient, head: int) -> None:
+        """Transactions of finished payouts and sweeps stay followed until they are
+        ``finality_depth`` deep: a reorg deeper than ``confirmations`` can take one off the
+        chain after its payout completed. Then its stored bytes are sent again (same nonce,
+        so it can still only be mined once) and it is followed until it is back and final;
+        the payout or sweep keeps its status, since the same transaction lands again."""
+        rows = self.store.db.query(
+            "SELECT c.* FROM chain_txs c"
+            " LEFT JOIN payouts p ON c.purpose = 'payout' AND p.id = c.ref_id"
+            " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
+            " WHERE c.chain = ? AND c.sender = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
+            " AND c.block_number > ?)) AND (p.status IN ('completed', 'failed') OR s.status IN ('confirmed', 'failed')"
+            " OR (c.purpose = 'topup' AND s.status = 'broadcast')) ORDER BY c.nonce, c.id",
+            (self.chain, self.hot, head - self.cfg.finality_depth))
+        groups: dict[tuple[str, str], list[sqlite3.Row]] = {}
+        for r in rows:
+            groups.setdefault((r["ref_id"], r["purpose"]), []).append(r)
+        for (ref, purpose), txs in groups.items():
+            was_open = any(t["status"] == "open" for t in txs)
+            t = await track(self.store, client, txs, head=head, stuck_after=self.cfg.payouts.stuck_after,
+                            fee_bump_ppm=self.cfg.payouts.fee_bump_ppm, max_fee=None, resign=None,
+                            what=f"{self.chain}: settled {purpose} {ref}")
+            if t.state != "mined" and not was_open:
+                self.metrics.errors.labels("settled_tx_reorged").inc()
 
     async def _balance_metrics(self, client: ChainClient) -> None:
         assert self.hot is not None
