@@ -26,7 +26,8 @@ async def test_block_hashes_older_than_finality_are_pruned(tmp_path, anvil: Anvi
             kept = d.store.chains.recent_blocks("devnet")
             tip = anvil.head()
             assert max(kept) == tip
-            assert min(kept) == tip - 20 + 1 and len(kept) == 20  # contiguous, exactly the finality window
+            # contiguous: the finality window and its parent (the ancestor of a reorg of exactly 20)
+            assert min(kept) == tip - 20 and len(kept) == 21
 
 
 async def test_catch_up_logs_progress_with_rate_and_eta(tmp_path, anvil: Anvil, caplog):
@@ -102,3 +103,25 @@ async def test_database_refuses_a_node_of_another_chain_later(tmp_path, anvil: A
         assert "reports chain_id = 5" in repr(exc.value) and "chain_id = 31337" in repr(exc.value)
     finally:
         other.close()
+
+
+async def test_reorg_of_exactly_the_finality_depth_is_followed(tmp_path, anvil: Anvil):
+    """finality_depth 4: a reorg replacing the last 4 blocks is the deepest we promise to follow;
+    its common ancestor sits just below the window and must still be kept (found by the
+    crash-and-reorg soak: the scanner halted as if the reorg were deeper)."""
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, confirmations=2, finality_depth=4)])
+    with trio.fail_after(60):
+        async with running(cfg, api=False) as d:
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            anvil.automine(False)
+            anvil.mine(20)
+            tx = anvil.send(anvil.accounts[1], alice.address, 5)
+            anvil.mine(4)
+            await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
+            assert d.store.transfers.list()[0][0]["status"] == "confirmed"
+            anvil.reorg(4)  # replaces the deposit's block and the 3 after it
+            await wait_until(lambda: d.store.transfers.list()[0][0]["status"] == "orphaned", what="orphaned")
+            anvil.mine(2)
+            await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
+            assert d.watchers["devnet"].status.halted is None
+            assert anvil.receipt(tx) is None

@@ -83,7 +83,12 @@ class ChainState:
                         f" ({(prev_hash or '?')[:12]})")
                 prev_number, prev_hash = b.number, b.hash
             tip = blocks[-1].number
-            keep_from = max(node_head, tip) - chain.finality_depth
+            # keep the finality window *and* the block just below it: a reorg of exactly
+            # finality_depth blocks replaces the whole window, and the walk back needs that
+            # block as the common ancestor. Relative to the node's head, not only our tip: a
+            # scanner that is still a few blocks behind must keep the ancestor of a reorg the
+            # node sees at its head.
+            keep_from = max(node_head, tip) - chain.finality_depth - 1
             detected = 0
             # transfers recorded ahead of the scanner (submit-tx) must be in the blocks we now see
             ahead = self.store.transfers.max_block_above(chain.id, cur.number)
@@ -103,7 +108,7 @@ class ChainState:
                 (tip, blocks[-1].hash, self.store.clock.now_ms(), chain.id),
             )
             confirmed = self.store.transfers.confirm_upto(chain, tip)
-            conn.execute("DELETE FROM blocks WHERE chain = ? AND number <= ?", (chain.id, tip - chain.finality_depth))
+            conn.execute("DELETE FROM blocks WHERE chain = ? AND number < ?", (chain.id, tip - chain.finality_depth))
         return ScanResult(tip=tip, detected=detected, confirmed=confirmed)
 
     def record_lookup(self, chain: ChainConfig, block: Block) -> bool:
@@ -124,9 +129,14 @@ class ChainState:
 
     def rollback(self, chain: ChainConfig, ancestor: int, ancestor_hash: str | None) -> int:
         """Undo every block above ``ancestor`` (a reorg): orphan their transfers (with
-        events) and move the cursor back. Returns the number of orphaned transfers."""
+        events), reopen our own transactions mined there (the sender checks them again and
+        sends the same bytes if the new chain lacks them), and move the cursor back. Returns
+        the number of orphaned transfers."""
         with self.store.db.transaction() as conn:
             orphaned = self.store.transfers.orphan_above(chain, ancestor, ancestor)
+            conn.execute("UPDATE chain_txs SET status = 'open', block_number = NULL, fee_paid = NULL, error = NULL,"
+                         " updated_at = ? WHERE chain = ? AND status IN ('mined', 'failed') AND block_number > ?",
+                         (self.store.clock.now_ms(), chain.id, ancestor))
             conn.execute("DELETE FROM blocks WHERE chain = ? AND number > ?", (chain.id, ancestor))
             conn.execute(
                 "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
