@@ -242,7 +242,7 @@ class Sender:
                             extra={"chain": self.chain, "payout_id": p["id"], "txid": s.txid})
 
     async def _guard_settled(self, client: ChainClient, head: int) -> None:
-        """Transactions of finished payouts and sweeps stay followed until they are
+        """Transactions of completed payouts and sweeps stay followed until they are
         ``finality_depth`` deep: a reorg deeper than ``confirmations`` can take one off the
         chain after its payout completed. Then its stored bytes are sent again (same nonce,
         so it can still only be mined once) and it is followed until it is back and final;
@@ -251,18 +251,25 @@ class Sender:
             "SELECT c.* FROM chain_txs c"
             " LEFT JOIN payouts p ON c.purpose = 'payout' AND p.id = c.ref_id"
             " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
-            " WHERE c.chain = ? AND c.sender = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
-            " AND c.block_number > ?)) AND (p.status IN ('completed', 'failed') OR s.status IN ('confirmed', 'failed')"
+            " WHERE c.chain = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
+            " AND c.block_number > ?)) AND (p.status = 'completed' OR s.status = 'confirmed'"
             " OR (c.purpose = 'topup' AND s.status = 'broadcast')) ORDER BY c.nonce, c.id",
-            (self.chain, self.hot, head - self.cfg.finality_depth))
+            # a block counts as final once both the node's head and our scan are finality_depth
+            # past it (a scanner that is behind has not seen a reorg there yet)
+            (self.chain, min(head, self.store.chains.scanned_number(self.chain)) - self.cfg.finality_depth))
         groups: dict[tuple[str, str], list[sqlite3.Row]] = {}
         for r in rows:
             groups.setdefault((r["ref_id"], r["purpose"]), []).append(r)
         for (ref, purpose), txs in groups.items():
             was_open = any(t["status"] == "open" for t in txs)
-            t = await track(self.store, client, txs, head=head, stuck_after=self.cfg.payouts.stuck_after,
-                            fee_bump_ppm=self.cfg.payouts.fee_bump_ppm, max_fee=None, resign=None,
-                            what=f"{self.chain}: settled {purpose} {ref}")
+            try:
+                t = await track(self.store, client, txs, head=head, stuck_after=self.cfg.payouts.stuck_after,
+                                fee_bump_ppm=self.cfg.payouts.fee_bump_ppm, max_fee=None, resign=None,
+                                what=f"{self.chain}: settled {purpose} {ref}")
+            except BroadcastRejected:
+                # e.g. a sweep whose gas top-up went with the same reorg: logged by track; the
+                # rest of the round (new payouts) must not wait for it
+                continue
             if t.state != "mined" and not was_open:
                 self.metrics.errors.labels("settled_tx_reorged").inc()
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .chains import ChainClient, FeeQuote, SignedTx
-from .errors import NodeError
+from .errors import NodeError, RpcError
 from .money import format_amount
 from .store.db import storage_trouble
 from .txtrack import broadcast, track
@@ -64,6 +64,14 @@ class Sweeper:
         for row in self.store.sweeps.active(self.chain):
             try:
                 await self._step(client, head, row)
+            except RpcError as e:
+                if e.retryable:
+                    raise
+                # the node refuses this sweep for good (e.g. estimateGas reverts: a reorg took
+                # the deposit it was planned for): fail it, so it stops holding up the round;
+                # what is really there is planned again by the next run
+                log.warning("%s: sweep %s failed: %s", self.chain, row["id"], e.message, extra={"chain": self.chain})
+                self.store.sweeps.failed(row["id"], f"the node refused it: {e.message[:300]}")
             except NodeError:
                 raise
             except sqlite3.DatabaseError as e:
