@@ -264,7 +264,7 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
             anvil.automine(False)
             before = token.balance(carol)
             p = (await http.post("/v1/payouts", json=payout_body(carol, "deep", "7"))).json()
-            done = await wait_until(lambda: (v := d.store.payouts.get(p["id"]))["status"] == "completed" and v
+            done = await wait_until(lambda: ((v := d.store.payouts.get(p["id"]))["status"] == "completed" and v)
                                     or anvil.mine(1), interval=0.2, what="payout completed")
             assert token.balance(carol) - before == 7_000_000
             anvil.mine(1)  # the reorg below goes deeper than the payout's block
