@@ -25,7 +25,8 @@ def test_parse_and_format_round_trip(text, decimals, units):
 @pytest.mark.parametrize("value,problem", [
     ("0", "greater than zero"), ("0.000", "greater than zero"), ("-1", "not a non-negative"),
     ("1.0000001", "more than 6 decimal places"), ("1e3", "not a non-negative"), ("", "not a non-negative"),
-    (" ", "not a non-negative"), ("NaN", "not a non-negative"), ("1,5", "not a non-negative"), (".5", "not a non-negative"),
+    (" ", "not a non-negative"), (" 1", "not a non-negative"), ("1\n", "not a non-negative"),
+    ("\uff11", "not a non-negative"), ("\u0661", "not a non-negative"), ("NaN", "not a non-negative"), ("1,5", "not a non-negative"), (".5", "not a non-negative"),
     (1.5, "decimal string"), (5, "decimal string"), (True, "decimal string"), (None, "decimal string"),
     ("1" * 80, "too large"),
 ])

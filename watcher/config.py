@@ -12,8 +12,10 @@ them took is an unknown key.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -91,8 +93,12 @@ class ConfigTable:
     def array_of_tables(self, name: str) -> list[ConfigTable]:
         self._taken.add(name)
         value = self.raw.get(name, [])
+        header = re.sub(r"\[\d+\]", "", self.key(name))  # chains[0].assets -> [[chains.assets]]
+        if isinstance(value, Mapping):
+            raise ConfigError(self.key(name), f"must be an array of tables: write [[{header}]] (double brackets), "
+                                              f"not [{header}]")
         if not isinstance(value, list):
-            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]]), got {_kind(value)}")
+            raise ConfigError(self.key(name), f"must be an array of tables ([[{header}]]), got {_kind(value)}")
         return [ConfigTable(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
 
     def done(self) -> None:
@@ -105,7 +111,8 @@ class ConfigTable:
 
 def _kind(value: Any) -> str:
     return {dict: "a table", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number"}.get(type(value), type(value).__name__)
+            float: "a number", datetime.datetime: "a date-time", datetime.date: "a date",
+            datetime.time: "a time"}.get(type(value), type(value).__name__)
 
 
 def _names(kinds: tuple[type, ...]) -> str:
@@ -137,6 +144,8 @@ def http_url(v: str) -> str | None:
         return f"{v!r} is not a valid URL ({e})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"{v!r} is not an http(s) URL with a host"
+    if any(c.isspace() or ord(c) < 0x20 for c in v):
+        return f"{v!r} contains whitespace or control characters"
     return None
 
 
@@ -273,9 +282,14 @@ def load_config(path: str | Path, families: Mapping[str, ChainFamily]) -> Config
     families the loaded plugins provide."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError("", f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError("", f"{path}: not valid TOML: the file is not UTF-8 (bad byte at line {line})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -302,6 +316,9 @@ def parse_config(
         synchronous=st.take("synchronous", str, "full", check=one_of("normal", "full", "extra")),
     )
     st.done()
+    problem = _storage_path_problem(storage.path)
+    if problem:
+        raise ConfigError(st.key("path"), problem)
 
     keys = _parse_keys(top.table("keys", required=True), resolve)
     api = _parse_api(top.table("api"))
@@ -331,6 +348,23 @@ def parse_config(
     top.done()
     return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains),
                   invoices=invoices, webhooks=webhooks, paused=paused)
+
+
+def _storage_path_problem(path: Path) -> str | None:
+    """What keeps the database file from being created or written, found without creating
+    anything (the database itself is opened later)."""
+    if path.is_dir():
+        return f"{str(path)!r} is a directory; give the database file's path (e.g. \"data/watcher.db\")"
+    if path.exists():  # its permissions are judged when it is opened (read-only tools may read it)
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(parent)!r} is not a directory, so {str(path)!r} cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {str(path)!r}: directory {str(parent)!r} is not writable by this user"
+    return None
 
 
 def _parse_invoices(t: ConfigTable) -> InvoicesConfig:

@@ -141,6 +141,8 @@ def _read_secret(path: Path, key: str) -> str:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise KeyMaterialError(f"{key}: cannot read {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:  # never echo the bytes: they may be key material
+        raise KeyMaterialError(f"{key}: {str(path)!r} is not UTF-8 text") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("%s %s is readable by group or others (mode %o); chmod 600 it",
                     key, path, stat.S_IMODE(st.st_mode))

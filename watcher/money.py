@@ -10,7 +10,8 @@ import re
 
 from .errors import InvalidAmount
 
-_DECIMAL = re.compile(r"^(?P<int>\d+)(?:\.(?P<frac>\d+))?$")
+# ASCII digits only (``\d`` would take fullwidth and other scripts' digits), no spaces, no sign
+_DECIMAL = re.compile(r"(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?")
 MAX_UINT256 = 2**256 - 1
 
 
@@ -20,8 +21,8 @@ def parse_amount(text: object, decimals: int, *, allow_zero: bool = False, what:
     if isinstance(text, bool) or not isinstance(text, str):
         # ints are refused too: "is 5 five units or five wei?" must never be guessed
         raise InvalidAmount(f"{what} must be a decimal string such as \"12.5\", got {type(text).__name__}")
-    s = text.strip()
-    m = _DECIMAL.match(s)
+    s = text
+    m = _DECIMAL.fullmatch(s)
     if not m or len(s) > 100:
         raise InvalidAmount(f"{what} {text[:40]!r} is not a non-negative decimal number")
     frac = (m.group("frac") or "").rstrip("0")

@@ -9,13 +9,15 @@ from typing import Any
 import trio
 from starlette.responses import JSONResponse
 
-from ..errors import BadRequest, InvalidAddress, NotFound, WatcherError
-from ..money import format_amount
+from ..errors import BadRequest, InvalidAddress, InvalidAmount, NotFound, WatcherError
+from ..money import format_amount, parse_amount
 from .routing import ApiRequest, Endpoints
 
 endpoints = Endpoints()
 
-LABEL_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+# fullmatch, not match + "$": "$" also matches before a trailing newline
+LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+PLAIN_DECIMAL_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 _error = {"$ref": "#/components/schemas/Error"}
 _chain_ref = {"$ref": "#/components/schemas/ChainId"}
@@ -54,9 +56,18 @@ def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
 def check_label(label: Any, *, required: bool = True) -> str | None:
     if label is None and not required:
         return None
-    if not isinstance(label, str) or not LABEL_RE.match(label):
+    if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
         raise BadRequest("label must be a string of 1-128 printable characters", code="invalid_label")
     return label
+
+
+def api_amount(value: Any, decimals: int, *, what: str = "amount", allow_zero: bool = False) -> int:
+    """An amount from a request: exactly what the OpenAPI pattern says, ASCII digits with an
+    optional fraction; no sign, exponent, spaces or non-ASCII digits (fullwidth ones, say)."""
+    if isinstance(value, str) and not PLAIN_DECIMAL_RE.fullmatch(value):
+        raise InvalidAmount(f"{what} {value[:40]!r} is not a plain decimal string such as \"12.5\" "
+                            "(ASCII digits and one optional point; no sign, exponent or spaces)")
+    return parse_amount(value, decimals, allow_zero=allow_zero, what=what)
 
 
 # --- health ------------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ from starlette.responses import JSONResponse
 
 from ..errors import BadRequest, InvalidAmount, NodeError, WatcherError
 from ..invoicing import MODES, STATUSES
-from ..money import parse_amount
-from .core_routes import chain_param, reject_unknown_fields
+from .core_routes import api_amount, chain_param, reject_unknown_fields
 from .routing import ApiRequest, Endpoints
 
 endpoints = Endpoints()
 
-ORDER_ID_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+ORDER_ID_RE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")  # fullmatch
 MAX_METADATA_BYTES = 8192
 MAX_METADATA_DEPTH = 8
 
@@ -55,10 +54,10 @@ def _depth(value: Any, level: int = 0) -> int:
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
         "asset": {"$ref": "#/components/schemas/AssetSymbol"},
-        "amount": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "in asset units, e.g. \"12.5\"; required in sale mode"},
+        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "in asset units, e.g. \"12.5\"; required in sale mode"},
         "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
         "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
-        "tolerance": {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
+        "tolerance": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
         "order_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
         "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"},
     }},
@@ -70,7 +69,8 @@ async def create_invoice(req: ApiRequest) -> Any:
     cfg = chain_param(req, body.get("chain"))
     asset_name = body.get("asset")
     if not isinstance(asset_name, str) or cfg.asset(asset_name) is None:
-        raise BadRequest(f"unknown asset {str(asset_name)[:32]!r} on chain {cfg.id!r} "
+        shown = repr(asset_name[:32]) if isinstance(asset_name, str) else f"of type {type(asset_name).__name__}"
+        raise BadRequest(f"unknown asset {shown} on chain {cfg.id!r} "
                          f"(configured: {', '.join(a.symbol for a in cfg.assets)})", code="unknown_asset")
     asset = cfg.asset(asset_name)
     mode = body.get("mode", "sale")
@@ -78,7 +78,7 @@ async def create_invoice(req: ApiRequest) -> Any:
         raise BadRequest(f"mode must be one of {', '.join(MODES)}", code="invalid_mode")
     amount = None
     if body.get("amount") is not None:
-        amount = parse_amount(body["amount"], asset.decimals)
+        amount = api_amount(body["amount"], asset.decimals)
     elif mode == "sale":
         raise InvalidAmount("amount is required in sale mode")
     inv_cfg = daemon.config.invoices
@@ -89,13 +89,13 @@ async def create_invoice(req: ApiRequest) -> Any:
     tolerance = inv_cfg.default_tolerance_ppm
     if "tolerance" in body:
         try:
-            tolerance = parse_amount(body["tolerance"], 6, allow_zero=True, what="tolerance")
+            tolerance = api_amount(body["tolerance"], 6, allow_zero=True, what="tolerance")
         except InvalidAmount as e:
             raise BadRequest(e.message, code="invalid_tolerance") from None
         if tolerance > 500_000:
             raise BadRequest("tolerance must be at most 0.5", code="invalid_tolerance")
     order_id = body.get("order_id")
-    if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.match(order_id)):
+    if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.fullmatch(order_id)):
         raise BadRequest("order_id must be a string of 1-128 printable characters", code="invalid_order_id")
     metadata = check_metadata(body.get("metadata", {}))
     store = daemon.store
@@ -168,10 +168,11 @@ async def submit_tx(req: ApiRequest) -> Any:
     if not mine:
         raise BadRequest(f"transaction {txid} does not pay {invoice['asset']} to this invoice's address",
                          code="tx_not_for_invoice", status=422)
-    recorded = store.chains.record_lookup(store.chain_config(chain), found.block)
+    with store.db.transaction():  # the payment and its audit entry, or neither
+        recorded = store.chains.record_lookup(store.chain_config(chain), found.block)
+        if recorded:
+            store.audit.record(req.actor, "invoice.submit_tx", invoice["id"], {"txid": txid})
     watcher.poke()
     status = "included" if recorded else "pending"
-    if recorded:
-        store.audit.record(req.actor, "invoice.submit_tx", invoice["id"], {"txid": txid})
     return JSONResponse({"tx": {"txid": txid, "status": status, "block_number": found.block.number},
                          "invoice": store.invoices.get(invoice["id"])}, status_code=200 if recorded else 202)

@@ -10,19 +10,24 @@ from starlette.responses import JSONResponse
 
 from ..checks import PayoutRequest, Veto
 from ..errors import BadRequest, WatcherError, WatchOnlyError
-from ..money import parse_amount
 from ..plugins import await_me_maybe
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
 from ..store.sweeps import STATUSES as SWEEP_STATUSES
-from .core_routes import canonical_address, chain_param, check_label, reject_unknown_fields
+from .core_routes import (
+    api_amount,
+    canonical_address,
+    chain_param,
+    check_label,
+    reject_unknown_fields,
+)
 from .invoice_routes import MAX_METADATA_BYTES, check_metadata
 from .routing import ApiRequest, Endpoints
 
 log = logging.getLogger(__name__)
 endpoints = Endpoints()
 
-KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+KEY_RE = re.compile(r"[\x21-\x7e]{1,128}")  # fullmatch
 _payout = {"$ref": "#/components/schemas/Payout"}
 _sweep = {"$ref": "#/components/schemas/Sweep"}
 _scope = {"type": "string", "enum": [*PAUSE_SCOPES, "all"]}
@@ -52,7 +57,7 @@ class PayoutCheckFailed(WatcherError):
           "additionalProperties": False, "properties": {
               "chain": {"$ref": "#/components/schemas/ChainId"},
               "asset": {"$ref": "#/components/schemas/AssetSymbol"},
-              "amount": {"type": "string", "pattern": r"^\d+(\.\d+)?$"},
+              "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
               "to": {"type": "string", "minLength": 1},
               "idempotency_key": {"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"},
               "label": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
@@ -64,13 +69,15 @@ async def create_payout(req: ApiRequest) -> Any:
     daemon = req.daemon
     store = daemon.store
     cfg = chain_param(req, body.get("chain"))
-    asset = cfg.asset(body.get("asset")) if isinstance(body.get("asset"), str) else None
+    asset_name = body.get("asset")
+    asset = cfg.asset(asset_name) if isinstance(asset_name, str) else None
     if asset is None:
-        raise BadRequest(f"unknown asset {str(body.get('asset'))[:32]!r} on chain {cfg.id!r}", code="unknown_asset")
-    amount = parse_amount(body.get("amount"), asset.decimals)
+        shown = repr(asset_name[:32]) if isinstance(asset_name, str) else f"of type {type(asset_name).__name__}"
+        raise BadRequest(f"unknown asset {shown} on chain {cfg.id!r}", code="unknown_asset")
+    amount = api_amount(body.get("amount"), asset.decimals)
     to = canonical_address(req, cfg.id, body.get("to"))
     key = body.get("idempotency_key")
-    if not isinstance(key, str) or not KEY_RE.match(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise BadRequest("idempotency_key must be 1-128 printable ASCII characters without spaces",
                          code="invalid_idempotency_key")
     label = check_label(body.get("label"), required=False)
@@ -170,7 +177,7 @@ async def list_sweeps(req: ApiRequest) -> Any:
                      "properties": {"chain": {"$ref": "#/components/schemas/ChainId"}}},
                responses={202: {"type": "object"}})
 async def run_sweeps(req: ApiRequest) -> Any:
-    body = await req.json() if req.request.headers.get("content-length", "0") not in ("0", "") else {}
+    body = await req.json(optional=True)
     reject_unknown_fields(body, {"chain"})
     daemon = req.daemon
     chains = [chain_param(req, body["chain"]).id] if "chain" in body else list(daemon.senders)

@@ -117,7 +117,8 @@ SCHEMAS: dict[str, Any] = {
 
 _ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 403: "needs the admin token",
                404: "no such object", 409: "conflict",
-               413: "request body too large", 422: "valid but unusable input", 503: "the chain's node is unavailable"}
+               413: "request body too large", 415: "request body not in UTF-8", 422: "valid but unusable input",
+               503: "the chain's node or the database is unavailable (storage_unavailable: see Retry-After)"}
 
 
 def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, Any]:
@@ -148,14 +149,14 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
         errors = set(e.errors)
         if "{" in e.path:
             errors.add(404)
-        if e.query:
-            errors.add(400)
+        if e.query or e.path.startswith("/v1/"):
+            errors.add(400)  # /v1 routes refuse unknown query parameters
         if e.auth:
-            errors.add(401)
+            errors |= {401, 503}  # 503 storage_unavailable: the database cannot be written right now
         if e.admin:
             errors.add(403)
         if e.body is not None:
-            errors |= {400, 413}
+            errors |= {400, 413, 415}
         for status in sorted(errors):
             responses[str(status)] = {"description": _ERROR_TEXT.get(status, "error"),
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

@@ -1,20 +1,31 @@
 """The API's plumbing: one table of endpoints (which also produces the OpenAPI document),
 bearer-token auth, JSON bodies with a size limit, and one error shape:
-``{"error": {"code": "<machine_code>", "message": "<human text>"}}``."""
+``{"error": {"code": "<machine_code>", "message": "<human text>"}}``.
+
+Hostile input stops here, before any handler sees it: a body must be strict UTF-8 JSON
+(no NaN/Infinity, no number that overflows, no duplicate keys, no lone surrogates, at most
+:data:`MAX_JSON_DEPTH` levels deep); ``/v1`` routes refuse query parameters they do not
+know or that are given twice. A database that cannot be written right now (locked by
+another process, disk full, I/O error) is a ``503 storage_unavailable`` with
+``Retry-After``; the transaction has rolled back, so nothing was half-written."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
+import math
+import re
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import BadRequest, Forbidden, Unauthorized, WatcherError
+from ..store.db import storage_trouble
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -27,6 +38,91 @@ class PayloadTooLarge(WatcherError):
 
     status = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(WatcherError):
+    """The body declares a character set other than UTF-8."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+#: Nesting levels a request body may have (metadata allows 8 below the body's own level).
+MAX_JSON_DEPTH = 32
+#: Seconds a client is asked to wait after ``503 storage_unavailable``.
+STORAGE_RETRY_AFTER = 5
+
+
+class _BadJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJson(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _BadJson(f"duplicate key {k[:64]!r}")
+            seen.add(k)
+    return out
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8 only, finite numbers, unique keys, valid Unicode, bounded depth.
+    Raises :class:`BadRequest` (``malformed_json``) saying what is wrong."""
+    try:
+        text = raw.decode("utf-8")  # strict: no UTF-16, no encoded surrogates
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid UTF-8 (bad byte at offset {e.start})",
+                         code="malformed_json") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise BadRequest(f"request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                         code="malformed_json") from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                         code="malformed_json") from None
+    except _BadJson as e:
+        raise BadRequest(f"request body is not valid JSON: {e}", code="malformed_json") from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise BadRequest("request body is not valid JSON: a number is too long", code="malformed_json") from None
+    _check_tree(value, check_unicode="\\u" in text)
+    return value
+
+
+def _check_tree(value: Any, *, check_unicode: bool) -> None:
+    """Reject nesting deeper than :data:`MAX_JSON_DEPTH` (so no handler ever recurses deep)
+    and strings with lone surrogates (``"\\ud800"``: valid JSON, but not text; SQLite and
+    every answer would choke on them)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                                 code="malformed_json")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items if isinstance(x, dict | list) or check_unicode)
+        elif check_unicode and isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("request body is not valid JSON: a string holds a lone UTF-16 surrogate "
+                                 "(\\ud800-\\udfff without its pair)", code="malformed_json") from None
 
 
 @dataclass
@@ -54,22 +150,28 @@ class ApiRequest:
         raw = self.request.query_params.get(name)
         if raw is None:
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise BadRequest(f"query parameter {name} must be an integer", code="invalid_parameter") from None
+        if not re.fullmatch(r"-?[0-9]{1,20}", raw):  # int() would take " 1", "1_0", fullwidth digits
+            raise BadRequest(f"query parameter {name} must be an integer", code="invalid_parameter")
+        value = int(raw)
         if not lo <= value <= hi:
             raise BadRequest(f"query parameter {name} must be between {lo} and {hi}", code="invalid_parameter")
         return value
 
-    async def json(self) -> dict[str, Any]:
-        """The body as a JSON object (400 if malformed or not an object, 413 if too big)."""
+    async def json(self, *, optional: bool = False) -> dict[str, Any]:
+        """The body as a JSON object (400 if malformed or not an object, 413 if too big,
+        415 if it declares a character set other than UTF-8). ``optional``: an empty body
+        is ``{}``."""
         if self._body is not None:
             return self._body
         limit = self.daemon.config.api.max_body_bytes
         declared = self.request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        content_type = self.request.headers.get("content-type", "")
+        charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in content_type.split(";")[1:]
+                        if p.strip().lower().startswith("charset=")), None)
+        if charset is not None and charset not in ("utf-8", "utf8", "us-ascii"):
+            raise UnsupportedMediaType(f"request body must be UTF-8 JSON, not charset {charset[:32]!r}")
         chunks, size = [], 0
         async for chunk in self.request.stream():
             size += len(chunk)
@@ -77,12 +179,12 @@ class ApiRequest:
                 raise PayloadTooLarge(f"request body is larger than {limit} bytes")
             chunks.append(chunk)
         raw = b"".join(chunks)
+        if optional and not raw.strip():
+            self._body = {}
+            return self._body
         if not raw.strip():
             raise BadRequest("request body must be a JSON object", code="malformed_json")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise BadRequest("request body is not valid JSON", code="malformed_json") from None
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object", code="malformed_json")
         self._body = body
@@ -145,25 +247,68 @@ def authenticate(request: Request, tokens: Mapping[str, str]) -> str:
     return found
 
 
+def check_query(request: Request, endpoint: Endpoint) -> None:
+    """``/v1`` routes refuse query parameters they do not take (a typo such as ``?stauts=``
+    must not silently list everything) and parameters given twice (which one would count?)."""
+    known = {q["name"] for q in endpoint.query}
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in known:
+            hint = f" (this route takes: {', '.join(sorted(known))})" if known else " (this route takes none)"
+            raise BadRequest(f"unknown query parameter {name[:64]!r}{hint}", code="unknown_parameter")
+        if name in seen:
+            raise BadRequest(f"query parameter {name[:64]!r} is given more than once", code="invalid_parameter")
+        seen.add(name)
+
+
+def storage_unavailable(daemon: Daemon, endpoint: Endpoint, kind: str, e: sqlite3.Error) -> Response:
+    """The 503 for a database that cannot be used right now. The failed transaction rolled
+    back (``Database.transaction``); the log names the route and SQLite's reason, never the
+    request's data."""
+    log.warning("API %s %s: database %s (%s); nothing was written, answered 503", endpoint.method, endpoint.path,
+                kind, e, extra={"storage_error": kind})
+    daemon.store.db.trouble = f"{kind}: {e}"
+    daemon.metrics.storage_errors.labels(kind).inc()
+    reason = {"locked": "the database is locked by another process",
+              "full": "the disk (or the database's size limit) is full",
+              "io": "the database file cannot be read or written"}.get(kind, "the database is unavailable")
+    return error_response(503, "storage_unavailable", f"{reason}; nothing was written, try again later",
+                          {"retry-after": str(STORAGE_RETRY_AFTER)})
+
+
 def wrap(endpoint: Endpoint, daemon: Daemon) -> Callable[[Request], Awaitable[Response]]:
+    strict_query = endpoint.path.startswith("/v1/")
+
     async def asgi_endpoint(request: Request) -> Response:
         try:
             token_name = authenticate(request, daemon.config.api.tokens) if endpoint.auth else None
             if endpoint.admin and token_name not in daemon.config.api.admin_tokens:
                 raise Forbidden("this route needs the admin token ([api] admin_token)", code="admin_only")
+            if strict_query:
+                check_query(request, endpoint)
             result = await endpoint.handler(ApiRequest(request, daemon, token_name))
+            if isinstance(result, Response):
+                return result
+            if isinstance(result, tuple):
+                status, payload = result
+                return JSONResponse(payload, status_code=status)
+            return JSONResponse(result)
         except WatcherError as e:
             headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
             return error_response(e.status, e.code, e.message, headers)
+        except ClientDisconnect:  # the client went away mid-body: nobody reads this answer
+            log.debug("API %s %s: client disconnected before sending the whole body", endpoint.method, endpoint.path)
+            return error_response(400, "client_disconnected", "the request body was cut short")
+        except sqlite3.Error as e:
+            kind = storage_trouble(e)
+            if kind is None:
+                log.exception("API %s %s failed", endpoint.method, endpoint.path)
+                daemon.metrics.errors.labels("api").inc()
+                return error_response(500, "internal_error", "internal error; see the daemon's log")
+            return storage_unavailable(daemon, endpoint, kind, e)
         except Exception:
             log.exception("API %s %s failed", endpoint.method, endpoint.path)
             daemon.metrics.errors.labels("api").inc()
             return error_response(500, "internal_error", "internal error; see the daemon's log")
-        if isinstance(result, Response):
-            return result
-        if isinstance(result, tuple):
-            status, payload = result
-            return JSONResponse(payload, status_code=status)
-        return JSONResponse(result)
 
     return asgi_endpoint

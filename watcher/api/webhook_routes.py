@@ -36,8 +36,10 @@ def check_url(req: ApiRequest, url: Any) -> str:
         port = parts.port
     except ValueError:
         raise BadRequest("url is not a valid URL", code="invalid_url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("url must be an http(s) URL with a host", code="invalid_url")
+    if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # could never be sent in a request line
+        raise BadRequest("url must not contain spaces or control characters", code="invalid_url")
     if not url.isascii():
         raise BadRequest("url must be ASCII (write an international host name in punycode, xn--...)",
                          code="invalid_url")
