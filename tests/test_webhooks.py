@@ -204,6 +204,30 @@ async def test_retry_schedule_spans_days_then_redeliver(tmp_path, mock_clock, an
             assert again.status_code == 202
 
 
+async def test_receiver_down_for_a_day_gets_everything_soon_after_it_returns(tmp_path, mock_clock, anvil):
+    """Forty events spread over 20 hours while the receiver answers 503 (MockClock: the
+    default schedule's retries are hours apart by then). When it answers again, the waiting
+    deliveries are due at once: all forty arrive within minutes, not at their next retry."""
+    state = {"up": False}
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, poll_interval=3600)], api_port=port)
+    async with receiving(lambda r: 200 if state["up"] else 503) as rx, \
+            running(cfg, api=True, clock=TrioClock(anchor=time.time())) as d:
+        d.store.webhooks.create(rx.url, ["invoice.created"], None)
+        for n in range(40):
+            new_invoice(d, n)
+            await trio.sleep(1800)  # one every half hour
+        assert rx.requests and all(r.json["type"] == "invoice.created" for r in rx.requests)
+        assert d.store.webhooks.backlog() == 40  # nothing given up yet: the schedule spans days
+        state["up"] = True
+        back = trio.current_time()
+        new_invoice(d, 40)  # the next event succeeds at once and pulls the others forward
+        await wait_until(lambda: d.store.webhooks.backlog() == 0, timeout=600, interval=1.0, what="all delivered")
+        assert trio.current_time() - back < 600  # minutes, where the schedule alone means hours
+        ok = {r.webhook_id for r in rx.requests if r.at >= back}
+        assert len(ok) == 41 and len(rx.unique()) == 41
+
+
 async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
     async with receiving() as rx:
         with trio.fail_after(30):

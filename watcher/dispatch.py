@@ -308,6 +308,11 @@ class Dispatcher:
                     outcomes.append(self.store.webhooks.record_attempt(
                         r.delivery["id"], attempt=r.attempt, status_code=r.status, latency_ms=int(r.latency * 1000),
                         error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable))
+                # an endpoint that answers again gets its waiting retries now, not on schedule
+                for wid in {r.webhook_id for r in results if r.status is not None and 200 <= r.status < 300}:
+                    if self.store.webhooks.expedite(wid):
+                        log.info("webhook %s answers again: its waiting deliveries are due now", wid,
+                                 extra={"webhook_id": wid})
         except BaseException:
             self._results = results + self._results  # rolled back: keep them for the next flush
             raise

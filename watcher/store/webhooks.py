@@ -239,6 +239,16 @@ class Webhooks:
                              " WHERE id = ?", (disable_endpoint, now, row["webhook_id"]))
         return status
 
+    def expedite(self, webhook_id: str) -> int:
+        """The endpoint answered 2xx again: its deliveries waiting for a retry are due now
+        instead of hours later (the schedule's gaps grow to a day). Deliveries that already
+        gave up stay ``failed`` (redeliver them). Returns how many were moved."""
+        now = self.store.clock.now_ms()
+        with self.store.db.transaction() as conn:
+            return conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE webhook_id = ? AND status = 'pending'"
+                " AND attempts > 0 AND next_attempt_at > ?", (now, now, webhook_id, now)).rowcount
+
     def delivery(self, delivery_id: str) -> sqlite3.Row:
         row = self.store.db.one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
         if row is None:
