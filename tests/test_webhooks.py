@@ -274,6 +274,12 @@ async def test_webhook_api(tmp_path):
                 ({"url": rx.url, "events": ["payout.sent"]}, "invalid_events"),
                 ({"url": f"http://127.0.0.1:{port}/hook", "events": ["*"]}, "webhook_loop"),
                 ({"url": f"http://localhost:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://127.1:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://2130706433:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://0.0.0.0:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://[::1]:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://[::ffff:127.0.0.1]:{port}/x", "events": ["*"]}, "webhook_loop"),
+                ({"url": f"http://LOCALHOST:{port}/x", "events": ["*"]}, "webhook_loop"),
                 ({"url": rx.url, "events": ["*"], "x": 1}, "unknown_field"),
             ]:
                 r = await http.post("/v1/webhooks", json=body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,9 +58,14 @@ def check_url(req: ApiRequest, url: Any) -> str:
 
 def _is_local(host: str) -> bool:
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        try:  # the legacy IPv4 spellings a resolver still accepts: 127.1, 2130706433, 0x7f.1, 0
+            ip = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1
     return ip.is_loopback or ip.is_unspecified
 
 
