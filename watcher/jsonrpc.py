@@ -172,7 +172,9 @@ class JsonRpc:
         items = data if isinstance(data, list) else [data]
         by_id: dict[Any, Any] = {}
         for item in items:
-            if isinstance(item, dict) and "id" in item:
+            # An id that is a JSON array or object answers none of our (integer) ids; hashing it
+            # would raise TypeError and crash the caller's task instead of failing this exchange.
+            if isinstance(item, dict) and "id" in item and not isinstance(item["id"], list | dict):
                 by_id[item["id"]] = item
             elif isinstance(item, dict) and "error" in item and len(calls) == 1:
                 # a node may answer a whole request with one error object without an id

@@ -13,8 +13,11 @@ What is credited:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from eth_utils import keccak
 
 from watcher.chains import (
     AddressFilter,
@@ -42,6 +45,27 @@ _ALREADY_KNOWN = ("already known", "known transaction", "already imported", "alr
 
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 _MAX_TRACE_INDEX = 10**6
+_LOGS_RANGE_PROBE_EVERY = 32  # eth_getLogs calls between tries of the full range after a split
+
+
+_T = TypeVar("_T")
+
+
+def _node_data(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+    """An answer of the wrong type or shape (a number that is not hex, a block that is a
+    string, a receipt without a block hash) is the node's fault: it becomes a NodeError,
+    which the caller backs off and retries, instead of an exception that would end the
+    chain's task and with it the daemon and every other chain."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: EvmClient, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise NodeError(f"{self.cfg.id}: malformed answer from the node in {fn.__name__}: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from e
+
+    return wrapper
 
 
 def _int(x: str | None) -> int:
@@ -52,6 +76,20 @@ def _addr_from_topic(topic: str) -> str:
     return "0x" + topic[-40:].lower()
 
 
+def _bloom_bits(item: bytes) -> tuple[tuple[int, int], ...]:
+    """The three (byte index, mask) pairs that ``item`` sets in a 2048-bit logs bloom."""
+    h = keccak(item)
+    bits = (((h[i] << 8) | h[i + 1]) & 2047 for i in (0, 2, 4))
+    return tuple((255 - b // 8, 1 << (b % 8)) for b in bits)
+
+
+def _bloom_has(bloom: bytes, bits: tuple[tuple[int, int], ...]) -> bool:
+    return all(bloom[i] & mask for i, mask in bits)
+
+
+_TRANSFER_BITS = _bloom_bits(bytes.fromhex(TRANSFER_TOPIC[2:]))
+
+
 class EvmClient(ChainClient):
     def __init__(self, ctx: ChainContext):
         self.ctx = ctx
@@ -59,13 +97,16 @@ class EvmClient(ChainClient):
         self.opts: EvmOptions = ctx.config.options or EvmOptions()
         self.rpc = ctx.jsonrpc(concurrency=self.opts.rpc_concurrency, max_batch=self.opts.rpc_batch_size)
         self.tokens = {a.contract: a for a in self.cfg.tokens}
+        self._token_bits = [_bloom_bits(bytes.fromhex(c[2:])) for c in self.tokens]
         self.native = self.cfg.native.symbol
         self.chain_id: int | None = None
         self._logs_range = self.opts.logs_block_range
+        self._logs_calls = 0
 
     async def aclose(self) -> None:
         await self.rpc.aclose()
 
+    @_node_data
     async def check(self) -> dict[str, Any]:
         chain_id = _int(await self.rpc.call("eth_chainId"))
         if self.opts.chain_id is not None and chain_id != self.opts.chain_id:
@@ -74,15 +115,18 @@ class EvmClient(ChainClient):
         self.chain_id = chain_id
         return {"chain_id": chain_id}
 
+    @_node_data
     async def head(self) -> int:
         return _int(await self.rpc.call("eth_blockNumber"))
 
+    @_node_data
     async def block_hashes(self, numbers: list[int]) -> dict[int, tuple[str, str]]:
         results = await self.rpc.batch([("eth_getBlockByNumber", (hex(n), False)) for n in numbers])
         return {n: (b["hash"], b["parentHash"]) for n, b in zip(numbers, results, strict=True) if b}
 
     # --- scanning ------------------------------------------------------------------------
 
+    @_node_data
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
         raw_blocks: list[dict[str, Any]] = []
         logs: list[dict[str, Any]] = []
@@ -122,6 +166,8 @@ class EvmClient(ChainClient):
         for i in range(1, len(raw_blocks)):
             if raw_blocks[i]["parentHash"] != raw_blocks[i - 1]["hash"]:
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
+        if self.tokens:
+            logs.extend(await self._missing_logs(raw_blocks, logs))
 
         # 1. candidates: every recipient, asked to the core's watched-address index at once
         native_cands: list[tuple[int, dict[str, Any]]] = []
@@ -189,13 +235,52 @@ class EvmClient(ChainClient):
         return Block(number=_int(b["number"]), hash=b["hash"], parent_hash=b["parentHash"],
                      timestamp=_int(b["timestamp"]), transfers=tuple(transfers))
 
+    async def _missing_logs(self, raw_blocks: list[dict[str, Any]], logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Token logs of blocks whose bloom says they may have some but the range query gave
+        none. Behind a load balancer the blocks and the logs may come from different nodes;
+        one lagging a few blocks answers eth_getLogs for blocks it does not have yet with
+        nothing, and those deposits would never be seen. Asked by block hash (EIP-234), a node
+        that lacks the block answers with an error instead, and the batch is fetched again.
+        A bloom false positive costs one request that finds nothing."""
+        with_logs = {_int(log.get("blockNumber")) for log in logs}
+        suspects = [b for b in raw_blocks if _int(b["number"]) not in with_logs and self._bloom_may_match(b)]
+        if not suspects:
+            return []
+        flt = {"address": list(self.tokens), "topics": [TRANSFER_TOPIC]}
+        results = await self.rpc.batch_outcomes([("eth_getLogs", ({**flt, "blockHash": b["hash"]},)) for b in suspects])
+        found: list[dict[str, Any]] = []
+        for b, r in zip(suspects, results, strict=True):
+            if isinstance(r, RpcError) and not r.retryable:  # a node without blockHash filters
+                r = await self._logs(_int(b["number"]), _int(b["number"]))
+            if isinstance(r, Exception) or not isinstance(r, list):
+                raise InconsistentData(f"{self.cfg.id}: the node has no logs for block {_int(b['number'])} "
+                                       f"although it gave the block ({getattr(r, 'message', r)})")
+            found.extend(r)
+        return found
+
+    def _bloom_may_match(self, block: dict[str, Any]) -> bool:
+        """May this block hold a Transfer log of a configured token? (True when it has no bloom.)"""
+        try:
+            bloom = bytes.fromhex(block["logsBloom"][2:])
+        except (KeyError, TypeError, ValueError):
+            return True
+        if len(bloom) != 256:
+            return True
+        return _bloom_has(bloom, _TRANSFER_BITS) and any(_bloom_has(bloom, bits) for bits in self._token_bits)
+
     async def _logs(self, start: int, end: int) -> list[dict[str, Any]]:
         """eth_getLogs over [start, end] for the configured tokens, splitting the range when
         the node refuses it as too large (and remembering the width that worked)."""
         out: list[dict[str, Any]] = []
-        lo = start
+        lo, width = start, self._logs_range
+        self._logs_calls += 1
+        if width < self.opts.logs_block_range and self._logs_calls % _LOGS_RANGE_PROBE_EVERY == 0:
+            # Now and then the full width again: a narrower one is learnt from an error that
+            # may not have been about the width at all (behind a load balancer, a replica that
+            # lags refuses a range beyond its head, and the halves then go to a fresh one).
+            width = self.opts.logs_block_range
         while lo <= end:
-            hi = min(end, lo + self._logs_range - 1)
+            hi = min(end, lo + width - 1)
             flt = {"fromBlock": hex(lo), "toBlock": hex(hi), "address": list(self.tokens),
                    "topics": [TRANSFER_TOPIC]}
             try:
@@ -203,9 +288,10 @@ class EvmClient(ChainClient):
             except RpcError as e:
                 if hi > lo and (e.rpc_code in TOO_LARGE_RPC_CODES or "range" in e.message.lower()
                                 or "too many" in e.message.lower() or "limit" in e.message.lower()):
-                    self._logs_range = max(1, (hi - lo + 1) // 2)
+                    width = max(1, (hi - lo + 1) // 2)
                     continue
                 raise
+            self._logs_range = width  # the width that worked
             lo = hi + 1
         return out
 
@@ -243,6 +329,7 @@ class EvmClient(ChainClient):
 
     # --- one transaction (submit-tx) --------------------------------------------------------
 
+    @_node_data
     async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:
         tx, rc = await self.rpc.batch([("eth_getTransactionByHash", (txid,)), ("eth_getTransactionReceipt", (txid,))])
         if tx is None:
@@ -280,6 +367,7 @@ class EvmClient(ChainClient):
 
     # --- sending ----------------------------------------------------------------------------
 
+    @_node_data
     async def fee_quote(self) -> FeeQuote:
         mode = self.opts.fee_mode
         if mode != "legacy":
@@ -299,9 +387,11 @@ class EvmClient(ChainClient):
         price = _int(await self.rpc.call("eth_gasPrice"))
         return FeeQuote(max_fee=price + price // 10)
 
+    @_node_data
     async def nonce(self, address: str, *, pending: bool = True) -> int:
         return _int(await self.rpc.call("eth_getTransactionCount", address, "pending" if pending else "latest"))
 
+    @_node_data
     async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
         tag = "latest" if block is None else hex(block)
         if asset.contract is None:
@@ -313,6 +403,7 @@ class EvmClient(ChainClient):
                             f"{str(result)[:20]!r}; is it deployed on this chain?", retryable=False)
         return _int(result[:66])
 
+    @_node_data
     async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
         if asset.contract is None:
             code = await self.rpc.call("eth_getCode", to, "latest")
@@ -338,6 +429,7 @@ class EvmClient(ChainClient):
                                                     "temporarily", "try again", "busy"))
             raise BroadcastRejected(e.message, permanent=permanent) from None
 
+    @_node_data
     async def tx_status(self, txid: str) -> TxStatus:
         rc, tx = await self.rpc.batch([("eth_getTransactionReceipt", (txid,)), ("eth_getTransactionByHash", (txid,))])
         if rc is None:

@@ -93,6 +93,10 @@ async def readyz(req: ApiRequest) -> Any:
             problem = "node unreachable" if s.error else "starting"
         elif s.lag is not None and s.lag > w.config.max_lag:
             problem = f"lagging {s.lag} blocks (max_lag {w.config.max_lag})"
+        elif s.head is not None and s.scanned is not None and s.scanned - s.head > w.config.max_lag:
+            # the node went back in height (a replica behind a load balancer that lags):
+            # nothing new is seen until it catches up with what we already scanned
+            problem = f"node is {s.scanned - s.head} blocks behind the scanned tip (max_lag {w.config.max_lag})"
         chains[cid] = {"ready": problem is None, "problem": problem, "lag": s.lag}
         ready = ready and problem is None
     body: dict[str, Any] = {"status": "ready" if ready else "unready", "chains": chains}
