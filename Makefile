@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps system-deps run test lint bench clean
+.PHONY: deps system-deps run test lint bench soak clean
 
 deps: $(VENV)/.installed node_modules/.installed system-deps
 
@@ -40,6 +40,18 @@ test: deps lint
 
 bench: deps
 	$(BIN)/python -m bench
+
+# The long reliability runs (docs/reliability.md): the crash-and-reorg soak with 1,500
+# operations, 20 SIGKILLs and 20 reorgs for each of SOAK_SEEDS, the fault-injecting proxy,
+# SQLite trouble, and schemathesis with 120 examples per operation (~5,000 cases).
+SOAK_SEEDS ?= 1 2 3
+soak: deps
+	set -e; for seed in $(SOAK_SEEDS); do \
+	  WATCHER_SOAK_SEED=$$seed WATCHER_SOAK_OPS=1500 WATCHER_SOAK_KILLS=20 WATCHER_SOAK_REORGS=20 \
+	    $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_soak.py $(PYTEST_ARGS); done
+	WATCHER_SCHEMATHESIS_EXAMPLES=120 $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_faults.py \
+	  tests/test_storage_faults.py tests/test_hostile.py tests/test_api.py::test_schemathesis_finds_no_server_errors \
+	  $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules devnet tests/.cache .pytest_cache
