@@ -242,9 +242,11 @@ class Sender:
                             extra={"chain": self.chain, "payout_id": p["id"], "txid": s.txid})
 
     async def _guard_settled(self, client: ChainClient, head: int) -> None:
-        """Transactions of completed payouts and sweeps stay followed until they are
-        ``finality_depth`` deep: a reorg deeper than ``confirmations`` can take one off the
-        chain after its payout completed. Then its stored bytes are sent again (same nonce,
+        """Transactions of completed payouts and sweeps, and gas top-ups no sweep follows any
+        more (a sweep that topped up again, was re-planned or failed), stay followed until they
+        are ``finality_depth`` deep: a reorg deeper than ``confirmations`` can take one off the
+        chain after its payout completed, and a hot-wallet nonce left unsent stalls every
+        later payout. Then its stored bytes are sent again (same nonce,
         so it can still only be mined once) and it is followed until it is back and final;
         the payout or sweep keeps its status, since the same transaction lands again."""
         rows = self.store.db.query(
@@ -252,15 +254,20 @@ class Sender:
             " LEFT JOIN payouts p ON c.purpose = 'payout' AND p.id = c.ref_id"
             " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
             " WHERE c.chain = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
-            " AND c.block_number > ?)) AND (p.status = 'completed' OR s.status = 'confirmed'"
-            " OR (c.purpose = 'topup' AND s.status = 'broadcast')) ORDER BY c.nonce, c.id",
+            " AND c.block_number > ?)) AND ((c.purpose = 'payout' AND p.status = 'completed')"
+            " OR (c.purpose = 'sweep' AND s.status = 'confirmed')"
+            # every gas top-up but the one a funding sweep is following itself: a top-up holds
+            # a hot-wallet nonce, and one left unsent would stall every later transaction
+            " OR (c.purpose = 'topup' AND NOT (s.status = 'funding' AND c.nonce = (SELECT MAX(t.nonce)"
+            " FROM chain_txs t WHERE t.ref_id = c.ref_id AND t.purpose = 'topup'))))"
+            " ORDER BY c.nonce, c.id",
             # a block counts as final once both the node's head and our scan are finality_depth
             # past it (a scanner that is behind has not seen a reorg there yet)
             (self.chain, min(head, self.store.chains.scanned_number(self.chain)) - self.cfg.finality_depth))
-        groups: dict[tuple[str, str], list[sqlite3.Row]] = {}
-        for r in rows:
-            groups.setdefault((r["ref_id"], r["purpose"]), []).append(r)
-        for (ref, purpose), txs in groups.items():
+        groups: dict[tuple[str, str, int], list[sqlite3.Row]] = {}
+        for r in rows:  # one group per nonce: the original and its fee-bump replacements
+            groups.setdefault((r["ref_id"], r["purpose"], r["nonce"]), []).append(r)
+        for (ref, purpose, _), txs in groups.items():
             was_open = any(t["status"] == "open" for t in txs)
             try:
                 t = await track(self.store, client, txs, head=head, stuck_after=self.cfg.payouts.stuck_after,
