@@ -248,6 +248,13 @@ class Sweeper:
             return tx
 
         policy = self.cfg.payouts
+        if txs and all(t["status"] == "replaced" for t in txs):
+            # another transaction of this address took the nonce (one of ours, sent again
+            # after a reorg): this sweep moved nothing; what is left is planned again
+            self.store.sweeps.failed(row["id"], "its nonce was used by another transaction of the address")
+            log.warning("%s: sweep %s: nonce %s was used by another transaction; sweep failed, to be planned "
+                        "again", self.chain, row["id"], txs[0]["nonce"], extra={"chain": self.chain})
+            return
         t = await track(self.store, client, txs, head=head, stuck_after=policy.stuck_after,
                         fee_bump_ppm=policy.fee_bump_ppm, max_fee=policy.max_fee_per_gas, resign=resign,
                         what=f"{self.chain}: sweep {row['id']}")

@@ -54,9 +54,13 @@ class Sweeps:
                                    (chain, native, limit))
 
     def busy_addresses(self, chain: str) -> set[str]:
+        """Addresses not to plan a sweep for now: one is under way, or a transaction they
+        sent is not settled (e.g. a confirmed sweep's transaction a reorg took off the chain,
+        being sent again): a new sweep would take the same nonce."""
         return {r[0] for r in self.store.db.query(
-            f"SELECT address FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))})",
-            (chain, *ACTIVE))}
+            f"SELECT address FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))})"
+            " UNION SELECT sender FROM chain_txs WHERE chain = ? AND purpose = 'sweep' AND status = 'open'",
+            (chain, *ACTIVE, chain))}
 
     def drop_candidate(self, chain: str, address: str, asset: str) -> None:
         with self.store.db.transaction() as conn:
