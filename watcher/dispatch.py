@@ -25,7 +25,7 @@ import math
 import random
 import sqlite3
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -135,7 +135,7 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self._wake = trio.Event()
-        self._taken: set[str] = set()  # queued or in flight
+        self._taken: dict[str, set[str]] = defaultdict(set)  # per endpoint: queued or in flight
         self._endpoints: dict[str, _Endpoint] = {}
         self._results: list[_Result] = []
         self._flush_now = trio.Event()
@@ -156,9 +156,9 @@ class Dispatcher:
                     task_status.started()
                     while True:
                         self._wake = trio.Event()
-                        self._refill(client, nursery)
-                        next_due = self.store.webhooks.next_due(exclude=self._taken)
+                        active = self._refill(client, nursery)
                         now = self.clock.now_ms()
+                        next_due = self.store.webhooks.next_retry(active, now)
                         if next_due is None or next_due <= now:
                             # nothing scheduled, or all that is due is queued: a finished
                             # attempt, a new delivery or a config change wakes us
@@ -178,14 +178,16 @@ class Dispatcher:
             with trio.CancelScope(shield=True):
                 await client.aclose()
 
-    def _refill(self, client: WebhookClient, nursery: trio.Nursery) -> None:
+    def _refill(self, client: WebhookClient, nursery: trio.Nursery) -> list[str]:
+        """Top up every active endpoint's queue with due deliveries (and start its workers);
+        returns the active endpoints' ids."""
         now = self.clock.now_ms()
         active = {r["id"]: r["url"] for r in self.store.webhooks.active_endpoints()}
         for wid, ep in list(self._endpoints.items()):
             if wid not in active or ep.url != active[wid]:
                 ep.gone = True  # disabled, deleted or moved: its queued deliveries wait in the database
                 for d in ep.queue:
-                    self._taken.discard(d["id"])
+                    self._taken[wid].discard(d["id"])
                 ep.queue.clear()
                 ep.ready.set()
                 del self._endpoints[wid]
@@ -194,14 +196,16 @@ class Dispatcher:
             if ep is None:
                 ep = self._endpoints[wid] = _Endpoint(wid, url)
             if len(ep.queue) < self.REFILL // 2:
-                for d in self.store.webhooks.due(wid, now, self.REFILL, self._taken):
-                    self._taken.add(d["id"])
+                taken = self._taken[wid]
+                for d in self.store.webhooks.due(wid, now, self.REFILL, taken):
+                    taken.add(d["id"])
                     ep.queue.append(d)
             while ep.queue and ep.workers < self.config.per_endpoint_concurrency:
                 ep.workers += 1
                 nursery.start_soon(self._worker, client, ep)
             if ep.queue:
                 ep.ready.set()
+        return list(active)
 
     async def _worker(self, client: WebhookClient, ep: _Endpoint) -> None:
         try:
@@ -217,7 +221,7 @@ class Dispatcher:
                     self._results.append(result)
                     self._have_results.set()
                 except BaseException:
-                    self._taken.discard(d["id"])
+                    self._taken[ep.id].discard(d["id"])
                     raise
                 if len(self._results) >= self.FLUSH_MAX:
                     self._flush_now.set()
@@ -317,7 +321,7 @@ class Dispatcher:
             self._results = results + self._results  # rolled back: keep them for the next flush
             raise
         for r, outcome in zip(results, outcomes, strict=True):
-            self._taken.discard(r.delivery["id"])
+            self._taken[r.webhook_id].discard(r.delivery["id"])
             self._account(r, outcome)
 
     def _account(self, r: _Result, outcome: str) -> None:

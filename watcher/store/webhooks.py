@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import sqlite3
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -199,13 +200,13 @@ class Webhooks:
             " ORDER BY d.next_attempt_at, d.seq LIMIT ?", (webhook_id, now, limit + len(exclude)))
         return [r for r in rows if r["id"] not in exclude][:limit]
 
-    def next_due(self, exclude: set[str] = frozenset()) -> int | None:
-        """When the next delivery not in ``exclude`` (queued or in flight) is due."""
-        rows = self.store.db.query(
-            "SELECT d.id, d.next_attempt_at FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-            " WHERE d.status = 'pending' AND w.status = 'active' ORDER BY d.next_attempt_at LIMIT ?",
-            (len(exclude) + 1,))
-        return next((r[1] for r in rows if r[0] not in exclude), None)
+    def next_retry(self, webhook_ids: Iterable[str], now: int) -> int | None:
+        """The earliest attempt after ``now`` scheduled for any of these endpoints: one
+        index lookup each (a dead endpoint's backlog of thousands is never sorted)."""
+        times = [self.store.db.scalar(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE webhook_id = ? AND status = 'pending'"
+            " AND next_attempt_at > ?", (wid, now)) for wid in webhook_ids]
+        return min((t for t in times if t is not None), default=None)
 
     def record_attempt(self, delivery_id: str, *, attempt: int, status_code: int | None, latency_ms: int,
                        error: str | None, response: str | None, next_attempt_at: int | None,
