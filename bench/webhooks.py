@@ -72,34 +72,43 @@ def prepare(workdir: Path, urls: list[str], n: int) -> tuple[Path, list[str]]:
 
 
 def drain(cfg: Path, webhook_id: str, n: int) -> float:
-    """Start the daemon on the prepared database; deliveries/s until the endpoint's backlog is 0."""
+    """Start the daemon on the prepared database and wait until the endpoint's backlog is 0;
+    deliveries/s between the first and the last delivery (the daemon's start-up, which
+    benchmark 2 measures, stays out of it)."""
     db = cfg.parent / "watcher.db"
     proc = DaemonProcess(cfg).start()
     try:
-        t0 = time.perf_counter()
+        started = time.perf_counter()
+        t0 = done0 = None  # when the first recorded deliveries showed up, and how many
         while True:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
                 left = c.execute("SELECT COUNT(*) FROM deliveries WHERE webhook_id = ? AND status != 'delivered'",
                                  (webhook_id,)).fetchone()[0]
+            now = time.perf_counter()
+            if t0 is None and left < n:
+                t0, done0 = now, n - left
             if left == 0:
-                return n / (time.perf_counter() - t0)
+                assert t0 is not None and done0 is not None
+                return (n - done0) / max(0.001, now - t0)
             assert proc.alive(), proc.log()[-2000:]
-            assert time.perf_counter() - t0 < 300
-            time.sleep(0.02)
+            assert now - started < 300
+            time.sleep(0.005)
     finally:
         proc.stop()
 
 
-def run(workdir: Path, n: int = 3000) -> dict[str, float]:
+def run(workdir: Path, n: int = 10_000) -> dict[str, float]:
     fast, fast_url = start_receiver("fast")
     hang, hang_url = start_receiver("hang")
     try:
         body = b'{"type":"invoice.created","timestamp":"2026-11-22T00:00:00.000Z","data":{"id":"inv_x"},"sequence":1}'
-        baseline = trio.run(raw_posts, fast_url, n, 4, body)
-        cfg, (fid,) = prepare(workdir / "one", [fast_url], n)
-        alone = drain(cfg, fid, n)
-        cfg, (fid, _hid) = prepare(workdir / "two", [fast_url, hang_url], n)
-        with_hang = drain(cfg, fid, n)
+        baseline = alone = with_hang = 0.0
+        for r in range(2):  # interleaved rounds, best of each: one slow moment of the machine
+            baseline = max(baseline, trio.run(raw_posts, fast_url, n, 4, body))
+            cfg, (fid,) = prepare(workdir / f"one{r}", [fast_url], n)
+            alone = max(alone, drain(cfg, fid, n))
+            cfg, (fid, _hid) = prepare(workdir / f"two{r}", [fast_url, hang_url], n)
+            with_hang = max(with_hang, drain(cfg, fid, n))
     finally:
         for p in (fast, hang):
             p.terminate()
