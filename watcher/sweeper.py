@@ -13,7 +13,6 @@ the same stored bytes and nonce, never a second transfer.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import TYPE_CHECKING
 
 import trio
@@ -74,12 +73,9 @@ class Sweeper:
                 self.store.sweeps.failed(row["id"], f"the node refused it: {e.message[:300]}")
             except NodeError:
                 raise
-            except sqlite3.DatabaseError as e:
+            except Exception as e:  # one bad sweep must not stop the others: record it
                 if storage_trouble(e):
                     raise  # the file, not this sweep: the sender's round backs off and retries
-                log.exception("%s: sweep %s failed", self.chain, row["id"])
-                self.store.sweeps.failed(row["id"], f"{type(e).__name__}: {e}")
-            except Exception as e:  # one bad sweep must not stop the others: record it
                 log.exception("%s: sweep %s failed", self.chain, row["id"])
                 self.store.sweeps.failed(row["id"], f"{type(e).__name__}: {e}")
         if self._last_plan is None:

@@ -41,6 +41,19 @@ def _first_real(group: BaseExceptionGroup) -> BaseException | None:
     return None
 
 
+def record_storage_trouble(db: Any, metrics: Any, e: BaseException) -> str | None:
+    """If ``e`` is storage trouble (see :func:`watcher.store.db.storage_trouble`), note it
+    for /readyz (cleared by the next commit) and count it; returns its kind, or None for an
+    error that is a bug."""
+    from .store.db import storage_trouble
+
+    kind = storage_trouble(e)
+    if kind is not None:
+        db.trouble = f"{kind}: {e}"
+        metrics.storage_errors.labels(kind).inc()
+    return kind
+
+
 class StorageRetry:
     """Backoff for a background task whose database write failed for a storage reason
     (locked by another process, disk full, I/O error: see
@@ -59,14 +72,10 @@ class StorageRetry:
         self.failures = 0
 
     async def wait(self, e: BaseException) -> None:
-        from .store.db import storage_trouble
-
-        kind = storage_trouble(e)
+        kind = record_storage_trouble(self.db, self.metrics, e)
         if kind is None:
             raise e
         self.failures += 1
-        self.db.trouble = f"{kind}: {e}"
-        self.metrics.storage_errors.labels(kind).inc()
         delay = min(30.0, 0.5 * 2 ** (self.failures - 1))
         log.warning("%s: database %s (%s); nothing was written, retrying in %.1f s", self.where, kind, e, delay,
                     extra={"storage_error": kind})

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import re
-import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import BadRequest, Forbidden, Unauthorized, WatcherError
-from ..store.db import storage_trouble
+from ..tasks import record_storage_trouble
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -261,14 +260,12 @@ def check_query(request: Request, endpoint: Endpoint) -> None:
         seen.add(name)
 
 
-def storage_unavailable(daemon: Daemon, endpoint: Endpoint, kind: str, e: sqlite3.Error) -> Response:
+def storage_unavailable(endpoint: Endpoint, kind: str, e: BaseException) -> Response:
     """The 503 for a database that cannot be used right now. The failed transaction rolled
     back (``Database.transaction``); the log names the route and SQLite's reason, never the
     request's data."""
     log.warning("API %s %s: database %s (%s); nothing was written, answered 503", endpoint.method, endpoint.path,
                 kind, e, extra={"storage_error": kind})
-    daemon.store.db.trouble = f"{kind}: {e}"
-    daemon.metrics.storage_errors.labels(kind).inc()
     reason = {"locked": "the database is locked by another process",
               "full": "the disk (or the database's size limit) is full",
               "io": "the database file cannot be read or written"}.get(kind, "the database is unavailable")
@@ -299,14 +296,10 @@ def wrap(endpoint: Endpoint, daemon: Daemon) -> Callable[[Request], Awaitable[Re
         except ClientDisconnect:  # the client went away mid-body: nobody reads this answer
             log.debug("API %s %s: client disconnected before sending the whole body", endpoint.method, endpoint.path)
             return error_response(400, "client_disconnected", "the request body was cut short")
-        except sqlite3.Error as e:
-            kind = storage_trouble(e)
-            if kind is None:
-                log.exception("API %s %s failed", endpoint.method, endpoint.path)
-                daemon.metrics.errors.labels("api").inc()
-                return error_response(500, "internal_error", "internal error; see the daemon's log")
-            return storage_unavailable(daemon, endpoint, kind, e)
-        except Exception:
+        except Exception as e:
+            kind = record_storage_trouble(daemon.store.db, daemon.metrics, e)
+            if kind is not None:  # locked, full: rolled back, the client may try again
+                return storage_unavailable(endpoint, kind, e)
             log.exception("API %s %s failed", endpoint.method, endpoint.path)
             daemon.metrics.errors.labels("api").inc()
             return error_response(500, "internal_error", "internal error; see the daemon's log")

@@ -36,7 +36,7 @@ def storage_trouble(e: BaseException) -> str | None:
     write lock past the busy timeout), ``full`` (disk or size limit), ``io`` (read-only,
     I/O error, cannot open), or None for errors that are bugs (bad SQL, constraint
     violations). The first three are conditions an operator fixes while the daemon waits."""
-    if not isinstance(e, sqlite3.OperationalError | sqlite3.DatabaseError) or isinstance(e, sqlite3.IntegrityError):
+    if not isinstance(e, sqlite3.DatabaseError) or isinstance(e, sqlite3.IntegrityError):
         return None
     name = getattr(e, "sqlite_errorname", "") or ""
     text = str(e).lower()
