@@ -231,12 +231,7 @@ class ChainWatcher:
         if cur.hash is not None and blocks[0].parent_hash != cur.hash:
             await self._reorg(client, cur)
             return True
-        result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
-        self._blocks_changed()
-        self._m_blocks.inc(len(blocks))
-        self._ok(head, result.tip)
-        self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
-        return result.tip < head
+        return self._apply(blocks, head, t0) < head
 
     async def _catch_up(self, client: ChainClient, head: int) -> None:
         """Far behind the head: fetch the next batches while the current one is applied
@@ -272,11 +267,17 @@ class ChainWatcher:
                             tip.hash is not None and blocks[0].parent_hash != tip.hash):
                         nursery.cancel_scope.cancel()
                         return
-                    result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
-                    self._blocks_changed()
-                    self._m_blocks.inc(len(blocks))
-                    self._ok(head, result.tip)
-                    self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
+                    self._apply(blocks, head, t0)
+
+    def _apply(self, blocks: list[Any], head: int, t0: float) -> int:
+        """Store a batch that continues the cursor (one transaction) and report it; returns
+        the new tip."""
+        result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
+        self._blocks_changed()
+        self._m_blocks.inc(len(blocks))
+        self._ok(head, result.tip)
+        self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
+        return result.tip
 
     def _watched(self, candidates: Any) -> set[str]:
         return self.store.addresses.watched(self.config.id, candidates)
