@@ -4,8 +4,11 @@ once the trouble is gone ends with exactly the transfers and events of an untrou
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import trio
@@ -52,7 +55,10 @@ async def check_end_state(d, rx, expected: dict[tuple[str, int], int], anvil: An
     assert got == types, got
 
 
-async def test_database_locked_by_another_process_is_waited_out(tmp_path, anvil: Anvil, token: Token):
+@contextlib.asynccontextmanager
+async def daemon_with_receiver(tmp_path, anvil: Anvil, token: Token) -> AsyncIterator[tuple[Any, Any, httpx.AsyncClient]]:
+    """The daemon in-process with its API, a webhook receiver subscribed to transfers, a
+    funded payer; yields (daemon, receiver, API client)."""
     token.mint(anvil.accounts[1], 10**12)
     port = free_port()
     cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)])],
@@ -61,61 +67,59 @@ async def test_database_locked_by_another_process_is_waited_out(tmp_path, anvil:
         async with receiving() as rx, running(cfg, api=True) as d, \
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
             d.store.webhooks.create(rx.url, ["transfer.*"], None)
-            expected = await deposits(anvil, token, new_addresses(d, 3, "before"))
-            later = new_addresses(d, 3, "during")
-            await wait_until(lambda: d.store.chains.scanned_number("devnet") >= anvil.head(), what="scanned")
-            before = confirmed(d)
-            # another process (a sqlite3 shell, a careless backup script) takes the write lock
-            other = sqlite3.connect(tmp_path / "watcher.db", isolation_level=None)
-            other.execute("BEGIN EXCLUSIVE")
-            try:
-                expected |= await deposits(anvil, token, later)
-                anvil.mine(3)
-                d.watchers["devnet"].poke()
-                await wait_until(lambda: storage_errors(d, "locked") >= 2, timeout=30, what="locked errors counted")
-                r = await http.get("/readyz")
-                assert r.status_code == 503
-                assert r.json()["storage"]["ready"] is False and r.json()["storage"]["problem"].startswith("locked")
-                assert confirmed(d) == before  # nothing got through, nothing half-way
-                await trio.sleep(2)  # several backoff rounds: the daemon keeps running
-            finally:
-                other.execute("ROLLBACK")
-                other.close()
-            await check_end_state(d, rx, expected, anvil)
+            yield d, rx, http
+
+
+async def test_database_locked_by_another_process_is_waited_out(tmp_path, anvil: Anvil, token: Token):
+    async with daemon_with_receiver(tmp_path, anvil, token) as (d, rx, http):
+        expected = await deposits(anvil, token, new_addresses(d, 3, "before"))
+        later = new_addresses(d, 3, "during")
+        await wait_until(lambda: d.store.chains.scanned_number("devnet") >= anvil.head(), what="scanned")
+        before = confirmed(d)
+        # another process (a sqlite3 shell, a careless backup script) takes the write lock
+        other = sqlite3.connect(tmp_path / "watcher.db", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            expected |= await deposits(anvil, token, later)
+            anvil.mine(3)
+            d.watchers["devnet"].poke()
+            # several backoff rounds of the tasks, and the daemon keeps running
+            await wait_until(lambda: storage_errors(d, "locked") >= 4, timeout=30, what="locked errors counted")
             r = await http.get("/readyz")
-            assert r.status_code == 200 and r.json()["storage"] == {"ready": True, "problem": None}
+            assert r.status_code == 503
+            assert r.json()["storage"]["ready"] is False and r.json()["storage"]["problem"].startswith("locked")
+            assert confirmed(d) == before  # nothing got through, nothing half-way
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await check_end_state(d, rx, expected, anvil)
+        r = await http.get("/readyz")
+        assert r.status_code == 200 and r.json()["storage"] == {"ready": True, "problem": None}
 
 
 async def test_disk_full_is_retried_and_nothing_is_half_applied(tmp_path, anvil: Anvil, token: Token):
-    token.mint(anvil.accounts[1], 10**12)
-    port = free_port()
-    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)])],
-                       api_port=port, extra={"webhooks": {"schedule": [0, 0.2, 0.5, 1, 1, 1, 1, 1, 1]}})
-    with trio.fail_after(120):
-        async with receiving() as rx, running(cfg, api=True) as d, \
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
-            d.store.webhooks.create(rx.url, ["transfer.*"], None)
-            conn = d.store.db.conn
-            expected = {}
-            addrs = new_addresses(d, 6, "full")
-            # the file may not grow by a single page: a real SQLITE_FULL, as on a full disk
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            assert conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0] == pages
-            try:
-                expected |= await deposits(anvil, token, addrs)
-                anvil.mine(3)
-                d.watchers["devnet"].poke()
-                await wait_until(lambda: storage_errors(d, "full") >= 1, timeout=30, what="disk-full errors counted")
-                r = await http.get("/readyz")
-                assert r.status_code == 503 and r.json()["storage"]["problem"].startswith("full")
-                # blocks are applied whole or not at all: the cursor never passed a block whose
-                # transfers are missing
-                scanned = d.store.chains.scanned_number("devnet")
-                seen = {t["txid"] for t in d.store.transfers.list(limit=1000)[0]}
-                for (txid, _), _ in expected.items():
-                    block = int(anvil.receipt(txid)["blockNumber"], 16)
-                    assert (txid in seen) == (block <= scanned), (txid, block, scanned)
-            finally:
-                conn.execute("PRAGMA max_page_count = 1073741823")
-            await check_end_state(d, rx, expected, anvil)
-            assert (await http.get("/readyz")).status_code == 200
+    async with daemon_with_receiver(tmp_path, anvil, token) as (d, rx, http):
+        conn = d.store.db.conn
+        expected = {}
+        addrs = new_addresses(d, 6, "full")
+        # the file may not grow by a single page: a real SQLITE_FULL, as on a full disk
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        assert conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0] == pages
+        try:
+            expected |= await deposits(anvil, token, addrs)
+            anvil.mine(3)
+            d.watchers["devnet"].poke()
+            await wait_until(lambda: storage_errors(d, "full") >= 1, timeout=30, what="disk-full errors counted")
+            r = await http.get("/readyz")
+            assert r.status_code == 503 and r.json()["storage"]["problem"].startswith("full")
+            # blocks are applied whole or not at all: the cursor never passed a block whose
+            # transfers are missing
+            scanned = d.store.chains.scanned_number("devnet")
+            seen = {t["txid"] for t in d.store.transfers.list(limit=1000)[0]}
+            for (txid, _), _ in expected.items():
+                block = int(anvil.receipt(txid)["blockNumber"], 16)
+                assert (txid in seen) == (block <= scanned), (txid, block, scanned)
+        finally:
+            conn.execute("PRAGMA max_page_count = 1073741823")
+        await check_end_state(d, rx, expected, anvil)
+        assert (await http.get("/readyz")).status_code == 200
