@@ -78,6 +78,26 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_JSON_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _nested_too_deep(text: str) -> bool:
+    """More than :data:`MAX_JSON_DEPTH` levels of arrays and objects, told without parsing.
+    The parser recurses once per level and must never see such a body: a library that raises
+    the interpreter's recursion limit (py_ecc, under eth-account, sets 100,000) would let it
+    overflow the C stack and end the process instead of raising RecursionError."""
+    depth = 0
+    for m in _JSON_BRACKETS.finditer(_JSON_STRINGS.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
     """Strict JSON: UTF-8 only, finite numbers, unique keys, valid Unicode, bounded depth.
     Raises :class:`BadRequest` (``malformed_json``) saying what is wrong."""
@@ -86,6 +106,8 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8 (bad byte at offset {e.start})",
                          code="malformed_json") from None
+    if _nested_too_deep(text):
+        raise BadRequest(f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="malformed_json")
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
                            object_pairs_hook=_unique_keys)
