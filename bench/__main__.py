@@ -127,9 +127,10 @@ def bench_derivation() -> dict[str, Any]:
     from eth_utils import keccak
 
     from watcher.keys import Keyring
-    from watcher_evm import EvmFamily
+    from watcher_evm.family import EVM_KEYS, EvmOptions, EvmSpec
 
-    fam = EvmFamily()
+    fam = EvmSpec(EvmOptions())
+    account = EVM_KEYS.deposit_path
     n = 20_000
 
     def rate(fn: Any) -> float:
@@ -139,12 +140,12 @@ def bench_derivation() -> dict[str, Any]:
         return n / (time.perf_counter() - t0)
 
     seed = Keyring.from_mnemonic(BENCH_MNEMONIC)
-    xpub = Keyring.from_xpub(seed.account_xpub(60))
+    xpub = Keyring.from_xpub(seed.account_xpub(account))
     root = Bip32Slip10Secp256k1.FromSeed(Bip39SeedGenerator(BENCH_MNEMONIC).Generate())
     branch = root.DerivePath("m/44'/60'/0'/0")
     raw = rate(lambda i: keccak(branch.ChildKey(i).PublicKey().RawUncompressed().ToBytes()[1:])[-20:])
-    from_seed = rate(lambda i: fam.address_from_public_key(seed.public_key(60, i)))
-    from_xpub = rate(lambda i: fam.address_from_public_key(xpub.public_key(60, i)))
+    from_seed = rate(lambda i: fam.address_from_public_key(seed.public_key(account, i)))
+    from_xpub = rate(lambda i: fam.address_from_public_key(xpub.public_key(account, i)))
     return {"addresses": n, "raw_bip_utils_per_s": raw, "from_seed_per_s": from_seed, "from_xpub_per_s": from_xpub,
             "ratio_seed": from_seed / raw, "ratio_xpub": from_xpub / raw, "target_per_s": 4000}
 

@@ -12,7 +12,7 @@ import httpx
 
 from tests.support.evm import Anvil, Token
 from watcher.keys import Keyring
-from watcher_evm import EvmFamily
+from watcher_evm.family import EVM_KEYS, EvmOptions, EvmSpec
 from watcher_evm.send import transfer_calldata
 
 BENCH_MNEMONIC = "legal winner thank year wave sausage worth useful legal winner thank yellow"
@@ -31,8 +31,8 @@ class BenchChain:
 
 def watched_addresses(n: int) -> list[str]:
     k = Keyring.from_mnemonic(BENCH_MNEMONIC)
-    fam = EvmFamily()
-    return [fam.address_from_public_key(k.public_key(60, i)) for i in range(n)]
+    fam = EvmSpec(EvmOptions())
+    return [fam.address_from_public_key(k.public_key(EVM_KEYS.deposit_path, i)) for i in range(n)]
 
 
 def build(blocks: int = 2000, per_block: int = 20, hit_rate: float = 0.03, seed: int = 7) -> BenchChain:

@@ -53,7 +53,7 @@ def test_init_writes_config_and_private_seed_and_prints_words_once(tmp_path):
 
 
 def test_init_watch_only(tmp_path):
-    xpub = Keyring.from_mnemonic("abandon " * 11 + "about").account_xpub(60)
+    xpub = Keyring.from_mnemonic("abandon " * 11 + "about").account_xpub("m/44'/60'/0'")
     r = cli("init", "--dir", str(tmp_path), "--xpub", xpub, cwd=tmp_path)
     assert "watch-only" in r.stdout and not (tmp_path / "data" / "seed.txt").exists()
     cfg = tomllib.loads((tmp_path / "watcher.toml").read_text())

@@ -177,7 +177,7 @@ async def test_every_garbage_answer_is_a_node_error(tmp_path, anvil: Anvil, toke
                         "check": client.check, "head": client.head,
                         "block_hashes": lambda: client.block_hashes([1, head]),
                         "fetch_blocks": lambda: client.fetch_blocks(1, head, set),  # every recipient watched
-                        "lookup_tx": lambda: client.lookup_tx(txid, set), "tx_status": lambda: client.tx_status(txid),
+                        "lookup_tx": lambda: client.lookup_tx(txid, set), "tx_status": lambda: client.tx_statuses([txid]),
                         "nonce": lambda: client.nonce(hot), "balance": lambda: client.balance(hot, usdt),
                         "fee_quote": client.fee_quote,
                     }

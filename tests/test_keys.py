@@ -10,13 +10,14 @@ from tests.support.evm import ANVIL_MNEMONIC
 from watcher.daemon import Daemon
 from watcher.errors import KeyMaterialError, WatchOnlyError
 from watcher.keys import Keyring, new_mnemonic
-from watcher_evm import EvmFamily
+from watcher_evm.family import EVM_KEYS, EvmOptions, EvmSpec
 
-EVM = EvmFamily()
+EVM = EvmSpec(EvmOptions())
+DEPOSITS, HOT = EVM_KEYS.deposit_path, EVM_KEYS.hot_path
 
 
 def addr(keyring: Keyring, i: int) -> str:
-    return EVM.display_address(EVM.address_from_public_key(keyring.public_key(60, i)))
+    return EVM.display_address(EVM.address_from_public_key(keyring.public_key(DEPOSITS, i)))
 
 
 def test_bip44_path_matches_standard_wallets():
@@ -26,20 +27,20 @@ def test_bip44_path_matches_standard_wallets():
     assert addr(k, 1) == "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
     assert addr(k, 9) == "0xa0Ee7A142d267C1f36714E4a8F75612F20a79720"
     # and the private key is the well-known one of account 0
-    assert k.private_key(60, 0).hex() == "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+    assert k.private_key(DEPOSITS, 0).hex() == "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
 
 def test_watch_only_xpub_derives_the_same_addresses():
     full = Keyring.from_mnemonic(TEST_MNEMONIC)
-    xpub = full.account_xpub(60)
+    xpub = full.account_xpub(DEPOSITS)
     assert xpub.startswith("xpub")
     watch = Keyring.from_xpub(xpub)
     assert watch.watch_only and not full.watch_only
     assert [addr(watch, i) for i in range(5)] == [addr(full, i) for i in range(5)]
     with pytest.raises(WatchOnlyError):
-        watch.private_key(60, 0)
+        watch.private_key(DEPOSITS, 0)
     with pytest.raises(WatchOnlyError):
-        watch.public_key(60, 0, account=1)  # the hot wallet is not derivable from the deposit xpub
+        watch.public_key(HOT, 0)  # the hot wallet is not derivable from the deposit xpub
 
 
 def test_bad_key_material_is_refused_without_echoing_it():
@@ -54,7 +55,7 @@ def test_bad_key_material_is_refused_without_echoing_it():
         Keyring.from_xpub(root_xpub)
     with pytest.raises(KeyMaterialError, match="not a valid extended public key"):
         Keyring.from_xpub("xpub-nonsense")
-    assert "watch-only" in repr(Keyring.from_xpub(Keyring.from_mnemonic(TEST_MNEMONIC).account_xpub(60)))
+    assert "watch-only" in repr(Keyring.from_xpub(Keyring.from_mnemonic(TEST_MNEMONIC).account_xpub(DEPOSITS)))
 
 
 def test_new_mnemonic_is_valid_and_random():
@@ -82,7 +83,7 @@ def test_same_label_same_address_and_derivation_state_persists(tmp_path):
         assert c.derivation_index == 2  # indexes are never reused after a restart
         assert d.store.addresses.deposit_address("devnet", "alice")[0].address == a1.address
         k = Keyring.from_mnemonic(TEST_MNEMONIC)
-        assert c.address == EVM.address_from_public_key(k.public_key(60, 2))
+        assert c.address == EVM.address_from_public_key(k.public_key(DEPOSITS, 2))
     finally:
         d.close()
 

@@ -26,7 +26,8 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil, Token, calldata, compile_contracts, deploy
 from tests.support.receiver import receiving
-from watcher.keys import HOT_WALLET_ACCOUNT, Keyring
+from watcher.keys import Keyring
+from watcher_evm.family import EVM_KEYS
 
 APP = {"authorization": f"Bearer {API_TOKEN}"}
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -215,8 +216,8 @@ def test_secrets_never_reach_the_logs(tmp_path, anvil: Anvil, token: Token):
     log = proc.log()
     assert "sweep" in log and "payout" in log and "invoice" in log  # the log did cover the workload
     secrets += [TEST_MNEMONIC, API_TOKEN, ADMIN_TOKEN,
-                keyring.private_key(60, 0, account=HOT_WALLET_ACCOUNT).hex(),
-                keyring.private_key(60, 0).hex(), keyring.private_key(60, 1).hex()]
+                keyring.private_key(EVM_KEYS.hot_path, 0).hex(),
+                keyring.private_key(EVM_KEYS.deposit_path, 0).hex(), keyring.private_key(EVM_KEYS.deposit_path, 1).hex()]
     words = TEST_MNEMONIC.split()
     secrets += [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
     secrets.append(secrets[0].removeprefix("whsec_"))

@@ -4,6 +4,8 @@ reverts, stuck transactions replaced, and no second send after a crash."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
@@ -288,8 +290,8 @@ async def test_watch_only_refuses_payouts_and_sweeps(tmp_path, anvil: Anvil, tok
 
     port = free_port()
     cfg = config(tmp_path, anvil, token, port)
-    text = cfg.read_text().replace('mnemonic_file = "seed.txt"',
-                                   f'xpub = "{Keyring.from_mnemonic(TEST_MNEMONIC).account_xpub(60)}"')
+    xpub = Keyring.from_mnemonic(TEST_MNEMONIC).account_xpub("m/44'/60'/0'")
+    text = cfg.read_text().replace('mnemonic_file = "seed.txt"', f'xpub = "{xpub}"')
     cfg.write_text(text)
     with trio.fail_after(30):
         async with running(cfg, api=True), client(port) as http:
@@ -342,3 +344,51 @@ def test_killed_right_after_broadcast_does_not_send_again(tmp_path, anvil: Anvil
         assert len(status["transactions"]) == 1
     finally:
         proc.stop()
+
+
+async def test_refused_payout_after_a_later_nonce_is_filled_so_later_payouts_go(tmp_path, anvil: Anvil, token: Token):
+    """Payout A is signed at nonce 0 and the node turns it away for now; B is signed at nonce
+    1 and waits behind it; then the node refuses A's bytes for good. Without a filler, nonce 0
+    would stay a gap and B (and every later payout) would wait forever."""
+    from tests.support.faultproxy import fault_proxy
+
+    port = free_port()
+    with trio.fail_after(90):
+        async with fault_proxy(anvil.url) as proxy:
+            cfg = write_config(tmp_path, [chain_entry("devnet", proxy.url, tokens=[("USDT", token.address, 6)],
+                                                      confirmations=1, chain_id=31337,
+                                                      payouts={"stuck_after": 3600})],
+                               api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+            async with running(cfg, api=True) as d, client(port) as http:
+                hot = d.store.hot_wallet("devnet")
+                fund(anvil, token, hot)
+                alice, bob = anvil.accounts[6], anvil.accounts[7]
+                before = anvil.balance(alice), anvil.balance(bob)
+                assert (await http.post("/v1/admin/pause", json={"scope": "payouts"}, headers=ADMIN)).status_code == 200
+                a = (await http.post("/v1/payouts", json=payout_body(alice, "gap-a", "0.1", asset="ETH"))).json()
+                b = (await http.post("/v1/payouts", json=payout_body(bob, "gap-b", "0.2", asset="ETH"))).json()
+                # A's first broadcast is turned away for now (a transient refusal), B's goes through
+                proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "busy, try again later"))
+                assert (await http.post("/v1/admin/resume", json={"scope": "payouts"}, headers=ADMIN)).status_code == 200
+                await until_status(d, b["id"], "broadcast")
+                assert d.store.payouts.get(a["id"])["status"] == "broadcast" and proxy.injected["rpc_error"] == 1
+                assert [d.store.payouts.get(p["id"])["nonce"] for p in (a, b)] == [0, 1]
+                # the next time A's bytes are sent, the node refuses them for good
+                proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "transaction rejected"))
+                d.senders["devnet"].wake()
+                done_a = await until_status(d, a["id"], "failed", timeout=30)
+                done_b = await until_status(d, b["id"], "completed", timeout=30)
+                assert "transaction rejected" in done_a["reason"]
+                assert anvil.balance(alice) == before[0] and anvil.balance(bob) - before[1] == 2 * 10**17
+                assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 2
+                fillers = d.store.chaintxs.fillers("devnet")
+                assert [(f.ref_id, f.details["nonce"], f.amount, f.to) for f in fillers] == [(a["id"], 0, 0, hot)]
+                await wait_until(lambda: d.store.chaintxs.fillers("devnet")[0].status == "mined", what="filler mined")
+                events = d.store.events.list(types=("wallet.gap_filled",), limit=10)
+                assert len(events) == 1 and events[0].data["for"] == a["id"] and events[0].data["nonce"] == 0
+                assert events[0].data["txid"] == fillers[0].txid and "rejected" in events[0].data["reason"]
+                assert done_b["nonce"] == 1
+                status = await trio.to_thread.run_sync(lambda: subprocess.run(
+                    [sys.executable, "-m", "watcher", "status", "-c", str(cfg)], capture_output=True, text=True,
+                    timeout=60))
+                assert f"gap filled at nonce 0 for {a['id']}" in status.stdout, status.stdout

@@ -243,8 +243,8 @@ async def test_crash_and_reorg_soak(tmp_path, anvil: Anvil, token: Token):
             assert anvil.balance(p["to_address"]) == int(p["amount"]), p["id"]
         else:
             assert token.balance(p["to_address"]) == int(p["amount"]), p["id"]
-    hot_txs = db_rows(db, "SELECT nonce FROM chain_txs WHERE lower(sender) = ? AND status IN ('mined', 'failed')",
-                      (hot.lower(),))
+    hot_txs = db_rows(db, "SELECT json_extract(details, '$.nonce') AS nonce FROM chain_txs WHERE lower(sender) = ?"
+                          " AND status IN ('mined', 'failed') AND block_number IS NOT NULL", (hot.lower(),))
     nonces = [r["nonce"] for r in hot_txs]
     assert len(nonces) == len(set(nonces))  # one mined transaction per nonce
     assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == len(nonces)

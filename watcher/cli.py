@@ -127,7 +127,7 @@ def cmd_address_new(args: argparse.Namespace) -> int:
         if cfg is None:
             return _fail(f"unknown chain {args.chain!r} (configured: {', '.join(c.id for c in daemon.config.chains)})")
         addr, created = daemon.store.addresses.deposit_address(cfg.id, args.label)
-        shown = daemon.families[cfg.family].display_address(addr.address)
+        shown = cfg.spec.display_address(addr.address)
         if args.json:
             print(json.dumps({"chain": cfg.id, "label": addr.label, "address": shown,
                               "derivation_index": addr.derivation_index, "created": created}))
@@ -146,13 +146,13 @@ def cmd_address_list(args: argparse.Namespace) -> int:
         cfg = daemon.config.chain(args.chain)
         if cfg is None:
             return _fail(f"unknown chain {args.chain!r}")
-        family = daemon.families[cfg.family]
+        spec = cfg.spec
         after = ""
         while True:
             page = daemon.store.addresses.list(cfg.id, after=after, limit=1000)
             for a in page:
                 idx = "" if a.derivation_index is None else str(a.derivation_index)
-                print(f"{family.display_address(a.address)}\t{a.kind}\t{idx}\t{a.label or ''}")
+                print(f"{spec.display_address(a.address)}\t{a.kind}\t{idx}\t{a.label or ''}")
             if len(page) < 1000:
                 break
             after = page[-1].address

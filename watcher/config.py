@@ -28,7 +28,7 @@ from .errors import ConfigError, InvalidAddress
 from .policy import PayoutPolicy, SweepConfig, parse_paused, parse_payouts, parse_sweep
 
 if TYPE_CHECKING:
-    from .chains import ChainFamily
+    from .chains import ChainFamily, ChainSpec
 
 _MISSING: Any = object()
 CHAIN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -45,6 +45,7 @@ class ConfigTable:
         self.raw = dict(raw)
         self.where = where
         self._taken: set[str] = set()
+        self._tables: dict[str, ConfigTable] = {}
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
@@ -83,12 +84,17 @@ class ConfigTable:
         return value
 
     def table(self, name: str, *, required: bool = False) -> ConfigTable:
+        """The sub-table ``name`` (empty if absent). The same object every time, so a chain
+        family and the core can each take their own keys of ``[chains.payouts]``."""
         self._taken.add(name)
-        if name not in self.raw:
-            if required:
-                raise ConfigError(self.key(name), "is required")
-            return ConfigTable({}, self.key(name))
-        return ConfigTable(self.raw[name], self.key(name))
+        if name not in self._tables:
+            if name not in self.raw:
+                if required:
+                    raise ConfigError(self.key(name), "is required")
+                self._tables[name] = ConfigTable({}, self.key(name))
+            else:
+                self._tables[name] = ConfigTable(self.raw[name], self.key(name))
+        return self._tables[name]
 
     def array_of_tables(self, name: str) -> list[ConfigTable]:
         self._taken.add(name)
@@ -153,6 +159,21 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
 
 
+def fraction(t: ConfigTable, name: str, default: str, lo: int, hi: int) -> int:
+    """A decimal fraction key (``"0.2"``) in parts per million, between ``lo`` and ``hi`` ppm."""
+    from .errors import InvalidAmount
+    from .money import parse_amount
+
+    raw = t.take(name, str, default)
+    try:
+        ppm = parse_amount(raw, 6, allow_zero=True, what=name)
+    except InvalidAmount as e:
+        raise ConfigError(t.key(name), e.message) from None
+    if not lo <= ppm <= hi:
+        raise ConfigError(t.key(name), f"must be between {lo / 1e6:g} and {hi / 1e6:g}")
+    return ppm
+
+
 # --- the configuration -----------------------------------------------------------------------
 
 
@@ -178,7 +199,7 @@ class ChainConfig:
     max_lag: int
     rpc_timeout: float
     assets: tuple[AssetConfig, ...]
-    options: Any = None  # whatever the family's parse_options returned
+    spec: ChainSpec  # what the family made of the entry (its address format, keys, options)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     payouts: PayoutPolicy = field(default_factory=PayoutPolicy)
 
@@ -207,7 +228,8 @@ class StorageConfig:
 class KeysConfig:
     mnemonic_file: Path | None = None
     passphrase_file: Path | None = None
-    xpub: str | None = None
+    xpub: str | None = None  # shorthand for accounts = { "m/44'/60'/0'" = xpub }
+    accounts: Mapping[str, str] = field(default_factory=dict)  # watch-only: account path -> extended public key
 
     @property
     def watch_only(self) -> bool:
@@ -368,19 +390,10 @@ def _storage_path_problem(path: Path) -> str | None:
 
 
 def _parse_invoices(t: ConfigTable) -> InvoicesConfig:
-    from .errors import InvalidAmount
-    from .money import parse_amount
-
     max_expires = t.take("max_expires_in", int, 30 * 86400, check=between(60, 365 * 86400))
     default_expires = t.take("default_expires_in", int, 3600, check=between(60, max_expires))
     window = t.take("monitoring_window", int, 86400, check=between(0, 365 * 86400))
-    raw_tol = t.take("default_tolerance", str, "0")
-    try:
-        tol = parse_amount(raw_tol, 6, allow_zero=True, what="default_tolerance")
-    except InvalidAmount as e:
-        raise ConfigError(t.key("default_tolerance"), e.message) from None
-    if tol > 500_000:
-        raise ConfigError(t.key("default_tolerance"), "must be at most 0.5")
+    tol = fraction(t, "default_tolerance", "0", 0, 500_000)
     t.done()
     return InvoicesConfig(default_expires_in=default_expires, max_expires_in=max_expires,
                           monitoring_window=window, default_tolerance_ppm=tol)
@@ -406,20 +419,33 @@ def _parse_webhooks(t: ConfigTable) -> WebhooksConfig:
 
 
 def _parse_keys(t: ConfigTable, resolve: Callable[[str], Path]) -> KeysConfig:
+    from .keys import check_account_path
+
     mnemonic = t.take("mnemonic_file", str, None)
     passphrase = t.take("passphrase_file", str, None)
     xpub = t.take("xpub", str, None)
+    at = t.table("accounts")
+    accounts = {}
+    for path in list(at.raw):
+        problem = check_account_path(path)
+        if problem:
+            raise ConfigError(at.key(path), problem)
+        accounts[path] = at.take(path, str).strip()
+    at.done()
     t.done()
-    if mnemonic and xpub:
-        raise ConfigError(t.key("xpub"), "set either mnemonic_file or xpub, not both")
-    if not mnemonic and not xpub:
-        raise ConfigError(t.key("mnemonic_file"), "is required (or xpub = \"xpub...\" for watch-only)")
+    if mnemonic and (xpub or accounts):
+        raise ConfigError(t.key("xpub" if xpub else "accounts"),
+                          f"set either mnemonic_file or {'xpub' if xpub else 'accounts'}, not both")
+    if not mnemonic and not xpub and not accounts:
+        raise ConfigError(t.key("mnemonic_file"), "is required (or, watch-only, xpub = \"xpub...\" or "
+                                                  "accounts = { \"m/44'/60'/0'\" = \"xpub...\" })")
     if passphrase and not mnemonic:
         raise ConfigError(t.key("passphrase_file"), "only makes sense with mnemonic_file")
     return KeysConfig(
         mnemonic_file=resolve(mnemonic) if mnemonic else None,
         passphrase_file=resolve(passphrase) if passphrase else None,
         xpub=xpub.strip() if xpub else None,
+        accounts=accounts,
     )
 
 
@@ -487,11 +513,13 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         available = ", ".join(sorted(families)) or "none: no chain plugin is loaded"
         raise ConfigError(t.key("family"), f"unknown chain family {fam_name!r} (available: {available})")
     rpc_url = t.take("rpc_url", str, check=http_url)
-    native_symbol = t.take("native_symbol", str, family.default_native_symbol,
+    # the family's own keys first: its network decides the defaults and the address format
+    spec = family.configure(t)
+    native_symbol = t.take("native_symbol", str, spec.native_symbol,
                            check=lambda v: None if SYMBOL_RE.match(v) else f"{v!r} is not a valid symbol")
-    native_decimals = t.take("native_decimals", int, family.native_decimals, check=between(0, 77))
-    confirmations = t.take("confirmations", int, family.default_confirmations, check=between(1, 10_000))
-    finality = t.take("finality_depth", int, max(family.default_finality_depth, confirmations),
+    native_decimals = t.take("native_decimals", int, spec.native_decimals, check=between(0, 77))
+    confirmations = t.take("confirmations", int, spec.confirmations, check=between(1, 10_000))
+    finality = t.take("finality_depth", int, max(spec.finality_depth, confirmations),
                       check=between(1, 100_000))
     if finality < confirmations:
         raise ConfigError(t.key("finality_depth"), f"must be at least confirmations ({confirmations})")
@@ -508,7 +536,7 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
             raise ConfigError(at.key("symbol"), f"symbol {symbol!r} is already used on chain {chain_id!r}")
         raw_contract = at.take("contract", str)
         try:
-            contract = family.validate_address(raw_contract)
+            contract = spec.validate_address(raw_contract)
         except InvalidAddress as e:
             raise ConfigError(at.key("contract"), e.message) from None
         if any(a.contract == contract for a in assets):
@@ -517,14 +545,13 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         at.done()
         assets.append(AssetConfig(symbol=symbol, decimals=decimals, contract=contract))
 
-    sweep = parse_sweep(t.table("sweep"), family, tuple(assets))
-    payouts = parse_payouts(t.table("payouts"), family, tuple(assets))
-    options = family.parse_options(t)
+    sweep = parse_sweep(t.table("sweep"), spec, tuple(assets))
+    payouts = parse_payouts(t.table("payouts"), spec, tuple(assets))
     t.done()
     return ChainConfig(
         id=chain_id, family=fam_name, rpc_url=rpc_url, native_symbol=native_symbol,
         native_decimals=native_decimals, confirmations=confirmations, finality_depth=finality,
         start_block=start_block, poll_interval=poll_interval, batch_size=batch_size,
-        max_lag=max_lag, rpc_timeout=rpc_timeout, assets=tuple(assets), options=options,
+        max_lag=max_lag, rpc_timeout=rpc_timeout, assets=tuple(assets), spec=spec,
         sweep=sweep, payouts=payouts,
     )

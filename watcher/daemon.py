@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from .chains import ChainFamily
 from .clock import Clock
-from .config import Config, load_config
+from .config import ChainConfig, Config, load_config
 from .deadlines import InvoiceDeadlines
 from .dispatch import Dispatcher
 from .errors import ChainMismatch, NodeError
-from .keys import Keyring
+from .keys import ChainKeyring, Keyring
 from .metrics import Metrics
 from .plugins import await_me_maybe, chain_families, make_plugin_manager
 from .scanner import ChainWatcher
@@ -60,13 +60,13 @@ class Daemon:
         self.store = store
         self.metrics = metrics
         self.clock = clock
-        self.watchers: dict[str, ChainWatcher] = {
-            c.id: ChainWatcher(c, families[c.family], store, metrics) for c in config.chains
-        }
+        self.watchers: dict[str, ChainWatcher] = {c.id: ChainWatcher(c, store, metrics) for c in config.chains}
+        self.keys: dict[str, ChainKeyring] = {c.id: chain_keys(c, store) for c in config.chains}
         self.dispatcher = Dispatcher(store, config.webhooks, metrics, clock)
         self.deadlines = InvoiceDeadlines(store, clock, metrics)
         self.sinks = EventSinks(self, pm, store, metrics)
-        self.senders: dict[str, Sender] = {cid: Sender(self, w) for cid, w in self.watchers.items()}
+        self.senders: dict[str, Sender] = {
+            cid: Sender(w, store, self.keys[cid], metrics) for cid, w in self.watchers.items()}
         self.api_urls: list[str] = []
         self.started = trio.Event()
 
@@ -86,7 +86,7 @@ class Daemon:
         keyring = Keyring.from_config(config.keys)
         metrics = Metrics(registry)
         clock = clock or Clock()
-        store = Store.open(config, families=families, keyring=keyring, metrics=metrics, clock=clock)
+        store = Store.open(config, keyring=keyring, metrics=metrics, clock=clock)
         metrics.watch_store(store)
         return cls(config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics, clock=clock)
 
@@ -132,13 +132,14 @@ class Daemon:
         try:
             # the chain clients outlive the nursery: no task ever sees its client closed
             async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
-                for w in self.watchers.values():
-                    await nursery.start(w.run, await clients.enter_async_context(w.open_client()))
+                opened = {cid: await clients.enter_async_context(w.open_client()) for cid, w in self.watchers.items()}
+                for cid, w in self.watchers.items():
+                    await nursery.start(w.run, opened[cid])
                 await nursery.start(self.deadlines.run)
                 await nursery.start(self.dispatcher.run)
                 await nursery.start(self.sinks.run)
-                for sender in self.senders.values():
-                    await nursery.start(sender.run)
+                for cid, sender in self.senders.items():
+                    await nursery.start(sender.run, opened[cid])
                 if api:
                     self.api_urls = await nursery.start(api_module.serve, self)
                     log.info("API listening on %s", ", ".join(self.api_urls))
@@ -152,6 +153,17 @@ class Daemon:
                         await await_me_maybe(impl.function(daemon=self))
                     except Exception:
                         log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
+
+
+def chain_keys(chain: ChainConfig, store: Store) -> ChainKeyring:
+    """The chain's keys for its wallet: the keyring along the chain's key scheme, and the
+    derivation index of each of our deposit addresses from the store."""
+
+    def index_of(address: str) -> int | None:
+        watched = store.addresses.get(chain.id, address)
+        return watched.derivation_index if watched is not None else None
+
+    return ChainKeyring(store.keyring, chain.spec.keys, chain.spec.address_from_public_key, index_of)
 
 
 async def run_until_signal(daemon: Daemon) -> None:

@@ -12,7 +12,7 @@ from .errors import ConfigError, InvalidAddress, InvalidAmount
 from .money import parse_amount
 
 if TYPE_CHECKING:
-    from .chains import ChainFamily
+    from .chains import ChainSpec
     from .config import AssetConfig, ConfigTable
 
 PAUSE_SCOPES = ("payouts", "sweeps")
@@ -23,9 +23,8 @@ class SweepConfig:
     to: str | None = None  # treasury (canonical); None: sweeping is off for the chain
     min_amount: dict[str, int] = field(default_factory=dict)  # only assets listed here are swept
     interval: float = 600.0  # seconds between automatic runs; 0: only POST /v1/sweeps/run
-    batch_size: int = 20  # sweeps planned per run
-    gas_margin_ppm: int = 200_000  # extra gas bought for token sweeps (fraction, ppm)
-    funding_confirmations: int = 1  # confirmations of a gas top-up before the token transfer
+    batch_size: int = 20  # candidates looked at per run
+    funding_confirmations: int = 1  # confirmations of a funding step (a top-up) before the transfer
 
     @property
     def enabled(self) -> bool:
@@ -42,7 +41,6 @@ class PayoutPolicy:
     deny: frozenset[str] = frozenset()
     stuck_after: float = 180.0  # seconds before an unmined transaction is replaced
     fee_bump_ppm: int = 200_000  # each replacement pays at least this much more (fraction, ppm)
-    max_fee_per_gas: int | None = None  # never pay more than this (base units per gas unit)
 
 
 def _amounts(t: ConfigTable, name: str, assets: tuple[AssetConfig, ...]) -> dict[str, int]:
@@ -61,44 +59,32 @@ def _amounts(t: ConfigTable, name: str, assets: tuple[AssetConfig, ...]) -> dict
     return out
 
 
-def _fraction(t: ConfigTable, name: str, default: str, lo: int, hi: int) -> int:
-    raw = t.take(name, str, default)
+def _address(spec: ChainSpec, t: ConfigTable, key: str, value: str) -> str:
     try:
-        ppm = parse_amount(raw, 6, allow_zero=True, what=name)
-    except InvalidAmount as e:
-        raise ConfigError(t.key(name), e.message) from None
-    if not lo <= ppm <= hi:
-        raise ConfigError(t.key(name), f"must be between {lo / 1e6:g} and {hi / 1e6:g}")
-    return ppm
-
-
-def _address(family: ChainFamily, t: ConfigTable, key: str, value: str) -> str:
-    try:
-        return family.validate_address(value)
+        return spec.validate_address(value)
     except InvalidAddress as e:
         raise ConfigError(t.key(key), e.message) from None
 
 
-def parse_sweep(t: ConfigTable, family: ChainFamily, assets: tuple[AssetConfig, ...]) -> SweepConfig:
+def parse_sweep(t: ConfigTable, spec: ChainSpec, assets: tuple[AssetConfig, ...]) -> SweepConfig:
     from .config import between
 
     if not t.raw:
         return SweepConfig()
-    to = _address(family, t, "to", t.take("to", str))
+    to = _address(spec, t, "to", t.take("to", str))
     cfg = SweepConfig(
         to=to,
         min_amount=_amounts(t, "min_amount", assets),
         interval=t.take("interval", float, 600.0, check=between(0, 7 * 86400)),
         batch_size=t.take("batch_size", int, 20, check=between(1, 10_000)),
-        gas_margin_ppm=_fraction(t, "gas_margin", "0.2", 0, 5_000_000),
         funding_confirmations=t.take("funding_confirmations", int, 1, check=between(1, 1000)),
     )
     t.done()
     return cfg
 
 
-def parse_payouts(t: ConfigTable, family: ChainFamily, assets: tuple[AssetConfig, ...]) -> PayoutPolicy:
-    from .config import between
+def parse_payouts(t: ConfigTable, spec: ChainSpec, assets: tuple[AssetConfig, ...]) -> PayoutPolicy:
+    from .config import between, fraction
 
     rate = t.take("label_rate", str, None)
     label_rate = None
@@ -109,17 +95,15 @@ def parse_payouts(t: ConfigTable, family: ChainFamily, assets: tuple[AssetConfig
         label_rate = (int(m.group(1)), {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
     deny_raw = t.take("deny", list, [], check=lambda v: None if all(isinstance(x, str) for x in v)
                       else "must be a list of addresses")
-    max_fee = t.take("max_fee_per_gas", int, None, check=between(1, 10**30))
     policy = PayoutPolicy(
         approval_above=_amounts(t, "approval_above", assets),
         max_amount=_amounts(t, "max_amount", assets),
         daily_limit=_amounts(t, "daily_limit", assets),
         label_daily_limit=_amounts(t, "label_daily_limit", assets),
         label_rate=label_rate,
-        deny=frozenset(_address(family, t, "deny", a) for a in deny_raw),
+        deny=frozenset(_address(spec, t, "deny", a) for a in deny_raw),
         stuck_after=t.take("stuck_after", float, 180.0, check=between(1, 7 * 86400)),
-        fee_bump_ppm=_fraction(t, "fee_bump", "0.2", 100_000, 10_000_000),
-        max_fee_per_gas=max_fee,
+        fee_bump_ppm=fraction(t, "fee_bump", "0.2", 100_000, 10_000_000),
     )
     t.done()
     return policy

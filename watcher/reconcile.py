@@ -4,8 +4,8 @@ For every derived address that ever received something, and every asset, at the 
 block B (the scanned tip less the confirmations, so nothing in flight blurs it):
 
     expected = confirmed deposits
-             + gas top-ups from the hot wallet (native coin)
-             - what sweeps sent out - the fees this address paid (native coin)
+             + what watcher's own transactions brought in (top-ups from the hot wallet)
+             - what watcher's own transactions sent out - the fees this address paid (native coin)
 
 and the on-chain balance at B must equal it. Addresses with a sweep under way are skipped
 (reported as such). A difference means money arrived that watcher did not record (e.g.
@@ -44,29 +44,23 @@ class Line:
 
 def _expected(daemon: Daemon, chain: str, block: int) -> dict[tuple[str, str], int]:
     """(address, asset) -> base units the database says the address holds at ``block``."""
-    db = daemon.store.db
-    cfg = daemon.store.chain_config(chain)
-    native = cfg.native.symbol
+    store = daemon.store
+    native = store.chain_config(chain).native.symbol
     exp: dict[tuple[str, str], int] = defaultdict(int)
-    for r in db.query(
-        "SELECT t.address, t.asset, t.amount FROM transfers t JOIN addresses a ON a.chain = t.chain"
-        " AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed' AND t.block_number <= ?"
-        " AND a.derivation_index IS NOT NULL", (chain, block)):
-        exp[(r["address"], r["asset"])] += int(r["amount"])
-    # what watcher itself moved: gas top-ups in; sweeps out, and the fees the address paid
-    # for them (a reverted sweep still pays its fee)
-    for r in db.query(
-        "SELECT c.purpose, c.status, c.asset, c.amount, c.fee_paid, s.address FROM chain_txs c"
-        " JOIN sweeps s ON s.id = c.ref_id WHERE c.chain = ? AND c.status IN ('mined', 'failed')"
-        " AND c.block_number <= ? AND c.purpose IN ('topup', 'sweep')", (chain, block)):
-        if r["purpose"] == "topup":
-            if r["status"] == "mined":
-                exp[(r["address"], native)] += int(r["amount"])
-            continue
-        if r["fee_paid"] is not None:
-            exp[(r["address"], native)] -= int(r["fee_paid"])
-        if r["status"] == "mined":
-            exp[(r["address"], r["asset"])] -= int(r["amount"])
+    for address, asset, amount in store.transfers.confirmed_deposits(chain, upto=block):
+        exp[(address, asset)] += amount
+    # what watcher itself moved (top-ups in; sweeps out, and the fees the address paid for
+    # them: a reverted transaction still pays its fee), for our derived addresses
+    settled = store.chaintxs.settled_upto(chain, block)
+    ours = store.addresses.derived_among(chain, {a for t in settled for a in (t.sender, t.to)})
+    for t in settled:
+        if t.to in ours and t.status == "mined":
+            exp[(t.to, t.asset)] += t.amount
+        if t.sender in ours:
+            if t.fee_paid is not None:
+                exp[(t.sender, native)] -= t.fee_paid
+            if t.status == "mined":
+                exp[(t.sender, t.asset)] -= t.amount
     return exp
 
 
@@ -86,7 +80,7 @@ async def _chain_lines(daemon: Daemon, w: ChainWatcher) -> list[Line]:
                 continue
             watched = store.addresses.get(cid, address)
             label = watched.label if watched else None
-            shown = w.family.display_address(address)
+            shown = w.spec.display_address(address)
             exp_s = format_amount(units, asset.decimals)
             if address in busy:
                 lines.append(Line(cid, shown, symbol, exp_s, None, None, "in_flight", label))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .chains import ChainClient, ChainContext, ChainFamily
+from .chains import ChainClient, ChainContext
 from .config import ChainConfig
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
 from .jsonrpc import JsonRpc
@@ -85,9 +85,9 @@ class _Pending:
 class ChainWatcher:
     prefetch = 2  # batches fetched ahead while catching up
 
-    def __init__(self, config: ChainConfig, family: ChainFamily, store: Store, metrics: Metrics):
+    def __init__(self, config: ChainConfig, store: Store, metrics: Metrics):
         self.config = config
-        self.family = family
+        self.spec = config.spec
         self.store = store
         self.metrics = metrics
         self._storage = StorageRetry(store.db, metrics, f"chain {config.id}")
@@ -113,7 +113,7 @@ class ChainWatcher:
                        timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch)
 
     def open_client(self) -> ChainClient:
-        return self.family.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))
+        return self.spec.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))
 
     def on_new_blocks(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` whenever scanned blocks were committed (or rolled back)."""

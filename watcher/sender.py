@@ -1,10 +1,12 @@
-"""One sender per chain: sends payouts from the hot wallet and drives sweeps.
+"""One sender per chain: sends payouts from the hot wallet and drives sweeps, through the
+chain family's wallet.
 
-Everything that spends goes through this one task per chain, so the hot wallet's nonces are
-handed out one at a time. A round: follow what is in flight (``txtrack``), then, unless
-paused, send pending payouts and move sweeps on. Each payout is signed and stored (with its
-nonce) in one transaction and only then broadcast; after a crash the stored bytes are sent
-again, so a payout can never go out twice.
+Everything that spends goes through this one task per chain, so the wallet is driven by one
+caller at a time. A round: follow what is in flight (``txtrack``), keep the transactions of
+finished payouts and sweeps on chain until they are final (the finality guard), then, unless
+paused, send pending payouts and move sweeps on. Each payout's transaction is signed by the
+wallet and stored (with the wallet's new state) in one SQLite transaction, and only then
+broadcast; after a crash the stored bytes are sent again, so a payout can never go out twice.
 """
 
 from __future__ import annotations
@@ -12,23 +14,36 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from .chains import BroadcastRejected, ChainClient, FeeQuote, SignedTx
-from .errors import NodeError, RpcError, WatcherError
-from .keys import HOT_WALLET_ACCOUNT
-from .money import format_amount
+from .chains import (
+    BroadcastRejected,
+    Fail,
+    PayoutIntent,
+    Send,
+    SignedTx,
+    StoredTx,
+    Wait,
+    Wallet,
+    WalletContext,
+)
+from .errors import NodeError, WatcherError
+from .failpoints import failpoint
+from .store.chaintx import StaleWalletState
 from .sweeper import Sweeper
 from .tasks import StorageRetry
-from .txtrack import broadcast, cap_fees, track
+from .txtrack import Tracker, groups
 
 if TYPE_CHECKING:
-    import sqlite3
-
-    from .daemon import Daemon
+    from .chains import ChainClient
+    from .keys import ChainKeyring
+    from .metrics import Metrics
     from .scanner import ChainWatcher
+    from .store import Store
+    from .store.payouts import PayoutRow
 
 log = logging.getLogger(__name__)
 
@@ -36,42 +51,50 @@ _BALANCE_METRIC_EVERY = 30.0
 
 
 class Sender:
-    def __init__(self, daemon: Daemon, watcher: ChainWatcher, *, tick: float | None = None):
-        self.daemon = daemon
+    def __init__(self, watcher: ChainWatcher, store: Store, keys: ChainKeyring, metrics: Metrics, *,
+                 tick: float | None = None):
         self.watcher = watcher
         self.cfg = watcher.config
         self.chain = self.cfg.id
-        self.family = watcher.family
-        self.store = daemon.store
-        self.metrics = daemon.metrics
-        self._storage = StorageRetry(daemon.store.db, daemon.metrics, f"sender {watcher.config.id}")
-        self.clock = daemon.clock
-        self.hot = self.store.hot_wallet(self.chain)
+        self.store = store
+        self.keys = keys
+        self.metrics = metrics
+        self._storage = StorageRetry(store.db, metrics, f"sender {self.chain}")
+        self.hot = keys.hot_address
         # rounds run when woken (a new block, a new or approved payout, a sweep request, a
         # pause change) and at least every tick (stuck transactions are a matter of time)
         self.tick = tick if tick is not None else 5.0
         self.sweeper = Sweeper(self)
+        self.wallet: Wallet | None = None
+        self.tracker: Tracker | None = None
         self._wake = trio.Event()
         self._synced = False
         self._balances_at = 0.0
-        self.store.on_wake("sender", self.wake)
+        store.on_wake("sender", self.wake)
         watcher.on_new_blocks(self.wake)
 
     def wake(self) -> None:
         self._wake.set()
 
-    def hot_key(self) -> bytes:
-        return self.daemon.keyring.private_key(self.family.bip44_coin, 0, account=HOT_WALLET_ACCOUNT)
+    def open_wallet(self, client: ChainClient) -> Wallet | None:
+        """The family's wallet for this chain, on the daemon's (already open) client."""
+        ctx = WalletContext(config=self.cfg, client=client, keys=self.keys,
+                            in_flight=lambda: self.store.chaintxs.in_flight(self.chain))
+        return self.cfg.spec.open_wallet(ctx)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, client: ChainClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         if self.hot is None:
             return  # watch-only: nothing can be sent
+        self.wallet = self.open_wallet(client)
+        if self.wallet is None:
+            log.info("%s: the %s family cannot send; payouts and sweeps wait", self.chain, self.cfg.family)
+            return
+        self.tracker = Tracker(self.cfg, self.store, self.wallet, self.metrics)
         while True:
             self._wake = trio.Event()
-            client = self.watcher.client
             wait = self.tick
-            if client is not None and self.watcher.status.node_up and not self.watcher.status.halted:
+            if self.watcher.status.node_up and not self.watcher.status.halted:
                 try:
                     wait = self.idle_wait() if not self.busy() else self.tick
                     await self.round(client)
@@ -80,6 +103,8 @@ class Sender:
                     self.metrics.errors.labels("sender").inc()
                     log.warning("%s: sender round failed: %s", self.chain, getattr(e, "message", e),
                                 extra={"chain": self.chain})
+                except StaleWalletState:
+                    continue  # planned against an older state: plan again
                 except sqlite3.DatabaseError as e:
                     # locked or full: what the round was writing rolled back; every step is
                     # stored before it acts, so the next round picks up where this one was
@@ -97,187 +122,158 @@ class Sender:
 
     def busy(self) -> bool:
         """Is anything waiting to be sent or in flight (then rounds also run on a timer)?"""
-        return bool(self.store.db.scalar(
-            "SELECT EXISTS (SELECT 1 FROM payouts WHERE chain = ? AND status IN ('pending', 'broadcast'))"
-            " OR EXISTS (SELECT 1 FROM sweeps WHERE chain = ? AND status IN ('planned', 'funding', 'broadcast'))",
-            (self.chain, self.chain))) or self.sweeper.requested
+        return (self.store.payouts.busy(self.chain) or self.store.sweeps.busy(self.chain)
+                or self.store.chaintxs.count_open(self.chain) > 0 or self.sweeper.requested)
 
     def idle_wait(self) -> float:
         """With nothing in flight, sleep until the next sweep run is due (or a wake-up)."""
         return self.sweeper.seconds_to_next_run()
 
     async def round(self, client: ChainClient) -> None:
-        assert self.hot is not None
+        assert self.wallet is not None
         if not self._synced:
-            self.store.chaintxs.sync_nonce(self.chain, self.hot, await client.nonce(self.hot, pending=True))
+            state, version = self.store.chaintxs.wallet_state(self.chain)
+            synced = await self.wallet.sync(state)
+            if synced != state:
+                with self.store.db.transaction():
+                    self.store.chaintxs.put_wallet_state(self.chain, synced, version)
             self._synced = True
         head = self.watcher.status.head or await client.head()
-        await self._follow_payouts(client, head)
-        await self._guard_settled(client, head)
+        await self._follow_payouts(head)
+        await self._guard_settled(head)
         paused = self.store.paused()
         if "payouts" not in paused:
-            await self._send_payouts(client)
+            await self._send_payouts()
         if "sweeps" not in paused:
-            await self.sweeper.round(client, head)
+            await self.sweeper.round(head)
         if time.monotonic() - self._balances_at > _BALANCE_METRIC_EVERY:
             await self._balance_metrics(client)
 
+    # --- storing what the wallet answered ----------------------------------------------------
+
+    def store_send(self, send: Send, version: int, purpose: str, store_txs: Callable[[], None]) -> None:
+        """Save the wallet's new state with what ``store_txs()`` writes, in one transaction."""
+        with self.store.db.transaction():
+            if send.state is not None:
+                self.store.chaintxs.put_wallet_state(self.chain, send.state, version)
+            store_txs()
+        failpoint(f"{purpose}.stored")
+
+    async def broadcast_new(self, txs: tuple[SignedTx, ...], what: str, purpose: str) -> str | None:
+        """Broadcast freshly stored transactions in order; the reason if the node refused one
+        for good (its group is then released), else None."""
+        assert self.tracker is not None
+        for tx in txs:
+            try:
+                await self.tracker.broadcast(tx, what, purpose)
+            except BroadcastRejected as e:
+                stored = self.store.chaintxs.get(tx.txid)
+                if stored is not None:
+                    await self.tracker.release([stored], e.message, what)
+                return e.message
+        return None
+
     # --- payouts ---------------------------------------------------------------------------
 
-    async def fees(self, client: ChainClient) -> FeeQuote:
-        return cap_fees(await client.fee_quote(), self.cfg.payouts.max_fee_per_gas)
-
-    async def hot_available(self, client: ChainClient, asset_symbol: str) -> int:
-        """The hot wallet's balance of an asset, less what its unmined transactions may spend."""
-        assert self.hot is not None
-        asset = self.cfg.asset(asset_symbol)
-        assert asset is not None
-        balance = await client.balance(self.hot, asset)
-        reserved = 0
-        for t in self.store.chaintxs.open_for_sender(self.chain, self.hot):
-            if t["asset"] == asset_symbol:
-                reserved += int(t["amount"])
-            if asset.contract is None:
-                reserved += t["gas_limit"] * int(t["max_fee"])
-        return balance - reserved
-
-    async def _send_payouts(self, client: ChainClient) -> None:
+    async def _send_payouts(self) -> None:
+        assert self.wallet is not None
         blocked = 0
         for p in self.store.payouts.in_status(self.chain, "pending"):
-            try:
-                blocked += not await self._send_payout(client, p)
-            except BroadcastRejected as e:
-                self._release(p, e)
+            blocked += not await self._send_payout(p)
         self.metrics.payouts_blocked.labels(self.chain).set(blocked)
 
-    async def _send_payout(self, client: ChainClient, p: sqlite3.Row) -> bool:
-        """Sign, store and broadcast one payout; False if it has to wait (and why is stored)."""
-        assert self.hot is not None
-        asset = self.cfg.asset(p["asset"])
+    async def _send_payout(self, p: PayoutRow) -> bool:
+        """Have the wallet sign one payout, store it, broadcast it; False if it has to wait
+        (and why is stored)."""
+        assert self.wallet is not None
+        asset = self.cfg.asset(p.asset)
         if asset is None:
-            self.store.payouts.failed(p["id"], f"asset {p['asset']} is no longer configured")
+            self.store.payouts.failed(p.id, f"asset {p.asset} is no longer configured")
             return True
-        amount = int(p["amount"])
-        fees = await self.fees(client)
-        try:
-            gas = await client.estimate_gas(self.hot, p["to_address"], asset, amount)
-        except RpcError as e:
-            gas = None
-            estimate_error = e.message
-        native = self.cfg.native
-        have_native = await self.hot_available(client, native.symbol)
-        have_asset = have_native if asset.contract is None else await self.hot_available(client, asset.symbol)
-        need_native = (gas or 100_000) * fees.max_fee + (amount if asset.contract is None else 0)
-        short = []
-        if have_native < need_native:
-            short.append(f"{format_amount(need_native, native.decimals)} {native.symbol} needed for "
-                         f"{'amount and ' if asset.contract is None else ''}fees, "
-                         f"{format_amount(max(0, have_native), native.decimals)} available")
-        if asset.contract is not None and have_asset < amount:
-            short.append(f"{format_amount(amount, asset.decimals)} {asset.symbol} needed, "
-                         f"{format_amount(max(0, have_asset), asset.decimals)} available")
-        if short:
-            reason = "insufficient hot wallet balance: " + "; ".join(short)
-            if p["reason"] != reason:
-                log.warning("%s: payout %s waits: %s", self.chain, p["id"], reason,
-                            extra={"chain": self.chain, "payout_id": p["id"]})
-                self.store.payouts.block(p["id"], reason)
+        state, version = self.store.chaintxs.wallet_state(self.chain)
+        answer = await self.wallet.pay(PayoutIntent(id=p.id, asset=asset, amount=p.amount, to=p.to_address), state)
+        if isinstance(answer, Wait):
+            if p.reason != answer.reason:
+                log.warning("%s: payout %s waits: %s", self.chain, p.id, answer.reason,
+                            extra={"chain": self.chain, "payout_id": p.id})
+                self.store.payouts.block(p.id, answer.reason)
             return False
-        if gas is None:
-            self.store.payouts.block(p["id"], f"gas estimate failed: {estimate_error}")
-            return False
-        key = self.hot_key()
-        with self.store.db.transaction():
-            nonce = self.store.chaintxs.take_nonce(self.chain)
-            tx = self.family.sign_transfer(key, node_info=self.watcher.status.node_info, to=p["to_address"],
-                                           asset=asset, amount=amount, nonce=nonce, gas_limit=gas, fees=fees)
-            self.store.payouts.signed(p["id"], tx, self.hot)
-        log.info("%s: payout %s signed (nonce %d, %s); broadcasting", self.chain, p["id"], nonce, tx.txid,
-                 extra={"chain": self.chain, "payout_id": p["id"], "txid": tx.txid})
-        await broadcast(self.store, client, tx, f"{self.chain}: payout {p['id']}")
+        if isinstance(answer, Fail):
+            self.store.payouts.failed(p.id, answer.reason)
+            return True
+        self.store_send(answer, version, "payout", lambda: self.store.payouts.signed(p.id, answer.txs))
+        tx = answer.txs[-1]
+        log.info("%s: payout %s signed (%s); broadcasting", self.chain, p.id, tx.txid,
+                 extra={"chain": self.chain, "payout_id": p.id, "txid": tx.txid})
+        refused = await self.broadcast_new(answer.txs, f"{self.chain}: payout {p.id}", "payout")
+        if refused is not None:
+            self.store.payouts.failed(p.id, f"the node refused the transaction: {refused[:300]}")
         return True
 
-    def _release(self, p: sqlite3.Row, e: BroadcastRejected) -> None:
-        """The node refused a payout's bytes for good: fail it, and give its nonce back if no
-        later transaction took one (otherwise the gap is filled by retrying in order)."""
-        row = self.store.db.one("SELECT * FROM payouts WHERE id = ?", (p["id"],))
-        with self.store.db.transaction() as conn:
-            conn.execute("UPDATE chain_txs SET status = 'failed', error = ? WHERE ref_id = ? AND purpose = 'payout'",
-                         (e.message[:300], p["id"]))
-            conn.execute("UPDATE hot_wallets SET next_nonce = next_nonce - 1 WHERE chain = ? AND next_nonce = ?",
-                         (self.chain, (row["nonce"] or -2) + 1))
-            self.store.payouts.failed(p["id"], f"the node refused the transaction: {e.message[:300]}")
+    async def _follow_payouts(self, head: int) -> None:
+        assert self.tracker is not None
+        followed = [(p, self.store.chaintxs.for_ref(p.id, "payout"))
+                    for p in self.store.payouts.in_status(self.chain, "broadcast")]
+        statuses = await self.tracker.statuses([t for _, txs in followed for t in txs])
+        for p, txs in followed:
+            what = f"{self.chain}: payout {p.id}"
 
-    async def _follow_payouts(self, client: ChainClient, head: int) -> None:
-        policy = self.cfg.payouts
-        for p in self.store.payouts.in_status(self.chain, "broadcast"):
-            txs = self.store.chaintxs.for_ref(p["id"], "payout")
-            asset = self.cfg.asset(p["asset"])
+            def replace(tx: SignedTx, pid: str = p.id) -> None:
+                self.store.payouts.replaced(pid, tx)
 
-            async def resign(fees: FeeQuote, p: sqlite3.Row = p, txs: list = txs, asset=asset) -> SignedTx:
-                first = txs[0]
-                tx = self.family.sign_transfer(self.hot_key(), node_info=self.watcher.status.node_info,
-                                               to=p["to_address"], asset=asset, amount=int(p["amount"]),
-                                               nonce=first["nonce"], gas_limit=first["gas_limit"], fees=fees)
-                self.store.payouts.replaced(p["id"], tx, self.hot)
-                return tx
-
-            t = await track(self.store, client, txs, head=head, stuck_after=policy.stuck_after,
-                            fee_bump_ppm=policy.fee_bump_ppm, max_fee=policy.max_fee_per_gas,
-                            resign=resign if asset is not None else None, what=f"{self.chain}: payout {p['id']}")
+            t = await self.tracker.follow(txs, statuses, head=head, what=what,
+                                          replace=replace if self.cfg.asset(p.asset) is not None else None)
+            if t.state == "dead":
+                self.store.payouts.failed(p.id, f"the node refused the transaction: {(t.error or '')[:300]}")
+                continue
             if t.state != "mined" or t.confirmations < self.cfg.confirmations:
                 continue
             s = t.status
-            assert s is not None
+            assert s is not None and t.tx is not None
             if s.success:
-                self.store.payouts.completed(p["id"], txid=s.txid, block_number=s.block_number or 0,
-                                             fee_paid=s.fee_paid)
-                log.info("%s: payout %s completed in block %s", self.chain, p["id"], s.block_number,
-                         extra={"chain": self.chain, "payout_id": p["id"], "txid": s.txid})
+                self.store.payouts.completed(p.id, txid=s.txid, block_number=s.block_number or 0, fee_paid=s.fee_paid)
+                log.info("%s: payout %s completed in block %s", self.chain, p.id, s.block_number,
+                         extra={"chain": self.chain, "payout_id": p.id, "txid": s.txid})
             else:
-                self.store.payouts.failed(p["id"], f"transaction reverted: {s.error or 'reverted'}", txid=s.txid,
+                self.store.payouts.failed(p.id, f"transaction reverted: {s.error or 'reverted'}", txid=s.txid,
                                           block_number=s.block_number,
                                           fee_paid=None if s.fee_paid is None else str(s.fee_paid))
-                log.warning("%s: payout %s failed: %s", self.chain, p["id"], s.error,
-                            extra={"chain": self.chain, "payout_id": p["id"], "txid": s.txid})
+                log.warning("%s: payout %s failed: %s", self.chain, p.id, s.error,
+                            extra={"chain": self.chain, "payout_id": p.id, "txid": s.txid})
 
-    async def _guard_settled(self, client: ChainClient, head: int) -> None:
-        """Transactions of completed payouts and sweeps, and gas top-ups no sweep follows any
-        more (a sweep that topped up again, was re-planned or failed), stay followed until they
-        are ``finality_depth`` deep: a reorg deeper than ``confirmations`` can take one off the
-        chain after its payout completed, and a hot-wallet nonce left unsent stalls every
-        later payout. Then its stored bytes are sent again (same nonce,
-        so it can still only be mined once) and it is followed until it is back and final;
-        the payout or sweep keeps its status, since the same transaction lands again."""
-        rows = self.store.db.query(
-            "SELECT c.* FROM chain_txs c"
-            " LEFT JOIN payouts p ON c.purpose = 'payout' AND p.id = c.ref_id"
-            " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
-            " WHERE c.chain = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
-            " AND c.block_number > ?)) AND ((c.purpose = 'payout' AND p.status = 'completed')"
-            " OR (c.purpose = 'sweep' AND s.status = 'confirmed')"
-            # every gas top-up but the one a funding sweep is following itself: a top-up holds
-            # a hot-wallet nonce, and one left unsent would stall every later transaction
-            " OR (c.purpose = 'topup' AND NOT (s.status = 'funding' AND c.nonce = (SELECT MAX(t.nonce)"
-            " FROM chain_txs t WHERE t.ref_id = c.ref_id AND t.purpose = 'topup'))))"
-            " ORDER BY c.nonce, c.id",
-            # a block counts as final once both the node's head and our scan are finality_depth
-            # past it (a scanner that is behind has not seen a reorg there yet)
-            (self.chain, min(head, self.store.chains.scanned_number(self.chain)) - self.cfg.finality_depth))
-        groups: dict[tuple[str, str, int], list[sqlite3.Row]] = {}
-        for r in rows:  # one group per nonce: the original and its fee-bump replacements
-            groups.setdefault((r["ref_id"], r["purpose"], r["nonce"]), []).append(r)
-        for (ref, purpose, _), txs in groups.items():
-            was_open = any(t["status"] == "open" for t in txs)
-            try:
-                t = await track(self.store, client, txs, head=head, stuck_after=self.cfg.payouts.stuck_after,
-                                fee_bump_ppm=self.cfg.payouts.fee_bump_ppm, max_fee=None, resign=None,
-                                what=f"{self.chain}: settled {purpose} {ref}")
-            except BroadcastRejected:
-                # e.g. a sweep whose gas top-up went with the same reorg: logged by track; the
-                # rest of the round (new payouts) must not wait for it
-                continue
-            if t.state != "mined" and not was_open:
+    # --- the finality guard -----------------------------------------------------------------
+
+    async def _guard_settled(self, head: int) -> None:
+        """Transactions of completed payouts and confirmed sweeps, gas top-ups no sweep follows
+        any more (a sweep that topped up again, was re-planned or failed), and fillers stay
+        followed until they are ``finality_depth`` deep: a reorg deeper than
+        ``confirmations`` can take one off the chain after its payout completed, and a
+        hot-wallet slot left unsent (an EVM nonce) stalls every later payout. Then its stored
+        bytes are sent again (same slot, so it can still only be mined once) and it is
+        followed until it is back and final; the payout or sweep keeps its status, since the
+        same transaction lands again. One status batch per round for all of them."""
+        assert self.tracker is not None
+        # a block counts as final once both the node's head and our scan are finality_depth
+        # past it (a scanner that is behind has not seen a reorg there yet)
+        final_below = min(head, self.store.chains.scanned_number(self.chain)) - self.cfg.finality_depth
+        txs = self.store.chaintxs.to_guard(self.chain, final_below)
+        if not txs:
+            return
+        statuses = await self.tracker.statuses(txs)
+        for group in groups(txs):
+            first = group[0]
+            was_open = any(t.status == "open" for t in group)
+            what = f"{self.chain}: settled {first.purpose} {first.ref_id}"
+
+            def replace(tx: SignedTx, first: StoredTx = first) -> None:
+                self.store.chaintxs.add(self.chain, purpose=first.purpose, ref_id=first.ref_id, tx=tx)
+
+            t = await self.tracker.follow(group, statuses, head=head, what=what,
+                                          replace=replace if first.purpose == "filler" else None)
+            if t.state == "dead":
+                self.metrics.errors.labels("settled_tx_refused").inc()
+                log.error("%s: the node refuses it for good: %s", what, t.error, extra={"chain": self.chain})
+            elif t.state != "mined" and not was_open:
                 self.metrics.errors.labels("settled_tx_reorged").inc()
 
     async def _balance_metrics(self, client: ChainClient) -> None:
@@ -289,3 +285,4 @@ class Sender:
             except WatcherError:
                 continue
             self.metrics.hot_wallet_balance.labels(self.chain, asset.symbol).set(balance / 10**asset.decimals)
+

@@ -72,8 +72,11 @@ def status_report(daemon: Daemon) -> dict[str, Any]:
             "payouts_in_flight": count("SELECT COUNT(*) FROM payouts WHERE chain = ? AND status = 'broadcast'"),
             "sweeps_in_progress": count("SELECT COUNT(*) FROM sweeps WHERE chain = ? AND status IN "
                                         "('planned', 'funding', 'broadcast')"),
-            "hot_wallet": None if hot is None else {"address": w.family.display_address(hot),
+            "hot_wallet": None if hot is None else {"address": w.spec.display_address(hot),
                                                     "balances": f["hot_wallet_balances"]},
+            # refused transactions whose slot (an EVM nonce) a filler took so later ones could go
+            "fillers": [{"txid": t.txid, "for": t.ref_id, "status": t.status, **w.spec.tx_fields(t.details)}
+                        for t in store.chaintxs.fillers(cid)],
         }
     return report
 
@@ -94,3 +97,6 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  hot wallet {c['hot_wallet']['address']}: {bal}")
         else:
             print("  hot wallet: none (watch-only)")
+        for f in c["fillers"]:
+            slot = f" at nonce {f['nonce']}" if f.get("nonce") is not None else ""
+            print(f"  gap filled{slot} for {f['for']} (a transaction the node refused): {f['txid']} {f['status']}")

@@ -1,98 +1,179 @@
-"""Following one nonce's transactions until one of them is mined deep enough.
+"""Following our own transactions, one conflict group at a time, for every family alike.
 
-The stored transactions of a payout or sweep step all share a sender and a nonce (the
-original and any fee-bump replacements), so at most one can ever be mined. Each round:
+A conflict group is a transaction and its replacements (they exclude each other: on EVM they
+share a sender and a nonce), so at most one of them can ever be mined. Each round, with the
+statuses of every followed transaction asked of the wallet in one batch:
 
 - if one is mined: settle it (the others are ``replaced``) and report its depth;
 - if one we had settled left the chain (a reorg): open them all again;
 - if the node does not know the newest (never sent, or dropped): broadcast it again;
-- if the newest has waited longer than ``stuck_after``: sign a replacement with the same
-  nonce and fees at least ``fee_bump`` higher (and at least the market's), store it, send it.
+- if the newest has waited longer than ``stuck_after``: the wallet signs a replacement in the
+  same group with a higher fee; it is stored, then sent;
+- if the node refuses the group's last live transaction for good, the group is dead: its
+  transactions are ``failed`` and the wallet releases what they held (gives a nonce back, or
+  fills the slot with a filler transaction so that later ones can go; ``wallet.gap_filled``).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from .chains import BroadcastRejected, ChainClient, FeeQuote, SignedTx, TxStatus
-from .store import Store
+from .chains import BroadcastRejected, SignedTx, StoredTx, TxStatus, Wait, Wallet
+from .failpoints import failpoint
+from .store.chaintx import StaleWalletState
+
+if TYPE_CHECKING:
+    from .config import ChainConfig
+    from .metrics import Metrics
+    from .store import Store
 
 log = logging.getLogger(__name__)
-
-# resign(fees) signs a replacement with these fees and stores it; returns it (or None if it
-# must not be replaced, e.g. a native sweep whose balance no longer covers a higher fee)
-Resign = Callable[[FeeQuote], Awaitable[SignedTx | None]]
 
 
 @dataclass(frozen=True)
 class Tracked:
-    state: str  # 'pending' or 'mined'
+    state: Literal["pending", "mined", "dead"]  # dead: refused for good, or a rival was mined
+    tx: StoredTx | None = None  # the mined one
     status: TxStatus | None = None
     confirmations: int = 0
+    error: str | None = None  # why it is dead
 
 
-def cap_fees(fees: FeeQuote, cap: int | None) -> FeeQuote:
-    if cap is None or fees.max_fee <= cap:
-        return fees
-    prio = None if fees.priority_fee is None else min(fees.priority_fee, cap)
-    return FeeQuote(max_fee=cap, priority_fee=prio)
+def live(group: Sequence[StoredTx]) -> list[StoredTx]:
+    """The transactions of a group that can still be (or are) on chain."""
+    return [t for t in group if t.status in ("open", "mined") or (t.status == "failed" and t.block_number is not None)]
 
 
-async def broadcast(store: Store, client: ChainClient, tx: SignedTx, what: str) -> bool:
-    """Send stored bytes; a transient refusal (e.g. fees below the base fee) is logged and
-    False is returned: the bytes are sent again, or replaced, in a later round."""
-    try:
-        await client.broadcast(tx)
-    except BroadcastRejected as e:
-        log.warning("%s: node refused %s (%s); %s", what, tx.txid, e.message,
-                    "will not retry these bytes" if e.permanent else "trying again later")
-        if e.permanent:
+def groups(txs: Sequence[StoredTx]) -> list[list[StoredTx]]:
+    """Transactions split into conflict groups, in the order of each group's first one."""
+    out: dict[str, list[StoredTx]] = {}
+    for t in txs:
+        out.setdefault(t.conflict, []).append(t)
+    return list(out.values())
+
+
+class Tracker:
+    """Follows, rebroadcasts, replaces and releases one chain's transactions."""
+
+    def __init__(self, config: ChainConfig, store: Store, wallet: Wallet, metrics: Metrics):
+        self.cfg = config
+        self.chain = config.id
+        self.store = store
+        self.wallet = wallet
+        self.metrics = metrics
+
+    async def statuses(self, txs: Sequence[StoredTx]) -> dict[str, TxStatus]:
+        """One batch for every live transaction of ``txs``."""
+        wanted = live(txs)
+        return await self.wallet.statuses(wanted) if wanted else {}
+
+    async def broadcast(self, tx: SignedTx, what: str, purpose: str) -> bool:
+        """Send stored bytes; a transient refusal is logged and False returned (they are sent
+        again, or replaced, in a later round); a permanent one raises."""
+        try:
+            await self.wallet.broadcast(tx)
+        except BroadcastRejected as e:
+            log.warning("%s: node refused %s (%s); %s", what, tx.txid, e.message,
+                        "will not retry these bytes" if e.permanent else "trying again later",
+                        extra={"chain": self.chain, "txid": tx.txid})
+            if e.permanent:
+                raise
+            return False
+        failpoint(f"{purpose}.sent")
+        self.store.chaintxs.mark_broadcast(tx.txid)
+        return True
+
+    async def follow(self, group: Sequence[StoredTx], statuses: dict[str, TxStatus], *, head: int, what: str,
+                     replace: Callable[[SignedTx], None] | None) -> Tracked:
+        """One round for one conflict group. ``replace`` stores a replacement (and moves its
+        payout or sweep on); None: never replace (the group is only kept on chain)."""
+        alive = live(group)
+        if not alive:
+            return Tracked("dead", error=next((t.error for t in reversed(group) if t.error), None))
+        seen = [statuses.get(t.txid) or TxStatus(txid=t.txid, state="unknown") for t in alive]
+        mined = next((s for s in seen if s.state == "mined"), None)
+        if mined is not None:
+            row = next(t for t in alive if t.txid == mined.txid)
+            if row.status == "open" or row.block_number != mined.block_number:
+                with self.store.db.transaction():
+                    if row.status != "open":
+                        self.store.chaintxs.unsettle(row)
+                    self.store.chaintxs.settle(row, block_number=mined.block_number or 0, fee_paid=mined.fee_paid,
+                                               ok=mined.success, error=mined.error)
+                failpoint(f"{row.purpose}.mined")
+            return Tracked("mined", row, mined, max(0, head - (mined.block_number or head) + 1))
+        if any(t.status != "open" for t in alive):
+            with self.store.db.transaction():  # a reorg took the mined one away: all are candidates again
+                self.store.chaintxs.unsettle(alive[0])
+            log.warning("%s: transaction left the chain in a reorg; following it again", what,
+                        extra={"chain": self.chain})
+        newest = alive[-1]
+        # The node does not have the newest (never sent, or dropped after a node restart): the
+        # newest supersedes the others, so it is the one to send again. If the node refuses it
+        # for now (fees below what it accepts), it is replaced below once it is stuck_after old.
+        if seen[-1].state == "unknown":
+            try:
+                if await self.broadcast(newest.signed(), what, newest.purpose):
+                    return Tracked("pending")
+            except BroadcastRejected as e:
+                others = [t for t, s in zip(alive[:-1], seen[:-1], strict=True) if s.state == "pending"]
+                if others:  # an earlier one of the group is still with the node: only this one is out
+                    with self.store.db.transaction():
+                        self.store.chaintxs.refused([newest], e.message)
+                    return Tracked("pending")
+                await self.release(alive, e.message, what)
+                return Tracked("dead", error=e.message)
+        since = newest.broadcast_at or newest.created_at
+        if replace is not None and self.store.clock.now_ms() - since > self.cfg.payouts.stuck_after * 1000:
+            state, _ = self.store.chaintxs.wallet_state(self.chain)
+            new = await self.wallet.replace(alive, bump_ppm=self.cfg.payouts.fee_bump_ppm, state=state)
+            if isinstance(new, Wait):
+                log.warning("%s: %s is stuck but not replaced: %s", what, newest.txid, new.reason,
+                            extra={"chain": self.chain})
+                return Tracked("pending")
+            with self.store.db.transaction():
+                replace(new)
+            failpoint(f"{newest.purpose}.stored")
+            log.info("%s: %s stuck for %.0fs; replaced by %s", what, newest.txid,
+                     (self.store.clock.now_ms() - since) / 1000, new.txid, extra={"chain": self.chain})
+            try:
+                await self.broadcast(new, what, newest.purpose)
+            except BroadcastRejected as e:  # the original may still be mined: only this one is out
+                with self.store.db.transaction():
+                    self.store.chaintxs.refused([self.store.chaintxs.get(new.txid) or newest], e.message)
+        return Tracked("pending")
+
+    async def release(self, group: Sequence[StoredTx], error: str, what: str) -> None:
+        """The node refused a group's last live transaction for good: mark the group failed
+        and let the wallet free what it held (a nonce, or a slot a filler takes)."""
+        state, version = self.store.chaintxs.wallet_state(self.chain)
+        released = await self.wallet.release(group[-1], state)
+        filler = released.filler
+        try:
+            with self.store.db.transaction():
+                self.store.chaintxs.refused(group, error)
+                if released.state is not None:
+                    self.store.chaintxs.put_wallet_state(self.chain, released.state, version)
+                if filler is not None:
+                    self.store.chaintxs.add(self.chain, purpose="filler", ref_id=group[-1].ref_id, tx=filler)
+                    self.store.events.emit("wallet.gap_filled", {
+                        "chain": self.chain, "txid": filler.txid, "refused_txid": group[-1].txid, "reason": error,
+                        "for": group[-1].ref_id, "note": released.note,
+                        **self.store.spec(self.chain).tx_fields(filler.details)},
+                        chain=self.chain, subject=group[-1].ref_id)
+        except StaleWalletState:
+            log.warning("%s: wallet state moved while releasing %s; trying again next round", what, group[-1].txid)
             raise
-        return False
-    store.chaintxs.mark_broadcast(tx.txid)
-    return True
-
-
-async def track(store: Store, client: ChainClient, txs: list[sqlite3.Row], *, head: int, stuck_after: float,
-                fee_bump_ppm: int, max_fee: int | None, resign: Resign | None, what: str) -> Tracked:
-    live = [t for t in txs if t["status"] in ("open", "mined", "failed")]
-    if not live:
-        return Tracked("pending")
-    statuses = [await client.tx_status(t["txid"]) for t in live]
-    mined = next((s for s in statuses if s.state == "mined"), None)
-    if mined is not None:
-        row = next(t for t in live if t["txid"] == mined.txid)
-        if row["status"] == "open" or row["block_number"] != mined.block_number:
-            with store.db.transaction():
-                if row["status"] != "open":
-                    store.chaintxs.unsettle(row["txid"])
-                store.chaintxs.settle(mined.txid, block_number=mined.block_number or 0, fee_paid=mined.fee_paid,
-                                      ok=mined.success, error=mined.error)
-        return Tracked("mined", mined, max(0, head - (mined.block_number or head) + 1))
-    if any(t["status"] != "open" for t in live):
-        with store.db.transaction():  # a reorg took the mined one away: all are candidates again
-            store.chaintxs.unsettle(live[0]["txid"])
-        log.warning("%s: transaction left the chain in a reorg; following it again", what)
-    newest = live[-1]
-    tx = store.chaintxs.signed(newest)
-    # The node does not have the newest (never sent, or dropped after a node restart): the
-    # newest supersedes the others, so it is the one to send again. If the node refuses it
-    # (fees below what it accepts now), it is replaced below once it is stuck_after old.
-    if statuses[-1].state == "unknown" and await broadcast(store, client, tx, what):
-        return Tracked("pending")
-    since = newest["broadcast_at"] or newest["created_at"]
-    if resign is not None and store.clock.now_ms() - since > stuck_after * 1000:
-        market = await client.fee_quote()
-        fees = cap_fees(tx.fees.bumped(fee_bump_ppm, floor=market), max_fee)
-        if fees.max_fee <= tx.fees.max_fee:
-            log.warning("%s: %s is stuck but fees are at the cap (max_fee_per_gas); waiting", what, tx.txid)
-            return Tracked("pending")
-        new = await resign(fees)
-        if new is not None:
-            log.info("%s: %s stuck for %.0fs; replaced by %s (max fee %d -> %d)", what, tx.txid,
-                     (store.clock.now_ms() - since) / 1000, new.txid, tx.fees.max_fee, fees.max_fee)
-            await broadcast(store, client, new, what)
-    return Tracked("pending")
+        if released.note:
+            log.warning("%s: %s refused for good (%s); %s", what, group[-1].txid, error, released.note,
+                        extra={"chain": self.chain, "txid": group[-1].txid})
+        if filler is not None:
+            self.metrics.errors.labels("wallet_gap_filled").inc()
+            failpoint("filler.stored")
+            try:
+                await self.broadcast(filler, f"{what}: filler", "filler")
+            except BroadcastRejected:
+                pass  # logged; the finality guard sends it again (or replaces it) next round

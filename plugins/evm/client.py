@@ -25,7 +25,6 @@ from watcher.chains import (
     BroadcastRejected,
     ChainClient,
     ChainContext,
-    FeeQuote,
     SignedTx,
     Transfer,
     TxLookup,
@@ -36,14 +35,21 @@ from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
 from watcher.jsonrpc import TOO_LARGE_RPC_CODES
 from watcher.tasks import fan_out
 
+from .erc20 import (
+    TRANSFER_TOPIC,
+    balance_of_calldata,
+    decode_uint,
+    match_transfer,
+    transfer_calldata,
+)
 from .family import EvmOptions
-from .send import NATIVE_TRANSFER_GAS, transfer_calldata
+from .fees import FeeQuote
+from .send import NATIVE_TRANSFER_GAS
 
 GWEI = 10**9
 # eth_sendRawTransaction answers that mean "the node already has exactly this transaction"
 _ALREADY_KNOWN = ("already known", "known transaction", "already imported", "alreadyknown")
 
-TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 _MAX_TRACE_INDEX = 10**6
 _LOGS_RANGE_PROBE_EVERY = 32  # eth_getLogs calls between tries of the full range after a split
 
@@ -72,10 +78,6 @@ def _int(x: str | None) -> int:
     return int(x, 16) if x else 0
 
 
-def _addr_from_topic(topic: str) -> str:
-    return "0x" + topic[-40:].lower()
-
-
 def _bloom_bits(item: bytes) -> tuple[tuple[int, int], ...]:
     """The three (byte index, mask) pairs that ``item`` sets in a 2048-bit logs bloom."""
     h = keccak(item)
@@ -91,10 +93,10 @@ _TRANSFER_BITS = _bloom_bits(bytes.fromhex(TRANSFER_TOPIC[2:]))
 
 
 class EvmClient(ChainClient):
-    def __init__(self, ctx: ChainContext):
+    def __init__(self, ctx: ChainContext, options: EvmOptions):
         self.ctx = ctx
         self.cfg = ctx.config
-        self.opts: EvmOptions = ctx.config.options or EvmOptions()
+        self.opts = options
         self.rpc = ctx.jsonrpc(concurrency=self.opts.rpc_concurrency, max_batch=self.opts.rpc_batch_size)
         self.tokens = {a.contract: a for a in self.cfg.tokens}
         self._token_bits = [_bloom_bits(bytes.fromhex(c[2:])) for c in self.tokens]
@@ -171,7 +173,7 @@ class EvmClient(ChainClient):
 
         # 1. candidates: every recipient, asked to the core's watched-address index at once
         native_cands: list[tuple[int, dict[str, Any]]] = []
-        token_cands: list[dict[str, Any]] = []
+        token_cands: list[tuple[dict[str, Any], str, str, int]] = []
         internal_cands: list[tuple[int, Transfer]] = []
         recipients: set[str] = set()
         for b in raw_blocks if full else ():
@@ -187,13 +189,10 @@ class EvmClient(ChainClient):
                 continue  # beyond the blocks the node gave us; scanned next time
             if log.get("removed") or log["blockHash"] != block["hash"]:
                 raise InconsistentData(f"{self.cfg.id}: log of block {number} is from another fork")
-            topics = log.get("topics") or []
-            if len(topics) != 3 or topics[0] != TRANSFER_TOPIC or len(log.get("data", "")) != 66:
-                continue  # not an ERC-20 Transfer (ERC-721 indexes the id: 4 topics)
-            if _int(log["data"]) == 0:
-                continue
-            token_cands.append(log)
-            recipients.add(_addr_from_topic(topics[2]))
+            moved = match_transfer(log)
+            if moved is not None:
+                token_cands.append((log, *moved))
+                recipients.add(moved[1])
         for number, block_traces in traces.items():
             if number in by_number:
                 for t in self._internal_transfers(block_traces, by_number[number]["hash"]):
@@ -217,13 +216,12 @@ class EvmClient(ChainClient):
                 found[n].append(Transfer(txid=tx["hash"], index=-1, kind="native", asset=self.native,
                                          to=tx["to"].lower(), sender=tx["from"].lower(), amount=_int(tx["value"])))
         # 3. tokens
-        for log in token_cands:
-            to = _addr_from_topic(log["topics"][2])
+        for log, sender, to, amount in token_cands:
             if to in hits:
                 token = self.tokens[log["address"].lower()]
                 found[_int(log["blockNumber"])].append(Transfer(
                     txid=log["transactionHash"], index=_int(log["logIndex"]), kind="token", asset=token.symbol,
-                    to=to, sender=_addr_from_topic(log["topics"][1]), amount=_int(log["data"])))
+                    to=to, sender=sender, amount=amount))
         # 4. internal
         for n, t in internal_cands:
             if t.to in hits:
@@ -347,13 +345,12 @@ class EvmClient(ChainClient):
             transfers.append(Transfer(txid=txid, index=-1, kind="native", asset=self.native,
                                       to=tx["to"].lower(), sender=tx["from"].lower(), amount=_int(tx["value"])))
         for log in rc.get("logs") or []:
-            topics = log.get("topics") or []
             token = self.tokens.get((log.get("address") or "").lower())
-            if token and len(topics) == 3 and topics[0] == TRANSFER_TOPIC and len(log.get("data", "")) == 66 \
-                    and _int(log["data"]) > 0:
+            moved = match_transfer(log) if token else None
+            if token and moved:
+                sender, to, amount = moved
                 transfers.append(Transfer(txid=txid, index=_int(log["logIndex"]), kind="token", asset=token.symbol,
-                                          to=_addr_from_topic(topics[2]), sender=_addr_from_topic(topics[1]),
-                                          amount=_int(log["data"])))
+                                          to=to, sender=sender, amount=amount))
         if self.opts.trace_internal:
             try:
                 frames = await self.rpc.call("trace_transaction", txid)
@@ -365,10 +362,22 @@ class EvmClient(ChainClient):
                       timestamp=_int(header["timestamp"]), transfers=tuple(t for t in transfers if t.to in hits))
         return TxLookup(txid=txid, status="included", block=block)
 
-    # --- sending ----------------------------------------------------------------------------
+    # --- reading for the wallet ------------------------------------------------------------
+
+    @_node_data
+    async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
+        tag = "latest" if block is None else hex(block)
+        if asset.contract is None:
+            return _int(await self.rpc.call("eth_getBalance", address, tag))
+        result = await self.rpc.call("eth_call", {"to": asset.contract, "data": balance_of_calldata(address)}, tag)
+        if not isinstance(result, str) or len(result) < 66:
+            raise NodeError(f"{self.cfg.id}: {asset.symbol} contract {asset.contract} answered balanceOf with "
+                            f"{str(result)[:20]!r}; is it deployed on this chain?", retryable=False)
+        return decode_uint(result)
 
     @_node_data
     async def fee_quote(self) -> FeeQuote:
+        """What a transaction should pay per gas to be included soon."""
         mode = self.opts.fee_mode
         if mode != "legacy":
             hist, tip = await self.rpc.batch_outcomes([("eth_feeHistory", (hex(5), "latest", [50])),
@@ -389,22 +398,12 @@ class EvmClient(ChainClient):
 
     @_node_data
     async def nonce(self, address: str, *, pending: bool = True) -> int:
+        """The account's next nonce, counting mempool transactions if ``pending``."""
         return _int(await self.rpc.call("eth_getTransactionCount", address, "pending" if pending else "latest"))
 
     @_node_data
-    async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
-        tag = "latest" if block is None else hex(block)
-        if asset.contract is None:
-            return _int(await self.rpc.call("eth_getBalance", address, tag))
-        data = "0x70a08231" + address.lower().removeprefix("0x").rjust(64, "0")
-        result = await self.rpc.call("eth_call", {"to": asset.contract, "data": data}, tag)
-        if not isinstance(result, str) or len(result) < 66:
-            raise NodeError(f"{self.cfg.id}: {asset.symbol} contract {asset.contract} answered balanceOf with "
-                            f"{str(result)[:20]!r}; is it deployed on this chain?", retryable=False)
-        return _int(result[:66])
-
-    @_node_data
     async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
+        """Gas a transfer of ``amount`` of ``asset`` from ``sender`` to ``to`` needs."""
         if asset.contract is None:
             code = await self.rpc.call("eth_getCode", to, "latest")
             if code in (None, "0x", "0x0"):
@@ -414,7 +413,9 @@ class EvmClient(ChainClient):
             call = {"from": sender, "to": asset.contract, "data": transfer_calldata(to, amount)}
         return _int(await self.rpc.call("eth_estimateGas", call))
 
-    async def broadcast(self, tx: SignedTx) -> None:
+    async def send_raw(self, tx: SignedTx) -> None:
+        """eth_sendRawTransaction; a node that already has exactly this transaction, or
+        mined it, is a success; a refusal raises :class:`BroadcastRejected`."""
         try:
             await self.rpc.call("eth_sendRawTransaction", tx.raw)
         except RpcError as e:
@@ -422,7 +423,7 @@ class EvmClient(ChainClient):
             if any(k in msg for k in _ALREADY_KNOWN):
                 return
             if "nonce too low" in msg or "nonce is too low" in msg:
-                status = await self.tx_status(tx.txid)
+                status = (await self.tx_statuses([tx.txid]))[tx.txid]
                 if status.state != "unknown":
                     return  # it is this very transaction that used the nonce
             permanent = not any(k in msg for k in ("insufficient funds", "underpriced", "base fee", "fee cap",
@@ -430,17 +431,25 @@ class EvmClient(ChainClient):
             raise BroadcastRejected(e.message, permanent=permanent) from None
 
     @_node_data
-    async def tx_status(self, txid: str) -> TxStatus:
-        rc, tx = await self.rpc.batch([("eth_getTransactionReceipt", (txid,)), ("eth_getTransactionByHash", (txid,))])
-        if rc is None:
-            return TxStatus(txid=txid, state="pending" if tx else "unknown")
-        ok = _int(rc.get("status")) == 1
-        fee = _int(rc.get("gasUsed")) * _int(rc.get("effectiveGasPrice") or (tx or {}).get("gasPrice"))
-        error = None
-        if not ok:
-            error = await self._revert_reason(tx, _int(rc["blockNumber"]))
-        return TxStatus(txid=txid, state="mined", success=ok, block_number=_int(rc["blockNumber"]),
-                        block_hash=rc["blockHash"], fee_paid=fee, error=error)
+    async def tx_statuses(self, txids: list[str]) -> dict[str, TxStatus]:
+        """Receipts and transactions of every txid in one JSON-RPC batch."""
+        if not txids:
+            return {}
+        calls = [c for txid in txids for c in (("eth_getTransactionReceipt", (txid,)),
+                                                ("eth_getTransactionByHash", (txid,)))]
+        results = await self.rpc.batch(calls)
+        out: dict[str, TxStatus] = {}
+        for i, txid in enumerate(txids):
+            rc, tx = results[2 * i], results[2 * i + 1]
+            if rc is None:
+                out[txid] = TxStatus(txid=txid, state="pending" if tx else "unknown")
+                continue
+            ok = _int(rc.get("status")) == 1
+            fee = _int(rc.get("gasUsed")) * _int(rc.get("effectiveGasPrice") or (tx or {}).get("gasPrice"))
+            error = None if ok else await self._revert_reason(tx, _int(rc["blockNumber"]))
+            out[txid] = TxStatus(txid=txid, state="mined", success=ok, block_number=_int(rc["blockNumber"]),
+                                 block_hash=rc["blockHash"], fee_paid=fee, error=error)
+        return out
 
     async def _revert_reason(self, tx: dict[str, Any] | None, block: int) -> str:
         """Replay the call to read the revert reason: at the block's own state first (what

@@ -1,22 +1,27 @@
 """The EVM chain family: Ethereum, BSC, Polygon, Base, a local devnet... one family, one set
-of per-chain options."""
+of per-chain options, one key scheme (``m/44'/60'/...``) shared by every EVM chain."""
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from watcher.chains import ChainClient, ChainContext, ChainFamily, FeeQuote, SignedTx
-from watcher.config import between, one_of
+from watcher.chains import ChainClient, ChainContext, ChainFamily, ChainSpec, KeyScheme, StoredTx
+from watcher.config import between, fraction, one_of
 from watcher.errors import BadRequest, InvalidAddress
 
 if TYPE_CHECKING:
+    from watcher.chains import Wallet, WalletContext
     from watcher.config import AssetConfig, ChainConfig, ConfigTable
 
 _HEX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _TXID = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+#: Every EVM chain derives from one account: a label has the same address on all of them.
+EVM_KEYS = KeyScheme(purpose=44, coin_type=60)
 
 
 @dataclass(frozen=True)
@@ -28,18 +33,16 @@ class EvmOptions:
     logs_block_range: int = 2000  # widest eth_getLogs range tried first
     fee_mode: str = "auto"  # "auto", "eip1559" or "legacy" (gasPrice)
     watch_native: bool = True  # False: a token-only chain, scanned from logs and headers alone
+    max_fee_per_gas: int | None = None  # [chains.payouts]: never pay more per gas unit (wei)
+    gas_margin_ppm: int = 200_000  # [chains.sweep] gas_margin: extra gas bought for token sweeps
 
 
 class EvmFamily(ChainFamily):
     name = "evm"
-    bip44_coin = 60
-    native_decimals = 18
-    default_native_symbol = "ETH"
-    default_confirmations = 12
-    default_finality_depth = 64
 
-    def parse_options(self, table: ConfigTable) -> EvmOptions:
-        return EvmOptions(
+    def configure(self, table: ConfigTable) -> EvmSpec:
+        payouts, sweep = table.table("payouts"), table.table("sweep")
+        return EvmSpec(EvmOptions(
             chain_id=table.take("chain_id", int, None, check=between(1, 2**53)),
             trace_internal=table.take("trace_internal", bool, False),
             rpc_concurrency=table.take("rpc_concurrency", int, 4, check=between(1, 64)),
@@ -47,18 +50,29 @@ class EvmFamily(ChainFamily):
             logs_block_range=table.take("logs_block_range", int, 2000, check=between(1, 1_000_000)),
             fee_mode=table.take("fee_mode", str, "auto", check=one_of("auto", "eip1559", "legacy")),
             watch_native=table.take("watch_native", bool, True),
-        )
+            max_fee_per_gas=payouts.take("max_fee_per_gas", int, None, check=between(1, 10**30)),
+            gas_margin_ppm=fraction(sweep, "gas_margin", "0.2", 0, 5_000_000) if sweep.raw else 200_000,
+        ))
+
+
+class EvmSpec(ChainSpec):
+    family = "evm"
+    keys = EVM_KEYS
+    native_symbol = "ETH"
+    native_decimals = 18
+    confirmations = 12
+    finality_depth = 64
+
+    def __init__(self, options: EvmOptions):
+        self.options = options
 
     def validate_address(self, text: str) -> str:
         if not isinstance(text, str) or not _HEX_ADDRESS.match(text.strip()):
             raise InvalidAddress("not an EVM address (0x followed by 40 hex digits)")
         text = text.strip()
         body = text[2:]
-        if body != body.lower() and body != body.upper():
-            from eth_utils import to_checksum_address
-
-            if to_checksum_address(text) != text:
-                raise InvalidAddress("EVM address has a bad EIP-55 checksum (mixed case that does not match)")
+        if body != body.lower() and body != body.upper() and _checksummed("0x" + body.lower()) != text:
+            raise InvalidAddress("EVM address has a bad EIP-55 checksum (mixed case that does not match)")
         return "0x" + body.lower()
 
     def validate_txid(self, text: object) -> str:
@@ -76,31 +90,37 @@ class EvmFamily(ChainFamily):
         uncompressed = PublicKey(public_key).format(compressed=False)
         return "0x" + keccak(uncompressed[1:])[-20:].hex()
 
-    def payment_uri(self, config: ChainConfig, address: str, asset: str, amount: int,
-                    node_info: dict[str, Any]) -> str | None:
+    def payment_uri(self, config: ChainConfig, address: str, asset: AssetConfig, amount: int,
+                    node_info: Mapping[str, Any]) -> str | None:
         """EIP-681: ``ethereum:<to>@<chainId>?value=<wei>`` for the native coin,
         ``ethereum:<token>@<chainId>/transfer?address=<to>&uint256=<units>`` for tokens."""
-        a = config.asset(asset)
-        if a is None:
-            return None
-        chain_id = config.options.chain_id if config.options and config.options.chain_id else chain_id_of(node_info)
+        chain_id = self.options.chain_id or chain_id_of(node_info)
         chain_part = f"@{chain_id}" if chain_id else ""
         to = self.display_address(address)
-        if a.contract is None:
+        if asset.contract is None:
             return f"ethereum:{to}{chain_part}?value={amount}"
-        return f"ethereum:{self.display_address(a.contract)}{chain_part}/transfer?address={to}&uint256={amount}"
+        return f"ethereum:{self.display_address(asset.contract)}{chain_part}/transfer?address={to}&uint256={amount}"
 
-    def sign_transfer(self, private_key: bytes, *, node_info: dict[str, Any], to: str, asset: AssetConfig,
-                      amount: int, nonce: int, gas_limit: int, fees: FeeQuote) -> SignedTx:
-        from .send import sign_transfer
+    def tx_fields(self, details: Mapping[str, Any]) -> dict[str, Any]:
+        prio = details.get("priority_fee")
+        return {"nonce": details.get("nonce"),
+                "max_fee_per_gas": None if details.get("max_fee") is None else str(details["max_fee"]),
+                "priority_fee_per_gas": None if prio is None else str(prio)}
 
-        return sign_transfer(private_key, chain_id=chain_id_of(node_info), to=to, asset=asset, amount=amount,
-                             nonce=nonce, gas_limit=gas_limit, fees=fees)
+    def payout_fields(self, txs: Sequence[StoredTx]) -> dict[str, Any]:
+        return {"nonce": txs[0].details.get("nonce") if txs else None}
 
     def open_client(self, ctx: ChainContext) -> ChainClient:
         from .client import EvmClient
 
-        return EvmClient(ctx)
+        return EvmClient(ctx, self.options)
+
+    def open_wallet(self, ctx: WalletContext) -> Wallet | None:
+        from .client import EvmClient
+        from .wallet import EvmWallet
+
+        assert isinstance(ctx.client, EvmClient)
+        return EvmWallet(ctx, ctx.client, self.options)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -110,6 +130,6 @@ def _checksummed(address: str) -> str:
     return to_checksum_address(address)
 
 
-def chain_id_of(info: dict[str, Any]) -> int | None:
+def chain_id_of(info: Mapping[str, Any]) -> int | None:
     value = info.get("chain_id")
     return value if isinstance(value, int) else None

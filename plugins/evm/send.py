@@ -1,23 +1,27 @@
-"""Building and signing EVM transfers (eth-account), for sweeps and payouts."""
+"""Building and signing EVM transactions (eth-account), for sweeps, payouts and fillers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from watcher.chains import FeeQuote, SignedTx
+from watcher.chains import SignedTx
 from watcher.config import AssetConfig
 from watcher.errors import WatcherError
 
-TRANSFER_SELECTOR = "a9059cbb"  # transfer(address,uint256)
+from .erc20 import transfer_calldata
+from .fees import FeeQuote
+
 NATIVE_TRANSFER_GAS = 21_000
 
 
-def transfer_calldata(to: str, amount: int) -> str:
-    return "0x" + TRANSFER_SELECTOR + to.lower().removeprefix("0x").rjust(64, "0") + f"{amount:064x}"
+def conflict_key(sender: str, nonce: int) -> str:
+    """Transactions of one sender with one nonce exclude each other."""
+    return f"{sender}/{nonce}"
 
 
-def sign_transfer(private_key: bytes, *, chain_id: int | None, to: str, asset: AssetConfig, amount: int, nonce: int,
-                  gas_limit: int, fees: FeeQuote) -> SignedTx:
+def sign_transfer(private_key: bytes, *, chain_id: int | None, sender: str, to: str, asset: AssetConfig,
+                  amount: int, nonce: int, gas_limit: int, fees: FeeQuote) -> SignedTx:
+    """A transfer of ``amount`` of ``asset`` from ``sender`` (whose key is ``private_key``)."""
     from eth_account import Account
     from eth_utils import to_checksum_address
 
@@ -34,4 +38,6 @@ def sign_transfer(private_key: bytes, *, chain_id: int | None, to: str, asset: A
         tx.update(type=2, maxFeePerGas=fees.max_fee, maxPriorityFeePerGas=fees.priority_fee)
     signed = Account.sign_transaction(tx, private_key)
     return SignedTx(raw="0x" + bytes(signed.raw_transaction).hex(), txid="0x" + bytes(signed.hash).hex(),
-                    nonce=nonce, gas_limit=gas_limit, fees=fees)
+                    sender=sender, to=to, asset=asset.symbol, amount=amount, fee_limit=gas_limit * fees.max_fee,
+                    conflict=conflict_key(sender, nonce),
+                    details={"nonce": nonce, "gas_limit": gas_limit, **fees.as_details()})

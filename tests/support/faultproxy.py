@@ -94,7 +94,8 @@ class FaultProxy:
         self.malformed: tuple[str, ...] = MALFORMED  # the variants "malformed" picks from
         self.bad_results: tuple[Any, ...] = BAD_RESULTS  # the values "bad_result" picks from
         self.variants: Counter[str] = Counter()  # which malformed variants / bad results were sent
-        self._forced: deque[tuple[str, str | None]] = deque()  # (kind, only for this method)
+        # (kind, only for this method, the (code, message) of an injected rpc_error)
+        self._forced: deque[tuple[str, str | None, tuple[int, str] | None]] = deque()
         # lagging replica
         self.lag: int | None = None
         self.lag_share = 1.0
@@ -118,10 +119,13 @@ class FaultProxy:
         if mix is not None:
             self.mix = dict(mix)
 
-    def inject(self, kind: str, times: int = 1, *, method: str | None = None) -> None:
-        """The next ``times`` requests (with ``method``: that call them) get ``kind``."""
+    def inject(self, kind: str, times: int = 1, *, method: str | None = None,
+               error: tuple[int, str] | None = None) -> None:
+        """The next ``times`` requests (with ``method``: that call them) get ``kind``; an
+        ``rpc_error`` with ``error`` answers that (code, message) instead of ``self.rpc_error``."""
         assert kind in DEFAULT_MIX or kind in EXTRA_KINDS, kind
-        self._forced.extend([(kind, method)] * times)
+        assert error is None or kind == "rpc_error"
+        self._forced.extend([(kind, method, error)] * times)
 
     def clear(self) -> None:
         """No more faults of any kind: random, forced, lagging, down."""
@@ -210,25 +214,25 @@ class FaultProxy:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _pick(self, methods: set[str]) -> str | None:
+    def _pick(self, methods: set[str]) -> tuple[str | None, tuple[int, str] | None]:
         for forced in self._forced:
             if forced[1] is None or forced[1] in methods:
                 self._forced.remove(forced)
-                return forced[0]
+                return forced[0], forced[2]
         if self.rate and self.rng.random() < self.rate:
             kinds = list(self.mix)
-            return self.rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
-        return None
+            return self.rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0], None
+        return None, None
 
     async def _reply(self, body: bytes) -> _Reply:
-        kind = self._pick(self._count_methods(body))
+        kind, error = self._pick(self._count_methods(body))
         if kind is not None:
             self.injected[kind] += 1
         if kind in _HTTP_STATUS:
             headers = (("retry-after", self.retry_after),) if kind == "http_429" else ()
             return _Reply(_HTTP_STATUS[kind], b"injected fault: " + kind.encode(), headers)
         if kind == "rpc_error":
-            return _Reply(200, self._rpc_errors(body))
+            return _Reply(200, self._rpc_errors(body, error or self.rpc_error))
         if kind == "latency":
             await trio.sleep(self.rng.uniform(*self.latency))
         elif kind == "stall":
@@ -284,13 +288,13 @@ class FaultProxy:
         self.variants[name] += 1
         return makers[name]()
 
-    def _rpc_errors(self, body: bytes) -> bytes:
+    def _rpc_errors(self, body: bytes, error: tuple[int, str]) -> bytes:
         """A JSON-RPC error object for every call of the request (the node is not asked)."""
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError:
             req = None
-        code, message = self.rpc_error
+        code, message = error
         calls = req if isinstance(req, list) else [req]
         out = [{"jsonrpc": "2.0", "id": c.get("id") if isinstance(c, dict) else None,
                 "error": {"code": code, "message": message}} for c in calls]

@@ -50,7 +50,7 @@ def reject_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
 def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
     if not isinstance(text, str):
         raise InvalidAddress("address must be a string")
-    return req.daemon.store.family(chain_id).validate_address(text)
+    return req.daemon.store.spec(chain_id).validate_address(text)
 
 
 def check_label(label: Any, *, required: bool = True) -> str | None:
@@ -145,7 +145,7 @@ async def list_chains(req: ApiRequest) -> Any:
             "catching_up": s.catching_up,
             "confirmations": cfg.confirmations,
             "assets": [{"symbol": a.symbol, "decimals": a.decimals,
-                        "contract": w.family.display_address(a.contract) if a.contract else None}
+                        "contract": cfg.spec.display_address(a.contract) if a.contract else None}
                        for a in cfg.assets],
             "watched_addresses": req.daemon.store.addresses.count(cid),
             "hot_wallet": await hot_wallet_view(req, cid),
@@ -169,7 +169,7 @@ async def hot_wallet_view(req: ApiRequest, chain: str) -> dict[str, Any] | None:
                     balances[a.symbol] = format_amount(await w.client.balance(address, a), a.decimals)
                 except WatcherError:
                     pass
-    return {"address": w.family.display_address(address), "balances": balances}
+    return {"address": w.spec.display_address(address), "balances": balances}
 
 
 # --- addresses ---------------------------------------------------------------------------------
@@ -177,14 +177,14 @@ async def hot_wallet_view(req: ApiRequest, chain: str) -> dict[str, Any] | None:
 
 def address_view(req: ApiRequest, a: Any, *, totals: bool = False) -> dict[str, Any]:
     store = req.daemon.store
-    family = store.family(a.chain)
+    spec = store.spec(a.chain)
     out: dict[str, Any] = {
         "chain": a.chain,
-        "address": family.display_address(a.address),
+        "address": spec.display_address(a.address),
         "kind": a.kind,
         "label": a.label,
         "invoice_id": a.invoice_id,
-        "derivation_path": None if a.derivation_index is None else f"m/44'/{family.bip44_coin}'/0'/0/{a.derivation_index}",
+        "derivation_path": None if a.derivation_index is None else f"{spec.keys.deposit_path}/0/{a.derivation_index}",
     }
     if totals:
         cfg = store.chain_config(a.chain)

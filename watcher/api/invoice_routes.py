@@ -146,8 +146,8 @@ async def submit_tx(req: ApiRequest) -> Any:
     store = req.daemon.store
     invoice = store.invoices.get(req.path_params["id"])
     chain = invoice["chain"]
-    family = store.family(chain)
-    txid = family.validate_txid(body.get("txid"))
+    spec = store.spec(chain)
+    txid = spec.validate_txid(body.get("txid"))
     watcher = req.daemon.watchers[chain]
     client = watcher.client
     if client is None or not watcher.status.node_up:
@@ -157,7 +157,7 @@ async def submit_tx(req: ApiRequest) -> Any:
         found = await client.lookup_tx(txid, lambda cands: store.addresses.watched(chain, cands))
     except NodeError as e:
         raise NodeUnavailable(f"asking the node failed: {e.message}") from None
-    address = family.validate_address(invoice["address"])
+    address = spec.validate_address(invoice["address"])
     if found.status == "failed":
         raise BadRequest("that transaction failed (reverted) on chain; it pays nothing", code="tx_failed", status=422)
     if found.status in ("unknown", "pending"):

@@ -241,5 +241,5 @@ async def admin_status(req: ApiRequest) -> Any:
     store = req.daemon.store
     return {"paused": sorted(store.paused()), "paused_by_config": sorted(req.daemon.config.paused),
             "hot_wallets": {c: (None if store.hot_wallet(c) is None else
-                                store.family(c).display_address(store.hot_wallet(c)))
+                                store.spec(c).display_address(store.hot_wallet(c)))
                             for c in req.daemon.senders}}

@@ -1,14 +1,14 @@
 """The store: the only code that writes the SQLite file.
 
-``Store`` ties the database to what the domain code needs around it (config, chain families
-for address formatting, the keyring for public derivation, metrics, the clock) and exposes
+``Store`` ties the database to what the domain code needs around it (config, with each
+chain's spec for address formatting, the keyring for public derivation, metrics, the clock) and exposes
 one object per table group: ``chains``, ``addresses``, ``transfers``, ``invoices``,
 ``events`` (the outbox), ``webhooks`` (endpoints and deliveries), ``audit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..clock import Clock
@@ -27,7 +27,7 @@ from .transfers import Transfers
 from .webhooks import Webhooks
 
 if TYPE_CHECKING:
-    from ..chains import ChainFamily
+    from ..chains import ChainSpec
     from ..config import ChainConfig, Config
     from ..keys import Keyring
 
@@ -40,14 +40,12 @@ class Store:
         db: Database,
         *,
         config: Config,
-        families: Mapping[str, ChainFamily],
         keyring: Keyring,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
     ):
         self.db = db
         self.config = config
-        self.families = families
         self.keyring = keyring
         self.metrics = metrics or Metrics()
         self.clock = clock or Clock()
@@ -78,11 +76,11 @@ class Store:
         self.db.after_commit(wake)
 
     @classmethod
-    def open(cls, config: Config, *, families: Mapping[str, ChainFamily], keyring: Keyring,
-             metrics: Metrics | None = None, clock: Clock | None = None) -> Store:
+    def open(cls, config: Config, *, keyring: Keyring, metrics: Metrics | None = None,
+             clock: Clock | None = None) -> Store:
         db = Database(config.storage.path, synchronous=config.storage.synchronous)
         db.migrate()
-        store = cls(db, config=config, families=families, keyring=keyring, metrics=metrics, clock=clock)
+        store = cls(db, config=config, keyring=keyring, metrics=metrics, clock=clock)
         store.check_keyring()
         return store
 
@@ -95,22 +93,22 @@ class Store:
             raise NotFound(f"unknown chain {chain!r}", code="unknown_chain")
         return cfg
 
-    def family(self, chain: str) -> ChainFamily:
-        return self.families[self.chain_config(chain).family]
+    def spec(self, chain: str) -> ChainSpec:
+        """What the chain's family made of its config (address format, keys)."""
+        return self.chain_config(chain).spec
 
     # --- the hot wallet and the kill switch ------------------------------------------------
 
     def hot_wallet(self, chain: str) -> str | None:
-        """The chain's hot wallet address (m/44'/coin'/1'/0/0), None when watch-only."""
+        """The chain's hot wallet address (``<hot account>/0/0`` of its key scheme), None when
+        watch-only."""
         if chain not in self._hot:
-            from ..keys import HOT_WALLET_ACCOUNT
-
-            family = self.family(chain)
+            spec = self.spec(chain)
             if self.keyring.watch_only:
                 self._hot[chain] = None
             else:
-                pub = self.keyring.public_key(family.bip44_coin, 0, account=HOT_WALLET_ACCOUNT)
-                self._hot[chain] = family.address_from_public_key(pub)
+                pub = self.keyring.public_key(spec.keys.hot_path, 0)
+                self._hot[chain] = spec.address_from_public_key(pub)
         return self._hot[chain]
 
     def paused(self) -> frozenset[str]:
@@ -133,19 +131,30 @@ class Store:
 
     def check_keyring(self) -> None:
         """Refuse to run with a different seed than the one this database was made with:
-        every stored address would belong to someone else's keys."""
-        fingerprints = {}
-        for fam in {f.bip44_coin: f for f in self.families.values()}.values():
-            pub = self.keyring.public_key(fam.bip44_coin, 0)
-            fingerprints[f"keyring.coin{fam.bip44_coin}"] = fam.address_from_public_key(pub)
+        every stored address would belong to someone else's keys. Watch-only keys must cover
+        the deposit account of every chain."""
+        from ..errors import KeyMaterialError
+
+        # per deposit account: the public key of its first address (older databases hold
+        # that address itself, as the chain's family formats it)
+        first: dict[str, tuple[str, set[str]]] = {}
+        for chain in self.config.chains:
+            account = chain.spec.keys.deposit_path
+            if not self.keyring.has_account(account):
+                raise KeyMaterialError(f"chain {chain.id!r} derives its addresses from account {account}: "
+                                       f"watch-only, it needs keys.accounts = {{ \"{account}\" = \"<its xpub>\" }}")
+            pub = self.keyring.public_key(account, 0)
+            _, shown = first.setdefault(account, (pub.hex(), set()))
+            shown.add(chain.spec.address_from_public_key(pub))
         with self.db.transaction():
-            for key, value in fingerprints.items():
+            for account, (value, addresses) in first.items():
+                key = f"keyring.{account}"
                 known = self.db.get_meta(key)
-                if known is None:
+                if known is None or (known != value and known in addresses):
                     self.db.set_meta(key, value)
                 elif known != value:
                     raise StorageError(
-                        f"the configured keys do not match this database (its addresses were derived from "
-                        f"another seed or xpub; first address {known}, keys give {value}). "
-                        "Point storage.path at the right database or restore the right seed."
+                        f"the configured keys do not match this database (its addresses of {account} were derived "
+                        f"from another seed or account key; first key {known[:16]}..., the configured keys give "
+                        f"{value[:16]}...). Point storage.path at the right database or restore the right seed."
                     )

@@ -1,7 +1,8 @@
 """Watched addresses and the derivation indexes behind them.
 
-A label gets one derivation index per key space (the family's SLIP-44 coin type), so the
-label ``alice`` has the same address on every EVM chain: a user who pays on the wrong EVM
+A label gets one derivation index per deposit account (``m/purpose'/coin'/account'`` of the
+chain's key scheme), so the label ``alice`` has the same address on every chain that shares
+the account (every EVM chain; BTC and LTC test networks): a user who pays on the wrong EVM
 chain still pays an address the operator holds the key to. Indexes are never reused.
 """
 
@@ -55,6 +56,17 @@ class Addresses:
                 [chain, *part],
             )
             found.update(r[0] for r in rows)
+        return found
+
+    def derived_among(self, chain: str, candidates: Iterable[str]) -> set[str]:
+        """The subset of ``candidates`` that are addresses watcher derived on ``chain``."""
+        unique = [a for a in set(candidates) if a]
+        found: set[str] = set()
+        for i in range(0, len(unique), _CHUNK):
+            part = unique[i:i + _CHUNK]
+            found.update(r[0] for r in self.store.db.query(
+                f"SELECT address FROM addresses WHERE chain = ? AND derivation_index IS NOT NULL"
+                f" AND address IN ({','.join('?' * len(part))})", [chain, *part]))
         return found
 
     def get(self, chain: str, address: str) -> WatchedAddress | None:
@@ -114,25 +126,25 @@ class Addresses:
         return WatchedAddress(chain, address, "external", label, None, None, now), True
 
     def _index_for(self, chain: str, purpose: str, ref: str) -> int:
-        family = self.store.family(chain)
-        coin = family.bip44_coin
+        account = self.store.spec(chain).keys.deposit_path
         conn = self.store.db.conn
         row = conn.execute(
-            "SELECT idx FROM derivations WHERE coin = ? AND purpose = ? AND ref = ?", (coin, purpose, ref)
+            "SELECT idx FROM derivations WHERE account = ? AND purpose = ? AND ref = ?", (account, purpose, ref)
         ).fetchone()
         if row is not None:
             return row[0]
-        index = conn.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM derivations WHERE coin = ?", (coin,)).fetchone()[0]
+        index = conn.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM derivations WHERE account = ?",
+                             (account,)).fetchone()[0]
         conn.execute(
-            "INSERT INTO derivations (coin, idx, purpose, ref, created_at) VALUES (?, ?, ?, ?, ?)",
-            (coin, index, purpose, ref, self.store.clock.now_ms()),
+            "INSERT INTO derivations (account, idx, purpose, ref, created_at) VALUES (?, ?, ?, ?, ?)",
+            (account, index, purpose, ref, self.store.clock.now_ms()),
         )
         return index
 
     def _insert_derived(self, chain: str, index: int, *, kind: str, label: str | None,
                         invoice_id: str | None = None) -> WatchedAddress:
-        family = self.store.family(chain)
-        address = family.address_from_public_key(self.store.keyring.public_key(family.bip44_coin, index))
+        spec = self.store.spec(chain)
+        address = spec.address_from_public_key(self.store.keyring.public_key(spec.keys.deposit_path, index))
         now = self.store.clock.now_ms()
         clash = self.get(chain, address)
         if clash is not None:

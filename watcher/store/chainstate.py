@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..chains import Block
 from ..config import ChainConfig
 from ..errors import InconsistentData
+from .transfers import TransferChange
 
 if TYPE_CHECKING:
     from . import Store
@@ -89,27 +90,40 @@ class ChainState:
             # scanner that is still a few blocks behind must keep the ancestor of a reorg the
             # node sees at its head.
             keep_from = max(node_head, tip) - chain.finality_depth - 1
-            detected = 0
+            detected = confirmed = 0
             # transfers recorded ahead of the scanner (submit-tx) must be in the blocks we now see
             ahead = self.store.transfers.max_block_above(chain.id, cur.number)
             for b in blocks:
                 if ahead is not None and b.number <= ahead:
-                    self.store.transfers.orphan_other_forks(chain, b, tip)
+                    self._react(self.store.transfers.orphan_other_forks(chain, b, tip))
                 if b.number > keep_from:
                     conn.execute(
                         "INSERT OR REPLACE INTO blocks (chain, number, hash, parent_hash, timestamp) VALUES (?, ?, ?, ?, ?)",
                         (chain.id, b.number, b.hash, b.parent_hash, b.timestamp),
                     )
                 for t in b.transfers:
-                    if self.store.transfers.record(chain, b, t, tip) is not None:
+                    change = self.store.transfers.record(chain, b, t, tip)
+                    if change is not None:
                         detected += 1
+                        self._react([change])
             conn.execute(
                 "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
                 (tip, blocks[-1].hash, self.store.clock.now_ms(), chain.id),
             )
-            confirmed = self.store.transfers.confirm_upto(chain, tip)
+            changes = self.store.transfers.confirm_upto(chain, tip)
+            confirmed = len(changes)
+            self._react(changes)
             conn.execute("DELETE FROM blocks WHERE chain = ? AND number < ?", (chain.id, tip - chain.finality_depth))
         return ScanResult(tip=tip, detected=detected, confirmed=confirmed)
+
+    def _react(self, changes: list[TransferChange]) -> None:
+        """What transfer changes mean for the rest, in the same transaction: an invoice paid
+        by one recomputes its status; a confirmed deposit makes its address a sweep candidate."""
+        for c in changes:
+            if c.invoice_id is not None:
+                self.store.invoices.recompute(c.invoice_id)
+            if c.new == "confirmed":
+                self.store.sweeps.note_confirmed(c.chain, c.address, c.asset)
 
     def record_lookup(self, chain: ChainConfig, block: Block) -> bool:
         """Record the transfers of one transaction found by ``lookup_tx`` (submit-tx). A block
@@ -123,8 +137,8 @@ class ChainState:
                 ours = cur.hash if block.number == cur.number else self.recent_blocks(chain.id).get(block.number)
                 if ours is not None and ours != block.hash:
                     return False
-            for t in block.transfers:
-                self.store.transfers.record(chain, block, t, cur.number)
+            changes = [self.store.transfers.record(chain, block, t, cur.number) for t in block.transfers]
+            self._react([c for c in changes if c is not None])
         return True
 
     def rollback(self, chain: ChainConfig, ancestor: int, ancestor_hash: str | None) -> int:
@@ -134,12 +148,11 @@ class ChainState:
         the number of orphaned transfers."""
         with self.store.db.transaction() as conn:
             orphaned = self.store.transfers.orphan_above(chain, ancestor, ancestor)
-            conn.execute("UPDATE chain_txs SET status = 'open', block_number = NULL, fee_paid = NULL, error = NULL,"
-                         " updated_at = ? WHERE chain = ? AND status IN ('mined', 'failed') AND block_number > ?",
-                         (self.store.clock.now_ms(), chain.id, ancestor))
+            self._react(orphaned)
+            self.store.chaintxs.reopen_above(chain.id, ancestor)
             conn.execute("DELETE FROM blocks WHERE chain = ? AND number > ?", (chain.id, ancestor))
             conn.execute(
                 "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
                 (ancestor, ancestor_hash, self.store.clock.now_ms(), chain.id),
             )
-        return orphaned
+        return len(orphaned)

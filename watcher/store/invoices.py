@@ -32,7 +32,6 @@ def _terms(row: sqlite3.Row) -> InvoiceTerms:
 class Invoices:
     def __init__(self, store: Store):
         self.store = store
-        store.transfers.on_change(self._on_transfer)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -40,14 +39,16 @@ class Invoices:
                tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
                node_info: dict[str, Any] | None = None) -> dict[str, Any]:
         cfg = self.store.chain_config(chain)
-        family = self.store.family(chain)
+        spec = cfg.spec
         now = self.store.clock.now_ms()
         invoice_id = new_id("inv", now_ms=now)
         expires_at = now + expires_in * 1000
         monitor_until = expires_at + self.store.config.invoices.monitoring_window * 1000
         with self.store.db.transaction() as conn:
             addr = self.store.addresses.derived_for(chain, "invoice", invoice_id, kind="invoice", invoice_id=invoice_id)
-            uri = family.payment_uri(cfg, addr.address, asset, amount, node_info or {}) if amount else None
+            asset_cfg = cfg.asset(asset)
+            uri = spec.payment_uri(cfg, addr.address, asset_cfg, amount, node_info or {}) \
+                if amount and asset_cfg is not None else None
             conn.execute(
                 "INSERT INTO invoices (id, chain, asset, mode, amount, tolerance_ppm, address, status, order_id,"
                 " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by)"
@@ -60,11 +61,6 @@ class Invoices:
             self.store.events.emit("invoice.created", view, chain=chain, subject=invoice_id)
             self.store.wake_after_commit("invoices")
         return view
-
-    def _on_transfer(self, transfer: dict[str, Any], old: str | None, new: str) -> None:
-        invoice_id = transfer.get("invoice_id")
-        if invoice_id:
-            self.recompute(invoice_id)
 
     def recompute(self, invoice_id: str) -> str | None:
         """Re-derive status and totals from the invoice's payments (inside a transaction)."""
@@ -147,7 +143,7 @@ class Invoices:
 
     def view(self, row: sqlite3.Row) -> dict[str, Any]:
         cfg = self.store.chain_config(row["chain"])
-        family = self.store.family(row["chain"])
+        spec = cfg.spec
         asset = cfg.asset(row["asset"])
         decimals = asset.decimals if asset else 0
         terms = _terms(row)
@@ -172,13 +168,13 @@ class Invoices:
             "id": row["id"],
             "chain": row["chain"],
             "asset": row["asset"],
-            "contract": family.display_address(asset.contract) if asset and asset.contract else None,
+            "contract": spec.display_address(asset.contract) if asset and asset.contract else None,
             "decimals": decimals,
             "mode": row["mode"],
             "amount": None if amount is None else format_amount(amount, decimals),
             "base_units": None if amount is None else str(amount),
             "tolerance": format_amount(row["tolerance_ppm"], 6),
-            "address": family.display_address(row["address"]),
+            "address": spec.display_address(row["address"]),
             "payment_uri": row["payment_uri"],
             "status": row["status"],
             "partial": bool(row["partial"]),

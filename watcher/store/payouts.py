@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..chains import SignedTx
@@ -26,6 +28,23 @@ if TYPE_CHECKING:
 
 STATUSES = ("pending", "awaiting_approval", "broadcast", "completed", "failed", "cancelled")
 LIVE = ("pending", "awaiting_approval", "broadcast", "completed")  # count towards limits
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutRow:
+    id: str
+    chain: str
+    asset: str
+    amount: int
+    to_address: str
+    status: str
+    reason: str | None
+    label: str | None
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> PayoutRow:
+        return cls(id=r["id"], chain=r["chain"], asset=r["asset"], amount=int(r["amount"]), to_address=r["to_address"],
+                   status=r["status"], reason=r["reason"], label=r["label"])
 
 
 def request_hash(**fields: Any) -> str:
@@ -94,20 +113,19 @@ class Payouts:
         with self.store.db.transaction() as conn:
             conn.execute("UPDATE payouts SET reason = ? WHERE id = ? AND status = 'pending'", (reason, payout_id))
 
-    def signed(self, payout_id: str, tx: SignedTx, sender: str) -> None:
-        """Store the signed transaction and move to ``broadcast``, before broadcasting."""
+    def signed(self, payout_id: str, txs: Sequence[SignedTx]) -> None:
+        """Store the signed transaction(s) and move to ``broadcast``, before broadcasting."""
         row = self._row(payout_id)
         with self.store.db.transaction():
-            self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, sender=sender,
-                                    asset=row["asset"], amount=int(row["amount"]), tx=tx)
-            self._set(payout_id, "broadcast", reason=None, txid=tx.txid, nonce=tx.nonce,
-                      broadcast_at=self.store.clock.now_ms())
+            for tx in txs:
+                self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, tx=tx)
+            self._set(payout_id, "broadcast", reason=None, txid=txs[-1].txid, broadcast_at=self.store.clock.now_ms())
 
-    def replaced(self, payout_id: str, tx: SignedTx, sender: str) -> None:
+    def replaced(self, payout_id: str, tx: SignedTx) -> None:
+        """A fee-bump replacement of the payout's transaction (call inside a transaction)."""
         row = self._row(payout_id)
         with self.store.db.transaction() as conn:
-            self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, sender=sender,
-                                    asset=row["asset"], amount=int(row["amount"]), tx=tx)
+            self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, tx=tx)
             conn.execute("UPDATE payouts SET txid = ?, updated_at = ? WHERE id = ?",
                          (tx.txid, self.store.clock.now_ms(), payout_id))
 
@@ -127,9 +145,14 @@ class Payouts:
 
     # --- reading ----------------------------------------------------------------------------
 
-    def in_status(self, chain: str, status: str) -> list[sqlite3.Row]:
-        return self.store.db.query("SELECT * FROM payouts WHERE chain = ? AND status = ? ORDER BY created_at, id",
-                                   (chain, status))
+    def in_status(self, chain: str, status: str) -> list[PayoutRow]:
+        return [PayoutRow.from_row(r) for r in self.store.db.query(
+            "SELECT * FROM payouts WHERE chain = ? AND status = ? ORDER BY created_at, id", (chain, status))]
+
+    def busy(self, chain: str) -> bool:
+        """Is a payout of the chain waiting to be sent or in flight?"""
+        return bool(self.store.db.scalar(
+            "SELECT EXISTS (SELECT 1 FROM payouts WHERE chain = ? AND status IN ('pending', 'broadcast'))", (chain,)))
 
     def total_since(self, chain: str, asset: str, since_ms: int, label: str | None = None) -> int:
         sql = ("SELECT amount FROM payouts WHERE chain = ? AND asset = ? AND created_at >= ?"
@@ -150,16 +173,16 @@ class Payouts:
 
     def view(self, row: sqlite3.Row) -> dict[str, Any]:
         cfg = self.store.chain_config(row["chain"])
-        family = self.store.family(row["chain"])
+        spec = cfg.spec
         asset = cfg.asset(row["asset"])
         decimals = asset.decimals if asset else 0
         txs = self.store.chaintxs.for_ref(row["id"], "payout")
         return {
             "id": row["id"], "chain": row["chain"], "asset": row["asset"],
             "amount": format_amount(int(row["amount"]), decimals), "base_units": row["amount"], "decimals": decimals,
-            "to": family.display_address(row["to_address"]), "label": row["label"],
+            "to": spec.display_address(row["to_address"]), "label": row["label"],
             "idempotency_key": row["idempotency_key"], "metadata": json.loads(row["metadata"]),
-            "status": row["status"], "reason": row["reason"], "txid": row["txid"], "nonce": row["nonce"],
+            "status": row["status"], "reason": row["reason"], "txid": row["txid"], **spec.payout_fields(txs),
             "block_number": row["block_number"],
             "fee_paid": None if row["fee_paid"] is None else format_amount(int(row["fee_paid"]), cfg.native_decimals),
             "transactions": [self.store.chaintxs.view(t) for t in txs],

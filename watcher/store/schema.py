@@ -7,6 +7,8 @@ INTEGER milliseconds since the epoch; ids are TEXT with a kind prefix (``tr_``, 
 
 from __future__ import annotations
 
+import json
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -313,5 +315,119 @@ def m004_payouts_sweeps(db: Database) -> None:
             since INTEGER NOT NULL,
             PRIMARY KEY (chain, address, asset)
         ) WITHOUT ROWID;
+        """
+    )
+
+
+@migrations()
+def m005_family_wallets(db: Database) -> None:
+    """The wallet half of the chain contract: what a family remembers about a transaction it
+    made is an opaque ``details`` object; transactions that exclude each other share a
+    ``conflict`` key; each chain's wallet keeps its own ``state``. The EVM-specific columns of
+    m004 (nonce, gas_limit, fees; the hot wallet's next nonce) move into those objects, and
+    a sweep lists the deposits it covers."""
+    db.executescript(
+        """
+        CREATE TABLE chain_txs_new (
+            id INTEGER PRIMARY KEY,
+            chain TEXT NOT NULL,
+            purpose TEXT NOT NULL,                -- 'payout', 'sweep', 'topup', 'filler'
+            ref_id TEXT NOT NULL,                 -- the payout or sweep it serves
+            sender TEXT NOT NULL,                 -- '' when several addresses sign
+            to_address TEXT NOT NULL,
+            conflict TEXT NOT NULL,               -- transactions sharing it exclude each other
+            txid TEXT NOT NULL UNIQUE,
+            raw TEXT NOT NULL,
+            amount TEXT NOT NULL,                 -- value moved (base units of the asset)
+            asset TEXT NOT NULL,
+            fee_limit TEXT NOT NULL,              -- the most it can pay in fees (native base units)
+            details TEXT NOT NULL DEFAULT '{}',   -- the family's own facts (JSON), opaque to the core
+            status TEXT NOT NULL,                 -- 'open', 'mined', 'replaced', 'failed'
+            block_number INTEGER,
+            fee_paid TEXT,
+            error TEXT,
+            created_at INTEGER NOT NULL,
+            broadcast_at INTEGER,
+            updated_at INTEGER NOT NULL
+        );
+
+        -- what each chain's wallet remembers between transactions (JSON), e.g. a next nonce
+        CREATE TABLE wallet_state (
+            chain TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+
+        -- the confirmed deposits a sweep covers (a UTXO sweep spends many of them at once)
+        CREATE TABLE sweep_deposits (
+            sweep_id TEXT NOT NULL,
+            transfer_id TEXT NOT NULL,
+            address TEXT NOT NULL,
+            PRIMARY KEY (sweep_id, transfer_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX sweep_deposits_transfer ON sweep_deposits (transfer_id);
+        CREATE INDEX sweep_deposits_address ON sweep_deposits (address);
+        """
+    )
+    conn = db.conn
+    targets = {r[0]: r[1] for r in conn.execute("SELECT id, to_address FROM payouts")}
+    sweeps = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT id, address, to_address FROM sweeps")}
+    for r in conn.execute("SELECT * FROM chain_txs ORDER BY id").fetchall():
+        (cid, chain, purpose, ref, sender, nonce, txid, raw, amount, asset, gas, max_fee, prio, status, block,
+         fee_paid, error, created, broadcast, updated) = tuple(r)
+        if purpose == "payout":
+            to = targets.get(ref, "")
+        else:
+            to = sweeps.get(ref, ("", ""))[0 if purpose == "topup" else 1]
+        details = {"nonce": nonce, "gas_limit": gas, "max_fee": int(max_fee),
+                   "priority_fee": None if prio is None else int(prio)}
+        conn.execute(
+            "INSERT INTO chain_txs_new VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (cid, chain, purpose, ref, sender, to, f"{sender}/{nonce}", txid, raw, amount, asset,
+             str(gas * int(max_fee)), json.dumps(details, separators=(",", ":")), status, block, fee_paid, error,
+             created, broadcast, updated))
+    for chain, next_nonce, updated in conn.execute("SELECT chain, next_nonce, updated_at FROM hot_wallets"):
+        conn.execute("INSERT INTO wallet_state (chain, state, version, updated_at) VALUES (?, ?, 1, ?)",
+                     (chain, json.dumps({"next_nonce": next_nonce}), updated))
+    db.executescript(
+        """
+        DROP TABLE chain_txs;
+        ALTER TABLE chain_txs_new RENAME TO chain_txs;
+        CREATE INDEX chain_txs_ref ON chain_txs (ref_id, purpose, id);
+        CREATE INDEX chain_txs_open ON chain_txs (chain, status);
+        CREATE INDEX chain_txs_conflict ON chain_txs (chain, conflict);
+        DROP TABLE hot_wallets;
+        ALTER TABLE payouts DROP COLUMN nonce;
+        ALTER TABLE sweeps DROP COLUMN topup_amount;
+        ALTER TABLE sweeps DROP COLUMN topup_txid;
+        ALTER TABLE sweeps DROP COLUMN topup_fee_paid;
+        ALTER TABLE sweeps DROP COLUMN attempts;
+        """
+    )
+
+
+@migrations()
+def m006_derivation_accounts(db: Database) -> None:
+    """Derivation indexes are allocated per account path (``m/purpose'/coin'/account'``)
+    instead of per SLIP-44 coin type: families differ in purpose (44, 84, 86) too. The
+    seed check's fingerprints follow."""
+    db.executescript(
+        """
+        CREATE TABLE derivations_new (
+            account TEXT NOT NULL,                -- m/purpose'/coin'/account' of the chain's key scheme
+            idx INTEGER NOT NULL,
+            purpose TEXT NOT NULL,                -- 'label' or 'invoice'
+            ref TEXT NOT NULL,                    -- the label, or the invoice id
+            created_at INTEGER NOT NULL,
+            PRIMARY KEY (account, idx),
+            UNIQUE (account, purpose, ref)
+        ) WITHOUT ROWID;
+        INSERT INTO derivations_new (account, idx, purpose, ref, created_at)
+            SELECT 'm/44''/' || coin || '''/0''', idx, purpose, ref, created_at FROM derivations;
+        DROP TABLE derivations;
+        ALTER TABLE derivations_new RENAME TO derivations;
+        UPDATE meta SET key = 'keyring.m/44''/' || substr(key, 13) || '''/0'''
+            WHERE key LIKE 'keyring.coin%';
         """
     )

@@ -1,17 +1,21 @@
 """Sweeps: moving confirmed deposits from deposit addresses to the chain's treasury.
 
-``planned`` → (``funding``: the hot wallet tops up gas for a token sweep) → ``broadcast`` →
-``confirmed`` | ``failed``, with ``sweep.<status>`` events. A confirmed transfer to a derived
-address makes its (address, asset) a candidate; the sweeper looks only at candidates, so a
-million quiet addresses cost nothing.
+``planned`` → (``funding``: the wallet first sends what the deposit address needs to pay its
+own fee, e.g. gas on EVM) → ``broadcast`` → ``confirmed`` | ``failed``, with ``sweep.<status>``
+events. A confirmed transfer to a derived address makes its (address, asset) a candidate; the
+sweeper looks only at candidates, so a million quiet addresses cost nothing. A sweep lists the
+deposits it covers (``sweep_deposits``): one address's on an account chain, many addresses'
+on a UTXO chain.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..chains import SignedTx
+from ..chains import Deposit, SignedTx, StoredTx
 from ..errors import NotFound
 from ..ids import new_id
 from ..money import format_amount
@@ -19,108 +23,179 @@ from .common import page, set_status
 from .events import iso_ms
 
 if TYPE_CHECKING:
+    from ..chains import SweepPlan
     from . import Store
 
 STATUSES = ("planned", "funding", "broadcast", "confirmed", "failed")
 ACTIVE = ("planned", "funding", "broadcast")
 
 
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    id: str
+    chain: str
+    asset: str
+    address: str  # the (first) deposit address swept
+    to_address: str
+    amount: int
+    status: str
+    reason: str | None
+    txid: str | None
+    fee_paid: int | None
+    dust: int | None
+    created_at: int
+    confirmed_at: int | None
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> SweepRow:
+        return cls(id=r["id"], chain=r["chain"], asset=r["asset"], address=r["address"], to_address=r["to_address"],
+                   amount=int(r["amount"]), status=r["status"], reason=r["reason"], txid=r["txid"],
+                   fee_paid=None if r["fee_paid"] is None else int(r["fee_paid"]),
+                   dust=None if r["dust"] is None else int(r["dust"]), created_at=r["created_at"],
+                   confirmed_at=r["confirmed_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    chain: str
+    address: str
+    asset: str
+
+
 class Sweeps:
     def __init__(self, store: Store):
         self.store = store
-        store.transfers.on_change(self._on_transfer)
 
-    def _on_transfer(self, transfer: dict[str, Any], old: str | None, new: str) -> None:
-        if new != "confirmed":
-            return
-        chain = transfer["chain"]
+    # --- candidates ---------------------------------------------------------------------------
+
+    def note_confirmed(self, chain: str, address: str, asset: str) -> None:
+        """A confirmed deposit to ``address``: (address, asset) is a sweep candidate if the chain
+        sweeps that asset and the address is one watcher derived (external addresses are
+        watched, never swept). Call inside the transaction that confirmed it."""
         cfg = self.store.config.chain(chain)
-        if cfg is None or not cfg.sweep.enabled or transfer["asset"] not in cfg.sweep.min_amount:
+        if cfg is None or not cfg.sweep.enabled or asset not in cfg.sweep.min_amount:
             return
-        address = self.store.family(chain).validate_address(transfer["address"])
         watched = self.store.addresses.get(chain, address)
         if watched is None or watched.derivation_index is None:
-            return  # external addresses are watched, never swept
+            return
         self.store.db.conn.execute(
             "INSERT OR IGNORE INTO sweep_candidates (chain, address, asset, since) VALUES (?, ?, ?, ?)",
-            (chain, address, transfer["asset"], self.store.clock.now_ms()))
+            (chain, address, asset, self.store.clock.now_ms()))
 
-    def candidates(self, chain: str, limit: int) -> list[sqlite3.Row]:
-        """Candidates, tokens first, so that the native sweep of an address comes after its
-        token sweeps and also collects what is left of their gas. (The sweeper runs one sweep
-        per address at a time: a token sweep needs the gas a native sweep would take.)"""
+    def candidates(self, chain: str, limit: int) -> list[Candidate]:
+        """Candidates, the native coin last: sweeping it takes what the address's other
+        sweeps need for their fees (the sweeper runs one sweep per address at a time)."""
         native = self.store.chain_config(chain).native_symbol
-        return self.store.db.query("SELECT * FROM sweep_candidates WHERE chain = ? ORDER BY asset = ?, since LIMIT ?",
-                                   (chain, native, limit))
+        return [Candidate(r["chain"], r["address"], r["asset"]) for r in self.store.db.query(
+            "SELECT * FROM sweep_candidates WHERE chain = ? ORDER BY asset = ?, since LIMIT ?", (chain, native, limit))]
+
+    def uncovered(self, chain: str, address: str, asset: str) -> list[Deposit]:
+        """Confirmed deposits of ``asset`` to ``address`` that no active or confirmed sweep covers."""
+        return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
+                        amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
+            "SELECT t.id, t.address, t.txid, t.idx, t.amount, t.block_number FROM transfers t"
+            " WHERE t.chain = ? AND t.address = ? AND t.asset = ? AND t.status = 'confirmed' AND NOT EXISTS ("
+            " SELECT 1 FROM sweep_deposits d JOIN sweeps s ON s.id = d.sweep_id WHERE d.transfer_id = t.id"
+            " AND s.status != 'failed') ORDER BY t.block_number, t.id", (chain, address, asset))]
 
     def busy_addresses(self, chain: str) -> set[str]:
         """Addresses not to plan a sweep for now: one is under way, or a transaction they
         sent is not settled (e.g. a confirmed sweep's transaction a reorg took off the chain,
-        being sent again): a new sweep would take the same nonce."""
+        being sent again): a new sweep would conflict with it."""
+        marks = ",".join("?" * len(ACTIVE))
         return {r[0] for r in self.store.db.query(
-            f"SELECT address FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))})"
+            f"SELECT address FROM sweeps WHERE chain = ? AND status IN ({marks})"
+            f" UNION SELECT d.address FROM sweep_deposits d JOIN sweeps s ON s.id = d.sweep_id"
+            f" WHERE s.chain = ? AND s.status IN ({marks})"
             " UNION SELECT sender FROM chain_txs WHERE chain = ? AND purpose = 'sweep' AND status = 'open'",
-            (chain, *ACTIVE, chain))}
+            (chain, *ACTIVE, chain, *ACTIVE, chain))}
 
     def drop_candidate(self, chain: str, address: str, asset: str) -> None:
         with self.store.db.transaction() as conn:
             conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",
                          (chain, address, asset))
 
-    def plan(self, chain: str, address: str, asset: str, amount: int, to: str) -> str:
+    # --- the sweeper's transitions ---------------------------------------------------------
+
+    def plan(self, chain: str, plan: SweepPlan, to: str) -> str:
         now = self.store.clock.now_ms()
         sid = new_id("sw", now_ms=now)
         with self.store.db.transaction() as conn:
-            conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",
-                         (chain, address, asset))
+            for address in plan.addresses:
+                conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",
+                             (chain, address, plan.asset))
             conn.execute("INSERT INTO sweeps (id, chain, asset, address, to_address, amount, status, created_at,"
                          " updated_at) VALUES (?, ?, ?, ?, ?, ?, 'planned', ?, ?)",
-                         (sid, chain, asset, address, to, str(amount), now, now))
+                         (sid, chain, plan.asset, plan.addresses[0], to, str(plan.amount), now, now))
+            for tid in plan.deposits:
+                conn.execute("INSERT OR IGNORE INTO sweep_deposits (sweep_id, transfer_id, address)"
+                             " SELECT ?, id, address FROM transfers WHERE id = ?", (sid, tid))
             self._emit(sid)
         return sid
 
-    def active(self, chain: str) -> list[sqlite3.Row]:
-        return self.store.db.query(
+    def active(self, chain: str) -> list[SweepRow]:
+        return [SweepRow.from_row(r) for r in self.store.db.query(
             f"SELECT * FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))}) ORDER BY id",
-            (chain, *ACTIVE))
+            (chain, *ACTIVE))]
 
-    def funding(self, sweep_id: str, tx: SignedTx, hot_wallet: str, topup: int, native: str) -> None:
+    def busy(self, chain: str) -> bool:
+        return bool(self.store.db.scalar(
+            f"SELECT EXISTS (SELECT 1 FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))}))",
+            (chain, *ACTIVE)))
+
+    def deposits(self, sweep_id: str) -> list[Deposit]:
+        return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
+                        amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
+            "SELECT t.id, t.address, t.txid, t.idx, t.amount, t.block_number FROM sweep_deposits d"
+            " JOIN transfers t ON t.id = d.transfer_id WHERE d.sweep_id = ? ORDER BY t.block_number, t.id",
+            (sweep_id,))]
+
+    def addresses_of(self, row: SweepRow) -> tuple[str, ...]:
+        found = [r[0] for r in self.store.db.query(
+            "SELECT DISTINCT address FROM sweep_deposits WHERE sweep_id = ? ORDER BY address", (row.id,))]
+        return tuple(dict.fromkeys([row.address, *found]))
+
+    def sent(self, sweep_id: str, txs: Sequence[SignedTx], *, phase: str, amount: int | None) -> None:
+        """Store a step's transactions and move on: ``funding`` (top-ups) or ``broadcast``
+        (the transfer). Call inside the transaction that saves the wallet's state."""
         row = self._row(sweep_id)
-        with self.store.db.transaction():
-            self.store.chaintxs.add(row["chain"], purpose="topup", ref_id=sweep_id, sender=hot_wallet, asset=native,
-                                    amount=topup, tx=tx)
-            self._set(sweep_id, "funding", topup_amount=str(topup + int(row["topup_amount"] or 0)),
-                      topup_txid=tx.txid, attempts=row["attempts"] + 1)
+        for tx in txs:
+            self.store.chaintxs.add(row.chain, purpose="topup" if phase == "funding" else "sweep", ref_id=sweep_id,
+                                    tx=tx)
+        if phase == "funding":
+            self._set(sweep_id, "funding", reason=None)
+        else:
+            self._set(sweep_id, "broadcast", reason=None, txid=txs[-1].txid,
+                      amount=str(amount if amount is not None else row.amount))
 
-    def signed(self, sweep_id: str, tx: SignedTx, amount: int, *, replacement: bool = False) -> None:
-        row = self._row(sweep_id)
-        with self.store.db.transaction():
-            self.store.chaintxs.add(row["chain"], purpose="sweep", ref_id=sweep_id, sender=row["address"],
-                                    asset=row["asset"], amount=amount, tx=tx)
-            if replacement:
-                self.store.db.conn.execute("UPDATE sweeps SET txid = ?, amount = ?, updated_at = ? WHERE id = ?",
-                                           (tx.txid, str(amount), self.store.clock.now_ms(), sweep_id))
-            else:
-                self._set(sweep_id, "broadcast", txid=tx.txid, amount=str(amount))
+    def replaced(self, tx: StoredTx, new: SignedTx) -> None:
+        """A replacement of one of the sweep's transactions (call inside a transaction); a
+        transfer's replacement may move a different amount (a native sweep pays its higher fee
+        out of the amount)."""
+        self.store.chaintxs.add(tx.chain, purpose=tx.purpose, ref_id=tx.ref_id, tx=new)
+        if tx.purpose == "sweep":
+            self.store.db.conn.execute("UPDATE sweeps SET txid = ?, amount = ?, updated_at = ? WHERE id = ?",
+                                       (new.txid, str(new.amount), self.store.clock.now_ms(), tx.ref_id))
 
-    def topup_fee(self, sweep_id: str, fee_paid: int | None) -> None:
+    def note(self, sweep_id: str, reason: str | None) -> None:
+        """Record why a sweep waits (no event: the status did not change)."""
         with self.store.db.transaction() as conn:
-            conn.execute("UPDATE sweeps SET topup_fee_paid = ? WHERE id = ?",
-                         (None if fee_paid is None else str(fee_paid), sweep_id))
+            conn.execute("UPDATE sweeps SET reason = ?, updated_at = ? WHERE id = ?",
+                         (reason, self.store.clock.now_ms(), sweep_id))
 
-    def confirmed(self, sweep_id: str, *, txid: str, fee_paid: int | None, dust: int | None) -> None:
+    def confirmed(self, sweep_id: str, *, txid: str | None, fee_paid: int | None, dust: int | None) -> None:
         self._set(sweep_id, "confirmed", txid=txid, fee_paid=None if fee_paid is None else str(fee_paid),
                   dust=None if dust is None else str(dust), confirmed_at=self.store.clock.now_ms(), reason=None)
 
     def failed(self, sweep_id: str, reason: str) -> None:
         self._set(sweep_id, "failed", reason=reason[:500])
 
-    def replan(self, sweep_id: str, reason: str) -> None:
-        """Back to ``planned`` (e.g. fees rose past the gas bought): the next run tops up again."""
-        self._set(sweep_id, "planned", reason=reason[:500])
+    def row(self, sweep_id: str) -> SweepRow | None:
+        r = self.store.db.one("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
+        return SweepRow.from_row(r) if r else None
 
-    def _row(self, sweep_id: str) -> sqlite3.Row:
-        row = self.store.db.one("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
+    def _row(self, sweep_id: str) -> SweepRow:
+        row = self.row(sweep_id)
         if row is None:
             raise NotFound(f"no sweep {sweep_id[:64]!r}", code="unknown_sweep")
         return row
@@ -137,26 +212,36 @@ class Sweeps:
     def get(self, sweep_id: str) -> dict[str, Any]:
         return self.view(self._row(sweep_id))
 
-    def view(self, row: sqlite3.Row) -> dict[str, Any]:
-        cfg = self.store.chain_config(row["chain"])
-        family = self.store.family(row["chain"])
-        asset = cfg.asset(row["asset"])
+    def view(self, row: SweepRow | sqlite3.Row) -> dict[str, Any]:
+        if not isinstance(row, SweepRow):
+            row = SweepRow.from_row(row)
+        cfg = self.store.chain_config(row.chain)
+        spec = cfg.spec
+        asset = cfg.asset(row.asset)
         decimals = asset.decimals if asset else 0
         nd = cfg.native_decimals
 
-        def native(v: str | None) -> str | None:
-            return None if v is None else format_amount(int(v), nd)
+        def native(v: int | None) -> str | None:
+            return None if v is None else format_amount(v, nd)
 
-        txs = self.store.chaintxs.for_ref(row["id"], "topup") + self.store.chaintxs.for_ref(row["id"], "sweep")
+        txs = self.store.chaintxs.for_ref(row.id, "topup", "sweep")
+        topups = [t for t in txs if t.purpose == "topup"]
+        topup_amount = sum({t.conflict: t.amount for t in topups if t.status != "failed" or t.block_number}.values())
+        topup_fees = [t.fee_paid for t in topups if t.fee_paid is not None]
+        addresses = self.addresses_of(row)
         return {
-            "id": row["id"], "chain": row["chain"], "asset": row["asset"],
-            "address": family.display_address(row["address"]), "to": family.display_address(row["to_address"]),
-            "amount": format_amount(int(row["amount"]), decimals), "base_units": row["amount"],
-            "status": row["status"], "reason": row["reason"], "txid": row["txid"],
-            "topup_amount": native(row["topup_amount"]), "topup_txid": row["topup_txid"],
-            "fee_paid": native(row["fee_paid"]), "topup_fee_paid": native(row["topup_fee_paid"]),
-            "dust": native(row["dust"]), "transactions": [self.store.chaintxs.view(t) for t in txs],
-            "created_at": iso_ms(row["created_at"]), "confirmed_at": iso_ms(row["confirmed_at"]),
+            "id": row.id, "chain": row.chain, "asset": row.asset,
+            "address": spec.display_address(row.address) if len(addresses) == 1 else None,
+            "addresses": [spec.display_address(a) for a in addresses],
+            "to": spec.display_address(row.to_address),
+            "amount": format_amount(row.amount, decimals), "base_units": str(row.amount),
+            "status": row.status, "reason": row.reason, "txid": row.txid,
+            "topup_amount": native(topup_amount) if topups else None,
+            "topup_txid": topups[-1].txid if topups else None,
+            "fee_paid": native(row.fee_paid), "topup_fee_paid": native(sum(topup_fees)) if topup_fees else None,
+            "dust": native(row.dust), "deposits": [d.transfer_id for d in self.deposits(row.id)],
+            "transactions": [self.store.chaintxs.view(t) for t in txs],
+            "created_at": iso_ms(row.created_at), "confirmed_at": iso_ms(row.confirmed_at),
         }
 
     def list(self, *, status: str | None = None, chain: str | None = None, after: str | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..chains import Block, Transfer
@@ -27,7 +27,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUSES = ("detected", "confirmed", "orphaned")
-ChangeListener = Callable[[dict[str, Any], str | None, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferChange:
+    """A transfer's status changed (``old`` is None for a new one); its event is written."""
+
+    id: str
+    chain: str
+    address: str  # canonical
+    asset: str
+    invoice_id: str | None
+    old: str | None
+    new: str
 
 _SELECT = (
     "SELECT t.*, a.label AS label, a.invoice_id AS invoice_id, a.kind AS address_kind, i.order_id AS order_id"
@@ -39,18 +51,15 @@ _SELECT = (
 class Transfers:
     def __init__(self, store: Store):
         self.store = store
-        self._listeners: list[ChangeListener] = []
-
-    def on_change(self, fn: ChangeListener) -> None:
-        """``fn(transfer_row, old_status, new_status)`` is called inside the transaction of
-        every status change (old_status is None for a new transfer)."""
-        self._listeners.append(fn)
 
     # --- state changes (inside a transaction) ---------------------------------------------
+    # Each returns the changes it made; the caller (the scan's transaction, see chainstate)
+    # applies what they mean for invoices and sweeps.
 
-    def record(self, chain: ChainConfig, block: Block, t: Transfer, tip: int) -> str | None:
-        """Store a transfer seen in ``block``; returns the new status if it changed. Money
-        from the chain's own hot wallet (gas top-ups for sweeps) is housekeeping, not a deposit."""
+    def record(self, chain: ChainConfig, block: Block, t: Transfer, tip: int) -> TransferChange | None:
+        """Store a transfer seen in ``block``; returns the change if its status changed.
+        Money from the chain's own hot wallet (top-ups for sweeps) is housekeeping, not a
+        deposit."""
         if t.sender and t.sender == self.store.hot_wallet(chain.id):
             return None
         conn = self.store.db.conn
@@ -67,10 +76,10 @@ class Transfers:
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount),
                  block.number, block.hash, block.timestamp, now, now),
             )
-            self._changed(chain, tid, None, "detected", tip)
+            change = self._changed(chain, tid, None, "detected", tip)
             lag = max(0.0, now / 1000 - block.timestamp)
             self.store.db.after_commit(lambda: self.store.metrics.detection_latency.labels(chain.id).observe(lag))
-            return "detected"
+            return change
         if row["block_hash"] == block.hash and row["status"] != "orphaned":
             return None  # replay of a block we already have
         # Re-included after a reorg (or moved to another block): back to detected.
@@ -81,10 +90,9 @@ class Transfers:
         )
         if row["status"] == "detected":
             return None  # same status, only the block changed: no new event
-        self._changed(chain, row["id"], row["status"], "detected", tip)
-        return "detected"
+        return self._changed(chain, row["id"], row["status"], "detected", tip)
 
-    def confirm_upto(self, chain: ChainConfig, tip: int) -> int:
+    def confirm_upto(self, chain: ChainConfig, tip: int) -> list[TransferChange]:
         """Confirm every detected transfer with ``chain.confirmations`` blocks at ``tip``."""
         depth_block = tip - chain.confirmations + 1
         conn = self.store.db.conn
@@ -92,11 +100,20 @@ class Transfers:
             "SELECT id FROM transfers WHERE chain = ? AND status = 'detected' AND block_number <= ?"
             " ORDER BY block_number, txid, idx", (chain.id, depth_block))]
         now = self.store.clock.now_ms()
+        changes = []
         for tid in ids:
             conn.execute("UPDATE transfers SET status = 'confirmed', confirmed_at = ?, updated_at = ? WHERE id = ?",
                          (now, now, tid))
-            self._changed(chain, tid, "detected", "confirmed", tip)
-        return len(ids)
+            changes.append(self._changed(chain, tid, "detected", "confirmed", tip))
+        return changes
+
+    def confirmed_deposits(self, chain: str, *, upto: int) -> list[tuple[str, str, int]]:
+        """``(address, asset, amount)`` of every confirmed transfer to a derived address in a
+        block at or below ``upto``."""
+        return [(r[0], r[1], int(r[2])) for r in self.store.db.query(
+            "SELECT t.address, t.asset, t.amount FROM transfers t JOIN addresses a ON a.chain = t.chain"
+            " AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed' AND t.block_number <= ?"
+            " AND a.derivation_index IS NOT NULL", (chain, upto))]
 
     def max_block_above(self, chain: str, number: int) -> int | None:
         """The highest block of a live transfer above ``number`` (None if there is none)."""
@@ -104,38 +121,36 @@ class Transfers:
             "SELECT MAX(block_number) FROM transfers WHERE chain = ? AND status IN ('detected', 'confirmed')"
             " AND block_number > ?", (chain, number))
 
-    def orphan_other_forks(self, chain: ChainConfig, block: Block, tip: int) -> int:
+    def orphan_other_forks(self, chain: ChainConfig, block: Block, tip: int) -> list[TransferChange]:
         """Orphan live transfers recorded at ``block.number`` in another block (recorded
         ahead of the scanner, e.g. by submit-tx, in a block that lost a race)."""
         conn = self.store.db.conn
         rows = conn.execute(
             "SELECT id, status FROM transfers WHERE chain = ? AND status IN ('detected', 'confirmed')"
             " AND block_number = ? AND block_hash != ?", (chain.id, block.number, block.hash)).fetchall()
-        now = self.store.clock.now_ms()
-        for r in rows:
-            conn.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?, updated_at = ? WHERE id = ?",
-                         (now, now, r["id"]))
-            self._changed(chain, r["id"], r["status"], "orphaned", tip)
-        return len(rows)
+        return self._orphan(chain, rows, tip)
 
-    def orphan_above(self, chain: ChainConfig, ancestor: int, tip: int) -> int:
+    def orphan_above(self, chain: ChainConfig, ancestor: int, tip: int) -> list[TransferChange]:
         """Orphan every live transfer in a block above ``ancestor`` (after a reorg)."""
         conn = self.store.db.conn
         rows = conn.execute(
             "SELECT id, status FROM transfers WHERE chain = ? AND status != 'orphaned' AND block_number > ?"
             " ORDER BY block_number DESC, txid, idx", (chain.id, ancestor)).fetchall()
-        now = self.store.clock.now_ms()
-        for r in rows:
-            conn.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?, updated_at = ? WHERE id = ?",
-                         (now, now, r["id"]))
-            self._changed(chain, r["id"], r["status"], "orphaned", tip)
-        return len(rows)
+        return self._orphan(chain, rows, tip)
 
-    def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int) -> None:
+    def _orphan(self, chain: ChainConfig, rows: list[sqlite3.Row], tip: int) -> list[TransferChange]:
+        now = self.store.clock.now_ms()
+        changes = []
+        for r in rows:
+            self.store.db.conn.execute(
+                "UPDATE transfers SET status = 'orphaned', orphaned_at = ?, updated_at = ? WHERE id = ?",
+                (now, now, r["id"]))
+            changes.append(self._changed(chain, r["id"], r["status"], "orphaned", tip))
+        return changes
+
+    def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int) -> TransferChange:
         row = self.store.db.conn.execute(_SELECT + " WHERE t.id = ?", (tid,)).fetchone()
         view = self.view(row, tip=tip)
-        for fn in self._listeners:
-            fn(view, old, new)
         self.store.events.emit(f"transfer.{new}", view, chain=chain.id, subject=tid)
         metrics = self.store.metrics
         asset, amount = row["asset"], int(row["amount"])
@@ -152,13 +167,15 @@ class Transfers:
                 metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)
+        return TransferChange(id=tid, chain=chain.id, address=row["address"], asset=asset,
+                              invoice_id=row["invoice_id"], old=old, new=new)
 
     # --- reading ------------------------------------------------------------------------
 
     def view(self, row: sqlite3.Row, *, tip: int | None = None) -> dict[str, Any]:
         """The public JSON shape of a transfer (API responses and event payloads)."""
         chain = self.store.config.chain(row["chain"])
-        family = self.store.family(row["chain"])
+        spec = self.store.spec(row["chain"])
         asset = chain.asset(row["asset"]) if chain else None
         decimals = asset.decimals if asset else 0
         if tip is None:
@@ -172,15 +189,15 @@ class Transfers:
             "index": row["idx"],
             "kind": row["kind"],
             "asset": row["asset"],
-            "contract": family.display_address(asset.contract) if asset and asset.contract else None,
+            "contract": spec.display_address(asset.contract) if asset and asset.contract else None,
             "amount": format_amount(int(row["amount"]), decimals),
             "base_units": row["amount"],
             "decimals": decimals,
-            "address": family.display_address(row["address"]),
+            "address": spec.display_address(row["address"]),
             "label": row["label"] if "label" in keys else None,
             "invoice_id": row["invoice_id"] if "invoice_id" in keys else None,
             "order_id": row["order_id"] if "order_id" in keys else None,
-            "from": family.display_address(row["sender"]) if row["sender"] else None,
+            "from": spec.display_address(row["sender"]) if row["sender"] else None,
             "block_number": row["block_number"],
             "block_hash": row["block_hash"],
             "block_time": iso_ms(row["block_time"] * 1000),

@@ -1,0 +1,39 @@
+"""The contract between the core and chain families (docs/chains.md).
+
+- :mod:`.scan`: reading a chain (every family): head, block hashes, blocks with the transfers
+  to watched addresses, one transaction, balances.
+- :mod:`.wallet`: sending (each family owns it): payouts and sweeps planned, signed,
+  broadcast, followed and replaced the family's way.
+- :mod:`.family`: the family, the per-chain spec it builds from config, and its key scheme.
+"""
+
+from .family import Account, ChainContext, ChainFamily, ChainKeys, ChainSpec, KeyScheme
+from .scan import AddressFilter, Block, ChainClient, Transfer, TransferKind, TxLookup
+from .wallet import (
+    BroadcastRejected,
+    Deposit,
+    Done,
+    Fail,
+    PayoutIntent,
+    Purpose,
+    Release,
+    Send,
+    SignedTx,
+    StoredTx,
+    SweepCandidate,
+    SweepIntent,
+    SweepPlan,
+    TxState,
+    TxStatus,
+    Wait,
+    Wallet,
+    WalletContext,
+    WalletState,
+)
+
+__all__ = [
+    "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
+    "ChainKeys", "ChainSpec", "Deposit", "Done", "Fail", "KeyScheme", "PayoutIntent", "Purpose", "Release",
+    "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
+    "TxLookup", "TxState", "TxStatus", "Wait", "Wallet", "WalletContext", "WalletState",
+]

@@ -1,0 +1,107 @@
+"""The reading half of the chain contract: what a family's client answers about its chain.
+
+Every family implements it, whether or not it can send. A client never touches the store:
+the core decides what is watched, what is credited and when.
+
+Transfer indexes: a transfer is identified by ``(chain, txid, index)``. Families choose the
+index scheme for their chain and must keep it stable (the EVM family: the log index for a
+token transfer, -1 for a transaction's own value, -(2 + n) for the n-th internal transfer; a
+UTXO family: the output index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ..config import AssetConfig
+
+AddressFilter = Callable[[Iterable[str]], set[str]]
+"""Given canonical addresses, return the subset watched on this chain. Cheap, synchronous,
+safe to call with thousands of addresses at once (the core answers it from an index)."""
+
+TransferKind = Literal["native", "token", "internal"]
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A value movement to a watched address, as found on chain."""
+
+    txid: str
+    index: int
+    kind: TransferKind
+    asset: str  # the asset's symbol in this chain's config
+    to: str  # canonical address
+    sender: str  # canonical address ("" if the chain has no single sender)
+    amount: int  # base units, > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One block of the canonical chain as the node sees it, with the transfers in it that
+    pay watched addresses."""
+
+    number: int
+    hash: str
+    parent_hash: str
+    timestamp: int
+    transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TxLookup:
+    """Where a transaction stands, as answered by :meth:`ChainClient.lookup_tx`."""
+
+    txid: str
+    status: Literal["unknown", "pending", "failed", "included"]
+    block: Block | None = None  # for "included": the block, carrying the transfers of this tx
+
+
+class ChainClient:
+    """Talks to one chain's node. Every method may raise :class:`watcher.errors.NodeError`
+    (the core retries with backoff) or :class:`watcher.errors.InconsistentData` (the node
+    changed its mind mid-request; the core asks again)."""
+
+    async def __aenter__(self) -> ChainClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+    async def check(self) -> dict[str, Any]:
+        """Called when the chain starts: verify the node serves the configured chain (raise
+        :class:`watcher.errors.ChainMismatch` if not) and return facts for logs and
+        ``/v1/chains`` (e.g. ``{"chain_id": 1}``). The core remembers them with the chain's
+        cursor and refuses a node that later reports different ones."""
+        return {}
+
+    async def head(self) -> int:
+        """The number of the newest block the node has."""
+        raise NotImplementedError
+
+    async def block_hashes(self, numbers: list[int]) -> dict[int, tuple[str, str]]:
+        """``{number: (hash, parent_hash)}`` for each number the node has; missing numbers
+        are left out. Used to find the common ancestor after a reorg."""
+        raise NotImplementedError
+
+    async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
+        """Blocks ``start..end`` (inclusive), in order, each with the transfers to addresses
+        for which ``watched`` says yes. Failed transactions are never reported. May return
+        fewer blocks than asked (a prefix) if the node does not have them all yet."""
+        raise NotImplementedError
+
+    async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:
+        """Find one transaction (for ``submit-tx``): is it unknown, pending, failed or
+        included, and if included, in which block and with which watched transfers."""
+        raise NotImplementedError
+
+    async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
+        """What ``address`` holds of ``asset``, in base units, at ``block`` (None: the
+        latest block). A family that cannot answer for a past block raises
+        :class:`watcher.errors.NodeError` with ``retryable=False`` for it."""
+        raise NotImplementedError
