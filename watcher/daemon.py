@@ -27,7 +27,7 @@ from .dispatch import Dispatcher
 from .errors import ChainMismatch, NodeError
 from .keys import Keyring
 from .metrics import Metrics
-from .plugins import await_me_maybe, chain_families, make_plugin_manager
+from .plugins import await_me_maybe, chain_families, implementations, make_plugin_manager
 from .scanner import ChainWatcher
 from .sender import Sender
 from .sinks import EventSinks
@@ -67,6 +67,7 @@ class Daemon:
         self.deadlines = InvoiceDeadlines(store, clock, metrics)
         self.sinks = EventSinks(self, pm, store, metrics)
         self.senders: dict[str, Sender] = {cid: Sender(self, w) for cid, w in self.watchers.items()}
+        self.payout_checks = implementations(pm, "watcher_payout_check")  # see api.money_routes.run_checks
         self.api_urls: list[str] = []
         self.started = trio.Event()
 
@@ -127,8 +128,8 @@ class Daemon:
         # task: statements give up quickly and the tasks back off (see tasks.StorageRetry)
         self.store.db.set_busy_timeout(250)
         await self.preflight()
-        for impl in self.pm.hook.watcher_startup.get_hookimpls():
-            await await_me_maybe(impl.function(daemon=self))
+        for result in self.pm.hook.watcher_startup(daemon=self):
+            await await_me_maybe(result)
         try:
             # the chain clients outlive the nursery: no task ever sees its client closed
             async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
@@ -147,9 +148,9 @@ class Daemon:
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
-                for impl in self.pm.hook.watcher_shutdown.get_hookimpls():
+                for impl in implementations(self.pm, "watcher_shutdown"):  # one by one: errors stay apart
                     try:
-                        await await_me_maybe(impl.function(daemon=self))
+                        await impl.call(daemon=self)
                     except Exception:
                         log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
 

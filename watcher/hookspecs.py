@@ -1,6 +1,8 @@
 """Every hook a watcher plugin can implement. Hooks are synchronous; an implementation may
-return an awaitable, which the core awaits (``await_me_maybe``). docs/plugins.md documents
-each hook; a test fails if one is missing there."""
+return an awaitable, which the core awaits (``await_me_maybe``). Every call goes through
+pluggy, so an implementation may take fewer arguments than its spec; the hooks the core drives
+one implementation at a time use ``plugins.implementations``. docs/plugins.md documents each
+hook; a test fails if one is missing there."""
 
 from __future__ import annotations
 
@@ -79,8 +81,9 @@ def watcher_payout_check(payout: PayoutRequest, daemon: Daemon) -> Veto | None:
     awaitable (e.g. a KYC lookup). The built-in limits, deny-list and destination checks are
     implementations of this hook too (``watcher.checks``).
 
-    Implementations run one after another; the first veto stops the payout (the API answers
-    422 ``payout_rejected`` with its reason). If an implementation raises, the payout is
+    Implementations run one after another in pluggy's order (the built-in checks are
+    ``tryfirst``); the first veto stops the payout (the API answers 422 ``payout_rejected``
+    with its reason). If an implementation raises, the payout is
     refused too (fail closed: 503 ``payout_check_failed``, naming the plugin) and the error is
     logged. Not firstresult (every check runs until one vetoes).
     """
