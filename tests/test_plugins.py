@@ -204,3 +204,32 @@ async def test_hooks_may_take_fewer_arguments_than_the_spec(tmp_path, caplog):
     failed = [r for r in caplog.records if "watcher_shutdown failed" in r.getMessage()]
     assert [r.getMessage() for r in failed] == ["plugin flaky: watcher_shutdown failed"]
 
+
+async def test_startup_hook_can_use_the_chain_clients(tmp_path, anvil: Anvil):
+    """watcher_startup runs after the chain clients are open: it can ask the node, with the
+    very client the chain's tasks then use."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.daemon import Daemon
+
+    seen = []
+
+    class AsksTheNode:
+        @hookimpl
+        async def watcher_startup(self, daemon):
+            client = daemon.watchers["devnet"].client
+            seen.append((client, await client.head()))
+
+    anvil.mine(3)
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)])
+    d = Daemon.open(cfg, pm=make_plugin_manager(extra=(AsksTheNode(),)), registry=CollectorRegistry())
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(d.run, api=False))
+                [(client, head)] = seen
+                assert head == anvil.head() >= 3
+                assert d.watchers["devnet"].client is client
+                nursery.cancel_scope.cancel()
+    finally:
+        d.close()

@@ -128,31 +128,34 @@ class Daemon:
         # task: statements give up quickly and the tasks back off (see tasks.StorageRetry)
         self.store.db.set_busy_timeout(250)
         await self.preflight()
-        for result in self.pm.hook.watcher_startup(daemon=self):
-            await await_me_maybe(result)
-        try:
-            # the chain clients outlive the nursery: no task ever sees its client closed
-            async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
-                for w in self.watchers.values():
-                    await nursery.start(w.run, await clients.enter_async_context(w.open_client()))
-                await nursery.start(self.deadlines.run)
-                await nursery.start(self.dispatcher.run)
-                await nursery.start(self.sinks.run)
-                for sender in self.senders.values():
-                    await nursery.start(sender.run)
-                if api:
-                    self.api_urls = await nursery.start(api_module.serve, self)
-                    log.info("API listening on %s", ", ".join(self.api_urls))
-                log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
-                self.started.set()
-                task_status.started()
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
-                for impl in implementations(self.pm, "watcher_shutdown"):  # one by one: errors stay apart
-                    try:
-                        await impl.call(daemon=self)
-                    except Exception:
-                        log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
+        # the chain clients outlive the nursery: no task ever sees its client closed
+        async with contextlib.AsyncExitStack() as clients:
+            for w in self.watchers.values():
+                w.client = await clients.enter_async_context(w.open_client())
+            for result in self.pm.hook.watcher_startup(daemon=self):
+                await await_me_maybe(result)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for w in self.watchers.values():
+                        await nursery.start(w.run, w.client)
+                    await nursery.start(self.deadlines.run)
+                    await nursery.start(self.dispatcher.run)
+                    await nursery.start(self.sinks.run)
+                    for sender in self.senders.values():
+                        await nursery.start(sender.run)
+                    if api:
+                        self.api_urls = await nursery.start(api_module.serve, self)
+                        log.info("API listening on %s", ", ".join(self.api_urls))
+                    log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
+                    self.started.set()
+                    task_status.started()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
+                    for impl in implementations(self.pm, "watcher_shutdown"):  # one by one: errors stay apart
+                        try:
+                            await impl.call(daemon=self)
+                        except Exception:
+                            log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
 
 
 async def run_until_signal(daemon: Daemon) -> None:

@@ -40,16 +40,19 @@ def watcher_chain_families() -> list[ChainFamily]:
 
 @hookspec
 def watcher_startup(daemon: Daemon) -> Any:
-    """Called once the store is open and the chain clients are connected, before any task
-    starts. ``daemon`` gives access to ``config``, ``store``, ``metrics`` and the chains.
-    May return an awaitable. If it raises, the daemon does not start (the error is printed
-    with the plugin's name)."""
+    """Called once the store is open, every node was asked who it is (one that could not be
+    reached only got a warning) and every chain's client is open, before any task starts.
+    ``daemon`` gives access to ``config``, ``store``, ``metrics`` and the chains:
+    ``daemon.watchers[chain_id].client`` is the open client the chain's tasks then use (its
+    calls raise ``NodeError`` while the node is down). May return an awaitable. If it raises,
+    the daemon does not start (the error is printed with the plugin's name)."""
 
 
 @hookspec
 def watcher_shutdown(daemon: Daemon) -> Any:
-    """Called once on the way out, after every task has stopped and before the store is
-    closed. May return an awaitable, which gets a few seconds. Errors are logged with the
+    """Called once on the way out, after every task has stopped, while the chain clients are
+    still open and before the store is closed; not called if start-up failed. May return an
+    awaitable; all implementations together get a few seconds. Errors are logged with the
     plugin's name and do not stop the other plugins' shutdown hooks."""
 
 
