@@ -2,8 +2,9 @@
 
 ``Daemon.open`` does everything that can fail fast and synchronously (plugins, config, keys,
 database, migrations); ``Daemon.run`` starts the services. ``run_until_signal`` is what
-``watcher run`` calls: SIGINT/SIGTERM cancel the root nursery; since no transaction ever
-spans an await, cancellation cannot leave anything half-written.
+``watcher run`` calls: SIGINT/SIGTERM first drain the API (``Daemon.drain``: no new
+connections, the requests in flight finish), then cancel the root nursery; since no
+transaction ever spans an await, cancellation cannot leave anything half-written.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Daemon:
         self.payout_checks = implementations(pm, "watcher_payout_check")  # see api.money_routes.run_checks
         self.api_urls: list[str] = []
         self.started = trio.Event()
+        self._api_stop = trio.Event()  # set: the API stops accepting connections and drains
+        self._api_done: trio.Event | None = None  # while the API runs: set once it has returned
 
     @classmethod
     def open(
@@ -122,8 +125,6 @@ class Daemon:
                 nursery.start_soon(check, w)
 
     async def run(self, *, api: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from . import api as api_module
-
         # a lock held by another process (sqlite3 shell, a backup tool) must not freeze every
         # task: statements give up quickly and the tasks back off (see tasks.StorageRetry)
         self.store.db.set_busy_timeout(250)
@@ -144,7 +145,8 @@ class Daemon:
                     for sender in self.senders.values():
                         await nursery.start(sender.run)
                     if api:
-                        self.api_urls = await nursery.start(api_module.serve, self)
+                        self._api_done = trio.Event()
+                        self.api_urls = await nursery.start(self._serve_api)
                         log.info("API listening on %s", ", ".join(self.api_urls))
                     log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
                     self.started.set()
@@ -157,17 +159,49 @@ class Daemon:
                         except Exception:
                             log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
 
+    async def _serve_api(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        from . import api as api_module
+
+        assert self._api_done is not None
+        try:
+            await api_module.serve(self, shutdown_trigger=self._api_stop.wait, task_status=task_status)
+        finally:
+            self._api_done.set()
+
+    async def drain(self) -> None:
+        """The first step of a graceful stop: the API refuses new connections and the requests
+        in flight get ``api.GRACEFUL_TIMEOUT`` seconds to finish, while every other task still
+        runs (a request may need them). Returns once the API has stopped; the caller then
+        cancels the rest."""
+        self._api_stop.set()
+        if self._api_done is not None:
+            from .api import GRACEFUL_TIMEOUT
+
+            with trio.move_on_after(GRACEFUL_TIMEOUT + 1.0):  # hypercorn keeps its own deadline
+                await self._api_done.wait()
+
 
 async def run_until_signal(daemon: Daemon) -> None:
-    """Run the daemon until SIGINT or SIGTERM."""
+    """Run the daemon until SIGINT or SIGTERM: the first one drains the API, then cancels
+    everything; a second one cancels at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
+            async def stop() -> None:
+                await daemon.drain()
+                nursery.cancel_scope.cancel()
+
             async def on_signal() -> None:
+                draining = False
                 async for sig in signals:
-                    log.info("received %s, stopping", signal.Signals(sig).name)
-                    nursery.cancel_scope.cancel()
-                    return
+                    name = signal.Signals(sig).name
+                    if draining:
+                        log.info("received %s again, stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("received %s, stopping (requests in flight may finish)", name)
+                    draining = True
+                    nursery.start_soon(stop)
 
             nursery.start_soon(on_signal)
             await daemon.run()
