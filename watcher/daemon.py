@@ -25,11 +25,11 @@ from .clock import Clock
 from .config import Config, load_config
 from .deadlines import InvoiceDeadlines
 from .dispatch import Dispatcher
-from .errors import ChainMismatch, NodeError
+from .errors import NodeError
 from .keys import Keyring
 from .metrics import Metrics
 from .plugins import await_me_maybe, chain_families, implementations, make_plugin_manager
-from .scanner import ChainWatcher
+from .scanner import ChainWatcher, check_same_chain
 from .sender import Sender
 from .sinks import EventSinks
 from .store import Store
@@ -112,13 +112,7 @@ class Daemon:
                 log.warning("%s: node %s is not reachable yet (%s); will keep trying",
                             w.config.id, w.config.rpc_url, msg, extra={"chain": w.config.id})
                 return
-            cursor = self.store.chains.cursor(w.config.id)
-            if cursor is not None:
-                for k, v in cursor.node_info.items():
-                    if k in info and info[k] != v:
-                        raise ChainMismatch(
-                            f"{w.config.id}: the node at {w.config.rpc_url} reports {k} = {info[k]!r}, but this "
-                            f"database holds chain {w.config.id!r} scanned with {k} = {v!r}")
+            check_same_chain(w.config, self.store.chains.cursor(w.config.id), info)
 
         async with trio.open_nursery() as nursery:
             for w in self.watchers.values():
