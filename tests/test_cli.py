@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -97,6 +99,42 @@ def test_run_stops_cleanly_on_signal(tmp_path, anvil: Anvil, sig):
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     lines = [json.loads(line) for line in proc.log().splitlines() if line.startswith("{")]
     assert any("stopping" in line["msg"] for line in lines)
+
+
+def test_sigterm_lets_a_request_in_flight_finish(tmp_path, anvil: Anvil):
+    """A request in flight when SIGTERM arrives gets its whole answer (hypercorn's graceful
+    stop); new connections are refused from the signal on; then the process exits 0."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=port)
+    proc = DaemonProcess(cfg).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        body = json.dumps({"chain": "devnet", "label": "late"}).encode()
+        head = (f"POST /v1/addresses HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {API_TOKEN}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(head.encode())  # the headers now, the body only after the signal
+            time.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 1.5
+            while True:  # the listener closes: a new connection is refused
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                time.sleep(0.05)
+            s.sendall(body)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        code = proc.proc.wait(timeout=10)
+    finally:
+        proc.stop()
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 201 ", (answer, proc.log()[-2000:])
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["label"] == "late"
+    assert code == 0, proc.log()[-2000:]
 
 
 def test_run_with_unreachable_node_starts_and_says_so(tmp_path):

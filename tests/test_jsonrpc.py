@@ -72,3 +72,25 @@ async def test_a_failing_chunk_of_a_split_batch_raises_the_plain_node_error():
             await rpc.batch([("eth_blockNumber", ())] * 5)
     finally:
         await rpc.aclose()
+
+
+async def test_retry_after_seconds_or_http_date_capped_at_a_minute(anvil: Anvil):
+    """A node's 429 with ``Retry-After`` (seconds or an HTTP date, RFC 9110) is honoured, at
+    most 60 s: the same parser as the webhook dispatcher's, with the JSON-RPC client's cap."""
+    from email.utils import formatdate
+
+    from tests.support.faultproxy import fault_proxy
+
+    async with fault_proxy(anvil.url) as proxy:
+        rpc = JsonRpc(proxy.url, chain="t", metrics=Metrics(), retry=RetryPolicy(attempts=1))
+        try:
+            waits = []
+            for value in ("7", formatdate(time.time() + 30, usegmt=True), "3600", "soon"):
+                proxy.retry_after = value
+                proxy.inject("http_429")
+                with trio.fail_after(10), pytest.raises(NodeError, match="HTTP 429") as exc:
+                    await rpc.call("eth_blockNumber")
+                waits.append(exc.value.retry_after)
+        finally:
+            await rpc.aclose()
+    assert waits[0] == 7 and 28 < waits[1] <= 30 and waits[2] == 60 and waits[3] is None

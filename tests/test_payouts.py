@@ -23,6 +23,9 @@ from tests.support.daemon import (
     write_config,
 )
 from tests.support.evm import Anvil, Token, calldata
+from watcher.checks import Veto
+from watcher.hookspecs import hookimpl
+from watcher.plugins import make_plugin_manager
 
 ADMIN_TOKEN = "admin-token-0123456789"
 APP = {"authorization": f"Bearer {API_TOKEN}"}
@@ -150,6 +153,62 @@ async def test_checks_veto_with_reasons_and_write_nothing(tmp_path, anvil: Anvil
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_address"
             r = await http.post("/v1/payouts", json=payout_body(to, "k k", "1"))
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"
+
+
+async def test_operator_checks_get_the_arguments_they_name_and_a_crash_is_named(tmp_path, anvil: Anvil):
+    """Payout checks are called one at a time through pluggy: each gets only the arguments it
+    names, in pluggy's order (the built-in checks first, then the plugin registered last); the
+    first veto stops the others, and a check that raises refuses the payout naming its plugin."""
+    calls: list[str] = []
+
+    class Counting:  # takes no arguments at all
+        @hookimpl
+        def watcher_payout_check(self):
+            calls.append("counting")
+
+    class Kyc:  # only the payout, async
+        @hookimpl
+        async def watcher_payout_check(self, payout):
+            calls.append("kyc")
+            await trio.sleep(0)
+            return Veto(f"user {payout.label} has not passed KYC", "kyc_required") if payout.label == "mallory" else None
+
+    class Sanctions:  # both, in another order than the spec
+        @hookimpl
+        def watcher_payout_check(self, daemon, payout):
+            calls.append("sanctions")
+            if payout.label == "crash":
+                raise RuntimeError("sanctions list unreachable")
+
+    pm = make_plugin_manager(extra=(Counting(), Kyc()))
+    pm.register(Sanctions(), "sanctions")
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, payouts={"max_amount": {"ETH": "1"}})],
+                       api_port=port)
+    to = anvil.accounts[5]
+    with trio.fail_after(30):
+        async with running(cfg, api=True, pm=pm) as d, client(port) as http:
+            def body(key, label, amount="0.5"):
+                return payout_body(to, key, amount, asset="ETH", label=label)
+
+            r = await http.post("/v1/payouts", json=body("a", "bob"))
+            assert r.status_code == 202, r.text
+            assert calls == ["sanctions", "kyc", "counting"]
+            calls.clear()
+            r = await http.post("/v1/payouts", json=body("b", "mallory"))
+            assert r.status_code == 422 and r.json()["error"]["code"] == "kyc_required", r.text
+            assert "mallory has not passed KYC" in r.json()["error"]["message"]
+            assert calls == ["sanctions", "kyc"]  # the first veto stops the others
+            calls.clear()
+            r = await http.post("/v1/payouts", json=body("c", "crash"))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "payout_check_failed", r.text
+            assert "'sanctions'" in r.json()["error"]["message"]
+            assert calls == ["sanctions"]
+            calls.clear()
+            r = await http.post("/v1/payouts", json=body("d", "crash", amount="2"))  # a built-in vetoes first
+            assert r.status_code == 422 and r.json()["error"]["code"] == "amount_above_maximum", r.text
+            assert calls == []
+            assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == 1
 
 
 async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: Anvil, token: Token):

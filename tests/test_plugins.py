@@ -149,3 +149,87 @@ async def test_event_hook_gets_every_event_in_order_at_least_once_with_retries(t
         finally:
             d.close()
     assert len(ledger.seen) == 6 == len(set(ledger.seen))  # the restart resumed from the cursor
+
+
+async def test_hooks_may_take_fewer_arguments_than_the_spec(tmp_path, caplog):
+    """pluggy passes an implementation only the arguments it names: lifecycle and event hooks
+    written with no arguments (or only some) run, and a failing shutdown hook is logged with
+    its plugin's name while the other plugins' shutdown hooks still run."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.daemon import Daemon
+
+    calls: list[str] = []
+
+    class Bare:
+        @hookimpl
+        def watcher_startup(self):
+            calls.append("startup")
+
+        @hookimpl
+        async def watcher_shutdown(self):
+            calls.append("shutdown")
+
+        @hookimpl
+        def watcher_event(self):
+            calls.append("event")
+
+    class EventOnly:
+        @hookimpl
+        async def watcher_event(self, event):
+            calls.append(event.type)
+
+    class FailingShutdown:
+        @hookimpl
+        def watcher_shutdown(self, daemon):
+            raise RuntimeError("could not flush")
+
+    pm = make_plugin_manager(extra=(Bare(), EventOnly()))
+    pm.register(FailingShutdown(), "flaky")  # registered last: pluggy calls it first
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
+    d = Daemon.open(cfg, pm=pm, registry=CollectorRegistry())
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(d.run, api=False))
+                assert calls == ["startup"]
+                d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18, mode="sale", expires_in=3600,
+                                        tolerance_ppm=0, order_id="o1", metadata={}, actor="t")
+                while not {"event", "invoice.created"} <= set(calls):
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+    finally:
+        d.close()
+    assert calls[-1] == "shutdown" and calls.count("shutdown") == 1
+    failed = [r for r in caplog.records if "watcher_shutdown failed" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == ["plugin flaky: watcher_shutdown failed"]
+
+
+async def test_startup_hook_can_use_the_chain_clients(tmp_path, anvil: Anvil):
+    """watcher_startup runs after the chain clients are open: it can ask the node, with the
+    very client the chain's tasks then use."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.daemon import Daemon
+
+    seen = []
+
+    class AsksTheNode:
+        @hookimpl
+        async def watcher_startup(self, daemon):
+            client = daemon.watchers["devnet"].client
+            seen.append((client, await client.head()))
+
+    anvil.mine(3)
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)])
+    d = Daemon.open(cfg, pm=make_plugin_manager(extra=(AsksTheNode(),)), registry=CollectorRegistry())
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(d.run, api=False))
+                [(client, head)] = seen
+                assert head == anvil.head() >= 3
+                assert d.watchers["devnet"].client is client
+                nursery.cancel_scope.cancel()
+    finally:
+        d.close()

@@ -10,8 +10,9 @@ import sys
 import pytest
 import trio
 
-from tests.support.daemon import chain_entry, running, wait_until, write_config
+from tests.support.daemon import chain_entry, free_port, running, wait_until, write_config
 from tests.support.evm import Anvil
+from watcher.errors import ChainMismatch
 from watcher.scanner import ProgressMeter
 
 
@@ -103,6 +104,32 @@ async def test_database_refuses_a_node_of_another_chain_later(tmp_path, anvil: A
         assert "reports chain_id = 5" in repr(exc.value) and "chain_id = 31337" in repr(exc.value)
     finally:
         other.close()
+
+
+async def test_a_node_of_another_chain_found_after_start_up_halts_the_chain_with_the_same_message(tmp_path,
+                                                                                                anvil: Anvil):
+    """The node was down at start-up (preflight only warned) and comes back serving another
+    chain: the scanner's check halts the chain with the message preflight gives (one check,
+    naming the node)."""
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)])
+    with trio.fail_after(30):
+        async with running(cfg, api=False) as d:
+            await wait_until(lambda: d.watchers["devnet"].status.node_up)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = write_config(tmp_path, [chain_entry("devnet", url)])
+    with trio.fail_after(60):
+        async with running(cfg, api=False) as d:
+            assert d.watchers["devnet"].status.halted is None
+            other = Anvil(chain_id=5, port=port)
+            other.start()
+            try:
+                halted = await wait_until(lambda: d.watchers["devnet"].status.halted, what="the chain halted")
+                assert f"the node at {url} reports chain_id = 5" in halted and "chain_id = 31337" in halted
+                with pytest.RaisesGroup(pytest.RaisesExc(ChainMismatch, check=lambda e: str(e) == halted)):
+                    await d.preflight()
+            finally:
+                other.close()
 
 
 async def test_reorg_of_exactly_the_finality_depth_is_followed(tmp_path, anvil: Anvil):

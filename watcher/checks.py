@@ -1,6 +1,7 @@
 """Checks every payout must pass, as ``watcher_payout_check`` implementations: the built-in
 ones below read the chain's ``[chains.payouts]`` policy; an operator's own plugin (a KYC
-lookup, a sanctions list) plugs in the same way."""
+lookup, a sanctions list) plugs in the same way. They are ``tryfirst``: these cheap local
+checks run before an operator's own (which may ask a service), as pluggy orders them."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Veto:
 class MaxAmount:
     """``max_amount``: no single payout above it."""
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
         limit = daemon.config.chain(payout.chain).payouts.max_amount.get(payout.asset)
         if limit is not None and payout.amount > limit:
@@ -54,7 +55,7 @@ class DailyLimits:
     """``daily_limit`` (all payouts of the asset) and ``label_daily_limit`` (per label), over
     the last 24 hours, counting every payout that was not cancelled or failed."""
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
         policy = daemon.config.chain(payout.chain).payouts
         since = daemon.clock.now_ms() - DAY_MS
@@ -76,7 +77,7 @@ class DailyLimits:
 class LabelRate:
     """``label_rate = "N/h"``: at most N payouts per label per period."""
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
         rate = daemon.config.chain(payout.chain).payouts.label_rate
         if rate is None or payout.label is None:
@@ -93,7 +94,7 @@ class Destination:
     """The destination must not be denied, and must not be one of watcher's own addresses
     (a deposit address or the hot wallet): that would be money going in circles."""
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
         policy = daemon.config.chain(payout.chain).payouts
         if payout.to in policy.deny:

@@ -2,8 +2,9 @@
 
 ``Daemon.open`` does everything that can fail fast and synchronously (plugins, config, keys,
 database, migrations); ``Daemon.run`` starts the services. ``run_until_signal`` is what
-``watcher run`` calls: SIGINT/SIGTERM cancel the root nursery; since no transaction ever
-spans an await, cancellation cannot leave anything half-written.
+``watcher run`` calls: SIGINT/SIGTERM first drain the API (``Daemon.drain``: no new
+connections, the requests in flight finish), then cancel the root nursery; since no
+transaction ever spans an await, cancellation cannot leave anything half-written.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from .clock import Clock
 from .config import ChainConfig, Config, load_config
 from .deadlines import InvoiceDeadlines
 from .dispatch import Dispatcher
-from .errors import ChainMismatch, NodeError
+from .errors import NodeError
 from .keys import ChainKeyring, Keyring
 from .metrics import Metrics
-from .plugins import await_me_maybe, chain_families, make_plugin_manager
-from .scanner import ChainWatcher
+from .plugins import await_me_maybe, chain_families, implementations, make_plugin_manager
+from .scanner import ChainWatcher, check_same_chain
 from .sender import Sender
 from .sinks import EventSinks
 from .store import Store
@@ -67,8 +68,11 @@ class Daemon:
         self.sinks = EventSinks(self, pm, store, metrics)
         self.senders: dict[str, Sender] = {
             cid: Sender(w, store, self.keys[cid], metrics) for cid, w in self.watchers.items()}
+        self.payout_checks = implementations(pm, "watcher_payout_check")  # see api.money_routes.run_checks
         self.api_urls: list[str] = []
         self.started = trio.Event()
+        self._api_stop = trio.Event()  # set: the API stops accepting connections and drains
+        self._api_done: trio.Event | None = None  # while the API runs: set once it has returned
 
     @classmethod
     def open(
@@ -108,51 +112,67 @@ class Daemon:
                 log.warning("%s: node %s is not reachable yet (%s); will keep trying",
                             w.config.id, w.config.rpc_url, msg, extra={"chain": w.config.id})
                 return
-            cursor = self.store.chains.cursor(w.config.id)
-            if cursor is not None:
-                for k, v in cursor.node_info.items():
-                    if k in info and info[k] != v:
-                        raise ChainMismatch(
-                            f"{w.config.id}: the node at {w.config.rpc_url} reports {k} = {info[k]!r}, but this "
-                            f"database holds chain {w.config.id!r} scanned with {k} = {v!r}")
+            check_same_chain(w.config, self.store.chains.cursor(w.config.id), info)
 
         async with trio.open_nursery() as nursery:
             for w in self.watchers.values():
                 nursery.start_soon(check, w)
 
     async def run(self, *, api: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from . import api as api_module
-
         # a lock held by another process (sqlite3 shell, a backup tool) must not freeze every
         # task: statements give up quickly and the tasks back off (see tasks.StorageRetry)
         self.store.db.set_busy_timeout(250)
         await self.preflight()
-        for impl in self.pm.hook.watcher_startup.get_hookimpls():
-            await await_me_maybe(impl.function(daemon=self))
+        # the chain clients outlive the nursery: no task ever sees its client closed
+        async with contextlib.AsyncExitStack() as clients:
+            for w in self.watchers.values():
+                w.client = await clients.enter_async_context(w.open_client())
+            for result in self.pm.hook.watcher_startup(daemon=self):
+                await await_me_maybe(result)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for w in self.watchers.values():
+                        await nursery.start(w.run, w.client)
+                    await nursery.start(self.deadlines.run)
+                    await nursery.start(self.dispatcher.run)
+                    await nursery.start(self.sinks.run)
+                    for cid, sender in self.senders.items():
+                        await nursery.start(sender.run, self.watchers[cid].client)
+                    if api:
+                        self._api_done = trio.Event()
+                        self.api_urls = await nursery.start(self._serve_api)
+                        log.info("API listening on %s", ", ".join(self.api_urls))
+                    log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
+                    self.started.set()
+                    task_status.started()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
+                    for impl in implementations(self.pm, "watcher_shutdown"):  # one by one: errors stay apart
+                        try:
+                            await impl.call(daemon=self)
+                        except Exception:
+                            log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
+
+    async def _serve_api(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        from . import api as api_module
+
+        assert self._api_done is not None
         try:
-            # the chain clients outlive the nursery: no task ever sees its client closed
-            async with contextlib.AsyncExitStack() as clients, trio.open_nursery() as nursery:
-                opened = {cid: await clients.enter_async_context(w.open_client()) for cid, w in self.watchers.items()}
-                for cid, w in self.watchers.items():
-                    await nursery.start(w.run, opened[cid])
-                await nursery.start(self.deadlines.run)
-                await nursery.start(self.dispatcher.run)
-                await nursery.start(self.sinks.run)
-                for cid, sender in self.senders.items():
-                    await nursery.start(sender.run, opened[cid])
-                if api:
-                    self.api_urls = await nursery.start(api_module.serve, self)
-                    log.info("API listening on %s", ", ".join(self.api_urls))
-                log.info("watcher started: %d chain(s): %s", len(self.watchers), ", ".join(self.watchers))
-                self.started.set()
-                task_status.started()
+            await api_module.serve(self, shutdown_trigger=self._api_stop.wait, task_status=task_status)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
-                for impl in self.pm.hook.watcher_shutdown.get_hookimpls():
-                    try:
-                        await await_me_maybe(impl.function(daemon=self))
-                    except Exception:
-                        log.exception("plugin %s: watcher_shutdown failed", impl.plugin_name)
+            self._api_done.set()
+
+    async def drain(self) -> None:
+        """The first step of a graceful stop: the API refuses new connections and the requests
+        in flight get ``api.GRACEFUL_TIMEOUT`` seconds to finish, while every other task still
+        runs (a request may need them). Returns once the API has stopped; the caller then
+        cancels the rest."""
+        self._api_stop.set()
+        if self._api_done is not None:
+            from .api import GRACEFUL_TIMEOUT
+
+            with trio.move_on_after(GRACEFUL_TIMEOUT + 1.0):  # hypercorn keeps its own deadline
+                await self._api_done.wait()
 
 
 def chain_keys(chain: ChainConfig, store: Store) -> ChainKeyring:
@@ -167,15 +187,26 @@ def chain_keys(chain: ChainConfig, store: Store) -> ChainKeyring:
 
 
 async def run_until_signal(daemon: Daemon) -> None:
-    """Run the daemon until SIGINT or SIGTERM."""
+    """Run the daemon until SIGINT or SIGTERM: the first one drains the API, then cancels
+    everything; a second one cancels at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
+            async def stop() -> None:
+                await daemon.drain()
+                nursery.cancel_scope.cancel()
+
             async def on_signal() -> None:
+                draining = False
                 async for sig in signals:
-                    log.info("received %s, stopping", signal.Signals(sig).name)
-                    nursery.cancel_scope.cancel()
-                    return
+                    name = signal.Signals(sig).name
+                    if draining:
+                        log.info("received %s again, stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("received %s, stopping (requests in flight may finish)", name)
+                    draining = True
+                    nursery.start_soon(stop)
 
             nursery.start_soon(on_signal)
             await daemon.run()

@@ -16,12 +16,10 @@ only ever occupies its own slots: it never delays deliveries to the others.
 from __future__ import annotations
 
 import base64
-import email.utils
 import hashlib
 import hmac
 import json
 import logging
-import math
 import random
 import sqlite3
 import time
@@ -35,7 +33,7 @@ import trio
 from . import __version__
 from .clock import Clock
 from .config import WebhooksConfig
-from .httpclient import DeliveryError, WebhookClient
+from .httpclient import DeliveryError, WebhookClient, parse_retry_after
 from .metrics import Metrics
 from .store.events import iso_ms
 from .tasks import StorageRetry
@@ -71,24 +69,6 @@ def next_delay(schedule: Sequence[float], attempt: int, retry_after: float | Non
     if retry_after is not None:
         delay = max(delay, retry_after)
     return delay
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After``: seconds, or an HTTP date; bounded to a day."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        secs = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        secs = when.timestamp() - now
-    if not math.isfinite(secs):
-        return None
-    return min(max(secs, 0.0), MAX_RETRY_AFTER)
 
 
 @dataclass
@@ -261,7 +241,8 @@ class Dispatcher:
                 answer = await client.post(ep.url, body, headers)
             status = answer.status
             text = answer.body[:500].decode("utf-8", "replace") if answer.body else None
-            retry_after = parse_retry_after(answer.headers.get("retry-after"), self.clock.now())
+            retry_after = parse_retry_after(answer.headers.get("retry-after"), self.clock.now(),
+                                            cap=MAX_RETRY_AFTER)
         except trio.TooSlowError:
             error = f"no answer within {self.config.timeout}s"
         except DeliveryError as e:

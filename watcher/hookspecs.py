@@ -1,6 +1,8 @@
 """Every hook a watcher plugin can implement. Hooks are synchronous; an implementation may
-return an awaitable, which the core awaits (``await_me_maybe``). docs/plugins.md documents
-each hook; a test fails if one is missing there."""
+return an awaitable, which the core awaits (``await_me_maybe``). Every call goes through
+pluggy, so an implementation may take fewer arguments than its spec; the hooks the core drives
+one implementation at a time use ``plugins.implementations``. docs/plugins.md documents each
+hook; a test fails if one is missing there."""
 
 from __future__ import annotations
 
@@ -38,16 +40,19 @@ def watcher_chain_families() -> list[ChainFamily]:
 
 @hookspec
 def watcher_startup(daemon: Daemon) -> Any:
-    """Called once the store is open and the chain clients are connected, before any task
-    starts. ``daemon`` gives access to ``config``, ``store``, ``metrics`` and the chains.
-    May return an awaitable. If it raises, the daemon does not start (the error is printed
-    with the plugin's name)."""
+    """Called once the store is open, every node was asked who it is (one that could not be
+    reached only got a warning) and every chain's client is open, before any task starts.
+    ``daemon`` gives access to ``config``, ``store``, ``metrics`` and the chains:
+    ``daemon.watchers[chain_id].client`` is the open client the chain's tasks then use (its
+    calls raise ``NodeError`` while the node is down). May return an awaitable. If it raises,
+    the daemon does not start (the error is printed with the plugin's name)."""
 
 
 @hookspec
 def watcher_shutdown(daemon: Daemon) -> Any:
-    """Called once on the way out, after every task has stopped and before the store is
-    closed. May return an awaitable, which gets a few seconds. Errors are logged with the
+    """Called once on the way out, after every task has stopped, while the chain clients are
+    still open and before the store is closed; not called if start-up failed. May return an
+    awaitable; all implementations together get a few seconds. Errors are logged with the
     plugin's name and do not stop the other plugins' shutdown hooks."""
 
 
@@ -79,8 +84,9 @@ def watcher_payout_check(payout: PayoutRequest, daemon: Daemon) -> Veto | None:
     awaitable (e.g. a KYC lookup). The built-in limits, deny-list and destination checks are
     implementations of this hook too (``watcher.checks``).
 
-    Implementations run one after another; the first veto stops the payout (the API answers
-    422 ``payout_rejected`` with its reason). If an implementation raises, the payout is
+    Implementations run one after another in pluggy's order (the built-in checks are
+    ``tryfirst``); the first veto stops the payout (the API answers 422 ``payout_rejected``
+    with its reason). If an implementation raises, the payout is
     refused too (fail closed: 503 ``payout_check_failed``, naming the plugin) and the error is
     logged. Not firstresult (every check runs until one vetoes).
     """

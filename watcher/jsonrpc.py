@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import orjson
 import trio
 
 from .errors import NodeError, RpcError
+from .httpclient import parse_retry_after
 from .metrics import Metrics
 from .tasks import fan_out
 
@@ -32,6 +32,7 @@ _FINAL_RPC_CODES = {-32600, -32601, -32602, 3}
 TOO_LARGE_RPC_CODES = {-32005, -32602, -32011}
 
 Call = tuple[str, Sequence[Any]]
+MAX_RETRY_AFTER = 60.0  # a node's Retry-After is honoured up to this many seconds
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ class JsonRpc:
             self._error(label, "http")
             err = NodeError(f"{self.chain}: node answered HTTP {resp.status_code} to {label}",
                             retryable=resp.status_code in (408, 425, 429) or resp.status_code >= 500)
-            err.retry_after = _retry_after(resp)  # type: ignore[attr-defined]
+            wait = parse_retry_after(resp.headers.get("retry-after"), time.time(), cap=MAX_RETRY_AFTER)
+            err.retry_after = wait  # type: ignore[attr-defined]
             raise err
         try:
             data = orjson.loads(resp.content)
@@ -208,13 +210,3 @@ def _looks_final(message: str) -> bool:
     m = message.lower()
     return "revert" in m or "not supported" in m
 
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        secs = float(value)
-    except ValueError:
-        return None
-    return min(max(secs, 0.0), 60.0) if math.isfinite(secs) else None

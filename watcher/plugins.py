@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -23,10 +24,11 @@ from .errors import WatcherError
 
 ENTRY_POINT_GROUP = "watcher.plugins"
 # Built-in features that are plugins themselves: (name, "module:attribute"); a class is
-# instantiated. An operator can unregister one by name (pm.unregister(name=...)).
+# instantiated. An operator can unregister one by name (pm.unregister(name=...)). pluggy calls
+# the plugin registered last first: the payout checks run destination, max_amount, ...
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = tuple(
     (f"watcher.checks.{name}", f"watcher.checks:BUILTIN.{name}")
-    for name in ("destination", "max_amount", "daily_limits", "label_rate")
+    for name in ("label_rate", "daily_limits", "max_amount", "destination")
 )
 
 
@@ -92,3 +94,30 @@ async def await_me_maybe(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One plugin's implementation of one hook, called on its own through pluggy (which
+    passes it only the arguments it names, so it may take fewer than the spec)."""
+
+    plugin_name: str
+    caller: pluggy.HookCaller
+
+    async def call(self, **kwargs: Any) -> Any:
+        """Call it with the hook's arguments; await what it returns if that is awaitable."""
+        results = self.caller(**kwargs)
+        return await await_me_maybe(results[0]) if results else None
+
+
+def implementations(pm: pluggy.PluginManager, name: str) -> list[Implementation]:
+    """The implementations of hook ``name``, one caller each, in the order pluggy calls them
+    (``tryfirst`` ones first, then the plugin registered last, ..., ``trylast`` ones last).
+    For hooks the core drives one implementation at a time: each with its own cursor
+    (``watcher_event``), one after another until one vetoes (``watcher_payout_check``), or
+    with each one's errors kept apart (``watcher_shutdown``). The caller keeps the list: it
+    holds the plugins registered now (a plugin registered later would join every caller)."""
+    impls = [i for i in getattr(pm.hook, name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+    plugins = [i.plugin for i in impls]
+    return [Implementation(i.plugin_name, pm.subset_hook_caller(name, [p for p in plugins if p is not i.plugin]))
+            for i in reversed(impls)]

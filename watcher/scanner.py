@@ -37,6 +37,20 @@ _REORG_WINDOW = 64  # block hashes asked per request while looking for the commo
 _PROGRESS_EVERY = 5.0  # seconds between catch-up progress lines
 
 
+def check_same_chain(config: ChainConfig, cursor: Cursor | None, info: dict[str, Any]) -> None:
+    """Raise :class:`ChainMismatch` if the node (``info``: what its client's ``check()``
+    returned) reports another value of a fact this database recorded when it first scanned
+    the chain (``cursor.node_info``, e.g. the chain id). Start-up (``Daemon.preflight``) and
+    the chain watcher both ask this, with the same message."""
+    if cursor is None:
+        return
+    for k, v in cursor.node_info.items():
+        if k in info and info[k] != v:
+            raise ChainMismatch(
+                f"{config.id}: the node at {config.rpc_url} reports {k} = {info[k]!r}, but this database holds "
+                f"chain {config.id!r} scanned with {k} = {v!r}; refusing to mix chains")
+
+
 @dataclass
 class ChainStatus:
     """What the API and ``watcher status`` show about a chain (in memory, per process)."""
@@ -172,11 +186,7 @@ class ChainWatcher:
             log.info("%s: first start, scanning from block %d (node head %d)", self.config.id, start, head,
                      extra={"chain": self.config.id})
         else:
-            for k, v in cursor.node_info.items():
-                if k in info and info[k] != v:
-                    raise ChainMismatch(
-                        f"{self.config.id}: the node reports {k} = {info[k]!r} but this database scanned "
-                        f"{k} = {v!r}; refusing to mix chains")
+            check_same_chain(self.config, cursor, info)
         self.status.node_info = info
         self._ok(head, cursor.number)
         return cursor

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 import trio
 
 from .metrics import Metrics
-from .plugins import await_me_maybe
+from .plugins import Implementation, implementations
 from .tasks import StorageRetry
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class EventSinks:
         self.store = store
         self.metrics = metrics
         self._storage = StorageRetry(store.db, metrics, "event plugins")
-        self.impls = pm.hook.watcher_event.get_hookimpls()
+        self.impls = implementations(pm, "watcher_event")
         self._wakes: list[trio.Event] = []
         store.events.on_commit(lambda _event: self._wake_all())
 
@@ -66,7 +66,7 @@ class EventSinks:
             conn.execute("UPDATE sink_cursors SET last_seq = ?, updated_at = ? WHERE name = ?",
                          (seq, self.store.clock.now_ms(), name))
 
-    async def _sink(self, i: int, impl: Any, cursor: int) -> None:
+    async def _sink(self, i: int, impl: Implementation, cursor: int) -> None:
         name = impl.plugin_name
         backoff = 0.0
         while True:
@@ -90,17 +90,12 @@ class EventSinks:
                 if len(batch) < _BATCH:
                     await self._wakes[i].wait()
 
-    async def _deliver(self, impl: Any, event: Event) -> bool:
+    async def _deliver(self, impl: Implementation, event: Event) -> bool:
         try:
-            await await_me_maybe(impl.function(**_args(impl, event, self.daemon)))
+            await impl.call(event=event, daemon=self.daemon)
         except Exception:
             self.metrics.errors.labels("plugin_event").inc()
             log.exception("plugin %s: watcher_event failed on %s %s; retrying", impl.plugin_name, event.type,
                           event.id, extra={"plugin": impl.plugin_name, "event_id": event.id})
             return False
         return True
-
-
-def _args(impl: Any, event: Event, daemon: Daemon) -> dict[str, Any]:
-    available = {"event": event, "daemon": daemon}
-    return {k: available[k] for k in impl.argnames}

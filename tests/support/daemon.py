@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pluggy
 import tomli_w
 import trio
 from prometheus_client import CollectorRegistry
@@ -64,9 +65,10 @@ def write_config(directory: Path, chains: list[dict[str, Any]], *, mnemonic: str
 
 
 @contextlib.asynccontextmanager
-async def running(config_path: Path, *, api: bool = False, clock: Clock | None = None) -> AsyncIterator[Daemon]:
+async def running(config_path: Path, *, api: bool = False, clock: Clock | None = None,
+                  pm: pluggy.PluginManager | None = None) -> AsyncIterator[Daemon]:
     """Run a daemon inside the test's Trio loop; stops (cancels) it on exit."""
-    daemon = Daemon.open(config_path, registry=CollectorRegistry(), clock=clock)
+    daemon = Daemon.open(config_path, pm=pm, registry=CollectorRegistry(), clock=clock)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: daemon.run(api=api, task_status=task_status))

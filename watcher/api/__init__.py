@@ -1,9 +1,15 @@
 """The HTTP control API: Starlette app served by Hypercorn's Trio worker inside the daemon's
-nursery. Routes live in the ``*_routes`` modules, each a table of :class:`Endpoint`."""
+nursery. Routes live in the ``*_routes`` modules, each a table of :class:`Endpoint`.
+
+On shutdown the daemon fires ``serve``'s ``shutdown_trigger`` first (``Daemon.drain``):
+hypercorn closes the listeners (new connections are refused) and gives the requests in
+flight ``GRACEFUL_TIMEOUT`` seconds to finish while the rest of the daemon still runs; only
+then is the daemon's nursery cancelled."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 docs_endpoints = Endpoints()
+
+# seconds the requests in flight get to finish once shutdown begins (hypercorn's graceful_timeout)
+GRACEFUL_TIMEOUT = 2.0
 
 
 @docs_endpoints.add("GET", "/openapi.json", summary="This API's OpenAPI 3.1 document.", auth=False, tag="docs",
@@ -62,15 +71,18 @@ def _by_method(handlers: dict[str, Any]) -> Any:
     return endpoint
 
 
-async def serve(daemon: Daemon, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(daemon: Daemon, *, shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until ``shutdown_trigger`` returns (then drain gracefully and return) or until
+    cancelled (which cuts the requests in flight)."""
     api = daemon.config.api
     hc = HypercornConfig()
     host = f"[{api.host}]" if ":" in api.host else api.host
     hc.bind = [f"{host}:{api.port}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("watcher.api.server")
-    hc.graceful_timeout = 2.0
+    hc.graceful_timeout = GRACEFUL_TIMEOUT
     hc.keep_alive_timeout = 30.0
     hc.server_names = []
     hc.include_server_header = False
-    await hypercorn_serve(create_app(daemon), hc, task_status=task_status)
+    await hypercorn_serve(create_app(daemon), hc, shutdown_trigger=shutdown_trigger, task_status=task_status)

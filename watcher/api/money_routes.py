@@ -10,7 +10,6 @@ from starlette.responses import JSONResponse
 
 from ..checks import PayoutRequest, Veto
 from ..errors import BadRequest, WatcherError, WatchOnlyError
-from ..plugins import await_me_maybe
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
 from ..store.sweeps import STATUSES as SWEEP_STATUSES
@@ -104,10 +103,10 @@ async def create_payout(req: ApiRequest) -> Any:
 
 
 async def run_checks(req: ApiRequest, request: PayoutRequest) -> Veto | None:
-    for impl in req.daemon.pm.hook.watcher_payout_check.get_hookimpls():
-        args = {"payout": request, "daemon": req.daemon}
+    """Every ``watcher_payout_check``, one at a time in pluggy's order, until one vetoes."""
+    for impl in req.daemon.payout_checks:
         try:
-            result = await await_me_maybe(impl.function(**{k: args[k] for k in impl.argnames}))
+            result = await impl.call(payout=request, daemon=req.daemon)
         except Exception:
             log.exception("payout check %s failed", impl.plugin_name)
             raise PayoutCheckFailed(f"payout check {impl.plugin_name!r} failed; the payout was refused") from None
