@@ -124,6 +124,38 @@ async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvi
                              what="sweep after resume")
 
 
+async def test_a_sweep_the_node_refused_is_planned_again_by_the_next_run(tmp_path, anvil: Anvil, token: Token):
+    """The node refuses a sweep for good (a non-retryable error while it is being signed):
+    the sweep fails without moving anything, and the next run plans the deposit again
+    instead of forgetting it until the address's next deposit."""
+    from tests.support.faultproxy import fault_proxy
+
+    port = free_port()
+    with trio.fail_after(60):
+        async with fault_proxy(anvil.url) as proxy:
+            cfg = write_config(tmp_path, [chain_entry(
+                "devnet", proxy.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
+                sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
+                api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+            async with running(cfg, api=True) as d, httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
+                alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+                anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+                await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+                before = anvil.balance(TREASURY)
+                proxy.inject("rpc_error", method="eth_getCode", error=(-32602, "refused by policy"))
+                assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+                failed = await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0] if s["status"] == "failed"],
+                                          what="the refused sweep")
+                assert "refused by policy" in failed[0]["reason"] and proxy.injected["rpc_error"] == 1
+                assert anvil.balance(TREASURY) == before
+                assert (await http.post("/v1/sweeps/run", json={})).status_code == 202  # no new deposit
+                done = await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0]
+                                                        if s["status"] == "confirmed"], what="the sweep planned again")
+                assert anvil.balance(TREASURY) - before == int(done[0]["base_units"]) > 0
+                assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1
+
+
 def sweep_status(db) -> str | None:
     with sqlite3.connect(db) as c:
         row = c.execute("SELECT status FROM sweeps").fetchone()

@@ -191,7 +191,15 @@ class Sender:
             self.store.payouts.failed(p.id, f"asset {p.asset} is no longer configured")
             return True
         state, version = self.store.chaintxs.wallet_state(self.chain)
-        answer = await self.wallet.pay(PayoutIntent(id=p.id, asset=asset, amount=p.amount, to=p.to_address), state)
+        try:
+            answer: Wait | Fail | Send = await self.wallet.pay(
+                PayoutIntent(id=p.id, asset=asset, amount=p.amount, to=p.to_address), state)
+        except NodeError as e:
+            if e.retryable:
+                raise
+            # the node refuses something about this payout for good (e.g. the token contract
+            # is not deployed): it waits with the reason; the payouts after it still go
+            answer = Wait(f"the node refuses it: {e.message[:300]}")
         if isinstance(answer, Wait):
             if p.reason != answer.reason:
                 log.warning("%s: payout %s waits: %s", self.chain, p.id, answer.reason,

@@ -30,7 +30,7 @@ from .chains import (
     TxStatus,
     Wait,
 )
-from .errors import NodeError, RpcError
+from .errors import NodeError
 from .money import format_amount
 from .store.chaintx import StaleWalletState
 from .store.db import storage_trouble
@@ -76,15 +76,15 @@ class Sweeper:
         for row, txs in active:
             try:
                 await self._step(row, txs, statuses, head)
-            except RpcError as e:
+            except NodeError as e:
                 if e.retryable:
                     raise
                 # the node refuses this sweep for good (e.g. estimateGas reverts: a reorg took
                 # the deposit it was planned for): fail it, so it stops holding up the round;
                 # what is really there is planned again by the next run
                 log.warning("%s: sweep %s failed: %s", self.chain, row.id, e.message, extra={"chain": self.chain})
-                self.store.sweeps.failed(row.id, f"the node refused it: {e.message[:300]}")
-            except (NodeError, StaleWalletState):
+                self.store.sweeps.failed(row.id, f"the node refused it: {e.message[:300]}", replan=True)
+            except StaleWalletState:
                 raise
             except Exception as e:  # one bad sweep must not stop the others: record it
                 if storage_trouble(e):
@@ -175,7 +175,7 @@ class Sweeper:
                  extra={"chain": self.chain, "sweep_id": row.id})
         refused = await self.s.broadcast_new(send.txs, what, purpose)
         if refused is not None:
-            self.store.sweeps.failed(row.id, f"the node refused it: {refused[:300]}")
+            self.store.sweeps.failed(row.id, f"the node refused it: {refused[:300]}", replan=True)
 
     async def _follow(self, row: SweepRow, group: list[StoredTx], statuses: dict[str, TxStatus],
                       head: int) -> Tracked | None:
@@ -189,13 +189,14 @@ class Sweeper:
             self.store.sweeps.replaced(group[0], tx)
 
         t = await self.s.tracker.follow(group, statuses, head=head, what=what, replace=replace)
-        if t.state == "dead":
+        if t.state == "dead":  # it moved nothing: what is there is planned again by the next run
             if t.error is not None:
-                self.store.sweeps.failed(row.id, f"the node refused it: {t.error[:300]}")
+                self.store.sweeps.failed(row.id, f"the node refused it: {t.error[:300]}", replan=True)
             else:
                 # another transaction of the address took its place (one of ours, sent again
-                # after a reorg): this sweep moved nothing; what is left is planned again
-                self.store.sweeps.failed(row.id, "a conflicting transaction of the address was mined in its place")
+                # after a reorg)
+                self.store.sweeps.failed(row.id, "a conflicting transaction of the address was mined in its place",
+                                         replan=True)
                 log.warning("%s: sweep %s: a conflicting transaction was mined instead; sweep failed, to be "
                             "planned again", self.chain, row.id, extra={"chain": self.chain})
             return None

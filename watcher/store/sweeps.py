@@ -187,8 +187,19 @@ class Sweeps:
         self._set(sweep_id, "confirmed", txid=txid, fee_paid=None if fee_paid is None else str(fee_paid),
                   dust=None if dust is None else str(dust), confirmed_at=self.store.clock.now_ms(), reason=None)
 
-    def failed(self, sweep_id: str, reason: str) -> None:
-        self._set(sweep_id, "failed", reason=reason[:500])
+    def failed(self, sweep_id: str, reason: str, *, replan: bool = False) -> None:
+        """The sweep is over without moving money. ``replan``: it failed for a reason that
+        may not hold at the next run (the node refused it, a rival transaction took its
+        place), so its addresses are candidates again; otherwise (the wallet found it not
+        worth its fee) they wait for their next confirmed deposit."""
+        with self.store.db.transaction() as conn:
+            self._set(sweep_id, "failed", reason=reason[:500])
+            if replan:
+                row = self._row(sweep_id)
+                now = self.store.clock.now_ms()
+                for address in self.addresses_of(row):
+                    conn.execute("INSERT OR IGNORE INTO sweep_candidates (chain, address, asset, since)"
+                                 " VALUES (?, ?, ?, ?)", (row.chain, address, row.asset, now))
 
     def row(self, sweep_id: str) -> SweepRow | None:
         r = self.store.db.one("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
