@@ -151,7 +151,7 @@ async def test_audit_log_names_the_token(cfg):
         assert r.status_code == 201
         r2 = await http.post("/v1/addresses", json={"chain": "devnet", "label": "alice"}, headers=AUTH)
         await http.post("/v1/addresses", json={"chain": "devnet", "label": "alice"}, headers=AUTH)  # not a change
-        entries = d.store.audit.list()
+        entries = d.views.audit()
         assert [(e["actor"], e["action"], e["object_id"]) for e in entries] == [
             ("shop", "invoice.create", r.json()["id"]),
             ("default", "address.create", r2.json()["address"].lower()),

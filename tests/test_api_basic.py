@@ -45,7 +45,7 @@ async def test_health_transfers_and_auth(tmp_path, anvil: Anvil, token: Token):
             anvil.send(payer, alice, 3 * 10**17)
             token.transfer(payer, alice, 4_000_000)
             anvil.mine(2)
-            await wait_until(lambda: len(d.store.transfers.list(status="confirmed")[0]) == 2, what="confirmed")
+            await wait_until(lambda: len(d.views.transfers(status="confirmed")[0]) == 2, what="confirmed")
 
             page = (await http.get("/v1/transfers", params={"chain": "devnet", "address": alice, "limit": 1},
                                    headers=AUTH)).json()

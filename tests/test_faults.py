@@ -82,7 +82,7 @@ class Ledger:
 
 
 def transfers(d) -> dict[tuple[str, int], tuple[str, str, int, str]]:
-    items, _ = d.store.transfers.list(chain="devnet", limit=10_000)
+    items, _ = d.views.transfers(chain="devnet", limit=10_000)
     out = {(t["txid"], t["index"]): (t["address"].lower(), t["asset"], int(t["base_units"]), t["status"])
            for t in items}
     assert len(out) == len(items), "a transfer was stored twice"
@@ -90,7 +90,7 @@ def transfers(d) -> dict[tuple[str, int], tuple[str, str, int, str]]:
 
 
 def events_by_transfer(d) -> dict[tuple[str, int], list[str]]:
-    items, _ = d.store.transfers.list(chain="devnet", limit=10_000)
+    items, _ = d.views.transfers(chain="devnet", limit=10_000)
     return {(t["txid"], t["index"]): [e.type for e in d.store.events.list(subject=t["id"], limit=100)]
             for t in items}
 

@@ -26,7 +26,7 @@ async def test_internal_transfers_found_by_tracing(tmp_path, anvil: Anvil):
             assert int(anvil.receipt(reverted)["status"], 16) == 0
             assert int(anvil.receipt(inner)["status"], 16) == 1
             await wait_until(lambda: d.store.chains.scanned_number("devnet") >= anvil.head())
-            items, _ = d.store.transfers.list(limit=100)
+            items, _ = d.views.transfers(limit=100)
             got = sorted((t["label"], t["kind"], t["base_units"], t["txid"]) for t in items)
             assert got == sorted([
                 ("alice", "internal", "10", paid),
@@ -45,5 +45,5 @@ async def test_internal_transfers_ignored_when_tracing_is_off(tmp_path, anvil: A
             anvil.send(anvil.accounts[1], fwd, 10, calldata("forward(address[],uint256[])", [alice.address], [10]))
             anvil.mine(2)
             await wait_until(lambda: d.store.chains.scanned_number("devnet") >= anvil.head())
-            assert d.store.transfers.list()[0] == []
+            assert d.views.transfers()[0] == []
             assert anvil.balance(alice.address) == 10  # it did arrive; watcher was told not to look

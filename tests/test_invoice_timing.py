@@ -30,8 +30,9 @@ def cfg(tmp_path, anvil: Anvil, token: Token):
 
 
 def create(d, expires_in=600):
-    return d.store.invoices.create(chain="devnet", asset="USDT", amount=10_000_000, mode="sale", expires_in=expires_in,
-                                   tolerance_ppm=0, order_id=None, metadata={}, actor="t")
+    row = d.store.invoices.create(chain="devnet", asset="USDT", amount=10_000_000, mode="sale", expires_in=expires_in,
+                                  tolerance_ppm=0, order_id=None, metadata={}, actor="t")
+    return d.views.invoice(row.id)
 
 
 def events(d, inv):
@@ -51,7 +52,7 @@ async def wait_until_mock(predicate, *, timeout=20.0, what="condition"):
 
 
 def status(d, inv):
-    return d.store.invoices.get(inv["id"])["status"]
+    return d.views.invoice(inv["id"])["status"]
 
 
 async def test_unpaid_invoice_expires_on_time(cfg, clock):
@@ -71,12 +72,12 @@ async def test_late_payment_completes_flagged_late(cfg, clock, anvil, token):
         await trio.sleep(900)
         assert status(d, inv) == "expired"
         await pay(anvil, token, d, inv)
-        v = d.store.invoices.get(inv["id"])
+        v = d.views.invoice(inv["id"])
         assert v["status"] == "awaiting_confirmation" and v["late"]
         anvil.mine(2)
         d.watchers["devnet"].poke()
         await wait_until_mock(lambda: status(d, inv) == "completed", what="completed")
-        assert d.store.invoices.get(inv["id"])["late"]
+        assert d.views.invoice(inv["id"])["late"]
         assert events(d, inv) == ["invoice.created", "invoice.expired", "invoice.awaiting_confirmation",
                                   "invoice.completed"]
 
@@ -92,7 +93,7 @@ async def test_paid_but_unconfirmed_fails_at_end_of_monitoring_window(cfg, clock
         # confirmations arriving after the window change nothing: failed is final
         anvil.mine(5)
         d.watchers["devnet"].poke()
-        await wait_until_mock(lambda: d.store.transfers.list()[0][0]["status"] == "confirmed", what="transfer confirmed")
+        await wait_until_mock(lambda: d.views.transfers()[0][0]["status"] == "confirmed", what="transfer confirmed")
         assert status(d, inv) == "failed"
         assert events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation", "invoice.failed"]
 
@@ -102,10 +103,10 @@ async def test_payment_after_monitoring_window_is_recorded_but_does_not_count(cf
         inv = create(d, expires_in=600)
         await trio.sleep(600 + 3600 + 10)
         await pay(anvil, token, d, inv, blocks=3)
-        v = d.store.invoices.get(inv["id"])
+        v = d.views.invoice(inv["id"])
         assert v["status"] == "expired" and v["received"] == "0"
         assert v["payments"][0]["counted"] is False and v["payments"][0]["status"] == "confirmed"
-        assert d.store.transfers.list()[0][0]["invoice_id"] == inv["id"]  # the app still hears about it
+        assert d.views.transfers()[0][0]["invoice_id"] == inv["id"]  # the app still hears about it
 
 
 async def test_deadlines_survive_a_restart(cfg, clock):

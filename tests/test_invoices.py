@@ -71,14 +71,14 @@ async def test_full_flow_invoice_paid_and_webhooks_verified(tmp_path, anvil: Anv
             assert [i["id"] for i in listed] == [inv["id"]]
             assert (await http.get("/v1/invoices", params={"status": "awaiting_payment"})).json()["items"] == []
             # the transfer knows its invoice and order too
-            t = d.store.transfers.list(chain="devnet")[0][0]
+            t = d.views.transfers(chain="devnet")[0][0]
             assert t["invoice_id"] == inv["id"] and t["order_id"] == "order-42"
 
 
 async def pay_and_wait(anvil, token, d, inv, units, status, *, mine=1):
     token.transfer(anvil.accounts[1], inv["address"], units)
     anvil.mine(mine)
-    return await wait_until(lambda: (v := d.store.invoices.get(inv["id"]))["status"] == status and v,
+    return await wait_until(lambda: (v := d.views.invoice(inv["id"]))["status"] == status and v,
                             what=f"invoice {status}")
 
 
@@ -94,7 +94,7 @@ def create(d, amount="12.5", **kw):
     defaults = {"chain": "devnet", "asset": "USDT", "amount": None if amount is None else int(float(amount) * 10**6),
                 "mode": "sale", "expires_in": 3600, "tolerance_ppm": 0, "order_id": None, "metadata": {}, "actor": "t"}
     defaults.update(kw)
-    return d.store.invoices.create(**defaults)
+    return d.views.invoice(d.store.invoices.create(**defaults).id)
 
 
 def invoice_events(d, inv):
@@ -107,12 +107,12 @@ async def test_partial_then_full_payment(setup, anvil, token):
             inv = create(d)
             token.transfer(anvil.accounts[1], inv["address"], 5_000_000)
             anvil.mine(2)
-            v = await wait_until(lambda: (v := d.store.invoices.get(inv["id"]))["received"] == "5" and v)
+            v = await wait_until(lambda: (v := d.views.invoice(inv["id"]))["received"] == "5" and v)
             assert v["status"] == "awaiting_payment" and v["partial"] and v["due"] == "7.5"
             v = await pay_and_wait(anvil, token, d, inv, 7_500_000, "awaiting_confirmation")
             assert not v["partial"] and v["received"] == "12.5"
             anvil.mine(1)
-            v = await wait_until(lambda: (v := d.store.invoices.get(inv["id"]))["status"] == "completed" and v)
+            v = await wait_until(lambda: (v := d.views.invoice(inv["id"]))["status"] == "completed" and v)
             assert v["confirmed"] == "12.5" and len(v["payments"]) == 2
             assert invoice_events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation", "invoice.completed"]
 
@@ -134,7 +134,7 @@ async def test_tolerance_accepts_small_underpayment(setup, anvil, token):
             short = create(d, tolerance_ppm=10_000)
             token.transfer(anvil.accounts[1], short["address"], 12_370_000)  # below 12.375
             anvil.mine(2)
-            v = await wait_until(lambda: (v := d.store.invoices.get(short["id"]))["received"] == "12.37" and v)
+            v = await wait_until(lambda: (v := d.views.invoice(short["id"]))["received"] == "12.37" and v)
             assert v["status"] == "awaiting_payment" and v["partial"]
 
 
@@ -153,7 +153,7 @@ async def test_reorg_of_paying_transfer_moves_invoice_back(setup, anvil, token):
             inv = create(d)
             v = await pay_and_wait(anvil, token, d, inv, 12_500_000, "awaiting_confirmation")
             anvil.reorg(1, [])  # the payment's block is replaced; the payment is gone
-            v = await wait_until(lambda: (v := d.store.invoices.get(inv["id"]))["status"] == "awaiting_payment" and v,
+            v = await wait_until(lambda: (v := d.views.invoice(inv["id"]))["status"] == "awaiting_payment" and v,
                                  what="back to awaiting_payment")
             assert v["received"] == "0" and v["payments"][0]["status"] == "orphaned"
             assert invoice_events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation",
@@ -198,5 +198,5 @@ async def test_submit_tx_checks_a_payment_before_the_scanner(tmp_path, anvil, to
             d.watchers["devnet"].poke()
             anvil.mine(1)
             d.watchers["devnet"].poke()
-            await wait_until(lambda: d.store.invoices.get(inv["id"])["status"] == "completed", what="completed")
-            assert len(d.store.transfers.list()[0]) == 1
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="completed")
+            assert len(d.views.transfers()[0]) == 1

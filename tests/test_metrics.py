@@ -31,7 +31,7 @@ async def test_every_metric_is_documented_and_served(tmp_path, anvil: Anvil, tok
             alice, _ = d.store.addresses.deposit_address("devnet", "alice")
             anvil.send(anvil.accounts[1], alice.address, 10**18)
             anvil.mine(2)
-            await wait_until(lambda: d.store.transfers.list(status="confirmed")[0])
+            await wait_until(lambda: d.views.transfers(status="confirmed")[0])
             names = {m.name for m in d.metrics.registry.collect()}
             async with httpx.AsyncClient(trust_env=False) as http:
                 text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text

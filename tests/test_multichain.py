@@ -9,7 +9,7 @@ from tests.support.evm import Anvil
 
 
 def statuses(d, chain):
-    items, _ = d.store.transfers.list(chain=chain, limit=100)
+    items, _ = d.views.transfers(chain=chain, limit=100)
     return {t["txid"]: t["status"] for t in items}
 
 

@@ -106,7 +106,7 @@ async def test_reconcile_matches_after_deposits_and_sweeps_then_finds_a_gap(tmp_
             anvil.wait_receipt(token.mint(alice.address, 2_000_000))
             d.senders["devnet"].sweeper.request()
             deadline = trio.current_time() + 60
-            while not ((s := d.store.sweeps.list()[0]) and len(s) == 3 and all(x["status"] == "confirmed" for x in s)):
+            while not ((s := d.views.sweeps()[0]) and len(s) == 3 and all(x["status"] == "confirmed" for x in s)):
                 assert trio.current_time() < deadline, s
                 anvil.mine(1)
                 await trio.sleep(0.15)

@@ -54,7 +54,7 @@ def payout_body(to: str, key: str, amount="5", asset="USDT", **kw):
 
 
 async def until_status(d, pid: str, status: str, timeout: float = 20):
-    return await wait_until(lambda: (p := d.store.payouts.get(pid))["status"] == status and p, timeout=timeout,
+    return await wait_until(lambda: (p := d.views.payout(pid))["status"] == status and p, timeout=timeout,
                             what=f"payout {status}")
 
 
@@ -108,7 +108,7 @@ async def test_approval_above_threshold_needs_the_admin_token(tmp_path, anvil: A
             assert small["status"] == "pending" and big["status"] == "awaiting_approval"
             await until_status(d, small["id"], "completed")
             await trio.sleep(0.3)
-            assert d.store.payouts.get(big["id"])["status"] == "awaiting_approval"  # not sent on its own
+            assert d.views.payout(big["id"])["status"] == "awaiting_approval"  # not sent on its own
             r = await http.post(f"/v1/payouts/{big['id']}/approve")
             assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
             r = await http.post(f"/v1/payouts/{big['id']}/approve", headers=ADMIN)
@@ -226,17 +226,17 @@ async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: 
             dropped = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "h2", "2"))).json()
             anvil.mine(3)
             await trio.sleep(0.5)
-            assert d.store.payouts.get(held["id"])["status"] == "pending" and sent_from(d, hot) == 0
+            assert d.views.payout(held["id"])["status"] == "pending" and sent_from(d, hot) == 0
             r = await http.post(f"/v1/payouts/{dropped['id']}/cancel")
             assert r.status_code == 200 and r.json()["status"] == "cancelled"
             r = await http.post("/v1/admin/resume", json={"scope": "all"}, headers=ADMIN)
             assert r.json()["paused"] == []
             await until_status(d, held["id"], "completed")
             await trio.sleep(0.5)
-            assert d.store.payouts.get(dropped["id"])["status"] == "cancelled" and sent_from(d, hot) == 1
+            assert d.views.payout(dropped["id"])["status"] == "cancelled" and sent_from(d, hot) == 1
             r = await http.post(f"/v1/payouts/{held['id']}/cancel")
             assert r.status_code == 409 and r.json()["error"]["code"] == "not_cancellable"
-            actions = [a["action"] for a in d.store.audit.list()]
+            actions = [a["action"] for a in d.views.audit()]
             assert "admin.pause" in actions and "admin.resume" in actions and "payout.cancel" in actions
 
 
@@ -247,7 +247,7 @@ async def test_insufficient_hot_wallet_balance_waits_then_goes(tmp_path, anvil: 
         async with running(cfg, api=True) as d, client(port) as http:
             hot = d.store.hot_wallet("devnet")
             p = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "x", "10"))).json()
-            v = await wait_until(lambda: (v := d.store.payouts.get(p["id"]))["reason"] and v, what="a reason")
+            v = await wait_until(lambda: (v := d.views.payout(p["id"]))["reason"] and v, what="a reason")
             assert v["status"] == "pending" and v["reason"].startswith("insufficient hot wallet balance")
             assert "USDT needed" in v["reason"] and "ETH needed" in v["reason"]
             blocked = d.metrics.registry.get_sample_value("watcher_payouts_blocked", {"chain": "devnet"})
@@ -295,7 +295,7 @@ async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvi
                 anvil.mine(1)
                 await trio.sleep(0.5)
             assert anvil.receipt(first["txid"]) is None
-            v = await wait_until(lambda: len((v := d.store.payouts.get(p["id"]))["transactions"]) >= 2 and v,
+            v = await wait_until(lambda: len((v := d.views.payout(p["id"]))["transactions"]) >= 2 and v,
                                  what="a replacement")
             second = v["transactions"][-1]
             assert second["nonce"] == first["nonce"] and int(second["max_fee_per_gas"]) > 500 * GWEI
@@ -325,7 +325,7 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
             anvil.automine(False)
             before = token.balance(carol)
             p = (await http.post("/v1/payouts", json=payout_body(carol, "deep", "7"))).json()
-            done = await wait_until(lambda: ((v := d.store.payouts.get(p["id"]))["status"] == "completed" and v)
+            done = await wait_until(lambda: ((v := d.views.payout(p["id"]))["status"] == "completed" and v)
                                     or anvil.mine(1), interval=0.2, what="payout completed")
             assert token.balance(carol) - before == 7_000_000
             anvil.mine(1)  # the reorg below goes deeper than the payout's block
@@ -337,7 +337,7 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
                              what="the same transaction mined again")
             assert token.balance(carol) - before == 7_000_000  # paid again, exactly once
             assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
-            v = d.store.payouts.get(p["id"])
+            v = d.views.payout(p["id"])
             assert v["status"] == "completed" and [t["txid"] for t in v["transactions"]] == [done["txid"]]
             errors = d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "settled_tx_reorged"})
             assert errors == 1
@@ -430,8 +430,8 @@ async def test_refused_payout_after_a_later_nonce_is_filled_so_later_payouts_go(
                 proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "busy, try again later"))
                 assert (await http.post("/v1/admin/resume", json={"scope": "payouts"}, headers=ADMIN)).status_code == 200
                 await until_status(d, b["id"], "broadcast")
-                assert d.store.payouts.get(a["id"])["status"] == "broadcast" and proxy.injected["rpc_error"] == 1
-                assert [d.store.payouts.get(p["id"])["nonce"] for p in (a, b)] == [0, 1]
+                assert d.views.payout(a["id"])["status"] == "broadcast" and proxy.injected["rpc_error"] == 1
+                assert [d.views.payout(p["id"])["nonce"] for p in (a, b)] == [0, 1]
                 # the next time A's bytes are sent, the node refuses them for good
                 proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "transaction rejected"))
                 d.senders["devnet"].wake()

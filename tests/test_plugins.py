@@ -129,8 +129,9 @@ async def test_event_hook_gets_every_event_in_order_at_least_once_with_retries(t
     cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
 
     def make(n):
-        return d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18, mode="sale", expires_in=3600,
-                                       tolerance_ppm=0, order_id=f"o{n}", metadata={}, actor="t")
+        return d.views.invoice(d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18, mode="sale",
+                                                       expires_in=3600, tolerance_ppm=0, order_id=f"o{n}", metadata={},
+                                                       actor="t").id)
 
     for round_ in range(2):
         d = Daemon.open(cfg, pm=make_plugin_manager(extra=(ledger,)), registry=CollectorRegistry())

@@ -14,7 +14,7 @@ from tests.support.evm import Anvil, Token
 
 
 def by_txid(daemon) -> dict[str, dict]:
-    items, _ = daemon.store.transfers.list(limit=1000)
+    items, _ = daemon.views.transfers(limit=1000)
     return {t["txid"]: t for t in items}
 
 

@@ -9,7 +9,7 @@ from tests.support.evm import Anvil, Token
 
 
 def transfers(daemon, **kw):
-    items, _ = daemon.store.transfers.list(limit=1000, **kw)
+    items, _ = daemon.views.transfers(limit=1000, **kw)
     return items
 
 

@@ -75,8 +75,8 @@ async def test_reorg_deeper_than_finality_halts_only_that_chain(tmp_path, anvil:
                 w, _ = d.store.addresses.deposit_address("other", "alice")
                 tx = other.send(other.accounts[1], w.address, 5)
                 other.mine(2)
-                await wait_until(lambda: d.store.transfers.list(chain="other")[0], what="other chain deposit")
-                assert d.store.transfers.list(chain="other")[0][0]["txid"] == tx
+                await wait_until(lambda: d.views.transfers(chain="other")[0], what="other chain deposit")
+                assert d.views.transfers(chain="other")[0][0]["txid"] == tx
     finally:
         other.close()
 
@@ -145,9 +145,9 @@ async def test_reorg_of_exactly_the_finality_depth_is_followed(tmp_path, anvil: 
             tx = anvil.send(anvil.accounts[1], alice.address, 5)
             anvil.mine(4)
             await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
-            assert d.store.transfers.list()[0][0]["status"] == "confirmed"
+            assert d.views.transfers()[0][0]["status"] == "confirmed"
             anvil.reorg(4)  # replaces the deposit's block and the 3 after it
-            await wait_until(lambda: d.store.transfers.list()[0][0]["status"] == "orphaned", what="orphaned")
+            await wait_until(lambda: d.views.transfers()[0][0]["status"] == "orphaned", what="orphaned")
             anvil.mine(2)
             await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head())
             assert d.watchers["devnet"].status.halted is None

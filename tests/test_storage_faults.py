@@ -19,7 +19,7 @@ from tests.support.receiver import receiving
 
 
 def confirmed(d) -> dict[tuple[str, int], int]:
-    items, _ = d.store.transfers.list(limit=1000, status="confirmed")
+    items, _ = d.views.transfers(limit=1000, status="confirmed")
     return {(t["txid"], t["index"]): int(t["base_units"]) for t in items}
 
 
@@ -115,7 +115,7 @@ async def test_disk_full_is_retried_and_nothing_is_half_applied(tmp_path, anvil:
             # blocks are applied whole or not at all: the cursor never passed a block whose
             # transfers are missing
             scanned = d.store.chains.scanned_number("devnet")
-            seen = {t["txid"] for t in d.store.transfers.list(limit=1000)[0]}
+            seen = {t["txid"] for t in d.views.transfers(limit=1000)[0]}
             for (txid, _), _ in expected.items():
                 block = int(anvil.receipt(txid)["blockNumber"], 16)
                 assert (txid in seen) == (block <= scanned), (txid, block, scanned)

@@ -67,10 +67,10 @@ async def test_native_and_token_sweeps_reach_the_treasury_exactly(tmp_path, anvi
             anvil.wait_receipt(token.mint(bob.address, 100_000_000))
             tiny, _ = d.store.addresses.deposit_address("devnet", "tiny")
             anvil.wait_receipt(token.mint(tiny.address, 500_000))  # below min_amount: stays
-            await mine_until(anvil, lambda: len(d.store.transfers.list(status="confirmed")[0]) == 3, what="deposits")
+            await mine_until(anvil, lambda: len(d.views.transfers(status="confirmed")[0]) == 3, what="deposits")
             r = await http.post("/v1/sweeps/run", json={})
             assert r.status_code == 202 and r.json() == {"requested": ["devnet"]}
-            sweeps = await mine_until(anvil, lambda: (s := d.store.sweeps.list()[0]) and len(s) == 2
+            sweeps = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and len(s) == 2
                                       and all(x["status"] == "confirmed" for x in s) and s, what="sweeps confirmed")
             by_asset = {s["asset"]: s for s in sweeps}
             eth, usdt = by_asset["ETH"], by_asset["USDT"]
@@ -89,7 +89,7 @@ async def test_native_and_token_sweeps_reach_the_treasury_exactly(tmp_path, anvi
             assert len(transfer_logs_from(anvil, token, bob.address)) == 1
             assert anvil.balance(bob.address) == units(usdt["dust"])
             assert units(usdt["topup_amount"]) == units(usdt["fee_paid"]) + units(usdt["dust"])
-            assert [t["asset"] for t in d.store.transfers.list(chain="devnet")[0] if t["label"] == "bob"] == ["USDT"]
+            assert [t["asset"] for t in d.views.transfers(chain="devnet")[0] if t["label"] == "bob"] == ["USDT"]
             events = [e.type for e in d.store.events.list(subject=usdt["id"], limit=20)]
             assert events == ["sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed"]
             assert token.balance(tiny.address) == 500_000
@@ -100,7 +100,7 @@ async def test_native_and_token_sweeps_reach_the_treasury_exactly(tmp_path, anvi
             for _ in range(5):
                 anvil.mine(1)
                 await trio.sleep(0.1)
-            assert len(d.store.sweeps.list()[0]) == 2
+            assert len(d.views.sweeps()[0]) == 2
 
 
 async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvil, token: Token):
@@ -115,12 +115,12 @@ async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvi
             anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
             anvil.mine(3)
             await trio.sleep(1.5)  # several sweep intervals pass while paused
-            assert d.store.sweeps.list()[0] == []
+            assert d.views.sweeps()[0] == []
             r = await http.post("/v1/sweeps/run", json={})
             assert r.status_code == 409 and r.json()["error"]["code"] == "paused"
             r = await http.post("/v1/admin/resume", json={"scope": "sweeps"})
             assert r.json()["paused"] == []
-            await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0] if s["status"] == "confirmed"],
+            await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "confirmed"],
                              what="sweep after resume")
 
 
@@ -145,12 +145,12 @@ async def test_a_sweep_the_node_refused_is_planned_again_by_the_next_run(tmp_pat
                 before = anvil.balance(TREASURY)
                 proxy.inject("rpc_error", method="eth_getCode", error=(-32602, "refused by policy"))
                 assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
-                failed = await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0] if s["status"] == "failed"],
+                failed = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "failed"],
                                           what="the refused sweep")
                 assert "refused by policy" in failed[0]["reason"] and proxy.injected["rpc_error"] == 1
                 assert anvil.balance(TREASURY) == before
                 assert (await http.post("/v1/sweeps/run", json={})).status_code == 202  # no new deposit
-                done = await mine_until(anvil, lambda: [s for s in d.store.sweeps.list()[0]
+                done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0]
                                                         if s["status"] == "confirmed"], what="the sweep planned again")
                 assert anvil.balance(TREASURY) - before == int(done[0]["base_units"]) > 0
                 assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1

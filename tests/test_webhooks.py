@@ -36,8 +36,9 @@ def config(tmp_path, schedule=(0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2), **webhooks
 
 
 def new_invoice(d, n=0):
-    return d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18 + n, mode="sale", expires_in=3600,
-                                   tolerance_ppm=0, order_id=f"o{n}", metadata={}, actor="test")
+    row = d.store.invoices.create(chain="devnet", asset="ETH", amount=10**18 + n, mode="sale", expires_in=3600,
+                                  tolerance_ppm=0, order_id=f"o{n}", metadata={}, actor="test")
+    return d.views.invoice(row.id)
 
 
 def verify_by_hand(secret: str, req) -> bool:
@@ -122,7 +123,7 @@ async def test_one_event_that_keeps_failing_does_not_block_later_ones(tmp_path):
                 first_ok_at = min(r.at for r in ok)
                 assert first_ok_at - rx.requests[0].at < 0.5  # later events went out while the first failed
                 await wait_until(lambda: d.store.webhooks.backlog() == 0, what="the poisoned one gives up")
-                hook = d.store.webhooks.list()[0]
+                hook = d.views.webhooks()[0]
                 assert hook["deliveries"] == {"pending": 0, "delivered": 5, "failed": 1, "cancelled": 0}
 
 
@@ -147,13 +148,13 @@ async def test_410_disables_the_endpoint(tmp_path):
     async with receiving(lambda r: 410) as rx:
         with trio.fail_after(30):
             async with running(config(tmp_path)) as d:
-                view, _ = d.store.webhooks.create(rx.url, ["invoice.*"], None)
+                view = d.views.render_webhook(d.store.webhooks.create(rx.url, ["invoice.*"], None)[0])
                 new_invoice(d, 1)
-                await wait_until(lambda: d.store.webhooks.get(view["id"])["status"] == "disabled", what="disabled")
+                await wait_until(lambda: d.views.webhook(view["id"])["status"] == "disabled", what="disabled")
                 new_invoice(d, 2)
                 await trio.sleep(0.5)
                 assert len(rx.requests) == 1
-                got = d.store.webhooks.get(view["id"])
+                got = d.views.webhook(view["id"])
                 assert got["disabled_reason"] == "endpoint answered 410 Gone"
                 assert got["deliveries"]["cancelled"] == 1 and got["deliveries"]["pending"] == 1
 
@@ -178,7 +179,8 @@ async def test_retry_schedule_spans_days_then_redeliver(tmp_path, mock_clock, an
     # a live node polled hourly: few clock jumps over four days (a dead one would be retried every 30 s)
     cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, poll_interval=3600)], api_port=port)
     async with receiving(behavior) as rx, running(cfg, api=True, clock=TrioClock(anchor=time.time())) as d:
-        view, secret = d.store.webhooks.create(rx.url, ["invoice.created"], None)
+        row, secret = d.store.webhooks.create(rx.url, ["invoice.created"], None)
+        view = d.views.render_webhook(row)
         new_invoice(d)
         await trio.sleep(4 * 86400)
         assert len(rx.requests) == 10
@@ -199,7 +201,7 @@ async def test_retry_schedule_spans_days_then_redeliver(tmp_path, mock_clock, an
             assert r.status_code == 202
             await wait_until(lambda: d.store.webhooks.backlog() == 0, interval=1.0, what="redelivered")
             assert rx.requests[-1].webhook_id == rx.requests[0].webhook_id  # same webhook-id: apps dedupe
-            assert d.store.webhooks.get(view["id"])["deliveries"]["delivered"] == 1
+            assert d.views.webhook(view["id"])["deliveries"]["delivered"] == 1
             again = await http.post(f"/v1/deliveries/{items[0]['id']}/redeliver")
             assert again.status_code == 202
 
@@ -232,7 +234,8 @@ async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
     async with receiving() as rx:
         with trio.fail_after(30):
             async with running(config(tmp_path)) as d:
-                view, old = d.store.webhooks.create(rx.url, ["*"], None)
+                row, old = d.store.webhooks.create(rx.url, ["*"], None)
+                view = d.views.render_webhook(row)
                 _, new = d.store.webhooks.rotate_secret(view["id"])
                 assert new != old and new.startswith("whsec_")
                 d.store.webhooks.send_test(view["id"])

@@ -11,12 +11,15 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 
 from . import __version__
 from .errors import WatcherError
+
+if TYPE_CHECKING:
+    from .core import Core
 
 DEFAULT_CONFIG = "watcher.toml"
 
@@ -28,6 +31,14 @@ def _config_path(args: argparse.Namespace) -> str:
 def _fail(message: str, code: int = 2) -> int:
     print(f"watcher: error: {message}", file=sys.stderr)
     return code
+
+
+def _core(args: argparse.Namespace) -> Core:
+    """The commands' way in: config, keys and database, checked and opened (``with``
+    closes it); nothing is started."""
+    from .core import Core
+
+    return Core.open(_config_path(args))
 
 
 def _leaf_error(exc: BaseException) -> BaseException:
@@ -119,57 +130,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_address_new(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
-
-    daemon = Daemon.open(_config_path(args))
-    try:
-        cfg = daemon.config.chain(args.chain)
+    with _core(args) as core:
+        cfg = core.config.chain(args.chain)
         if cfg is None:
-            return _fail(f"unknown chain {args.chain!r} (configured: {', '.join(c.id for c in daemon.config.chains)})")
-        addr, created = daemon.store.addresses.deposit_address(cfg.id, args.label)
+            return _fail(f"unknown chain {args.chain!r} (configured: {', '.join(c.id for c in core.config.chains)})")
+        addr, created = core.store.addresses.deposit_address(cfg.id, args.label)
         shown = cfg.spec.display_address(addr.address)
         if args.json:
             print(json.dumps({"chain": cfg.id, "label": addr.label, "address": shown,
                               "derivation_index": addr.derivation_index, "created": created}))
         else:
             print(shown)
-    finally:
-        daemon.close()
     return 0
 
 
 def cmd_address_list(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
-
-    daemon = Daemon.open(_config_path(args))
-    try:
-        cfg = daemon.config.chain(args.chain)
+    with _core(args) as core:
+        cfg = core.config.chain(args.chain)
         if cfg is None:
             return _fail(f"unknown chain {args.chain!r}")
         spec = cfg.spec
         after = ""
         while True:
-            page = daemon.store.addresses.list(cfg.id, after=after, limit=1000)
+            page = core.store.addresses.list(cfg.id, after=after, limit=1000)
             for a in page:
                 idx = "" if a.derivation_index is None else str(a.derivation_index)
                 print(f"{spec.display_address(a.address)}\t{a.kind}\t{idx}\t{a.label or ''}")
             if len(page) < 1000:
                 break
             after = page[-1].address
-    finally:
-        daemon.close()
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
     from .status import print_report, status_report
 
-    daemon = Daemon.open(_config_path(args))
-    try:
-        report = status_report(daemon)
-    finally:
-        daemon.close()
+    with _core(args) as core:
+        report = status_report(core)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -178,14 +175,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
     from .reconcile import as_json, reconcile
 
-    daemon = Daemon.open(_config_path(args))
-    try:
-        lines = reconcile(daemon)
-    finally:
-        daemon.close()
+    with _core(args) as core:
+        lines = reconcile(core)
     bad = [line for line in lines if line.status in ("mismatch", "node_error")]
     if args.json:
         print(json.dumps({"ok": not bad, "lines": as_json(lines)}, indent=2))
@@ -215,23 +208,19 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace, *, paused: bool = True) -> int:
-    from .daemon import Daemon
     from .policy import PAUSE_SCOPES
 
-    daemon = Daemon.open(_config_path(args))
-    try:
+    with _core(args) as core:
         scopes = set(PAUSE_SCOPES) if args.scope == "all" else {args.scope}
-        if not paused and scopes & daemon.config.paused:
-            return _fail(f"{', '.join(sorted(scopes & daemon.config.paused))} paused by the config file "
+        if not paused and scopes & core.config.paused:
+            return _fail(f"{', '.join(sorted(scopes & core.config.paused))} paused by the config file "
                          "([admin] paused); edit it and restart")
-        with daemon.store.db.transaction():
-            now = daemon.store.set_paused(scopes, paused=paused)
-            daemon.store.audit.record("cli", "admin.pause" if paused else "admin.resume", None,
-                                      {"scopes": sorted(scopes)})
+        with core.store.db.transaction():
+            now = core.store.set_paused(scopes, paused=paused)
+            core.store.audit.record("cli", "admin.pause" if paused else "admin.resume", None,
+                                    {"scopes": sorted(scopes)})
         print(f"paused: {', '.join(sorted(now)) or 'nothing'}")
         print("(a running daemon applies this within a few seconds)")
-    finally:
-        daemon.close()
     return 0
 
 

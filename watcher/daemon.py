@@ -1,7 +1,8 @@
 """The daemon: one Trio process, one root nursery that owns every task.
 
-``Daemon.open`` does everything that can fail fast and synchronously (plugins, config, keys,
-database, migrations); ``Daemon.run`` starts the services. ``run_until_signal`` is what
+A daemon is a :class:`~watcher.core.Core` (``Daemon.open`` opens one: plugins, config, keys,
+database, migrations, all failing fast) plus its tasks; ``Daemon.run`` starts them. Each task
+gets the few parts it uses, not the daemon. ``run_until_signal`` is what
 ``watcher run`` calls: SIGINT/SIGTERM first drain the API (``Daemon.drain``: no new
 connections, the requests in flight finish), then cancel the root nursery; since no
 transaction ever spans an await, cancellation cannot leave anything half-written.
@@ -12,30 +13,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pluggy
 import trio
 from prometheus_client import CollectorRegistry
 
-from .chains import ChainFamily
 from .clock import Clock
-from .config import ChainConfig, Config, load_config
+from .config import ChainConfig, Config
+from .core import Core
 from .deadlines import InvoiceDeadlines
 from .dispatch import Dispatcher
 from .errors import NodeError
-from .keys import ChainKeyring, Keyring
-from .metrics import Metrics
-from .plugins import await_me_maybe, chain_families, implementations, make_plugin_manager
+from .keys import ChainKeyring
+from .plugins import await_me_maybe, implementations
 from .scanner import ChainWatcher, check_same_chain
 from .sender import Sender
 from .sinks import EventSinks
 from .store import Store
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +38,9 @@ SHUTDOWN_GRACE = 5.0
 
 
 class Daemon:
-    def __init__(
-        self,
-        config: Config,
-        *,
-        pm: pluggy.PluginManager,
-        families: Mapping[str, ChainFamily],
-        keyring: Keyring,
-        store: Store,
-        metrics: Metrics,
-        clock: Clock,
-    ):
-        self.config = config
-        self.pm = pm
-        self.families = families
-        self.keyring = keyring
-        self.store = store
-        self.metrics = metrics
-        self.clock = clock
+    def __init__(self, core: Core):
+        self.core = core
+        config, store, metrics, clock, pm = core.config, core.store, core.metrics, core.clock, core.pm
         self.watchers: dict[str, ChainWatcher] = {c.id: ChainWatcher(c, store, metrics) for c in config.chains}
         self.keys: dict[str, ChainKeyring] = {c.id: chain_keys(c, store) for c in config.chains}
         self.dispatcher = Dispatcher(store, config.webhooks, metrics, clock)
@@ -74,6 +54,16 @@ class Daemon:
         self._api_stop = trio.Event()  # set: the API stops accepting connections and drains
         self._api_done: trio.Event | None = None  # while the API runs: set once it has returned
 
+    # what plugins and the API reach through the daemon (hooks get ``daemon``)
+    config = property(lambda self: self.core.config)
+    pm = property(lambda self: self.core.pm)
+    families = property(lambda self: self.core.families)
+    keyring = property(lambda self: self.core.keyring)
+    store = property(lambda self: self.core.store)
+    metrics = property(lambda self: self.core.metrics)
+    clock = property(lambda self: self.core.clock)
+    views = property(lambda self: self.core.views)
+
     @classmethod
     def open(
         cls,
@@ -83,19 +73,10 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
     ) -> Daemon:
-        pm = pm or make_plugin_manager()
-        families = chain_families(pm)
-        if not isinstance(config, Config):
-            config = load_config(config, families)
-        keyring = Keyring.from_config(config.keys)
-        metrics = Metrics(registry)
-        clock = clock or Clock()
-        store = Store.open(config, keyring=keyring, metrics=metrics, clock=clock)
-        metrics.watch_store(store)
-        return cls(config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics, clock=clock)
+        return cls(Core.open(config, pm=pm, registry=registry, clock=clock))
 
     def close(self) -> None:
-        self.store.close()
+        self.core.close()
 
     async def preflight(self) -> None:
         """Ask every node who it is, concurrently and briefly. A node serving another chain

@@ -35,8 +35,8 @@ from .clock import Clock
 from .config import WebhooksConfig
 from .httpclient import DeliveryError, WebhookClient, parse_retry_after
 from .metrics import Metrics
-from .store.events import iso_ms
 from .tasks import StorageRetry
+from .views import iso_ms
 
 if TYPE_CHECKING:
     from .store import Store

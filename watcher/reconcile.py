@@ -26,8 +26,8 @@ from .money import format_amount
 from .tasks import fan_out
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .scanner import ChainWatcher
+    from .config import ChainConfig
+    from .core import Core
 
 
 @dataclass
@@ -42,9 +42,9 @@ class Line:
     label: str | None = None
 
 
-def _expected(daemon: Daemon, chain: str, block: int) -> dict[tuple[str, str], int]:
+def _expected(core: Core, chain: str, block: int) -> dict[tuple[str, str], int]:
     """(address, asset) -> base units the database says the address holds at ``block``."""
-    store = daemon.store
+    store = core.store
     native = store.chain_config(chain).native.symbol
     exp: dict[tuple[str, str], int] = defaultdict(int)
     for address, asset, amount in store.transfers.confirmed_deposits(chain, upto=block):
@@ -64,23 +64,23 @@ def _expected(daemon: Daemon, chain: str, block: int) -> dict[tuple[str, str], i
     return exp
 
 
-async def _chain_lines(daemon: Daemon, w: ChainWatcher) -> list[Line]:
-    store = daemon.store
-    cid = w.config.id
-    block = store.chains.scanned_number(cid) - w.config.confirmations + 1
+async def _chain_lines(core: Core, cfg: ChainConfig) -> list[Line]:
+    store = core.store
+    cid = cfg.id
+    block = store.chains.scanned_number(cid) - cfg.confirmations + 1
     if block < 0:
         return []
-    expected = _expected(daemon, cid, block)
+    expected = _expected(core, cid, block)
     busy = store.sweeps.busy_addresses(cid)
     lines: list[Line] = []
-    async with w.open_client() as client:
+    async with core.open_client(cid) as client:
         for (address, symbol), units in sorted(expected.items()):
-            asset = w.config.asset(symbol)
+            asset = cfg.asset(symbol)
             if asset is None:
                 continue
             watched = store.addresses.get(cid, address)
             label = watched.label if watched else None
-            shown = w.spec.display_address(address)
+            shown = cfg.spec.display_address(address)
             exp_s = format_amount(units, asset.decimals)
             if address in busy:
                 lines.append(Line(cid, shown, symbol, exp_s, None, None, "in_flight", label))
@@ -96,20 +96,20 @@ async def _chain_lines(daemon: Daemon, w: ChainWatcher) -> list[Line]:
     return lines
 
 
-def reconcile(daemon: Daemon) -> list[Line]:
+def reconcile(core: Core) -> list[Line]:
     async def run() -> list[Line]:
         out: list[Line] = []
 
-        async def one(w: ChainWatcher) -> None:
+        async def one(cfg: ChainConfig) -> None:
             try:
                 with trio.fail_after(300):
-                    out.extend(await _chain_lines(daemon, w))
+                    out.extend(await _chain_lines(core, cfg))
             except (NodeError, trio.TooSlowError) as e:
-                out.append(Line(w.config.id, "*", "*", "", None, getattr(e, "message", "timed out"), "node_error"))
+                out.append(Line(cfg.id, "*", "*", "", None, getattr(e, "message", "timed out"), "node_error"))
 
         async with fan_out() as nursery:
-            for w in daemon.watchers.values():
-                nursery.start_soon(one, w)
+            for cfg in core.config.chains:
+                nursery.start_soon(one, cfg)
         return sorted(out, key=lambda line: (line.chain, line.address, line.asset))
 
     return trio.run(run)

@@ -45,26 +45,13 @@ class EventSinks:
             ev.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        cursors = [self._cursor(impl.plugin_name) for impl in self.impls]  # before anything new is written
+        # before anything new is written
+        cursors = [self.store.events.sink_cursor(impl.plugin_name) for impl in self.impls]
         async with trio.open_nursery() as nursery:
             for i, impl in enumerate(self.impls):
                 self._wakes.append(trio.Event())
                 nursery.start_soon(self._sink, i, impl, cursors[i])
             task_status.started()
-
-    def _cursor(self, name: str) -> int:
-        seq = self.store.db.scalar("SELECT last_seq FROM sink_cursors WHERE name = ?", (name,))
-        if seq is None:
-            seq = self.store.events.last_seq()
-            with self.store.db.transaction() as conn:
-                conn.execute("INSERT OR IGNORE INTO sink_cursors (name, last_seq, updated_at) VALUES (?, ?, ?)",
-                             (name, seq, self.store.clock.now_ms()))
-        return seq
-
-    def _advance(self, name: str, seq: int) -> None:
-        with self.store.db.transaction() as conn:
-            conn.execute("UPDATE sink_cursors SET last_seq = ?, updated_at = ? WHERE name = ?",
-                         (seq, self.store.clock.now_ms(), name))
 
     async def _sink(self, i: int, impl: Implementation, cursor: int) -> None:
         name = impl.plugin_name
@@ -80,7 +67,7 @@ class EventSinks:
                 backoff = 0.0
                 while True:
                     try:
-                        self._advance(name, event.seq)
+                        self.store.events.advance_sink(name, event.seq)
                         break
                     except sqlite3.DatabaseError as e:  # the hook ran: a retry would run it twice
                         await self._storage.wait(e)

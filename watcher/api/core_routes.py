@@ -175,28 +175,6 @@ async def hot_wallet_view(req: ApiRequest, chain: str) -> dict[str, Any] | None:
 # --- addresses ---------------------------------------------------------------------------------
 
 
-def address_view(req: ApiRequest, a: Any, *, totals: bool = False) -> dict[str, Any]:
-    store = req.daemon.store
-    spec = store.spec(a.chain)
-    out: dict[str, Any] = {
-        "chain": a.chain,
-        "address": spec.display_address(a.address),
-        "kind": a.kind,
-        "label": a.label,
-        "invoice_id": a.invoice_id,
-        "derivation_path": None if a.derivation_index is None else f"{spec.keys.deposit_path}/0/{a.derivation_index}",
-    }
-    if totals:
-        cfg = store.chain_config(a.chain)
-        out["totals"] = {
-            sym: {"confirmed": format_amount(t["confirmed"], cfg.asset(sym).decimals if cfg.asset(sym) else 0),
-                  "pending": format_amount(t["pending"], cfg.asset(sym).decimals if cfg.asset(sym) else 0),
-                  "transfers": t["count"]}
-            for sym, t in store.addresses.totals(a.chain, a.address).items()
-        }
-    return out
-
-
 @endpoints.add("POST", "/v1/addresses", summary="Get the static deposit address of a label (created on first call).",
                tag="addresses", errors=(400, 404, 409),
                body={"type": "object", "required": ["chain", "label"], "additionalProperties": False,
@@ -212,7 +190,7 @@ async def create_address(req: ApiRequest) -> Any:
         addr, created = store.addresses.deposit_address(cfg.id, label)
         if created:
             store.audit.record(req.actor, "address.create", addr.address, {"chain": cfg.id, "label": label})
-    return (201 if created else 200), address_view(req, addr)
+    return (201 if created else 200), req.daemon.views.address(addr)
 
 
 @endpoints.add("POST", "/v1/watch", summary="Watch an address watcher did not derive (its transfers are recorded; it is never swept).",
@@ -232,7 +210,7 @@ async def watch_address(req: ApiRequest) -> Any:
         addr, created = store.addresses.watch_external(cfg.id, address, label)
         if created:
             store.audit.record(req.actor, "address.watch", address, {"chain": cfg.id, "label": label})
-    return (201 if created else 200), address_view(req, addr)
+    return (201 if created else 200), req.daemon.views.address(addr)
 
 
 @endpoints.add("GET", "/v1/addresses/{chain}/{address}", summary="A watched address with totals received per asset.",
@@ -240,7 +218,10 @@ async def watch_address(req: ApiRequest) -> Any:
 async def get_address(req: ApiRequest) -> Any:
     cfg = chain_param(req, req.path_params["chain"], in_path=True)
     address = canonical_address(req, cfg.id, req.path_params["address"])
-    return address_view(req, req.daemon.store.addresses.require(cfg.id, address), totals=True)
+    watched = req.daemon.store.addresses.get(cfg.id, address)
+    if watched is None:
+        raise NotFound(f"address is not watched on chain {cfg.id!r}")
+    return req.daemon.views.address(watched, totals=True)
 
 
 # --- transfers ---------------------------------------------------------------------------------
@@ -265,7 +246,7 @@ async def list_transfers(req: ApiRequest) -> Any:
         chain_param(req, chain_id)
     canonical = canonical_address(req, chain_id, address) if address is not None else None
     since = req.query_int("since", -1, lo=0, hi=2**40)
-    items, next_cursor = req.daemon.store.transfers.list(
+    items, next_cursor = req.daemon.views.transfers(
         chain=chain_id, address=canonical, status=req.query("status"),
         since=since * 1000 if since >= 0 else None, after=req.query("cursor"),
         limit=req.query_int("limit", 100, lo=1, hi=1000))

@@ -100,10 +100,11 @@ async def create_invoice(req: ApiRequest) -> Any:
     metadata = check_metadata(body.get("metadata", {}))
     store = daemon.store
     with store.db.transaction():
-        view = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
+        row = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
                                      tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor,
                                      node_info=daemon.watchers[cfg.id].status.node_info)
-        store.audit.record(req.actor, "invoice.create", view["id"],
+        view = store.invoices.render(row)
+        store.audit.record(req.actor, "invoice.create", row.id,
                            {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "order_id": order_id})
     return 201, view
 
@@ -111,7 +112,7 @@ async def create_invoice(req: ApiRequest) -> Any:
 @endpoints.add("GET", "/v1/invoices/{id}", summary="One invoice with its payments.", tag="invoices", errors=(404,),
                responses={200: _invoice})
 async def get_invoice(req: ApiRequest) -> Any:
-    return req.daemon.store.invoices.get(req.path_params["id"])
+    return req.daemon.views.invoice(req.path_params["id"])
 
 
 @endpoints.add("GET", "/v1/invoices", summary="Invoices, oldest first, filtered by status and order id.",
@@ -127,7 +128,7 @@ async def list_invoices(req: ApiRequest) -> Any:
     chain = req.query("chain")
     if chain is not None:
         chain_param(req, chain)
-    items, cursor = req.daemon.store.invoices.list(
+    items, cursor = req.daemon.views.invoices(
         status=req.query("status"), order_id=req.query("order_id"), chain=chain, after=req.query("cursor"),
         limit=req.query_int("limit", 100, lo=1, hi=1000))
     return {"items": items, "next_cursor": cursor}
@@ -144,7 +145,7 @@ async def submit_tx(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"txid"})
     store = req.daemon.store
-    invoice = store.invoices.get(req.path_params["id"])
+    invoice = req.daemon.views.invoice(req.path_params["id"])
     chain = invoice["chain"]
     spec = store.spec(chain)
     txid = spec.validate_txid(body.get("txid"))
@@ -175,4 +176,4 @@ async def submit_tx(req: ApiRequest) -> Any:
     watcher.poke()
     status = "included" if recorded else "pending"
     return JSONResponse({"tx": {"txid": txid, "status": status, "block_number": found.block.number},
-                         "invoice": store.invoices.get(invoice["id"])}, status_code=200 if recorded else 202)
+                         "invoice": req.daemon.views.invoice(invoice["id"])}, status_code=200 if recorded else 202)

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from ..checks import PayoutRequest, Veto
-from ..errors import BadRequest, WatcherError, WatchOnlyError
+from ..errors import BadRequest, NotFound, WatcherError, WatchOnlyError
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
 from ..store.sweeps import STATUSES as SWEEP_STATUSES
@@ -92,12 +92,13 @@ async def create_payout(req: ApiRequest) -> Any:
             raise PayoutRejected(veto.reason, code=veto.code if veto.code != "payout_rejected" else None)
     threshold = cfg.payouts.approval_above.get(asset.symbol)
     with store.db.transaction():
-        view, created = store.payouts.create(chain=cfg.id, asset=asset.symbol, amount=amount, to=to,
-                                             idempotency_key=key, label=label, metadata=metadata, actor=req.actor,
-                                             needs_approval=threshold is not None and amount > threshold)
+        row, created = store.payouts.create(chain=cfg.id, asset=asset.symbol, amount=amount, to=to,
+                                            idempotency_key=key, label=label, metadata=metadata, actor=req.actor,
+                                            needs_approval=threshold is not None and amount > threshold)
+        view = store.payouts.render(row)
         if created:
-            store.audit.record(req.actor, "payout.create", view["id"], {"chain": cfg.id, "asset": asset.symbol,
-                                                                        "amount": view["amount"], "to": view["to"]})
+            store.audit.record(req.actor, "payout.create", row.id, {"chain": cfg.id, "asset": asset.symbol,
+                                                                    "amount": view["amount"], "to": view["to"]})
     headers = {} if created else {"idempotent-replayed": "true"}
     return JSONResponse(view, status_code=202, headers=headers)
 
@@ -118,7 +119,7 @@ async def run_checks(req: ApiRequest, request: PayoutRequest) -> Veto | None:
 @endpoints.add("GET", "/v1/payouts/{id}", summary="One payout with its transactions.", tag="payouts", errors=(404,),
                responses={200: _payout})
 async def get_payout(req: ApiRequest) -> Any:
-    return req.daemon.store.payouts.get(req.path_params["id"])
+    return req.daemon.views.payout(req.path_params["id"])
 
 
 @endpoints.add("GET", "/v1/payouts", summary="Payouts, oldest first.", tag="payouts", errors=(400,),
@@ -130,7 +131,7 @@ async def list_payouts(req: ApiRequest) -> Any:
     chain = req.query("chain")
     if chain is not None:
         chain_param(req, chain)
-    items, cursor = req.daemon.store.payouts.list(status=req.query("status"), label=req.query("label"), chain=chain,
+    items, cursor = req.daemon.views.payouts(status=req.query("status"), label=req.query("label"), chain=chain,
                                                   after=req.query("cursor"),
                                                   limit=req.query_int("limit", 100, lo=1, hi=1000))
     return {"items": items, "next_cursor": cursor}
@@ -141,9 +142,11 @@ async def list_payouts(req: ApiRequest) -> Any:
 async def approve_payout(req: ApiRequest) -> Any:
     store = req.daemon.store
     with store.db.transaction():
-        view = store.payouts.approve(req.path_params["id"], req.actor)
-        store.audit.record(req.actor, "payout.approve", view["id"])
-    return view
+        row = store.payouts.approve(req.path_params["id"], req.actor)
+        if row is None:
+            raise NotFound(f"no payout {req.path_params['id'][:64]!r}", code="unknown_payout")
+        store.audit.record(req.actor, "payout.approve", row.id)
+    return store.payouts.render(row)
 
 
 @endpoints.add("POST", "/v1/payouts/{id}/cancel", summary="Cancel a payout that has not been broadcast.",
@@ -151,9 +154,11 @@ async def approve_payout(req: ApiRequest) -> Any:
 async def cancel_payout(req: ApiRequest) -> Any:
     store = req.daemon.store
     with store.db.transaction():
-        view = store.payouts.cancel(req.path_params["id"])
-        store.audit.record(req.actor, "payout.cancel", view["id"])
-    return view
+        row = store.payouts.cancel(req.path_params["id"])
+        if row is None:
+            raise NotFound(f"no payout {req.path_params['id'][:64]!r}", code="unknown_payout")
+        store.audit.record(req.actor, "payout.cancel", row.id)
+    return store.payouts.render(row)
 
 
 @endpoints.add("GET", "/v1/sweeps", summary="Sweeps to the treasury, with transactions and fees paid.",
@@ -165,7 +170,7 @@ async def list_sweeps(req: ApiRequest) -> Any:
     chain = req.query("chain")
     if chain is not None:
         chain_param(req, chain)
-    items, cursor = req.daemon.store.sweeps.list(status=req.query("status"), chain=chain, after=req.query("cursor"),
+    items, cursor = req.daemon.views.sweeps(status=req.query("status"), chain=chain, after=req.query("cursor"),
                                                  limit=req.query_int("limit", 100, lo=1, hi=1000))
     return {"items": items, "next_cursor": cursor}
 

@@ -10,13 +10,30 @@ from urllib.parse import urlsplit
 
 from starlette.responses import Response
 
-from ..errors import BadRequest
-from ..store.events import Event
-from ..store.webhooks import DELIVERY_STATUSES, EVENT_TYPES, check_patterns
+from .. import views
+from ..errors import BadRequest, NotFound
+from ..store.webhooks import DELIVERY_STATUSES, EVENT_TYPES
 from .core_routes import reject_unknown_fields
 from .routing import ApiRequest, Endpoints
 
 endpoints = Endpoints()
+
+
+def check_patterns(patterns: Any) -> list[str]:
+    """Event patterns: ``*``, ``invoice.*`` or an exact type; at least one, no unknown ones."""
+    if not isinstance(patterns, list) or not patterns or len(patterns) > 50:
+        raise BadRequest("events must be a non-empty list of event types or patterns such as \"invoice.*\"",
+                         code="invalid_events")
+    out = []
+    for p in patterns:
+        if not isinstance(p, str) or not p or len(p) > 64:
+            raise BadRequest("each event pattern must be a non-empty string", code="invalid_events")
+        if not any(fnmatchcase(t, p) for t in EVENT_TYPES):
+            raise BadRequest(f"event pattern {p[:64]!r} matches no event type", code="invalid_events")
+        if p not in out:
+            out.append(p)
+    return out
+
 
 _webhook = {"$ref": "#/components/schemas/Webhook"}
 _delivery = {"$ref": "#/components/schemas/Delivery"}
@@ -91,21 +108,21 @@ async def create_webhook(req: ApiRequest) -> Any:
     description = _description(body.get("description"))
     store = req.daemon.store
     with store.db.transaction():
-        view, secret = store.webhooks.create(url, patterns, description)
-        store.audit.record(req.actor, "webhook.create", view["id"], {"url": url, "events": patterns})
-    return 201, {**view, "secret": secret}
+        row, secret = store.webhooks.create(url, patterns, description)
+        store.audit.record(req.actor, "webhook.create", row.id, {"url": url, "events": patterns})
+    return 201, {**req.daemon.views.render_webhook(row), "secret": secret}
 
 
 @endpoints.add("GET", "/v1/webhooks", summary="Webhook endpoints (secrets are never shown again).", tag="webhooks",
                responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _webhook}}}})
 async def list_webhooks(req: ApiRequest) -> Any:
-    return {"items": req.daemon.store.webhooks.list()}
+    return {"items": req.daemon.views.webhooks()}
 
 
 @endpoints.add("GET", "/v1/webhooks/{id}", summary="One webhook endpoint with its delivery counts.", tag="webhooks",
                errors=(404,), responses={200: _webhook})
 async def get_webhook(req: ApiRequest) -> Any:
-    return req.daemon.store.webhooks.get(req.path_params["id"])
+    return req.daemon.views.webhook(req.path_params["id"])
 
 
 @endpoints.add("PATCH", "/v1/webhooks/{id}", summary="Change an endpoint's url, events or description, or "
@@ -118,7 +135,7 @@ async def update_webhook(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"url", "events", "enabled", "description"})
     store = req.daemon.store
-    store.webhooks.get(req.path_params["id"])
+    req.daemon.views.webhook_row(req.path_params["id"])
     url = check_url(req, body["url"]) if "url" in body else None
     patterns = check_patterns(body["events"]) if "events" in body else None
     enabled = body.get("enabled")
@@ -126,16 +143,17 @@ async def update_webhook(req: ApiRequest) -> Any:
         raise BadRequest("enabled must be true or false", code="invalid_enabled")
     description = _description(body.get("description"))
     with store.db.transaction():
-        view = store.webhooks.update(req.path_params["id"], url=url, patterns=patterns, enabled=enabled,
-                                     description=description)
-        store.audit.record(req.actor, "webhook.update", view["id"], body)
-    return view
+        row = store.webhooks.update(req.path_params["id"], url=url, patterns=patterns, enabled=enabled,
+                                    description=description)
+        store.audit.record(req.actor, "webhook.update", row.id, body)
+    return req.daemon.views.render_webhook(row)
 
 
 @endpoints.add("DELETE", "/v1/webhooks/{id}", summary="Remove an endpoint; its pending deliveries are cancelled.",
                tag="webhooks", errors=(404,), responses={204: {}})
 async def delete_webhook(req: ApiRequest) -> Any:
     store = req.daemon.store
+    req.daemon.views.webhook_row(req.path_params["id"])
     with store.db.transaction():
         store.webhooks.delete(req.path_params["id"])
         store.audit.record(req.actor, "webhook.delete", req.path_params["id"])
@@ -147,10 +165,11 @@ async def delete_webhook(req: ApiRequest) -> Any:
                errors=(404,), responses={200: _webhook})
 async def rotate_secret(req: ApiRequest) -> Any:
     store = req.daemon.store
+    req.daemon.views.webhook_row(req.path_params["id"])
     with store.db.transaction():
-        view, secret = store.webhooks.rotate_secret(req.path_params["id"])
-        store.audit.record(req.actor, "webhook.rotate_secret", view["id"])
-    return {**view, "secret": secret}
+        row, secret = store.webhooks.rotate_secret(req.path_params["id"])
+        store.audit.record(req.actor, "webhook.rotate_secret", row.id)
+    return {**req.daemon.views.render_webhook(row), "secret": secret}
 
 
 @endpoints.add("GET", "/v1/webhooks/{id}/deliveries", summary="Deliveries to an endpoint with every attempt "
@@ -162,7 +181,7 @@ async def rotate_secret(req: ApiRequest) -> Any:
                responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _delivery},
                                                                  "next_cursor": {"type": ["string", "null"]}}}})
 async def list_deliveries(req: ApiRequest) -> Any:
-    items, cursor = req.daemon.store.webhooks.deliveries(
+    items, cursor = req.daemon.views.deliveries(
         req.path_params["id"], status=req.query("status"), after=req.query("cursor"),
         limit=req.query_int("limit", 100, lo=1, hi=1000))
     return {"items": items, "next_cursor": cursor}
@@ -172,20 +191,24 @@ async def list_deliveries(req: ApiRequest) -> Any:
                "webhook-id, so receivers dedupe).", tag="webhooks", errors=(404, 409), responses={202: _delivery})
 async def redeliver(req: ApiRequest) -> Any:
     store = req.daemon.store
+    old = req.daemon.views.delivery_row(req.path_params["id"])
     with store.db.transaction():
-        view = store.webhooks.redeliver(req.path_params["id"])
-        store.audit.record(req.actor, "delivery.redeliver", req.path_params["id"], {"new_delivery": view["id"]})
-    return 202, view
+        new = store.webhooks.redeliver(old)
+        if new is None:
+            raise NotFound("the delivery's webhook was deleted", code="unknown_webhook")
+        store.audit.record(req.actor, "delivery.redeliver", req.path_params["id"], {"new_delivery": new.id})
+    return 202, req.daemon.views.render_delivery(new)
 
 
 @endpoints.add("POST", "/v1/webhooks/{id}/test", summary="Send a webhook.test event to this endpoint only.",
                tag="webhooks", errors=(404,), responses={202: _delivery})
 async def test_webhook(req: ApiRequest) -> Any:
     store = req.daemon.store
+    req.daemon.views.webhook_row(req.path_params["id"])
     with store.db.transaction():
-        view = store.webhooks.send_test(req.path_params["id"])
+        row = store.webhooks.send_test(req.path_params["id"])
         store.audit.record(req.actor, "webhook.test", req.path_params["id"])
-    return 202, view
+    return 202, req.daemon.views.render_delivery(row)
 
 
 @endpoints.add("GET", "/v1/events", summary="The event log, in order: for catching up without webhooks.",
@@ -200,11 +223,7 @@ async def list_events(req: ApiRequest) -> Any:
     after = req.query_int("after", 0, lo=0, hi=2**62)
     types = tuple(t for t in (req.query("type") or "").split(",") if t)
     events = req.daemon.store.events.list(after_seq=after, types=types, limit=req.query_int("limit", 100, lo=1, hi=1000))
-    return {"items": [_event_view(e) for e in events], "last_seq": events[-1].seq if events else after}
-
-
-def _event_view(e: Event) -> dict[str, Any]:
-    return {"id": e.id, "seq": e.seq, **e.envelope()}
+    return {"items": [views.event(e) for e in events], "last_seq": events[-1].seq if events else after}
 
 
 @endpoints.add("GET", "/v1/audit", summary="The audit log of every change made through the API.", tag="events",
@@ -215,6 +234,6 @@ def _event_view(e: Event) -> dict[str, Any]:
                       {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
                responses={200: {"type": "object"}})
 async def list_audit(req: ApiRequest) -> Any:
-    return {"items": req.daemon.store.audit.list(object_id=req.query("object_id"),
-                                                 after=req.query_int("after", 0, lo=0, hi=2**62),
-                                                 limit=req.query_int("limit", 100, lo=1, hi=1000))}
+    return {"items": req.daemon.views.audit(object_id=req.query("object_id"),
+                                            after=req.query_int("after", 0, lo=0, hi=2**62),
+                                            limit=req.query_int("limit", 100, lo=1, hi=1000))}

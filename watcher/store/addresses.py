@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict
 
 if TYPE_CHECKING:
     from . import Store
@@ -157,12 +157,6 @@ class Addresses:
         )
         self.store.db.after_commit(lambda: self.store.metrics.watched_addresses.labels(chain).inc())
         return WatchedAddress(chain, address, kind, label, invoice_id, index, now)
-
-    def require(self, chain: str, address: str) -> WatchedAddress:
-        found = self.get(chain, address)
-        if found is None:
-            raise NotFound(f"address is not watched on chain {chain!r}")
-        return found
 
     def totals(self, chain: str, address: str) -> dict[str, dict[str, int]]:
         """Per asset: base units confirmed and still unconfirmed (orphaned ones excluded)."""

@@ -4,14 +4,23 @@ the transaction of the change it records, so a change never exists without its e
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from .events import iso_ms
 
 if TYPE_CHECKING:
     from . import Store
 
 _SECRET_KEYS = {"secret", "token", "mnemonic", "private_key", "password"}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: int
+    actor: str
+    action: str
+    object_id: str | None
+    details: dict[str, Any]
 
 
 class AuditLog:
@@ -25,11 +34,11 @@ class AuditLog:
                          (self.store.clock.now_ms(), actor, action, object_id,
                           json.dumps(clean, separators=(",", ":"), ensure_ascii=False, default=str)))
 
-    def list(self, *, object_id: str | None = None, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    def entries(self, *, object_id: str | None = None, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         sql, params = "SELECT * FROM audit_log WHERE id > ?", [after]
         if object_id is not None:
             sql += " AND object_id = ?"
             params.append(object_id)
         rows = self.store.db.query(sql + " ORDER BY id LIMIT ?", [*params, limit])
-        return [{"id": r["id"], "at": iso_ms(r["at"]), "actor": r["actor"], "action": r["action"],
-                 "object_id": r["object_id"], "details": json.loads(r["details"])} for r in rows]
+        return [AuditEntry(id=r["id"], at=r["at"], actor=r["actor"], action=r["action"], object_id=r["object_id"],
+                           details=json.loads(r["details"])) for r in rows]

@@ -49,6 +49,20 @@ class ChainState:
         value = self.store.db.scalar("SELECT scanned_number FROM chains WHERE id = ?", (chain,))
         return -1 if value is None else value
 
+    def pending_work(self, chain: str) -> dict[str, int]:
+        """What is waiting on ``chain`` (``watcher status``)."""
+        row = self.store.db.one(
+            "SELECT (SELECT COUNT(*) FROM transfers WHERE chain = :c AND status = 'detected') AS unconfirmed_transfers,"
+            " (SELECT COUNT(*) FROM invoices WHERE chain = :c AND status IN ('awaiting_payment',"
+            " 'awaiting_confirmation')) AS open_invoices,"
+            " (SELECT COUNT(*) FROM payouts WHERE chain = :c AND status IN ('pending', 'awaiting_approval'))"
+            " AS payouts_waiting,"
+            " (SELECT COUNT(*) FROM payouts WHERE chain = :c AND status = 'broadcast') AS payouts_in_flight,"
+            " (SELECT COUNT(*) FROM sweeps WHERE chain = :c AND status IN ('planned', 'funding', 'broadcast'))"
+            " AS sweeps_in_progress", {"c": chain})
+        assert row is not None
+        return dict(row)
+
     def ensure(self, chain: ChainConfig, *, start_block: int, node_info: dict[str, Any]) -> Cursor:
         """Create the chain's cursor on first sight (scanning starts at ``start_block``)."""
         now = self.store.clock.now_ms()

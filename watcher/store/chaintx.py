@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..chains import SignedTx, StoredTx, WalletState
 
@@ -167,11 +167,3 @@ class ChainTxs:
 
     def count_open(self, chain: str) -> int:
         return self.store.db.scalar("SELECT COUNT(*) FROM chain_txs WHERE chain = ? AND status = 'open'", (chain,)) or 0
-
-    def view(self, tx: StoredTx) -> dict[str, Any]:
-        from .events import iso_ms
-
-        return {"txid": tx.txid, "purpose": tx.purpose, **self.store.spec(tx.chain).tx_fields(tx.details),
-                "status": tx.status, "block_number": tx.block_number,
-                "fee_paid": None if tx.fee_paid is None else str(tx.fee_paid), "error": tx.error,
-                "created_at": iso_ms(tx.created_at), "broadcast_at": iso_ms(tx.broadcast_at)}

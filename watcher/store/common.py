@@ -1,11 +1,10 @@
-"""Small pieces the table modules share: filtered pages, and a status change with its event."""
+"""Small pieces the table modules share: filtered pages of typed rows, and a status change
+with its event."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-from ..errors import BadRequest
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import sqlite3
@@ -13,35 +12,42 @@ if TYPE_CHECKING:
     from . import Store
 
 
+class HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=HasId)
+
+
 def page(store: Store, table: str, filters: Mapping[str, Any], *, after: str | None, limit: int,
-         view: Callable[[sqlite3.Row], dict[str, Any]], statuses: Sequence[str] = ()
-         ) -> tuple[list[dict[str, Any]], str | None]:
-    """Rows of ``table`` matching ``filters`` (None values ignored), oldest id first, after the
-    cursor ``after``: ``(items, next_cursor)``. A ``status`` filter is checked against ``statuses``."""
-    status = filters.get("status")
-    if statuses and status is not None and status not in statuses:
-        raise BadRequest(f"status must be one of {', '.join(statuses)}", code="invalid_status")
+         row: Callable[[sqlite3.Row], R], select: str | None = None, id_column: str = "id") -> tuple[list[R], str | None]:
+    """Rows of ``table`` (or of the ``select`` query, whose columns the filters name) matching
+    ``filters`` (None values ignored; a key is a column, compared with ``=``, or a column and
+    an operator: ``"updated_at >="``), oldest id first, after the cursor ``after``:
+    ``(rows, next_cursor)``."""
     where, params = [], []
-    for col, value in filters.items():
+    for key, value in filters.items():
         if value is not None:
-            where.append(f"{col} = ?")
+            col, _, op = key.partition(" ")
+            where.append(f"{col} {op or '='} ?")
             params.append(value)
     if after is not None:
-        where.append("id > ?")
+        where.append(f"{id_column} > ?")
         params.append(after)
-    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id LIMIT ?"
-    rows = store.db.query(sql, [*params, limit + 1])
-    items = [view(r) for r in rows[:limit]]
-    return items, (items[-1]["id"] if len(rows) > limit else None)
+    sql = (select or f"SELECT * FROM {table}") + (" WHERE " + " AND ".join(where) if where else "")
+    rows = store.db.query(sql + f" ORDER BY {id_column} LIMIT ?", [*params, limit + 1])
+    items = [row(r) for r in rows[:limit]]
+    return items, (items[-1].id if len(rows) > limit else None)
 
 
 def set_status(store: Store, table: str, kind: str, obj_id: str, status: str,
-               get: Callable[[str], dict[str, Any]], **fields: Any) -> None:
-    """Set ``status`` (and ``fields``) and write ``<kind>.<status>`` with the object's new view,
-    in one transaction."""
+               render: Callable[[str], dict[str, Any]], **fields: Any) -> None:
+    """Set ``status`` (and ``fields``) and write ``<kind>.<status>`` with the object's new
+    shape, in one transaction."""
     cols = "".join(f"{k} = ?, " for k in fields)
     with store.db.transaction() as conn:
         conn.execute(f"UPDATE {table} SET status = ?, {cols}updated_at = ? WHERE id = ?",
                      (status, *fields.values(), store.clock.now_ms(), obj_id))
-        view = get(obj_id)
-        store.events.emit(f"{kind}.{status}", view, chain=view["chain"], subject=obj_id)
+        data = render(obj_id)
+        store.events.emit(f"{kind}.{status}", data, chain=data["chain"], subject=obj_id)

@@ -24,24 +24,10 @@ class Event:
     subject: str | None
     data: dict[str, Any]
 
-    def envelope(self) -> dict[str, Any]:
-        """The JSON body apps receive: ``{"type", "timestamp", "data"}`` (Standard Webhooks)."""
-        return {"type": self.type, "timestamp": iso_ms(self.created_at), "data": self.data}
-
     @classmethod
     def from_row(cls, row: Any) -> Event:
         return cls(seq=row["seq"], id=row["id"], type=row["type"], created_at=row["created_at"],
                    chain=row["chain"], subject=row["subject"], data=json.loads(row["data"]))
-
-
-def iso_ms(ms: int | None) -> str | None:
-    """Milliseconds since the epoch to RFC 3339 UTC (``2026-11-22T02:40:35.123Z``)."""
-    if ms is None:
-        return None
-    import datetime as _dt
-
-    t = _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
 class Outbox:
@@ -91,6 +77,27 @@ class Outbox:
         sql += " ORDER BY seq LIMIT ?"
         params.append(limit)
         return [Event.from_row(r) for r in self.store.db.query(sql, params)]
+
+    def type_of(self, event_id: str) -> str | None:
+        return self.store.db.scalar("SELECT type FROM events WHERE id = ?", (event_id,))
+
+    # --- the durable cursors of plugin sinks (watcher_event implementations) ------------------
+
+    def sink_cursor(self, name: str) -> int:
+        """How far the plugin ``name`` has processed the outbox; a plugin seen for the first
+        time starts at the end (it is not replayed the history)."""
+        seq = self.store.db.scalar("SELECT last_seq FROM sink_cursors WHERE name = ?", (name,))
+        if seq is None:
+            seq = self.last_seq()
+            with self.store.db.transaction() as conn:
+                conn.execute("INSERT OR IGNORE INTO sink_cursors (name, last_seq, updated_at) VALUES (?, ?, ?)",
+                             (name, seq, self.store.clock.now_ms()))
+        return int(seq)
+
+    def advance_sink(self, name: str, seq: int) -> None:
+        with self.store.db.transaction() as conn:
+            conn.execute("UPDATE sink_cursors SET last_seq = ?, updated_at = ? WHERE name = ?",
+                         (seq, self.store.clock.now_ms(), name))
 
     def last_seq(self) -> int:
         return self.store.db.scalar("SELECT COALESCE(MAX(seq), 0) FROM events") or 0

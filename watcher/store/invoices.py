@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NotFound
+from .. import views
 from ..ids import new_id
-from ..invoicing import STATUSES, InvoiceTerms, Outcome, Payment, decide, timed_status
-from ..money import format_amount
+from ..invoicing import InvoiceTerms, Outcome, Payment, decide, timed_status
 from .common import page
-from .events import iso_ms
+from .transfers import TransferRow
 
 if TYPE_CHECKING:
     from . import Store
@@ -29,6 +29,44 @@ def _terms(row: sqlite3.Row) -> InvoiceTerms:
                         monitor_until=row["monitor_until"])
 
 
+@dataclass(frozen=True, slots=True)
+class InvoiceRow:
+    id: str
+    chain: str
+    asset: str
+    mode: str
+    amount: int | None
+    tolerance_ppm: int
+    address: str  # canonical
+    status: str
+    partial: bool
+    overpaid: bool
+    late: bool
+    received: int
+    confirmed: int
+    order_id: str | None
+    metadata: dict[str, Any]
+    payment_uri: str | None
+    created_at: int
+    expires_at: int
+    monitor_until: int
+    paid_at: int | None
+    completed_at: int | None
+    created_by: str | None
+    terms: InvoiceTerms
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> InvoiceRow:
+        return cls(id=r["id"], chain=r["chain"], asset=r["asset"], mode=r["mode"],
+                   amount=None if r["amount"] is None else int(r["amount"]), tolerance_ppm=r["tolerance_ppm"],
+                   address=r["address"], status=r["status"], partial=bool(r["partial"]), overpaid=bool(r["overpaid"]),
+                   late=bool(r["late"]), received=int(r["received"]), confirmed=int(r["confirmed"]),
+                   order_id=r["order_id"], metadata=json.loads(r["metadata"]), payment_uri=r["payment_uri"],
+                   created_at=r["created_at"], expires_at=r["expires_at"], monitor_until=r["monitor_until"],
+                   paid_at=r["paid_at"], completed_at=r["completed_at"], created_by=r["created_by"],
+                   terms=_terms(r))
+
+
 class Invoices:
     def __init__(self, store: Store):
         self.store = store
@@ -37,7 +75,7 @@ class Invoices:
 
     def create(self, *, chain: str, asset: str, amount: int | None, mode: str, expires_in: int,
                tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
-               node_info: dict[str, Any] | None = None) -> dict[str, Any]:
+               node_info: dict[str, Any] | None = None) -> InvoiceRow:
         cfg = self.store.chain_config(chain)
         spec = cfg.spec
         now = self.store.clock.now_ms()
@@ -57,10 +95,11 @@ class Invoices:
                  addr.address, order_id, json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), uri,
                  now, expires_at, monitor_until, now, actor),
             )
-            view = self.get(invoice_id)
-            self.store.events.emit("invoice.created", view, chain=chain, subject=invoice_id)
+            row = self.row(invoice_id)
+            assert row is not None
+            self.store.events.emit("invoice.created", self.render(row), chain=chain, subject=invoice_id)
             self.store.wake_after_commit("invoices")
-        return view
+        return row
 
     def recompute(self, invoice_id: str) -> str | None:
         """Re-derive status and totals from the invoice's payments (inside a transaction)."""
@@ -125,7 +164,9 @@ class Invoices:
         return None
 
     def _emit(self, invoice_id: str, status: str) -> None:
-        view = self.get(invoice_id)
+        row = self.row(invoice_id)
+        assert row is not None
+        view = self.render(row)
         self.store.events.emit(f"invoice.{status}", view, chain=view["chain"], subject=invoice_id)
         self.store.db.after_commit(lambda: log.info(
             "invoice %s %s: received %s of %s %s", invoice_id, status, view["received"], view["amount"] or "any",
@@ -135,66 +176,20 @@ class Invoices:
 
     # --- reading ------------------------------------------------------------------------
 
-    def get(self, invoice_id: str) -> dict[str, Any]:
-        row = self.store.db.one("SELECT * FROM invoices WHERE id = ?", (invoice_id,))
-        if row is None:
-            raise NotFound(f"no invoice {invoice_id[:64]!r}", code="unknown_invoice")
-        return self.view(row)
+    def row(self, invoice_id: str) -> InvoiceRow | None:
+        r = self.store.db.one("SELECT * FROM invoices WHERE id = ?", (invoice_id,))
+        return InvoiceRow.from_row(r) if r else None
 
-    def view(self, row: sqlite3.Row) -> dict[str, Any]:
-        cfg = self.store.chain_config(row["chain"])
-        spec = cfg.spec
-        asset = cfg.asset(row["asset"])
-        decimals = asset.decimals if asset else 0
-        terms = _terms(row)
-        amount = terms.amount
-        received = int(row["received"])
-        tip = self.store.chains.scanned_number(row["chain"])
-        payments = []
-        for t in self.store.db.query(
-            "SELECT id, txid, idx, amount, status, block_number, detected_at FROM transfers"
-            " WHERE chain = ? AND address = ? AND asset = ? ORDER BY detected_at, id",
-            (row["chain"], row["address"], row["asset"]),
-        ):
-            payments.append({
-                "transfer_id": t["id"], "txid": t["txid"], "index": t["idx"],
-                "amount": format_amount(int(t["amount"]), decimals), "status": t["status"],
-                "block_number": t["block_number"],
-                "confirmations": 0 if t["status"] == "orphaned" else max(0, tip - t["block_number"] + 1),
-                "counted": t["status"] != "orphaned" and t["detected_at"] <= row["monitor_until"],
-                "detected_at": iso_ms(t["detected_at"]),
-            })
-        return {
-            "id": row["id"],
-            "chain": row["chain"],
-            "asset": row["asset"],
-            "contract": spec.display_address(asset.contract) if asset and asset.contract else None,
-            "decimals": decimals,
-            "mode": row["mode"],
-            "amount": None if amount is None else format_amount(amount, decimals),
-            "base_units": None if amount is None else str(amount),
-            "tolerance": format_amount(row["tolerance_ppm"], 6),
-            "address": spec.display_address(row["address"]),
-            "payment_uri": row["payment_uri"],
-            "status": row["status"],
-            "partial": bool(row["partial"]),
-            "overpaid": bool(row["overpaid"]),
-            "late": bool(row["late"]),
-            "received": format_amount(received, decimals),
-            "confirmed": format_amount(int(row["confirmed"]), decimals),
-            "due": format_amount(max(0, terms.required - received) if amount is not None else 0, decimals),
-            "required_confirmations": cfg.confirmations,
-            "order_id": row["order_id"],
-            "metadata": json.loads(row["metadata"]),
-            "payments": payments,
-            "created_at": iso_ms(row["created_at"]),
-            "expires_at": iso_ms(row["expires_at"]),
-            "monitor_until": iso_ms(row["monitor_until"]),
-            "paid_at": iso_ms(row["paid_at"]),
-            "completed_at": iso_ms(row["completed_at"]),
-        }
+    def payments(self, inv: InvoiceRow) -> list[TransferRow]:
+        """Every transfer to the invoice's address in its asset, oldest first."""
+        return self.store.transfers.to_address(inv.chain, inv.address, inv.asset)
 
-    def list(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
-             after: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+    def render(self, inv: InvoiceRow) -> dict[str, Any]:
+        """The invoice as the API and its events show it (``watcher.views``)."""
+        return views.invoice(self.store.chain_config(inv.chain), inv, self.payments(inv),
+                             tip=self.store.chains.scanned_number(inv.chain))
+
+    def page(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
+             after: str | None = None, limit: int = 100) -> tuple[list[InvoiceRow], str | None]:
         return page(self.store, "invoices", {"status": status, "order_id": order_id, "chain": chain}, after=after,
-                    limit=limit, view=self.view, statuses=STATUSES)
+                    limit=limit, row=InvoiceRow.from_row)

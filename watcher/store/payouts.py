@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import views
 from ..chains import SignedTx
-from ..errors import Conflict, NotFound
+from ..errors import Conflict
 from ..ids import new_id
-from ..money import format_amount
 from .common import page, set_status
-from .events import iso_ms
 
 if TYPE_CHECKING:
     from . import Store
@@ -37,14 +36,30 @@ class PayoutRow:
     asset: str
     amount: int
     to_address: str
+    idempotency_key: str
+    request_hash: str
+    label: str | None
+    metadata: dict[str, Any]
     status: str
     reason: str | None
-    label: str | None
+    txid: str | None
+    block_number: int | None
+    fee_paid: int | None
+    created_by: str | None
+    approved_by: str | None
+    created_at: int
+    approved_at: int | None
+    broadcast_at: int | None
+    completed_at: int | None
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> PayoutRow:
         return cls(id=r["id"], chain=r["chain"], asset=r["asset"], amount=int(r["amount"]), to_address=r["to_address"],
-                   status=r["status"], reason=r["reason"], label=r["label"])
+                   idempotency_key=r["idempotency_key"], request_hash=r["request_hash"], label=r["label"],
+                   metadata=json.loads(r["metadata"]), status=r["status"], reason=r["reason"], txid=r["txid"],
+                   block_number=r["block_number"], fee_paid=None if r["fee_paid"] is None else int(r["fee_paid"]),
+                   created_by=r["created_by"], approved_by=r["approved_by"], created_at=r["created_at"],
+                   approved_at=r["approved_at"], broadcast_at=r["broadcast_at"], completed_at=r["completed_at"])
 
 
 def request_hash(**fields: Any) -> str:
@@ -55,24 +70,27 @@ class Payouts:
     def __init__(self, store: Store):
         self.store = store
 
-    def _row(self, payout_id: str) -> sqlite3.Row:
-        row = self.store.db.one("SELECT * FROM payouts WHERE id = ?", (payout_id,))
-        if row is None:
-            raise NotFound(f"no payout {payout_id[:64]!r}", code="unknown_payout")
-        return row
+    def row(self, payout_id: str) -> PayoutRow | None:
+        r = self.store.db.one("SELECT * FROM payouts WHERE id = ?", (payout_id,))
+        return PayoutRow.from_row(r) if r else None
 
-    def by_key(self, key: str) -> sqlite3.Row | None:
-        return self.store.db.one("SELECT * FROM payouts WHERE idempotency_key = ?", (key,))
+    def by_key(self, key: str) -> PayoutRow | None:
+        r = self.store.db.one("SELECT * FROM payouts WHERE idempotency_key = ?", (key,))
+        return PayoutRow.from_row(r) if r else None
+
+    def render(self, row: PayoutRow) -> dict[str, Any]:
+        """The payout as the API and its events show it (``watcher.views``)."""
+        return views.payout(self.store.chain_config(row.chain), row, self.store.chaintxs.for_ref(row.id, "payout"))
 
     def create(self, *, chain: str, asset: str, amount: int, to: str, idempotency_key: str, label: str | None,
-               metadata: dict[str, Any], actor: str, needs_approval: bool) -> tuple[dict[str, Any], bool]:
+               metadata: dict[str, Any], actor: str, needs_approval: bool) -> tuple[PayoutRow, bool]:
         """``(payout, created)``; an existing payout for the key is returned as it is."""
         digest = request_hash(chain=chain, asset=asset, amount=str(amount), to=to, label=label, metadata=metadata)
         existing = self.by_key(idempotency_key)
         if existing is not None:
-            if existing["request_hash"] != digest:
+            if existing.request_hash != digest:
                 raise Conflict("this idempotency_key was used for a different payout", code="idempotency_key_reused")
-            return self.view(existing), False
+            return existing, False
         now = self.store.clock.now_ms()
         pid = new_id("po", now_ms=now)
         status = "awaiting_approval" if needs_approval else "pending"
@@ -84,27 +102,33 @@ class Payouts:
                  json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), status, actor, now, now))
             self._emit(pid)
             self.store.wake_after_commit("sender")
-        return self.get(pid), True
+        return self._row(pid), True
 
-    def approve(self, payout_id: str, actor: str) -> dict[str, Any]:
-        row = self._row(payout_id)
-        if row["status"] != "awaiting_approval":
-            raise Conflict(f"payout is {row['status']}, not awaiting_approval", code="not_awaiting_approval")
+    def approve(self, payout_id: str, actor: str) -> PayoutRow | None:
+        """``awaiting_approval`` → ``pending``; None if there is no such payout."""
+        row = self.row(payout_id)
+        if row is None:
+            return None
+        if row.status != "awaiting_approval":
+            raise Conflict(f"payout is {row.status}, not awaiting_approval", code="not_awaiting_approval")
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
             conn.execute("UPDATE payouts SET status = 'pending', approved_by = ?, approved_at = ?, updated_at = ?"
                          " WHERE id = ?", (actor, now, now, payout_id))
             self._emit(payout_id)
             self.store.wake_after_commit("sender")
-        return self.get(payout_id)
+        return self._row(payout_id)
 
-    def cancel(self, payout_id: str) -> dict[str, Any]:
-        row = self._row(payout_id)
-        if row["status"] not in ("pending", "awaiting_approval"):
-            raise Conflict(f"payout is {row['status']}; only pending or awaiting_approval payouts can be cancelled",
+    def cancel(self, payout_id: str) -> PayoutRow | None:
+        """Only before broadcast; None if there is no such payout."""
+        row = self.row(payout_id)
+        if row is None:
+            return None
+        if row.status not in ("pending", "awaiting_approval"):
+            raise Conflict(f"payout is {row.status}; only pending or awaiting_approval payouts can be cancelled",
                            code="not_cancellable")
         self._set(payout_id, "cancelled", reason="cancelled")
-        return self.get(payout_id)
+        return self._row(payout_id)
 
     # --- the sender's transitions -----------------------------------------------------------
 
@@ -118,14 +142,14 @@ class Payouts:
         row = self._row(payout_id)
         with self.store.db.transaction():
             for tx in txs:
-                self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, tx=tx)
+                self.store.chaintxs.add(row.chain, purpose="payout", ref_id=payout_id, tx=tx)
             self._set(payout_id, "broadcast", reason=None, txid=txs[-1].txid, broadcast_at=self.store.clock.now_ms())
 
     def replaced(self, payout_id: str, tx: SignedTx) -> None:
         """A fee-bump replacement of the payout's transaction (call inside a transaction)."""
         row = self._row(payout_id)
         with self.store.db.transaction() as conn:
-            self.store.chaintxs.add(row["chain"], purpose="payout", ref_id=payout_id, tx=tx)
+            self.store.chaintxs.add(row.chain, purpose="payout", ref_id=payout_id, tx=tx)
             conn.execute("UPDATE payouts SET txid = ?, updated_at = ? WHERE id = ?",
                          (tx.txid, self.store.clock.now_ms(), payout_id))
 
@@ -136,12 +160,18 @@ class Payouts:
     def failed(self, payout_id: str, reason: str, **fields: Any) -> None:
         self._set(payout_id, "failed", reason=reason, **fields)
 
+    def _row(self, payout_id: str) -> PayoutRow:
+        row = self.row(payout_id)
+        assert row is not None, payout_id
+        return row
+
     def _set(self, payout_id: str, status: str, **fields: Any) -> None:
-        set_status(self.store, "payouts", "payout", payout_id, status, self.get, **fields)
+        set_status(self.store, "payouts", "payout", payout_id, status, lambda pid: self.render(self._row(pid)),
+                   **fields)
 
     def _emit(self, payout_id: str) -> None:
-        view = self.get(payout_id)
-        self.store.events.emit(f"payout.{view['status']}", view, chain=view["chain"], subject=payout_id)
+        row = self._row(payout_id)
+        self.store.events.emit(f"payout.{row.status}", self.render(row), chain=row.chain, subject=payout_id)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -168,30 +198,7 @@ class Payouts:
             f"SELECT COUNT(*) FROM payouts WHERE label = ? AND created_at >= ? AND status IN ({','.join('?' * len(LIVE))})",
             (label, since_ms, *LIVE)) or 0
 
-    def get(self, payout_id: str) -> dict[str, Any]:
-        return self.view(self._row(payout_id))
-
-    def view(self, row: sqlite3.Row) -> dict[str, Any]:
-        cfg = self.store.chain_config(row["chain"])
-        spec = cfg.spec
-        asset = cfg.asset(row["asset"])
-        decimals = asset.decimals if asset else 0
-        txs = self.store.chaintxs.for_ref(row["id"], "payout")
-        return {
-            "id": row["id"], "chain": row["chain"], "asset": row["asset"],
-            "amount": format_amount(int(row["amount"]), decimals), "base_units": row["amount"], "decimals": decimals,
-            "to": spec.display_address(row["to_address"]), "label": row["label"],
-            "idempotency_key": row["idempotency_key"], "metadata": json.loads(row["metadata"]),
-            "status": row["status"], "reason": row["reason"], "txid": row["txid"], **spec.payout_fields(txs),
-            "block_number": row["block_number"],
-            "fee_paid": None if row["fee_paid"] is None else format_amount(int(row["fee_paid"]), cfg.native_decimals),
-            "transactions": [self.store.chaintxs.view(t) for t in txs],
-            "created_by": row["created_by"], "approved_by": row["approved_by"],
-            "created_at": iso_ms(row["created_at"]), "approved_at": iso_ms(row["approved_at"]),
-            "broadcast_at": iso_ms(row["broadcast_at"]), "completed_at": iso_ms(row["completed_at"]),
-        }
-
-    def list(self, *, status: str | None = None, label: str | None = None, chain: str | None = None,
-             after: str | None = None, limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+    def page(self, *, status: str | None = None, label: str | None = None, chain: str | None = None,
+             after: str | None = None, limit: int = 100) -> tuple[list[PayoutRow], str | None]:
         return page(self.store, "payouts", {"status": status, "label": label, "chain": chain}, after=after,
-                    limit=limit, view=self.view, statuses=STATUSES)
+                    limit=limit, row=PayoutRow.from_row)

@@ -15,12 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import views
 from ..chains import Deposit, SignedTx, StoredTx
-from ..errors import NotFound
 from ..ids import new_id
-from ..money import format_amount
 from .common import page, set_status
-from .events import iso_ms
 
 if TYPE_CHECKING:
     from ..chains import SweepPlan
@@ -207,55 +205,24 @@ class Sweeps:
 
     def _row(self, sweep_id: str) -> SweepRow:
         row = self.row(sweep_id)
-        if row is None:
-            raise NotFound(f"no sweep {sweep_id[:64]!r}", code="unknown_sweep")
+        assert row is not None, sweep_id
         return row
 
     def _set(self, sweep_id: str, status: str, **fields: Any) -> None:
-        set_status(self.store, "sweeps", "sweep", sweep_id, status, self.get, **fields)
+        set_status(self.store, "sweeps", "sweep", sweep_id, status, lambda sid: self.render(self._row(sid)), **fields)
 
     def _emit(self, sweep_id: str) -> None:
-        view = self.get(sweep_id)
-        self.store.events.emit(f"sweep.{view['status']}", view, chain=view["chain"], subject=sweep_id)
+        row = self._row(sweep_id)
+        self.store.events.emit(f"sweep.{row.status}", self.render(row), chain=row.chain, subject=sweep_id)
 
     # --- reading ----------------------------------------------------------------------------
 
-    def get(self, sweep_id: str) -> dict[str, Any]:
-        return self.view(self._row(sweep_id))
+    def render(self, row: SweepRow) -> dict[str, Any]:
+        """The sweep as the API and its events show it (``watcher.views``)."""
+        return views.sweep(self.store.chain_config(row.chain), row, self.store.chaintxs.for_ref(row.id, "topup", "sweep"),
+                           [d.transfer_id for d in self.deposits(row.id)], self.addresses_of(row))
 
-    def view(self, row: SweepRow | sqlite3.Row) -> dict[str, Any]:
-        if not isinstance(row, SweepRow):
-            row = SweepRow.from_row(row)
-        cfg = self.store.chain_config(row.chain)
-        spec = cfg.spec
-        asset = cfg.asset(row.asset)
-        decimals = asset.decimals if asset else 0
-        nd = cfg.native_decimals
-
-        def native(v: int | None) -> str | None:
-            return None if v is None else format_amount(v, nd)
-
-        txs = self.store.chaintxs.for_ref(row.id, "topup", "sweep")
-        topups = [t for t in txs if t.purpose == "topup"]
-        topup_amount = sum({t.conflict: t.amount for t in topups if t.status != "failed" or t.block_number}.values())
-        topup_fees = [t.fee_paid for t in topups if t.fee_paid is not None]
-        addresses = self.addresses_of(row)
-        return {
-            "id": row.id, "chain": row.chain, "asset": row.asset,
-            "address": spec.display_address(row.address) if len(addresses) == 1 else None,
-            "addresses": [spec.display_address(a) for a in addresses],
-            "to": spec.display_address(row.to_address),
-            "amount": format_amount(row.amount, decimals), "base_units": str(row.amount),
-            "status": row.status, "reason": row.reason, "txid": row.txid,
-            "topup_amount": native(topup_amount) if topups else None,
-            "topup_txid": topups[-1].txid if topups else None,
-            "fee_paid": native(row.fee_paid), "topup_fee_paid": native(sum(topup_fees)) if topup_fees else None,
-            "dust": native(row.dust), "deposits": [d.transfer_id for d in self.deposits(row.id)],
-            "transactions": [self.store.chaintxs.view(t) for t in txs],
-            "created_at": iso_ms(row.created_at), "confirmed_at": iso_ms(row.confirmed_at),
-        }
-
-    def list(self, *, status: str | None = None, chain: str | None = None, after: str | None = None,
-             limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+    def page(self, *, status: str | None = None, chain: str | None = None, after: str | None = None,
+             limit: int = 100) -> tuple[list[SweepRow], str | None]:
         return page(self.store, "sweeps", {"status": status, "chain": chain}, after=after, limit=limit,
-                    view=self.view, statuses=STATUSES)
+                    row=SweepRow.from_row)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .. import views
 from ..chains import Block, Transfer
 from ..config import ChainConfig
-from ..errors import BadRequest, NotFound
 from ..ids import new_id
-from ..money import format_amount
-from .events import iso_ms
+from .common import page
 
 if TYPE_CHECKING:
     from . import Store
@@ -27,6 +26,43 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUSES = ("detected", "confirmed", "orphaned")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRow:
+    """A stored transfer, with what its address says about it (label, invoice)."""
+
+    id: str
+    chain: str
+    txid: str
+    index: int
+    kind: str
+    asset: str
+    address: str  # canonical
+    sender: str
+    amount: int
+    block_number: int
+    block_hash: str
+    block_time: int  # seconds
+    status: str
+    detected_at: int
+    confirmed_at: int | None
+    orphaned_at: int | None
+    updated_at: int
+    label: str | None = None
+    invoice_id: str | None = None
+    order_id: str | None = None
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> TransferRow:
+        keys = r.keys()
+        return cls(id=r["id"], chain=r["chain"], txid=r["txid"], index=r["idx"], kind=r["kind"], asset=r["asset"],
+                   address=r["address"], sender=r["sender"], amount=int(r["amount"]), block_number=r["block_number"],
+                   block_hash=r["block_hash"], block_time=r["block_time"], status=r["status"],
+                   detected_at=r["detected_at"], confirmed_at=r["confirmed_at"], orphaned_at=r["orphaned_at"],
+                   updated_at=r["updated_at"], label=r["label"] if "label" in keys else None,
+                   invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
+                   order_id=r["order_id"] if "order_id" in keys else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +185,12 @@ class Transfers:
         return changes
 
     def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int) -> TransferChange:
-        row = self.store.db.conn.execute(_SELECT + " WHERE t.id = ?", (tid,)).fetchone()
-        view = self.view(row, tip=tip)
+        row = self.row(tid)
+        assert row is not None
+        view = views.transfer(chain, row, tip=tip)
         self.store.events.emit(f"transfer.{new}", view, chain=chain.id, subject=tid)
         metrics = self.store.metrics
-        asset, amount = row["asset"], int(row["amount"])
+        asset, amount = row.asset, row.amount
 
         def count() -> None:
             log.info("transfer %s %s: %s %s to %s%s in block %d (%s)", tid, new, view["amount"], asset,
@@ -167,91 +204,26 @@ class Transfers:
                 metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)
-        return TransferChange(id=tid, chain=chain.id, address=row["address"], asset=asset,
-                              invoice_id=row["invoice_id"], old=old, new=new)
+        return TransferChange(id=tid, chain=chain.id, address=row.address, asset=asset,
+                              invoice_id=row.invoice_id, old=old, new=new)
 
     # --- reading ------------------------------------------------------------------------
 
-    def view(self, row: sqlite3.Row, *, tip: int | None = None) -> dict[str, Any]:
-        """The public JSON shape of a transfer (API responses and event payloads)."""
-        chain = self.store.config.chain(row["chain"])
-        spec = self.store.spec(row["chain"])
-        asset = chain.asset(row["asset"]) if chain else None
-        decimals = asset.decimals if asset else 0
-        if tip is None:
-            tip = self.store.chains.scanned_number(row["chain"])
-        confirmations = 0 if row["status"] == "orphaned" else max(0, tip - row["block_number"] + 1)
-        keys = row.keys()
-        return {
-            "id": row["id"],
-            "chain": row["chain"],
-            "txid": row["txid"],
-            "index": row["idx"],
-            "kind": row["kind"],
-            "asset": row["asset"],
-            "contract": spec.display_address(asset.contract) if asset and asset.contract else None,
-            "amount": format_amount(int(row["amount"]), decimals),
-            "base_units": row["amount"],
-            "decimals": decimals,
-            "address": spec.display_address(row["address"]),
-            "label": row["label"] if "label" in keys else None,
-            "invoice_id": row["invoice_id"] if "invoice_id" in keys else None,
-            "order_id": row["order_id"] if "order_id" in keys else None,
-            "from": spec.display_address(row["sender"]) if row["sender"] else None,
-            "block_number": row["block_number"],
-            "block_hash": row["block_hash"],
-            "block_time": iso_ms(row["block_time"] * 1000),
-            "status": row["status"],
-            "confirmations": confirmations,
-            "required_confirmations": chain.confirmations if chain else None,
-            "detected_at": iso_ms(row["detected_at"]),
-            "confirmed_at": iso_ms(row["confirmed_at"]),
-            "orphaned_at": iso_ms(row["orphaned_at"]),
-        }
+    def row(self, transfer_id: str) -> TransferRow | None:
+        r = self.store.db.one(_SELECT + " WHERE t.id = ?", (transfer_id,))
+        return TransferRow.from_row(r) if r else None
 
-    def get(self, transfer_id: str) -> dict[str, Any]:
-        row = self.store.db.one(_SELECT + " WHERE t.id = ?", (transfer_id,))
-        if row is None:
-            raise NotFound(f"no transfer {transfer_id!r}")
-        return self.view(row)
+    def to_address(self, chain: str, address: str, asset: str) -> list[TransferRow]:
+        """Every transfer of ``asset`` to ``address`` (an invoice's payments), oldest first."""
+        return [TransferRow.from_row(r) for r in self.store.db.query(
+            "SELECT * FROM transfers WHERE chain = ? AND address = ? AND asset = ? ORDER BY detected_at, id",
+            (chain, address, asset))]
 
-    def list(
-        self,
-        *,
-        chain: str | None = None,
-        address: str | None = None,
-        status: str | None = None,
-        since: int | None = None,
-        after: str | None = None,
-        limit: int = 100,
-    ) -> tuple[list[dict[str, Any]], str | None]:
+    def page(self, *, chain: str | None = None, address: str | None = None, status: str | None = None,
+             since: int | None = None, after: str | None = None, limit: int = 100
+             ) -> tuple[list[TransferRow], str | None]:
         """Transfers, oldest first, filtered; ``since`` is ms (updated at or after), ``after``
-        the last id of the previous page. Returns ``(items, next_cursor)``."""
-        if status is not None and status not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
-        where, params = [], []
-        if chain is not None:
-            where.append("t.chain = ?")
-            params.append(chain)
-        if address is not None:
-            where.append("t.address = ?")
-            params.append(address)
-        if status is not None:
-            where.append("t.status = ?")
-            params.append(status)
-        if since is not None:
-            where.append("t.updated_at >= ?")
-            params.append(since)
-        if after is not None:
-            where.append("t.id > ?")
-            params.append(after)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY t.id LIMIT ?"
-        rows = self.store.db.query(sql, [*params, limit + 1])
-        tips: dict[str, int] = {}
-        items = []
-        for row in rows[:limit]:
-            if row["chain"] not in tips:
-                tips[row["chain"]] = self.store.chains.scanned_number(row["chain"])
-            items.append(self.view(row, tip=tips[row["chain"]]))
-        next_cursor = items[-1]["id"] if len(rows) > limit else None
-        return items, next_cursor
+        the last id of the previous page."""
+        filters = {"t.chain": chain, "t.address": address, "t.status": status, "t.updated_at >=": since}
+        return page(self.store, "transfers", filters, after=after, limit=limit, row=TransferRow.from_row,
+                    select=_SELECT, id_column="t.id")

@@ -14,12 +14,14 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import BadRequest, Conflict, NotFound
+from ..errors import Conflict
 from ..ids import new_id
-from .events import Event, iso_ms
+from .common import page
+from .events import Event
 
 if TYPE_CHECKING:
     from . import Store
@@ -41,20 +43,55 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
-def check_patterns(patterns: Any) -> list[str]:
-    """Event patterns: ``*``, ``invoice.*`` or an exact type; at least one, no unknown ones."""
-    if not isinstance(patterns, list) or not patterns or len(patterns) > 50:
-        raise BadRequest("events must be a non-empty list of event types or patterns such as \"invoice.*\"",
-                         code="invalid_events")
-    out = []
-    for p in patterns:
-        if not isinstance(p, str) or not p or len(p) > 64:
-            raise BadRequest("each event pattern must be a non-empty string", code="invalid_events")
-        if not any(fnmatchcase(t, p) for t in EVENT_TYPES):
-            raise BadRequest(f"event pattern {p[:64]!r} matches no event type", code="invalid_events")
-        if p not in out:
-            out.append(p)
-    return out
+@dataclass(frozen=True, slots=True)
+class WebhookRow:
+    id: str
+    url: str
+    events: tuple[str, ...]
+    description: str | None
+    status: str
+    disabled_reason: str | None
+    last_seq: int
+    rotating: bool  # an old secret still signs
+    old_secret_until: int | None
+    created_at: int
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> WebhookRow:
+        return cls(id=r["id"], url=r["url"], events=tuple(json.loads(r["events"])), description=r["description"],
+                   status=r["status"], disabled_reason=r["disabled_reason"], last_seq=r["last_seq"],
+                   rotating=bool(r["old_secret"]), old_secret_until=r["old_secret_until"], created_at=r["created_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    id: str
+    webhook_id: str
+    event_id: str
+    seq: int
+    status: str
+    attempts: int
+    next_attempt_at: int | None
+    last_status: int | None
+    last_error: str | None
+    created_at: int
+    delivered_at: int | None
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row) -> DeliveryRow:
+        return cls(id=r["id"], webhook_id=r["webhook_id"], event_id=r["event_id"], seq=r["seq"], status=r["status"],
+                   attempts=r["attempts"], next_attempt_at=r["next_attempt_at"], last_status=r["last_status"],
+                   last_error=r["last_error"], created_at=r["created_at"], delivered_at=r["delivered_at"])
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    attempt: int
+    at: int
+    status_code: int | None
+    latency_ms: int | None
+    error: str | None
+    response: str | None
 
 
 class Webhooks:
@@ -63,7 +100,7 @@ class Webhooks:
 
     # --- endpoints ------------------------------------------------------------------------
 
-    def create(self, url: str, patterns: list[str], description: str | None) -> tuple[dict[str, Any], str]:
+    def create(self, url: str, patterns: list[str], description: str | None) -> tuple[WebhookRow, str]:
         now = self.store.clock.now_ms()
         wid = new_id("wh", now_ms=now)
         secret = new_secret()
@@ -72,39 +109,31 @@ class Webhooks:
                 "INSERT INTO webhooks (id, url, events, description, secret, status, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, 'active', ?, ?)",
                 (wid, url, json.dumps(patterns), description, secret, now, now))
-        return self.get(wid), secret
+        return self._row(wid), secret
 
-    def _row(self, webhook_id: str) -> sqlite3.Row:
-        row = self.store.db.one("SELECT * FROM webhooks WHERE id = ? AND deleted_at IS NULL", (webhook_id,))
-        if row is None:
-            raise NotFound(f"no webhook {webhook_id[:64]!r}", code="unknown_webhook")
+    def _raw(self, webhook_id: str) -> sqlite3.Row | None:
+        return self.store.db.one("SELECT * FROM webhooks WHERE id = ? AND deleted_at IS NULL", (webhook_id,))
+
+    def row(self, webhook_id: str) -> WebhookRow | None:
+        """An endpoint that was not deleted, or None."""
+        r = self._raw(webhook_id)
+        return WebhookRow.from_row(r) if r else None
+
+    def _row(self, webhook_id: str) -> WebhookRow:
+        row = self.row(webhook_id)
+        assert row is not None, webhook_id
         return row
 
-    def get(self, webhook_id: str) -> dict[str, Any]:
-        return self.view(self._row(webhook_id))
-
-    def view(self, row: sqlite3.Row) -> dict[str, Any]:
-        counts = {r[0]: r[1] for r in self.store.db.query(
-            "SELECT status, COUNT(*) FROM deliveries WHERE webhook_id = ? GROUP BY status", (row["id"],))}
-        return {
-            "id": row["id"],
-            "url": row["url"],
-            "events": json.loads(row["events"]),
-            "description": row["description"],
-            "status": row["status"],
-            "disabled_reason": row["disabled_reason"],
-            "last_sequence": row["last_seq"],
-            "deliveries": {s: counts.get(s, 0) for s in DELIVERY_STATUSES},
-            "secret_rotating_until": iso_ms(row["old_secret_until"]) if row["old_secret"] else None,
-            "created_at": iso_ms(row["created_at"]),
-        }
-
-    def list(self) -> list[dict[str, Any]]:
-        return [self.view(r) for r in self.store.db.query(
+    def rows(self) -> list[WebhookRow]:
+        return [WebhookRow.from_row(r) for r in self.store.db.query(
             "SELECT * FROM webhooks WHERE deleted_at IS NULL ORDER BY id")]
 
+    def delivery_counts(self, webhook_id: str) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.store.db.query(
+            "SELECT status, COUNT(*) FROM deliveries WHERE webhook_id = ? GROUP BY status", (webhook_id,))}
+
     def update(self, webhook_id: str, *, url: str | None = None, patterns: list[str] | None = None,
-               enabled: bool | None = None, description: str | None = None) -> dict[str, Any]:
+               enabled: bool | None = None, description: str | None = None) -> WebhookRow:
         row = self._row(webhook_id)
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
@@ -114,7 +143,7 @@ class Webhooks:
                 conn.execute("UPDATE webhooks SET events = ? WHERE id = ?", (json.dumps(patterns), webhook_id))
             if description is not None:
                 conn.execute("UPDATE webhooks SET description = ? WHERE id = ?", (description, webhook_id))
-            if enabled is not None and enabled != (row["status"] == "active"):
+            if enabled is not None and enabled != (row.status == "active"):
                 conn.execute("UPDATE webhooks SET status = ?, disabled_reason = ? WHERE id = ?",
                              ("active" if enabled else "disabled", None if enabled else "disabled by API", webhook_id))
                 if enabled:  # what waited while it was off goes out now
@@ -122,7 +151,7 @@ class Webhooks:
                                  " AND status = 'pending'", (now, now, webhook_id))
             conn.execute("UPDATE webhooks SET updated_at = ? WHERE id = ?", (now, webhook_id))
             self.store.wake_after_commit("webhooks")
-        return self.get(webhook_id)
+        return self._row(webhook_id)
 
     def delete(self, webhook_id: str) -> None:
         self._row(webhook_id)
@@ -133,9 +162,10 @@ class Webhooks:
             conn.execute("UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?"
                          " WHERE webhook_id = ? AND status = 'pending'", (now, webhook_id))
 
-    def rotate_secret(self, webhook_id: str) -> tuple[dict[str, Any], str]:
+    def rotate_secret(self, webhook_id: str) -> tuple[WebhookRow, str]:
         """A new secret; the previous one keeps signing (both signatures sent) for the grace."""
-        row = self._row(webhook_id)
+        row = self._raw(webhook_id)
+        assert row is not None, webhook_id
         now = self.store.clock.now_ms()
         secret = new_secret()
         grace = self.store.config.webhooks.rotation_grace * 1000
@@ -143,7 +173,7 @@ class Webhooks:
             conn.execute("UPDATE webhooks SET secret = ?, old_secret = ?, old_secret_until = ?, updated_at = ?"
                          " WHERE id = ?", (secret, row["secret"] if grace else None, now + grace if grace else None,
                                            now, webhook_id))
-        return self.get(webhook_id), secret
+        return self._row(webhook_id), secret
 
     def secrets(self, webhook_id: str) -> list[str]:
         """The secrets to sign with now: the current one, then the previous one during rotation."""
@@ -178,14 +208,13 @@ class Webhooks:
             self.store.wake_after_commit("webhooks")
         return len(targets)
 
-    def send_test(self, webhook_id: str) -> dict[str, Any]:
-        self._row(webhook_id)
+    def send_test(self, webhook_id: str) -> DeliveryRow:
         with self.store.db.transaction():
             event = self.store.events.emit("webhook.test", {"webhook_id": webhook_id, "message": "test event"},
                                            subject=webhook_id, webhooks_only=webhook_id)
             delivery = self.store.db.one("SELECT * FROM deliveries WHERE event_id = ? AND webhook_id = ?",
                                          (event.id, webhook_id))
-        return self.delivery_view(delivery)
+        return DeliveryRow.from_row(delivery)
 
     # --- deliveries -------------------------------------------------------------------------
 
@@ -250,61 +279,27 @@ class Webhooks:
                 "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE webhook_id = ? AND status = 'pending'"
                 " AND attempts > 0 AND next_attempt_at > ?", (now, now, webhook_id, now)).rowcount
 
-    def delivery(self, delivery_id: str) -> sqlite3.Row:
-        row = self.store.db.one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
-        if row is None:
-            raise NotFound(f"no delivery {delivery_id[:64]!r}", code="unknown_delivery")
-        return row
+    def delivery(self, delivery_id: str) -> DeliveryRow | None:
+        r = self.store.db.one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+        return DeliveryRow.from_row(r) if r else None
 
-    def delivery_view(self, row: sqlite3.Row, *, attempts: bool = False) -> dict[str, Any]:
-        ev = self.store.db.one("SELECT type FROM events WHERE id = ?", (row["event_id"],))
-        out: dict[str, Any] = {
-            "id": row["id"],
-            "webhook_id": row["webhook_id"],
-            "event_id": row["event_id"],
-            "event_type": ev["type"] if ev else None,
-            "sequence": row["seq"],
-            "status": row["status"],
-            "attempts": row["attempts"],
-            "next_attempt_at": iso_ms(row["next_attempt_at"]),
-            "last_status_code": row["last_status"],
-            "last_error": row["last_error"],
-            "created_at": iso_ms(row["created_at"]),
-            "delivered_at": iso_ms(row["delivered_at"]),
-        }
-        if attempts:
-            out["attempt_log"] = [
-                {"attempt": a["attempt"], "at": iso_ms(a["at"]), "status_code": a["status_code"],
-                 "latency_ms": a["latency_ms"], "error": a["error"], "response": a["response"]}
-                for a in self.store.db.query(
-                    "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY attempt, id", (row["id"],))]
-        return out
+    def attempts(self, delivery_id: str) -> list[AttemptRow]:
+        return [AttemptRow(attempt=a["attempt"], at=a["at"], status_code=a["status_code"], latency_ms=a["latency_ms"],
+                           error=a["error"], response=a["response"]) for a in self.store.db.query(
+            "SELECT * FROM delivery_attempts WHERE delivery_id = ? ORDER BY attempt, id", (delivery_id,))]
 
     def deliveries(self, webhook_id: str, *, status: str | None = None, after: str | None = None,
-                   limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
-        self._row(webhook_id)
-        if status is not None and status not in DELIVERY_STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(DELIVERY_STATUSES)}", code="invalid_status")
-        sql = "SELECT * FROM deliveries WHERE webhook_id = ?"
-        params: list[Any] = [webhook_id]
-        if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
-        if after is not None:
-            sql += " AND id > ?"
-            params.append(after)
-        rows = self.store.db.query(sql + " ORDER BY id LIMIT ?", [*params, limit + 1])
-        items = [self.delivery_view(r, attempts=True) for r in rows[:limit]]
-        return items, (items[-1]["id"] if len(rows) > limit else None)
+                   limit: int = 100) -> tuple[list[DeliveryRow], str | None]:
+        return page(self.store, "deliveries", {"webhook_id": webhook_id, "status": status}, after=after,
+                    limit=limit, row=DeliveryRow.from_row)
 
-    def redeliver(self, delivery_id: str) -> dict[str, Any]:
+    def redeliver(self, old: DeliveryRow) -> DeliveryRow | None:
         """Send the delivery's event to its endpoint again, as a new delivery with the same
-        event id (receivers dedupe on it) and sequence number."""
-        old = self.delivery(delivery_id)
-        hook = self.store.db.one("SELECT status, deleted_at FROM webhooks WHERE id = ?", (old["webhook_id"],))
+        event id (receivers dedupe on it) and sequence number. None if its webhook was deleted."""
+        hook = self.store.db.one("SELECT status, deleted_at FROM webhooks WHERE id = ?", (old.webhook_id,))
         if hook is None or hook["deleted_at"] is not None:
-            raise NotFound("the delivery's webhook was deleted", code="unknown_webhook")
-        if old["status"] == "pending":
+            return None
+        if old.status == "pending":
             raise Conflict("this delivery is still pending; it will be attempted on schedule",
                            code="delivery_pending")
         now = self.store.clock.now_ms()
@@ -313,9 +308,9 @@ class Webhooks:
             conn.execute(
                 "INSERT INTO deliveries (id, webhook_id, event_id, seq, status, next_attempt_at, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (new, old["webhook_id"], old["event_id"], old["seq"], now, now, now))
+                (new, old.webhook_id, old.event_id, old.seq, now, now, now))
             self.store.wake_after_commit("webhooks")
-        return self.delivery_view(self.delivery(new))
+        return self.delivery(new)
 
     def backlog(self) -> int:
         return self.store.db.scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'") or 0
