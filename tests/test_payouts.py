@@ -451,3 +451,31 @@ async def test_refused_payout_after_a_later_nonce_is_filled_so_later_payouts_go(
                     [sys.executable, "-m", "watcher", "status", "-c", str(cfg)], capture_output=True, text=True,
                     timeout=60))
                 assert f"gap filled at nonce 0 for {a['id']}" in status.stdout, status.stdout
+
+
+async def test_the_finality_guard_asks_the_status_of_all_its_transactions_in_one_request(tmp_path, anvil: Anvil,
+                                                                                       token: Token):
+    """Completed payouts' transactions are followed until they are final: every round asks
+    the node about all of them in one JSON-RPC batch, not one request per transaction."""
+    from tests.support.faultproxy import fault_proxy
+
+    port = free_port()
+    with trio.fail_after(60):
+        async with fault_proxy(anvil.url) as proxy:
+            cfg = write_config(tmp_path, [chain_entry("devnet", proxy.url, tokens=[("USDT", token.address, 6)],
+                                                      confirmations=1, finality_depth=50, chain_id=31337)],
+                               api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+            async with running(cfg, api=True) as d, client(port) as http:
+                fund(anvil, token, d.store.hot_wallet("devnet"))
+                ids = [(await http.post("/v1/payouts", json=payout_body(anvil.accounts[6 + i], f"g{i}", "1")))
+                       .json()["id"] for i in range(3)]
+                for pid in ids:
+                    await until_status(d, pid, "completed")
+                proxy.recent.clear()
+                for _ in range(3):  # rounds: each new block wakes the sender
+                    anvil.mine(1)
+                    await wait_until(lambda: sum("eth_getTransactionReceipt" in r for r in proxy.recent) >= 1,
+                                     what="a guard round")
+                    seen = [r for r in proxy.recent if "eth_getTransactionReceipt" in r]
+                    assert all(r.count("eth_getTransactionReceipt") == 3 for r in seen), seen
+                    proxy.recent.clear()

@@ -21,7 +21,8 @@ an element missing: ``self.malformed``), ``rpc_error`` (HTTP 200, a JSON-RPC err
 each call: ``self.rpc_error``); and, not in the default mix, ``bad_result`` (results of the
 wrong type or shape, ``self.bad_results``: a broken node rather than an unreachable one).
 
-``injected`` counts every fault by kind (``lag`` per request served by the lagging view,
+``recent`` holds the calls of each recent HTTP request (how a client batches). ``injected``
+counts every fault by kind (``lag`` per request served by the lagging view,
 ``lag_hidden`` per result it hid, clamped or refused, ``down`` per connection closed while
 down), ``variants`` the malformed answers and bad results by variant, ``methods`` the calls
 seen: tests assert that the faults really happened.
@@ -82,6 +83,7 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.requests = 0  # HTTP requests received (and not refused)
         self.methods: Counter[str] = Counter()  # JSON-RPC calls seen, by method
+        self.recent: deque[tuple[str, ...]] = deque(maxlen=2000)  # the calls of each recent HTTP request
         self.url = ""
         self.port = 0
         # random faults
@@ -257,6 +259,7 @@ class FaultProxy:
             return set()
         methods = [str(c.get("method")) for c in (req if isinstance(req, list) else [req]) if isinstance(c, dict)]
         self.methods.update(methods)
+        self.recent.append(tuple(methods))
         return set(methods)
 
     def _garbage(self, real: bytes) -> bytes:
