@@ -155,7 +155,7 @@ def test_watch_only_config_by_path_and_the_chain_it_must_cover(tmp_path):
     with pytest.raises(ConfigError, match=r"keys.accounts.m/44/60/0: .* is not an account path"):
         load_config(cfg, families)
     cfg.write_text(text.replace("[keys]", '[keys]\nmnemonic_file = "seed.txt"'))
-    with pytest.raises(ConfigError, match="keys.accounts: set either mnemonic_file or accounts, not both"):
+    with pytest.raises(ConfigError, match=r"keys\.accounts: set either mnemonic_file or accounts, not both"):
         load_config(cfg, families)
 
 
