@@ -429,11 +429,14 @@ async def test_refused_payout_after_a_later_nonce_is_filled_so_later_payouts_go(
                 # A's first broadcast is turned away for now (a transient refusal), B's goes through
                 proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "busy, try again later"))
                 assert (await http.post("/v1/admin/resume", json={"scope": "payouts"}, headers=ADMIN)).status_code == 200
-                await until_status(d, b["id"], "broadcast")
+                await until_status(d, b["id"], "broadcast")  # stored; then sent:
+                await wait_until(lambda: proxy.methods["eth_sendRawTransaction"] >= 2, what="B sent")
                 assert d.views.payout(a["id"])["status"] == "broadcast" and proxy.injected["rpc_error"] == 1
                 assert [d.views.payout(p["id"])["nonce"] for p in (a, b)] == [0, 1]
                 # the next time A's bytes are sent, the node refuses them for good
-                proxy.inject("rpc_error", method="eth_sendRawTransaction", error=(-32602, "transaction rejected"))
+                raw_a = d.store.chaintxs.for_ref(a["id"], "payout")[0].raw
+                proxy.inject("rpc_error", method="eth_sendRawTransaction", holding=raw_a[2:],
+                             error=(-32602, "transaction rejected"))
                 d.senders["devnet"].wake()
                 done_a = await until_status(d, a["id"], "failed", timeout=30)
                 done_b = await until_status(d, b["id"], "completed", timeout=30)
@@ -450,7 +453,7 @@ async def test_refused_payout_after_a_later_nonce_is_filled_so_later_payouts_go(
                 status = await trio.to_thread.run_sync(lambda: subprocess.run(
                     [sys.executable, "-m", "watcher", "status", "-c", str(cfg)], capture_output=True, text=True,
                     timeout=60))
-                assert f"gap filled at nonce 0 for {a['id']}" in status.stdout, status.stdout
+                assert f"gap filled for {a['id']}" in status.stdout and "(nonce 0," in status.stdout, status.stdout
 
 
 async def test_the_finality_guard_asks_the_status_of_all_its_transactions_in_one_request(tmp_path, anvil: Anvil,

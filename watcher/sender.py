@@ -252,7 +252,7 @@ class Sender:
     # --- the finality guard -----------------------------------------------------------------
 
     async def _guard_settled(self, head: int) -> None:
-        """Transactions of completed payouts and confirmed sweeps, gas top-ups no sweep follows
+        """Transactions of completed payouts and confirmed sweeps, top-ups no sweep follows
         any more (a sweep that topped up again, was re-planned or failed), and fillers stay
         followed until they are ``finality_depth`` deep: a reorg deeper than
         ``confirmations`` can take one off the chain after its payout completed, and a

@@ -88,5 +88,6 @@ def print_report(report: dict[str, Any]) -> None:
         else:
             print("  hot wallet: none (watch-only)")
         for f in c["fillers"]:
-            slot = f" at nonce {f['nonce']}" if f.get("nonce") is not None else ""
-            print(f"  gap filled{slot} for {f['for']} (a transaction the node refused): {f['txid']} {f['status']}")
+            facts = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("txid", "for", "status") and v is not None)
+            print(f"  gap filled for {f['for']} (a transaction the node refused): {f['txid']} {f['status']}"
+                  + (f" ({facts})" if facts else ""))

@@ -7,7 +7,7 @@ import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from watcher.chains import ChainClient, ChainContext, ChainFamily, ChainSpec, KeyScheme, StoredTx
 from watcher.config import between, fraction, one_of
@@ -100,6 +100,12 @@ class EvmSpec(ChainSpec):
         if asset.contract is None:
             return f"ethereum:{to}{chain_part}?value={amount}"
         return f"ethereum:{self.display_address(asset.contract)}{chain_part}/transfer?address={to}&uint256={amount}"
+
+    tx_schema: ClassVar[dict[str, Any]] = {
+        "nonce": {"type": ["integer", "null"]},
+        "max_fee_per_gas": {"type": ["string", "null"], "description": "wei per gas unit (the gas price, legacy)"},
+        "priority_fee_per_gas": {"type": ["string", "null"], "description": "wei per gas unit (EIP-1559)"}}
+    payout_schema: ClassVar[dict[str, Any]] = {"nonce": {"type": ["integer", "null"]}}
 
     def tx_fields(self, details: Mapping[str, Any]) -> dict[str, Any]:
         prio = details.get("priority_fee")

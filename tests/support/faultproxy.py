@@ -96,8 +96,9 @@ class FaultProxy:
         self.malformed: tuple[str, ...] = MALFORMED  # the variants "malformed" picks from
         self.bad_results: tuple[Any, ...] = BAD_RESULTS  # the values "bad_result" picks from
         self.variants: Counter[str] = Counter()  # which malformed variants / bad results were sent
-        # (kind, only for this method, the (code, message) of an injected rpc_error)
-        self._forced: deque[tuple[str, str | None, tuple[int, str] | None]] = deque()
+        # (kind, only for this method, only for a body holding this text, the (code, message)
+        # of an injected rpc_error)
+        self._forced: deque[tuple[str, str | None, bytes | None, tuple[int, str] | None]] = deque()
         # lagging replica
         self.lag: int | None = None
         self.lag_share = 1.0
@@ -121,13 +122,14 @@ class FaultProxy:
         if mix is not None:
             self.mix = dict(mix)
 
-    def inject(self, kind: str, times: int = 1, *, method: str | None = None,
+    def inject(self, kind: str, times: int = 1, *, method: str | None = None, holding: str | None = None,
                error: tuple[int, str] | None = None) -> None:
-        """The next ``times`` requests (with ``method``: that call them) get ``kind``; an
+        """The next ``times`` requests (with ``method``: that call them; with ``holding``:
+        whose body holds that text, e.g. one signed transaction) get ``kind``; an
         ``rpc_error`` with ``error`` answers that (code, message) instead of ``self.rpc_error``."""
         assert kind in DEFAULT_MIX or kind in EXTRA_KINDS, kind
         assert error is None or kind == "rpc_error"
-        self._forced.extend([(kind, method, error)] * times)
+        self._forced.extend([(kind, method, None if holding is None else holding.encode(), error)] * times)
 
     def clear(self) -> None:
         """No more faults of any kind: random, forced, lagging, down."""
@@ -216,18 +218,18 @@ class FaultProxy:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _pick(self, methods: set[str]) -> tuple[str | None, tuple[int, str] | None]:
+    def _pick(self, methods: set[str], body: bytes) -> tuple[str | None, tuple[int, str] | None]:
         for forced in self._forced:
-            if forced[1] is None or forced[1] in methods:
+            if (forced[1] is None or forced[1] in methods) and (forced[2] is None or forced[2] in body):
                 self._forced.remove(forced)
-                return forced[0], forced[2]
+                return forced[0], forced[3]
         if self.rate and self.rng.random() < self.rate:
             kinds = list(self.mix)
             return self.rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0], None
         return None, None
 
     async def _reply(self, body: bytes) -> _Reply:
-        kind, error = self._pick(self._count_methods(body))
+        kind, error = self._pick(self._count_methods(body), body)
         if kind is not None:
             self.injected[kind] += 1
         if kind in _HTTP_STATUS:

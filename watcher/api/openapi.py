@@ -83,9 +83,9 @@ SCHEMAS: dict[str, Any] = {
             "metadata": {"type": "object"},
             "status": {"type": "string", "enum": ["pending", "awaiting_approval", "broadcast", "completed", "failed",
                                                   "cancelled"]},
-            "reason": _nullable_str, "txid": _nullable_str, "nonce": {"type": ["integer", "null"]},
+            "reason": _nullable_str, "txid": _nullable_str,
             "block_number": {"type": ["integer", "null"]}, "fee_paid": _nullable_str,
-            "transactions": {"type": "array", "items": {"type": "object"}},
+            "transactions": {"type": "array", "items": {"$ref": "#/components/schemas/Transaction"}},
             "created_by": _nullable_str, "approved_by": _nullable_str,
             "created_at": _time, "approved_at": _time, "broadcast_at": _time, "completed_at": _time,
         },
@@ -94,12 +94,25 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "id": {"type": "string"}, "chain": {"type": "string"}, "asset": {"type": "string"},
-            "address": {"type": "string"}, "to": {"type": "string"}, "amount": {"type": "string"},
-            "base_units": {"type": "string"},
+            "address": {**_nullable_str, "description": "null when the sweep spends several addresses at once"},
+            "addresses": {"type": "array", "items": {"type": "string"}}, "to": {"type": "string"},
+            "amount": {"type": "string"}, "base_units": {"type": "string"},
             "status": {"type": "string", "enum": ["planned", "funding", "broadcast", "confirmed", "failed"]},
             "reason": _nullable_str, "txid": _nullable_str, "topup_amount": _nullable_str, "topup_txid": _nullable_str,
             "fee_paid": _nullable_str, "topup_fee_paid": _nullable_str, "dust": _nullable_str,
-            "transactions": {"type": "array", "items": {"type": "object"}}, "created_at": _time, "confirmed_at": _time,
+            "deposits": {"type": "array", "items": {"type": "string"}, "description": "ids of the transfers it covers"},
+            "transactions": {"type": "array", "items": {"$ref": "#/components/schemas/Transaction"}},
+            "created_at": _time, "confirmed_at": _time,
+        },
+    },
+    "Transaction": {
+        "type": "object",
+        "description": "one of watcher's own transactions; chain families add their own fields",
+        "properties": {
+            "txid": {"type": "string"}, "purpose": {"type": "string", "enum": ["payout", "sweep", "topup", "filler"]},
+            "status": {"type": "string", "enum": ["open", "mined", "replaced", "failed"]},
+            "block_number": {"type": ["integer", "null"]}, "fee_paid": _nullable_str, "error": _nullable_str,
+            "created_at": _time, "broadcast_at": _time,
         },
     },
     "Delivery": {
@@ -125,6 +138,9 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
     """The document for these endpoints; with a config, chain ids and asset symbols are
     enumerated (the API accepts nothing else)."""
     schemas = dict(SCHEMAS)
+    for c in config.chains if config else ():  # the families' own fields (EVM: nonce, fees)
+        for name, extra in (("Payout", c.spec.payout_schema), ("Transaction", c.spec.tx_schema)):
+            schemas[name] = {**schemas[name], "properties": {**schemas[name]["properties"], **extra}}
     chains = [c.id for c in config.chains] if config else []
     assets = sorted({a.symbol for c in config.chains for a in c.assets}) if config else []
     schemas["ChainId"] = {"type": "string", "enum": chains} if chains else {"type": "string", "minLength": 1}

@@ -123,6 +123,10 @@ class ChainSpec:
         ``node_info`` is what the client's ``check()`` returned (e.g. the chain id)."""
         return None
 
+    #: JSON schemas of the fields ``tx_fields`` and ``payout_fields`` add (for /openapi.json)
+    tx_schema: ClassVar[dict[str, Any]] = {}
+    payout_schema: ClassVar[dict[str, Any]] = {}
+
     def tx_fields(self, details: Mapping[str, Any]) -> dict[str, Any]:
         """Family fields shown with each transaction of a payout or sweep in the API and
         events, from what the wallet stored in ``SignedTx.details`` (EVM: ``nonce``,
