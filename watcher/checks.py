@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import NotFound
 from .hookspecs import hookimpl
 from .money import format_amount
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .policy import PayoutPolicy
 
 DAY_MS = 86_400_000
 
@@ -39,12 +41,21 @@ class Veto:
     code: str = "payout_rejected"
 
 
+def _policy(daemon: Daemon, chain: str) -> PayoutPolicy:
+    """The chain's ``[chains.payouts]`` policy. The API only asks about configured chains; for
+    any other the check raises, and a check that raises refuses the payout."""
+    cfg = daemon.config.chain(chain)
+    if cfg is None:
+        raise NotFound(f"unknown chain {chain!r}", code="unknown_chain")
+    return cfg.payouts
+
+
 class MaxAmount:
     """``max_amount``: no single payout above it."""
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
-        limit = daemon.config.chain(payout.chain).payouts.max_amount.get(payout.asset)
+        limit = _policy(daemon, payout.chain).max_amount.get(payout.asset)
         if limit is not None and payout.amount > limit:
             return Veto(f"amount {payout.show(payout.amount)} is above the per-payout maximum {payout.show(limit)}",
                         "amount_above_maximum")
@@ -57,7 +68,7 @@ class DailyLimits:
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
-        policy = daemon.config.chain(payout.chain).payouts
+        policy = _policy(daemon, payout.chain)
         since = daemon.clock.now_ms() - DAY_MS
         limit = policy.daily_limit.get(payout.asset)
         if limit is not None:
@@ -79,7 +90,7 @@ class LabelRate:
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
-        rate = daemon.config.chain(payout.chain).payouts.label_rate
+        rate = _policy(daemon, payout.chain).label_rate
         if rate is None or payout.label is None:
             return None
         count, period = rate
@@ -96,7 +107,7 @@ class Destination:
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
-        policy = daemon.config.chain(payout.chain).payouts
+        policy = _policy(daemon, payout.chain)
         if payout.to in policy.deny:
             return Veto("the destination address is on the deny-list", "destination_denied")
         if payout.to == daemon.store.hot_wallet(payout.chain):

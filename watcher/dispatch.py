@@ -162,7 +162,8 @@ class Dispatcher:
         """Top up every active endpoint's queue with due deliveries (and start its workers);
         returns the active endpoints' ids."""
         now = self.clock.now_ms()
-        active = {r["id"]: r["url"] for r in self.store.webhooks.active_endpoints()}
+        endpoints: list[sqlite3.Row] = self.store.webhooks.active_endpoints()
+        active = {r["id"]: r["url"] for r in endpoints}
         for wid, ep in list(self._endpoints.items()):
             if wid not in active or ep.url != active[wid]:
                 ep.gone = True  # disabled, deleted or moved: its queued deliveries wait in the database
@@ -172,12 +173,13 @@ class Dispatcher:
                 ep.ready.set()
                 del self._endpoints[wid]
         for wid, url in active.items():
-            ep = self._endpoints.get(wid)
-            if ep is None:
-                ep = self._endpoints[wid] = _Endpoint(wid, url)
+            if wid not in self._endpoints:
+                self._endpoints[wid] = _Endpoint(wid, url)
+            ep = self._endpoints[wid]
             if len(ep.queue) < self.REFILL // 2:
                 taken = self._taken[wid]
-                for d in self.store.webhooks.due(wid, now, self.REFILL, taken):
+                due: list[sqlite3.Row] = self.store.webhooks.due(wid, now, self.REFILL, taken)
+                for d in due:
                     taken.add(d["id"])
                     ep.queue.append(d)
             while ep.queue and ep.workers < self.config.per_endpoint_concurrency:

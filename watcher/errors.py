@@ -101,15 +101,18 @@ class Conflict(WatcherError):
 
 
 class NodeError(WatcherError):
-    """Talking to a chain node failed. ``retryable`` says whether trying again may help."""
+    """Talking to a chain node failed. ``retryable`` says whether trying again may help;
+    ``retry_after``: how long the node asked us to wait (seconds, its ``Retry-After``)."""
 
     status = 502
     code = "node_error"
 
-    def __init__(self, message: str, *, retryable: bool = True, rpc_code: int | None = None):
+    def __init__(self, message: str, *, retryable: bool = True, rpc_code: int | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.retryable = retryable
         self.rpc_code = rpc_code
+        self.retry_after = retry_after
 
 
 class RpcError(NodeError):

@@ -144,7 +144,7 @@ class WebhookClient:
                     received = await conn.stream.receive_some(65536)
                     if not received and response is None:
                         raise DeliveryError("the server closed the connection without answering")
-                    c.receive_data(received)
+                    c.receive_data(bytes(received))  # an SSLStream gives a bytearray; h11 takes bytes
                 elif isinstance(event, h11.Response):
                     response = event
                 elif isinstance(event, h11.Data):

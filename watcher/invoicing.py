@@ -70,7 +70,7 @@ def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: 
             paid_at = p.detected_at
             break
     paid = paid_at is not None
-    late = paid and paid_at > terms.expires_at
+    late = paid_at is not None and paid_at > terms.expires_at
     partial = 0 < received < required
     overpaid = terms.mode == "sale" and terms.amount is not None and received > terms.amount
 

@@ -120,7 +120,7 @@ class JsonRpc:
             except NodeError as e:
                 if not e.retryable or attempt >= self.retry.attempts:
                     raise
-                delay = getattr(e, "retry_after", None) or self.retry.delay(attempt)
+                delay = e.retry_after or self.retry.delay(attempt)
                 await trio.sleep(delay)
                 continue
             # Retry only the calls whose error is transient (e.g. a rate-limit per call).
@@ -158,11 +158,10 @@ class JsonRpc:
                 self.metrics.rpc_latency.labels(self.chain, label).observe(time.perf_counter() - t0)
         if resp.status_code != 200:
             self._error(label, "http")
-            err = NodeError(f"{self.chain}: node answered HTTP {resp.status_code} to {label}",
-                            retryable=resp.status_code in (408, 425, 429) or resp.status_code >= 500)
-            wait = parse_retry_after(resp.headers.get("retry-after"), time.time(), cap=MAX_RETRY_AFTER)
-            err.retry_after = wait  # type: ignore[attr-defined]
-            raise err
+            raise NodeError(f"{self.chain}: node answered HTTP {resp.status_code} to {label}",
+                            retryable=resp.status_code in (408, 425, 429) or resp.status_code >= 500,
+                            retry_after=parse_retry_after(resp.headers.get("retry-after"), time.time(),
+                                                          cap=MAX_RETRY_AFTER))
         try:
             data = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
@@ -189,7 +188,8 @@ class JsonRpc:
                 raise NodeError(f"{self.chain}: node left {method} (id {rid}) unanswered in {label}")
             if "error" in item and item["error"] is not None:
                 e = item["error"] if isinstance(item["error"], dict) else {"message": str(item["error"])}
-                code = e.get("code") if isinstance(e.get("code"), int) else None
+                raw_code = e.get("code")
+                code = raw_code if isinstance(raw_code, int) else None
                 msg = str(e.get("message", "error"))[:300]
                 self._error(method, "rpc")
                 results.append(RpcError(f"{self.chain}: {method}: {msg} (code {code})",

@@ -18,6 +18,7 @@ import re
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bip_utils import (
     Base58Decoder,
@@ -33,6 +34,11 @@ from bip_utils import (
 from .chains import Account, ChainKeys, KeyScheme
 from .config import KeysConfig
 from .errors import KeyMaterialError, WatchOnlyError
+
+if TYPE_CHECKING:
+    # what bip-utils' constructors and derivations are declared to return (a
+    # Bip32Slip10Secp256k1 here: every key watcher makes is secp256k1)
+    from bip_utils.bip.bip32 import Bip32Base
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,7 @@ def check_account_path(path: str) -> str | None:
     return None
 
 
-def parse_account_key(text: str, where: str) -> Bip32Slip10Secp256k1:
+def parse_account_key(text: str, where: str) -> Bip32Base:
     """An account-level extended public key (xpub, or any SLIP-132 variant such as zpub or
     vpub). Never echoes the text: it may be a private key pasted by mistake."""
     try:
@@ -104,10 +110,10 @@ def parse_account_key(text: str, where: str) -> Bip32Slip10Secp256k1:
 class Keyring:
     """Derives public keys along any account path, and private keys when it holds the seed."""
 
-    def __init__(self, *, root: Bip32Slip10Secp256k1 | None, accounts: Mapping[str, Bip32Slip10Secp256k1] = {}):
+    def __init__(self, *, root: Bip32Base | None, accounts: Mapping[str, Bip32Base] = {}):
         self._root = root
         self._accounts = dict(accounts)
-        self._branch_cache: dict[tuple[str, int], Bip32Slip10Secp256k1] = {}
+        self._branch_cache: dict[tuple[str, int], Bip32Base] = {}
 
     def __repr__(self) -> str:
         return f"<Keyring {'watch-only' if self.watch_only else 'with seed'}>"
@@ -156,7 +162,7 @@ class Keyring:
         """The account-level extended public key (e.g. of ``m/44'/60'/0'``) for a watch-only copy."""
         return self._account(account).PublicKey().ToExtended()
 
-    def _account(self, account: str) -> Bip32Slip10Secp256k1:
+    def _account(self, account: str) -> Bip32Base:
         if self._root is not None:
             return self._root.DerivePath(account)
         node = self._accounts.get(account)
@@ -164,7 +170,7 @@ class Keyring:
             raise WatchOnlyError(f"watch-only: no key for account {account} (set keys.accounts)")
         return node
 
-    def _branch(self, account: str, change: int) -> Bip32Slip10Secp256k1:
+    def _branch(self, account: str, change: int) -> Bip32Base:
         key = (account, change)
         node = self._branch_cache.get(key)
         if node is None:

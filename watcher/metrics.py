@@ -4,7 +4,15 @@ docs/metrics.md describes each one; a test checks that every metric here is docu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+    from .store import Store
 
 NAMESPACE = "watcher"
 
@@ -57,7 +65,7 @@ class Metrics:
 
         self.build_info.labels(__version__).set(1)
 
-    def watch_store(self, store) -> None:
+    def watch_store(self, store: Store) -> None:
         """Add the gauges read from the database at scrape time."""
         self.registry.register(StoreCollector(store))
 
@@ -66,13 +74,13 @@ class StoreCollector:
     """Gauges read from the database at scrape time: work by status, the webhook backlog.
     Counting rows is cheap with the status indexes, and always right after a restart."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []  # no descriptions up front: the registry then never collects at registration
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
         db = self.store.db

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -79,7 +79,12 @@ def chain_families(pm: pluggy.PluginManager) -> Mapping[str, ChainFamily]:
             provided = impl.function()
         except Exception as e:
             raise PluginError(f"plugin {impl.plugin_name!r}: watcher_chain_families raised {type(e).__name__}: {e}") from e
-        for fam in provided or ():
+        if not provided:
+            continue
+        if not isinstance(provided, Iterable):
+            raise PluginError(f"plugin {impl.plugin_name!r}: watcher_chain_families returned {provided!r}, "
+                              "not a list of ChainFamily")
+        for fam in provided:
             if not isinstance(fam, ChainFamily):
                 raise PluginError(f"plugin {impl.plugin_name!r} returned {fam!r}, not a ChainFamily")
             if fam.name in families:

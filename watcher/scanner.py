@@ -15,13 +15,13 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .chains import ChainClient, ChainContext
+from .chains import Block, ChainClient, ChainContext
 from .config import ChainConfig
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
 from .jsonrpc import JsonRpc
@@ -279,7 +279,7 @@ class ChainWatcher:
                         return
                     self._apply(blocks, head, t0)
 
-    def _apply(self, blocks: list[Any], head: int, t0: float) -> int:
+    def _apply(self, blocks: list[Block], head: int, t0: float) -> int:
         """Store a batch that continues the cursor (one transaction) and report it; returns
         the new tip."""
         result = self.store.chains.apply_blocks(self.config, blocks, node_head=head)
@@ -289,7 +289,7 @@ class ChainWatcher:
         self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
         return result.tip
 
-    def _watched(self, candidates: Any) -> set[str]:
+    def _watched(self, candidates: Iterable[str]) -> set[str]:
         return self.store.addresses.watched(self.config.id, candidates)
 
     async def _reorg(self, client: ChainClient, cur: Cursor) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def _first_real(group: BaseExceptionGroup) -> BaseException | None:
     return None
 
 
-def record_storage_trouble(db: Any, metrics: Any, e: BaseException) -> str | None:
+def record_storage_trouble(db: Database, metrics: Metrics, e: BaseException) -> str | None:
     """If ``e`` is storage trouble (see :func:`watcher.store.db.storage_trouble`), note it
     for /readyz (cleared by the next commit) and count it; returns its kind, or None for an
     error that is a bug."""
@@ -62,7 +66,7 @@ class StorageRetry:
     are bugs rather than conditions of the file. The wait doubles from 0.5 s to 30 s and
     starts over once a step gets through (:meth:`ok`)."""
 
-    def __init__(self, db: Any, metrics: Any, where: str):
+    def __init__(self, db: Database, metrics: Metrics, where: str):
         self.db = db
         self.metrics = metrics
         self.where = where

@@ -14,8 +14,8 @@ What is credited:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from eth_utils import keccak
 
@@ -55,16 +55,18 @@ _LOGS_RANGE_PROBE_EVERY = 32  # eth_getLogs calls between tries of the full rang
 
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
-def _node_data(fn: Callable[..., Awaitable[_T]]) -> Callable[..., Awaitable[_T]]:
+def _node_data(fn: Callable[Concatenate[EvmClient, _P], Coroutine[Any, Any, _T]],
+               ) -> Callable[Concatenate[EvmClient, _P], Coroutine[Any, Any, _T]]:
     """An answer of the wrong type or shape (a number that is not hex, a block that is a
     string, a receipt without a block hash) is the node's fault: it becomes a NodeError,
     which the caller backs off and retries, instead of an exception that would end the
     chain's task and with it the daemon and every other chain."""
 
     @functools.wraps(fn)
-    async def wrapper(self: EvmClient, *args: Any, **kwargs: Any) -> _T:
+    async def wrapper(self: EvmClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await fn(self, *args, **kwargs)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
@@ -98,7 +100,7 @@ class EvmClient(ChainClient):
         self.cfg = ctx.config
         self.opts = options
         self.rpc = ctx.jsonrpc(concurrency=self.opts.rpc_concurrency, max_batch=self.opts.rpc_batch_size)
-        self.tokens = {a.contract: a for a in self.cfg.tokens}
+        self.tokens = {a.contract: a for a in self.cfg.tokens if a.contract is not None}
         self._token_bits = [_bloom_bits(bytes.fromhex(c[2:])) for c in self.tokens]
         self.native = self.cfg.native.symbol
         self.chain_id: int | None = None

@@ -20,6 +20,7 @@ ABI: list[dict[str, Any]] = [
                 {"name": "value", "type": "uint256", "indexed": False}]},
 ]
 
+# the ABI is plain JSON-shaped dicts; eth-utils types its argument as eth-typing's ABIEvent TypedDict
 TRANSFER_TOPIC = "0x" + event_abi_to_log_topic(ABI[2]).hex()  # type: ignore[arg-type]
 
 
