@@ -25,12 +25,14 @@ from .core import Core
 from .deadlines import InvoiceDeadlines
 from .dispatch import Dispatcher
 from .errors import NodeError
-from .keys import ChainKeyring
+from .keys import ChainKeyring, Keyring
+from .metrics import Metrics
 from .plugins import await_me_maybe, implementations
 from .scanner import ChainWatcher, check_same_chain
 from .sender import Sender
 from .sinks import EventSinks
 from .store import Store
+from .views import Views
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,33 @@ class Daemon:
         self._api_done: trio.Event | None = None  # while the API runs: set once it has returned
 
     # what plugins and the API reach through the daemon (hooks get ``daemon``)
-    config = property(lambda self: self.core.config)
-    pm = property(lambda self: self.core.pm)
-    families = property(lambda self: self.core.families)
-    keyring = property(lambda self: self.core.keyring)
-    store = property(lambda self: self.core.store)
-    metrics = property(lambda self: self.core.metrics)
-    clock = property(lambda self: self.core.clock)
-    views = property(lambda self: self.core.views)
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @property
+    def pm(self) -> pluggy.PluginManager:
+        return self.core.pm
+
+    @property
+    def keyring(self) -> Keyring:
+        return self.core.keyring
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.core.metrics
+
+    @property
+    def clock(self) -> Clock:
+        return self.core.clock
+
+    @property
+    def views(self) -> Views:
+        return self.core.views
 
     @classmethod
     def open(

@@ -25,7 +25,8 @@ async def _node_facts(core: Core, cfg: ChainConfig) -> dict[str, Any]:
                 facts["head"] = await client.head()
                 facts["node"] = "up"
                 hot = store.hot_wallet(cfg.id)
-                for a in cfg.assets if hot else ():
+                for a in cfg.assets if hot is not None else ():
+                    assert hot is not None
                     facts["hot_wallet_balances"][a.symbol] = format_amount(await client.balance(hot, a), a.decimals)
     except (NodeError, trio.TooSlowError) as e:
         facts["error"] = getattr(e, "message", "timed out")

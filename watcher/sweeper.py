@@ -130,9 +130,9 @@ class Sweeper:
             log.info("%s: sweep %s planned: %s %s from %s", self.chain, sid,
                      format_amount(p.amount, asset.decimals if asset else 0), p.asset, ", ".join(p.addresses),
                      extra={"chain": self.chain, "sweep_id": sid})
-        for c in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
-            if (c.address, c.asset.symbol) not in covered:
-                self.store.sweeps.drop_candidate(self.chain, c.address, c.asset.symbol)
+        for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
+            if (chose.address, chose.asset.symbol) not in covered:
+                self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol)
         return deferred
 
     async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: dict[str, TxStatus], head: int) -> None:

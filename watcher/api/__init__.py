@@ -85,4 +85,7 @@ async def serve(daemon: Daemon, *, shutdown_trigger: Callable[[], Awaitable[None
     hc.keep_alive_timeout = 30.0
     hc.server_names = []
     hc.include_server_header = False
-    await hypercorn_serve(create_app(daemon), hc, shutdown_trigger=shutdown_trigger, task_status=task_status)
+    # Starlette types its ASGI callable with its own Scope/Receive/Send aliases, which mypy
+    # cannot match to hypercorn's event unions; it is a plain ASGI 3 app
+    await hypercorn_serve(create_app(daemon), hc, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
+                          task_status=task_status)

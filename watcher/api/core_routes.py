@@ -53,12 +53,14 @@ def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
     return req.daemon.store.spec(chain_id).validate_address(text)
 
 
-def check_label(label: Any, *, required: bool = True) -> str | None:
-    if label is None and not required:
-        return None
+def check_label(label: Any) -> str:
     if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
         raise BadRequest("label must be a string of 1-128 printable characters", code="invalid_label")
     return label
+
+
+def optional_label(label: Any) -> str | None:
+    return None if label is None else check_label(label)
 
 
 def api_amount(value: Any, decimals: int, *, what: str = "amount", allow_zero: bool = False) -> int:
@@ -204,7 +206,7 @@ async def watch_address(req: ApiRequest) -> Any:
     reject_unknown_fields(body, {"chain", "address", "label"})
     cfg = chain_param(req, body.get("chain"))
     address = canonical_address(req, cfg.id, body.get("address"))
-    label = check_label(body.get("label"), required=False)
+    label = optional_label(body.get("label"))
     store = req.daemon.store
     with store.db.transaction():
         addr, created = store.addresses.watch_external(cfg.id, address, label)
@@ -244,7 +246,7 @@ async def list_transfers(req: ApiRequest) -> Any:
         raise BadRequest("address needs chain", code="invalid_parameter")
     if chain_id is not None:
         chain_param(req, chain_id)
-    canonical = canonical_address(req, chain_id, address) if address is not None else None
+    canonical = canonical_address(req, chain_id, address) if chain_id is not None and address is not None else None
     since = req.query_int("since", -1, lo=0, hi=2**40)
     items, next_cursor = req.daemon.views.transfers(
         chain=chain_id, address=canonical, status=req.query("status"),

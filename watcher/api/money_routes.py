@@ -17,7 +17,7 @@ from .core_routes import (
     api_amount,
     canonical_address,
     chain_param,
-    check_label,
+    optional_label,
     reject_unknown_fields,
 )
 from .invoice_routes import MAX_METADATA_BYTES, check_metadata
@@ -79,7 +79,7 @@ async def create_payout(req: ApiRequest) -> Any:
     if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise BadRequest("idempotency_key must be 1-128 printable ASCII characters without spaces",
                          code="invalid_idempotency_key")
-    label = check_label(body.get("label"), required=False)
+    label = optional_label(body.get("label"))
     metadata = check_metadata(body.get("metadata", {}))
     if store.hot_wallet(cfg.id) is None:
         raise WatchOnlyError("watcher runs watch-only (keys.xpub): payouts need the seed")
@@ -187,7 +187,7 @@ async def run_sweeps(req: ApiRequest) -> Any:
     chains = [chain_param(req, body["chain"]).id] if "chain" in body else list(daemon.senders)
     if daemon.keyring.watch_only:
         raise WatchOnlyError("watcher runs watch-only (keys.xpub): sweeps need the seed")
-    enabled = [c for c in chains if daemon.config.chain(c).sweep.enabled]
+    enabled = [c for c in chains if daemon.store.chain_config(c).sweep.enabled]
     if not enabled:
         raise BadRequest("no [chains.sweep] treasury is configured for " + ", ".join(chains), code="sweeps_off",
                          status=409)
@@ -243,7 +243,6 @@ async def resume(req: ApiRequest) -> Any:
                responses={200: {"type": "object"}})
 async def admin_status(req: ApiRequest) -> Any:
     store = req.daemon.store
+    hot = {c: store.hot_wallet(c) for c in req.daemon.senders}
     return {"paused": sorted(store.paused()), "paused_by_config": sorted(req.daemon.config.paused),
-            "hot_wallets": {c: (None if store.hot_wallet(c) is None else
-                                store.spec(c).display_address(store.hot_wallet(c)))
-                            for c in req.daemon.senders}}
+            "hot_wallets": {c: None if a is None else store.spec(c).display_address(a) for c, a in hot.items()}}

@@ -35,7 +35,8 @@ class AuditLog:
                           json.dumps(clean, separators=(",", ":"), ensure_ascii=False, default=str)))
 
     def entries(self, *, object_id: str | None = None, after: int = 0, limit: int = 100) -> list[AuditEntry]:
-        sql, params = "SELECT * FROM audit_log WHERE id > ?", [after]
+        sql = "SELECT * FROM audit_log WHERE id > ?"
+        params: list[Any] = [after]
         if object_id is not None:
             sql += " AND object_id = ?"
             params.append(object_id)

@@ -52,6 +52,7 @@ class Outbox:
             "INSERT INTO events (id, type, created_at, chain, subject, data) VALUES (?, ?, ?, ?, ?, ?)",
             (event_id, type, now, chain, subject, body),
         )
+        assert cur.lastrowid is not None
         event = Event(seq=cur.lastrowid, id=event_id, type=type, created_at=now, chain=chain,
                       subject=subject, data=data)
         self.store.webhooks.fan_out(event, only=webhooks_only)

@@ -200,7 +200,8 @@ class Transfers:
             metrics.transfers.labels(chain.id, asset, new).inc()
             if new == "confirmed":
                 metrics.received.labels(chain.id, asset).inc(amount)
-                decimals = chain.asset(asset).decimals if chain.asset(asset) else 0
+                cfg_asset = chain.asset(asset)
+                decimals = cfg_asset.decimals if cfg_asset else 0
                 metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)

@@ -214,6 +214,7 @@ class Webhooks:
                                            subject=webhook_id, webhooks_only=webhook_id)
             delivery = self.store.db.one("SELECT * FROM deliveries WHERE event_id = ? AND webhook_id = ?",
                                          (event.id, webhook_id))
+        assert delivery is not None
         return DeliveryRow.from_row(delivery)
 
     # --- deliveries -------------------------------------------------------------------------
