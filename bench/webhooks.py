@@ -61,7 +61,7 @@ def prepare(workdir: Path, urls: list[str], n: int) -> tuple[Path, list[str]]:
     cfg = write_config(workdir, [chain_entry("bench", DEAD_NODE)], extra={"log": {"level": "warning"}})
     d = Daemon.open(cfg, registry=CollectorRegistry())
     try:
-        ids = [d.store.webhooks.create(u, ["invoice.created"], None)[0]["id"] for u in urls]
+        ids = [d.store.webhooks.create(u, ["invoice.created"], None)[0].id for u in urls]
         with d.store.db.transaction():
             for i in range(n):
                 d.store.invoices.create(chain="bench", asset="ETH", amount=10**18 + i, mode="sale", expires_in=3600,

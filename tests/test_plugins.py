@@ -78,6 +78,16 @@ def test_a_plugin_returning_garbage_is_named():
         chain_families(make_plugin_manager(extra=(Broken(),)))
 
 
+def test_a_plugin_returning_one_family_instead_of_a_list_is_named():
+    class One:
+        @hookimpl
+        def watcher_chain_families(self):
+            return EvmFamily()
+
+    with pytest.raises(PluginError, match=r"plugin '\d+': watcher_chain_families returned .*EvmFamily.*, not a list"):
+        chain_families(make_plugin_manager(load_entry_points=False, extra=(One(),)))
+
+
 async def test_startup_and_shutdown_hooks_may_be_async(tmp_path, anvil: Anvil):
     calls = []
 

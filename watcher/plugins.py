@@ -74,9 +74,9 @@ def chain_families(pm: pluggy.PluginManager) -> Mapping[str, ChainFamily]:
     """Collect ``watcher_chain_families`` from every plugin; a name may be provided once."""
     families: dict[str, ChainFamily] = {}
     owners: dict[str, str] = {}
-    for impl in pm.hook.watcher_chain_families.get_hookimpls():
+    for impl in implementations(pm, "watcher_chain_families"):
         try:
-            provided = impl.function()
+            provided = impl()
         except Exception as e:
             raise PluginError(f"plugin {impl.plugin_name!r}: watcher_chain_families raised {type(e).__name__}: {e}") from e
         if not provided:
@@ -109,10 +109,14 @@ class Implementation:
     plugin_name: str
     caller: pluggy.HookCaller
 
+    def __call__(self, **kwargs: Any) -> Any:
+        """Call it with the hook's arguments; what it returned (None if it returned None)."""
+        results = self.caller(**kwargs)
+        return results[0] if results else None
+
     async def call(self, **kwargs: Any) -> Any:
         """Call it with the hook's arguments; await what it returns if that is awaitable."""
-        results = self.caller(**kwargs)
-        return await await_me_maybe(results[0]) if results else None
+        return await await_me_maybe(self(**kwargs))
 
 
 def implementations(pm: pluggy.PluginManager, name: str) -> list[Implementation]:
