@@ -147,22 +147,26 @@ class FamilyHarness:
 
     def reorg(self, depth: int, keep: Sequence[str] = ()) -> None:
         """Replace the newest ``depth`` blocks by ``depth`` new ones (the head's height does
-        not change). Transactions whose txid is in ``keep`` are in the new blocks; every
-        other transaction of the replaced blocks is gone for good: in no new block and not
-        left in the mempool to be mined later. (EVM: ``anvil_reorg``; Bitcoin Core:
-        ``invalidateblock``, then blocks with only the kept transactions, the others
-        conflicted out or dropped from the mempool.)"""
+        not change) and return once the node reports the new chain. Transactions whose txid
+        is in ``keep`` are in the new blocks. The other transactions of the replaced blocks
+        are not: those the harness sent itself (:meth:`pay`, :meth:`fund`) are gone for good
+        (never mined later, e.g. conflicted out by a new block); those watcher sent may be
+        forgotten by the node (anvil) or go back to its mempool (Bitcoin Core) — either way
+        watcher must see them mined exactly once in the end. (EVM: ``anvil_reorg``; Bitcoin
+        Core: ``invalidateblock``, then new blocks with the kept transactions and, for each
+        dropped payment, a conflicting spend of one of its inputs.)"""
         raise NotImplementedError
 
     # --- fees -------------------------------------------------------------------------------
 
     def hold_fees(self) -> None:
-        """From now on, a transaction signed at the fees the node quotes now cannot be
-        mined: blocks :meth:`mine` makes leave it out, while the chain still grows, so that
-        watcher's stuck-transaction replacement (``[chains.payouts] stuck_after``) has to
-        act. A replacement paying the new fee level may be mined. (EVM: each block's base fee
-        is set far above the quote with ``anvil_setNextBlockBaseFeePerGas``; a UTXO family
-        can mine blocks that take no mempool transaction.)"""
+        """From now on, transactions already signed and sent (at the fees the node quoted
+        before the hold) cannot be mined: blocks :meth:`mine` makes leave them out while the
+        chain still grows, so that watcher's stuck-transaction replacement (``[chains.payouts]
+        stuck_after``) has to act. A replacement signed after the hold, paying the new fee
+        level, may be mined. (EVM: each block's base fee is set far above the old quote with
+        ``anvil_setNextBlockBaseFeePerGas``; a UTXO family can mine blocks that take no
+        mempool transaction.)"""
         raise NotImplementedError
 
     def release_fees(self) -> None:

@@ -197,6 +197,16 @@ async def _ge(value: Awaitable[int | None], target: int) -> bool:
     return v is not None and v >= target
 
 
+def in_status(api: Api, path: str, *statuses: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+    """A check for :func:`until`: the object at ``path`` once its status is one of ``statuses``."""
+
+    async def check() -> dict[str, Any] | None:
+        obj = await api.get(path)
+        return obj if obj["status"] in statuses else None
+
+    return check
+
+
 def native_units(h: FamilyHarness, text: str | None) -> int:
     return 0 if text is None else parse_amount(text, h.decimals(h.native), allow_zero=True)
 
@@ -382,6 +392,36 @@ async def test_invoice_paid_exactly_completes_and_underpaid_is_partial(harness: 
                 assert await api.history(part["id"]) == ["invoice.created"]
 
 
+async def test_invoice_moved_back_by_a_reorg_then_completed_once(harness: FamilyHarness, tmp_path: Path):
+    """A reorg that drops an invoice's only payment (before it is confirmed) moves the invoice
+    back to ``awaiting_payment``; a new payment completes it, counting only what the chain
+    holds."""
+    h = harness
+    asset = h.assets[-1]
+    cfg, port = configure(h, tmp_path, confirmations=3)
+    with trio.fail_after(60):
+        async with running(cfg, api=True), Api(port, h.chain_id) as api:
+            d = h.decimals(asset)
+            price = h.units(asset, "5") + 1
+            inv = (await api.post("/v1/invoices", {"chain": h.chain_id, "asset": asset, "expires_in": 3600,
+                                                   "amount": format_amount(price, d)})).json()
+            path = f"/v1/invoices/{inv['id']}"
+            h.pay(inv["address"], asset, price)
+            h.mine(2)
+            await until(in_status(api, path, "awaiting_confirmation"), what="awaiting_confirmation")
+            h.reorg(2)
+            back = await until(in_status(api, path, "awaiting_payment"), what="moved back")
+            assert back["received"] == "0" and not back["partial"]
+            second = h.pay(inv["address"], asset, price)
+            done = await until(in_status(api, path, "completed"), mine=h, what="completed")
+            assert done["received"] == done["confirmed"] == format_amount(price, d) and not done["overpaid"]
+            assert [(p["txid"], p["counted"]) for p in done["payments"] if p["status"] != "orphaned"] == [(second, True)]
+            assert h.balance(inv["address"], asset) == price
+            assert await api.history(inv["id"]) == [
+                "invoice.created", "invoice.awaiting_confirmation", "invoice.awaiting_payment",
+                "invoice.awaiting_confirmation", "invoice.completed"]
+
+
 # --- sweeps ------------------------------------------------------------------------------------
 
 
@@ -498,10 +538,10 @@ async def test_stuck_payout_is_replaced_and_completes_once(harness: FamilyHarnes
         async with running(cfg, api=True), Api(port, h.chain_id) as api:
             h.fund(await api.hot_wallet(), h.native, h.units(h.native, "10"))
             to, amount = h.fresh_address(), h.units(h.native, "0.5") + 1
+            pid = (await api.payout(to, h.native, amount, h.decimals(h.native), "stuck")).json()["id"]
+            await until(in_status(api, f"/v1/payouts/{pid}", "broadcast"), what="the payout broadcast")
             h.hold_fees()
             try:
-                pid = (await api.payout(to, h.native, amount, h.decimals(h.native), "stuck")).json()["id"]
-
                 async def replaced() -> dict[str, Any] | None:
                     p = await api.get(f"/v1/payouts/{pid}")
                     return p if len(p["transactions"]) >= 2 else None
@@ -510,18 +550,43 @@ async def test_stuck_payout_is_replaced_and_completes_once(harness: FamilyHarnes
                 assert h.balance(to, h.native) in (0, amount)
             finally:
                 h.release_fees()
-
-            async def completed() -> dict[str, Any] | None:
-                p = await api.get(f"/v1/payouts/{pid}")
-                return p if p["status"] == "completed" else None
-
-            p = await until(completed, mine=h, what="payout completed")
+            await until(in_status(api, f"/v1/payouts/{pid}", "completed"), mine=h, what="payout completed")
             h.mine(2)
             await trio.sleep(0.3)
             p = await api.get(f"/v1/payouts/{pid}")
             won = mined(p["transactions"], "payout")
             assert len(won) == 1 and p["txid"] == won[0]["txid"] and p["status"] == "completed"
             assert {t["status"] for t in p["transactions"]} == {"mined", "replaced"}
+            assert h.balance(to, h.native) == amount  # paid exactly once
+            assert await api.history(pid) == ["payout.pending", "payout.broadcast", "payout.completed"]
+
+
+async def test_completed_payout_taken_off_the_chain_is_sent_again_once(harness: FamilyHarness, tmp_path: Path):
+    """The finality guard: a reorg deeper than ``confirmations`` drops a completed payout's
+    transaction; watcher sends the same transaction again (never a new one), the payout
+    stays ``completed``, and the recipient ends up paid exactly once."""
+    h = harness
+    cfg, port = configure(h, tmp_path, confirmations=1, finality_depth=8, payouts={"stuck_after": NEVER_STUCK})
+    with trio.fail_after(60):
+        async with running(cfg, api=True), Api(port, h.chain_id) as api:
+            h.fund(await api.hot_wallet(), h.native, h.units(h.native, "10"))
+            to, amount = h.fresh_address(), h.units(h.native, "0.4") + 3
+            pid = (await api.payout(to, h.native, amount, h.decimals(h.native), "reorged")).json()["id"]
+            done = await until(in_status(api, f"/v1/payouts/{pid}", "completed"), mine=h, what="payout completed")
+            assert h.balance(to, h.native) == amount
+            h.mine(1)
+            h.reorg(h.head() - done["block_number"] + 1)  # the payout's block and every later one
+            assert h.balance(to, h.native) == 0
+
+            async def paid_again() -> bool:
+                return h.balance(to, h.native) == amount
+
+            await until(paid_again, mine=h, interval=0.2, what="the payout mined again")
+            h.mine(8)  # past finality_depth: the guard stops following it
+            await trio.sleep(0.3)
+            p = await api.get(f"/v1/payouts/{pid}")
+            assert p["status"] == "completed" and [t["txid"] for t in p["transactions"]] == [done["txid"]]
+            assert p["transactions"][0]["status"] == "mined"
             assert h.balance(to, h.native) == amount  # paid exactly once
             assert await api.history(pid) == ["payout.pending", "payout.broadcast", "payout.completed"]
 
@@ -567,11 +632,8 @@ async def judge_work(api: Api, h: FamilyHarness, w: Work) -> None:
         again = await api.payout(*w.payout)  # the app retries: still the one payout
         assert again.json()["id"] == w.ref
 
-        async def done() -> dict[str, Any] | None:
-            p = await api.get(f"/v1/payouts/{w.ref}")
-            return p if p["status"] in ("completed", "failed") else None
-
-        await until(done, mine=h, what="the payout completed")
+        await until(in_status(api, f"/v1/payouts/{w.ref}", "completed", "failed"), mine=h,
+                    what="the payout completed")
         h.mine(3)  # a second transaction, if one went out, would be mined now
         await trio.sleep(0.3)
         p = await api.get(f"/v1/payouts/{w.ref}")
