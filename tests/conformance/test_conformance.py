@@ -17,20 +17,21 @@ Plugging in a new family
    ``fund`` (mined), ``balance``, ``head``, ``mine``, ``reorg(depth, keep)``,
    ``hold_fees``/``release_fees``, and ``failpoints`` (leave out the points your wallet never
    reaches, e.g. ``topup.*`` without gas top-ups).
-2. Add the class to ``HARNESSES`` below. Every test runs for it; the test ids carry the
+2. Add the class to ``HARNESSES`` in ``tests/conformance/conftest.py``. Every test of
+   this directory takes the ``harness`` fixture and so runs for it; the test ids carry the
    family name (``test_pay_detect_confirm[bitcoin]``), so
    ``pytest tests/conformance -k bitcoin`` runs yours alone.
-3. Find what fails. A real bug in watcher is written down and its test marked
-   ``xfail(strict=True)`` with the reason, for that family only, until it is fixed.
+3. Find what fails. A real bug in watcher is written down (steps, observed, expected) in
+   the harness's ``known_bugs``, which runs that test as ``xfail(strict=True)`` for that
+   family only, until it is fixed.
 
 The EVM family runs it on anvil as part of ``make test``.
 """
 
 from __future__ import annotations
 
-import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,36 +54,12 @@ from watcher.keys import Keyring
 from watcher.money import format_amount, parse_amount
 from watcher.plugins import chain_families, make_plugin_manager
 
-from .evm import EvmHarness
 from .harness import ALL_FAILPOINTS, FamilyHarness
-
-HARNESSES: list[type[FamilyHarness]] = [EvmHarness]
 
 ADMIN_TOKEN = "admin-token-0123456789"
 APP = {"authorization": f"Bearer {API_TOKEN}"}
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 NEVER_STUCK = 3600.0  # stuck_after where no replacement is wanted
-
-
-@pytest.fixture(params=HARNESSES, ids=lambda cls: cls.family)
-def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FamilyHarness]:
-    h = request.param(tmp_path / "node")
-    h.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        h.start()
-        yield h
-    finally:
-        h.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """A daemon (in this process) that logs an error or a traceback while doing its job is a
-    finding, even when the money ends up right."""
-    yield
-    bad = [f"{r.levelname} {r.name}: {r.getMessage()[:500]}" for r in caplog.get_records("call")
-           if r.levelno >= logging.ERROR or r.exc_info]
-    assert not bad, "\n".join(bad)
 
 
 # --- helpers: config, the API, waiting ---------------------------------------------------------
@@ -154,12 +131,13 @@ class Api:
     async def events(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         after = 0
-        while True:
+        for _ in range(100):  # bounded: 100,000 events is far more than any test makes
             page = await self.get("/v1/events", after=after, limit=1000)
             if not page["items"]:
                 return out
             out += page["items"]
             after = page["last_seq"]
+        raise AssertionError("more than 100,000 events")
 
     async def history(self, subject: str) -> list[str]:
         """The event types about one object (a transfer, invoice, payout or sweep), in order."""
