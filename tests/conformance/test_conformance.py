@@ -659,7 +659,7 @@ async def test_killed_at_failpoint_moves_money_exactly_once(harness: FamilyHarne
     h = harness
     if point not in h.failpoints:
         pytest.skip(f"the {h.family} family never reaches {point}")
-    assert point not in failpoints._ACTIVE, "WATCHER_FAILPOINTS is set for the test process itself"
+    assert not failpoints._ACTIVE, "WATCHER_FAILPOINTS is set for the test process itself: it would kill pytest"
     treasury = h.fresh_address()
     cfg, port = configure(h, tmp_path, confirmations=2, payouts={"stuck_after": NEVER_STUCK},
                           sweep=sweep_config(h, treasury))
