@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps system-deps run test lint typecheck bench soak clean
+.PHONY: deps system-deps run test conformance lint typecheck bench soak clean
 
 deps: $(VENV)/.installed node_modules/.installed system-deps
 
@@ -44,6 +44,11 @@ typecheck: deps
 
 test: deps lint typecheck
 	WATCHER_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The chain-family conformance suite alone (it is part of `make test` too): every family's
+# harness in tests/conformance/conftest.py, or one with FAMILY=evm.
+conformance: deps
+	$(BIN)/python -m pytest -p no:cacheprovider -q tests/conformance $(if $(FAMILY),-k $(FAMILY)) $(PYTEST_ARGS)
 
 bench: deps
 	$(BIN)/python -m bench
