@@ -97,11 +97,15 @@ class Sweeper:
         if self.requested or due:
             self._last_plan = trio.current_time()
             # a requested run continues while candidates wait for their address's other sweep
-            self.requested = await self.plan() > 0
+            planned, deferred = await self.plan()
+            self.requested = deferred > 0
+            if planned:
+                self.s.wake()  # their first step goes now, not at the next block or tick
 
-    async def plan(self) -> int:
-        """Plan sweeps for candidates the wallet finds worth sweeping; returns how many
-        candidates were deferred (their address already has a sweep in progress)."""
+    async def plan(self) -> tuple[int, int]:
+        """Plan sweeps for candidates the wallet finds worth sweeping; returns how many were
+        planned and how many candidates were deferred (their address already has a sweep in
+        progress)."""
         sweep = self.cfg.sweep
         assert sweep.to is not None and self.s.wallet is not None
         confirmed_block = self.store.chains.scanned_number(self.chain) - self.cfg.confirmations + 1
@@ -119,7 +123,7 @@ class Sweeper:
             chosen[c.address] = SweepCandidate(c.address, asset, tuple(
                 self.store.sweeps.uncovered(self.chain, c.address, c.asset)))
         if not chosen:
-            return deferred
+            return 0, deferred
         plans = await self.s.wallet.plan_sweeps(list(chosen.values()), confirmed_block=max(0, confirmed_block),
                                                 min_amount=sweep.min_amount)
         covered: set[tuple[str, str]] = set()
@@ -133,7 +137,7 @@ class Sweeper:
         for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
             if (chose.address, chose.asset.symbol) not in covered:
                 self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol)
-        return deferred
+        return len(plans), deferred
 
     async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: dict[str, TxStatus], head: int) -> None:
         asset = self.cfg.asset(row.asset)
