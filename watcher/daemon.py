@@ -19,6 +19,7 @@ import pluggy
 import trio
 from prometheus_client import CollectorRegistry
 
+from .chains import ChainClient
 from .clock import Clock
 from .config import ChainConfig, Config
 from .core import Core
@@ -127,19 +128,22 @@ class Daemon:
         await self.preflight()
         # the chain clients outlive the nursery: no task ever sees its client closed
         async with contextlib.AsyncExitStack() as clients:
-            for w in self.watchers.values():
-                w.client = await clients.enter_async_context(w.open_client())
+            opened: dict[str, ChainClient] = {}
+            for cid, w in self.watchers.items():
+                w.client = opened[cid] = await clients.enter_async_context(w.open_client())
+            for cid, sender in self.senders.items():  # signing libraries load now, not mid-scan
+                sender.open_wallet(opened[cid])
             for result in self.pm.hook.watcher_startup(daemon=self):
                 await await_me_maybe(result)
             try:
                 async with trio.open_nursery() as nursery:
-                    for w in self.watchers.values():
-                        await nursery.start(w.run, w.client)
+                    for cid, w in self.watchers.items():
+                        await nursery.start(w.run, opened[cid])
                     await nursery.start(self.deadlines.run)
                     await nursery.start(self.dispatcher.run)
                     await nursery.start(self.sinks.run)
                     for cid, sender in self.senders.items():
-                        await nursery.start(sender.run, self.watchers[cid].client)
+                        await nursery.start(sender.run, opened[cid])
                     if api:
                         self._api_done = trio.Event()
                         self.api_urls = await nursery.start(self._serve_api)

@@ -76,21 +76,27 @@ class Sender:
     def wake(self) -> None:
         self._wake.set()
 
-    def open_wallet(self, client: ChainClient) -> Wallet | None:
-        """The family's wallet for this chain, on the daemon's (already open) client."""
+    def open_wallet(self, client: ChainClient) -> None:
+        """Open the family's wallet for this chain on the daemon's (already open) client.
+        Called before any task starts: a family loads its signing libraries here, not in the
+        middle of a scan. Nothing to open when watch-only."""
+        if self.hot is None:
+            return
         ctx = WalletContext(config=self.cfg, client=client, keys=self.keys,
                             in_flight=lambda: self.store.chaintxs.in_flight(self.chain))
-        return self.cfg.spec.open_wallet(ctx)
+        self.wallet = self.cfg.spec.open_wallet(ctx)
+        if self.wallet is not None:
+            self.tracker = Tracker(self.cfg, self.store, self.wallet, self.metrics)
 
     async def run(self, client: ChainClient, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         if self.hot is None:
             return  # watch-only: nothing can be sent
-        self.wallet = self.open_wallet(client)
+        if self.wallet is None:
+            self.open_wallet(client)
         if self.wallet is None:
             log.info("%s: the %s family cannot send; payouts and sweeps wait", self.chain, self.cfg.family)
             return
-        self.tracker = Tracker(self.cfg, self.store, self.wallet, self.metrics)
         while True:
             self._wake = trio.Event()
             wait = self.tick

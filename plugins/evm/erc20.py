@@ -26,11 +26,19 @@ TRANSFER_TOPIC = "0x" + event_abi_to_log_topic(ABI[2]).hex()  # type: ignore[arg
 
 @functools.cache
 def _contract() -> Any:
-    """web3's contract object for the ABI (no provider: used to encode calls only). web3 is
-    imported on first use, when a chain starts sending, not when the plugin loads."""
+    """web3's contract object for the ABI (no provider: used to encode calls only). web3 and
+    eth-account take seconds to import: the wallet loads them when it opens, at start-up
+    (``load_abi``); a process that only reads (``watcher reconcile``) loads them on first use."""
     from web3 import Web3
 
     return Web3().eth.contract(abi=ABI)
+
+
+def load_abi() -> None:
+    """Import web3 and eth-account now rather than on the first call that needs them."""
+    import eth_account  # noqa: F401 - signing; imported here for its import time
+
+    _contract()
 
 
 def transfer_calldata(to: str, amount: int) -> str:

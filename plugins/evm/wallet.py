@@ -39,6 +39,7 @@ from watcher.config import AssetConfig
 from watcher.errors import NodeError, RpcError
 from watcher.money import format_amount
 
+from .erc20 import load_abi
 from .fees import FeeQuote
 from .send import NATIVE_TRANSFER_GAS, sign_transfer
 
@@ -59,6 +60,7 @@ class EvmWallet(Wallet):
         self.keys = ctx.keys
         self.hot = ctx.keys.hot_address
         self.native = ctx.config.native
+        load_abi()  # web3 and eth-account load now, at start-up, not in the middle of a scan
 
     # --- helpers ---------------------------------------------------------------------------
 
