@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import BadRequest, NotFound
 from .money import format_amount
@@ -211,6 +211,16 @@ def check_status(status: str | None, statuses: Sequence[str]) -> None:
 
 # --- reading and rendering ------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+def _found(row: T | None, kind: str, ident: str) -> T:
+    """The row, or ``NotFound`` (404, ``unknown_<kind>``) naming what was asked for."""
+    if row is None:
+        raise NotFound(f"no {kind} {ident[:64]!r}", code=f"unknown_{kind}")
+    return row
+
+
 
 class Views:
     """Objects by id and pages of them, as the API shows them. ``NotFound`` for an unknown id,
@@ -242,14 +252,10 @@ class Views:
 
     # invoices
     def render_invoice(self, row: InvoiceRow) -> Json:
-        return invoice(self.store.chain_config(row.chain), row, self.store.invoices.payments(row),
-                       tip=self.store.chains.scanned_number(row.chain))
+        return self.store.invoices.render(row)
 
     def invoice(self, invoice_id: str) -> Json:
-        row = self.store.invoices.row(invoice_id)
-        if row is None:
-            raise NotFound(f"no invoice {invoice_id[:64]!r}", code="unknown_invoice")
-        return self.render_invoice(row)
+        return self.render_invoice(_found(self.store.invoices.row(invoice_id), "invoice", invoice_id))
 
     def invoices(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
                  after: str | None = None, limit: int = 100) -> tuple[list[Json], str | None]:
@@ -262,13 +268,10 @@ class Views:
 
     # payouts
     def render_payout(self, row: PayoutRow) -> Json:
-        return payout(self.store.chain_config(row.chain), row, self.store.chaintxs.for_ref(row.id, "payout"))
+        return self.store.payouts.render(row)
 
     def payout(self, payout_id: str) -> Json:
-        row = self.store.payouts.row(payout_id)
-        if row is None:
-            raise NotFound(f"no payout {payout_id[:64]!r}", code="unknown_payout")
-        return self.render_payout(row)
+        return self.render_payout(_found(self.store.payouts.row(payout_id), "payout", payout_id))
 
     def payouts(self, *, status: str | None = None, label: str | None = None, chain: str | None = None,
                 after: str | None = None, limit: int = 100) -> tuple[list[Json], str | None]:
@@ -283,10 +286,7 @@ class Views:
         return self.store.sweeps.render(row)
 
     def sweep(self, sweep_id: str) -> Json:
-        row = self.store.sweeps.row(sweep_id)
-        if row is None:
-            raise NotFound(f"no sweep {sweep_id[:64]!r}", code="unknown_sweep")
-        return self.render_sweep(row)
+        return self.render_sweep(_found(self.store.sweeps.row(sweep_id), "sweep", sweep_id))
 
     def sweeps(self, *, status: str | None = None, chain: str | None = None, after: str | None = None,
                limit: int = 100) -> tuple[list[Json], str | None]:
@@ -303,10 +303,7 @@ class Views:
 
     # webhooks
     def webhook_row(self, webhook_id: str) -> WebhookRow:
-        row = self.store.webhooks.row(webhook_id)
-        if row is None:
-            raise NotFound(f"no webhook {webhook_id[:64]!r}", code="unknown_webhook")
-        return row
+        return _found(self.store.webhooks.row(webhook_id), "webhook", webhook_id)
 
     def render_webhook(self, row: WebhookRow) -> Json:
         from .store.webhooks import DELIVERY_STATUSES
@@ -324,10 +321,7 @@ class Views:
                         self.store.webhooks.attempts(row.id) if attempts else None)
 
     def delivery_row(self, delivery_id: str) -> DeliveryRow:
-        row = self.store.webhooks.delivery(delivery_id)
-        if row is None:
-            raise NotFound(f"no delivery {delivery_id[:64]!r}", code="unknown_delivery")
-        return row
+        return _found(self.store.webhooks.delivery(delivery_id), "delivery", delivery_id)
 
     def deliveries(self, webhook_id: str, *, status: str | None = None, after: str | None = None,
                    limit: int = 100) -> tuple[list[Json], str | None]:
