@@ -83,25 +83,21 @@ class StoreCollector:
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        db = self.store.db
-        for table, name, doc in (
-            ("invoices", "invoices", "Invoices by chain and status."),
-            ("payouts", "payouts", "Payouts by chain and status."),
-            ("sweeps", "sweeps", "Sweeps by chain and status."),
-        ):
-            g = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["chain", "status"])
-            for row in db.query(f"SELECT chain, status, COUNT(*) FROM {table} GROUP BY chain, status"):
-                g.add_metric([row[0], row[1]], row[2])
+        counts = self.store.status_counts()
+        for table, doc in (("invoices", "Invoices by chain and status."), ("payouts", "Payouts by chain and status."),
+                           ("sweeps", "Sweeps by chain and status.")):
+            g = GaugeMetricFamily(f"{NAMESPACE}_{table}", doc, labels=["chain", "status"])
+            for chain, status, n in counts[table]:
+                g.add_metric([chain, status], n)
             yield g
-        g = GaugeMetricFamily(f"{NAMESPACE}_webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried.",
-                              labels=["webhook"])
-        for row in db.query("SELECT webhook_id, COUNT(*) FROM deliveries WHERE status = 'pending' GROUP BY webhook_id"):
-            g.add_metric([row[0]], row[1])
-        yield g
-        g = GaugeMetricFamily(f"{NAMESPACE}_webhook_deliveries_failed", "Webhook deliveries that gave up after the "
-                              "last retry (redeliver them).", labels=["webhook"])
-        for row in db.query("SELECT webhook_id, COUNT(*) FROM deliveries WHERE status = 'failed' GROUP BY webhook_id"):
-            g.add_metric([row[0]], row[1])
-        yield g
+        for status, name, doc in (
+            ("pending", "webhook_outbox_pending", "Webhook deliveries waiting to be sent or retried."),
+            ("failed", "webhook_deliveries_failed", "Webhook deliveries that gave up after the last retry "
+                                                    "(redeliver them)."),
+        ):
+            g = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["webhook"])
+            for webhook_id, n in self.store.webhooks.deliveries_by_endpoint(status):
+                g.add_metric([webhook_id], n)
+            yield g
         yield GaugeMetricFamily(f"{NAMESPACE}_events_last_seq", "Sequence number of the newest event in the outbox.",
                                 value=self.store.events.last_seq())

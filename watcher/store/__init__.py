@@ -111,6 +111,12 @@ class Store:
                 self._hot[chain] = spec.address_from_public_key(pub)
         return self._hot[chain]
 
+    def status_counts(self) -> dict[str, list[tuple[str, str, int]]]:
+        """``(chain, status, count)`` of invoices, payouts and sweeps (the metrics' gauges)."""
+        return {table: [(r[0], r[1], r[2]) for r in self.db.query(
+            f"SELECT chain, status, COUNT(*) FROM {table} GROUP BY chain, status")]
+            for table in ("invoices", "payouts", "sweeps")}
+
     def paused(self) -> frozenset[str]:
         """Scopes held right now: by config (``[admin] paused``) or by pause commands."""
         import json

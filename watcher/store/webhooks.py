@@ -313,5 +313,10 @@ class Webhooks:
             self.store.wake_after_commit("webhooks")
         return self.delivery(new)
 
+    def deliveries_by_endpoint(self, status: str) -> list[tuple[str, int]]:
+        """``(webhook id, count)`` of the deliveries in ``status``."""
+        return [(r[0], r[1]) for r in self.store.db.query(
+            "SELECT webhook_id, COUNT(*) FROM deliveries WHERE status = ? GROUP BY webhook_id", (status,))]
+
     def backlog(self) -> int:
         return self.store.db.scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'pending'") or 0
