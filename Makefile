@@ -11,12 +11,13 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps: $(VENV)/.installed node_modules/.installed system-deps
 
-# The metrics tests scrape the daemon with a real Prometheus server (Debian package).
+# Debian packages the tests run for real: prometheus (the metrics tests scrape the daemon) and
+# litecoind (Litecoin Core 0.21, the Bitcoin family's node, in -regtest).
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  echo "installing prometheus (Debian package) for the metrics tests"; \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v litecoind >/dev/null || { \
+	  echo "installing prometheus and litecoind (Debian packages) for the tests"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus litecoind >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "watcher needs Python 3.11+"'
