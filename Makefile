@@ -40,7 +40,8 @@ lint: deps
 # from plugins/evm (setuptools package-dir); mypy cannot follow the editable install's import
 # hook, so it finds the package through this link (build/ is not committed).
 typecheck: deps
-	@mkdir -p build/mypy-path && ln -sfn ../../plugins/evm build/mypy-path/watcher_evm
+	@mkdir -p build/mypy-path && ln -sfn ../../plugins/evm build/mypy-path/watcher_evm \
+	  && ln -sfn ../../plugins/bitcoin build/mypy-path/watcher_bitcoin
 	$(BIN)/mypy
 
 test: deps lint typecheck

@@ -1,0 +1,112 @@
+"""The Bitcoin family: BTC and LTC on main, test and regtest networks, one set of per-chain
+options. Deposit addresses are BIP84 native SegWit (P2WPKH) at ``m/84'/coin'/0'/0/i``; the hot
+wallet is account 1 with change on ``.../1/i``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from watcher.chains import ChainFamily, ChainSpec, KeyScheme
+from watcher.config import ConfigTable, between, one_of
+from watcher.errors import BadRequest, ConfigError
+from watcher.money import format_amount
+
+from .address import canonical, p2wpkh
+from .networks import NETWORKS, Network
+
+if TYPE_CHECKING:
+    from watcher.chains import ChainClient, ChainContext
+    from watcher.config import AssetConfig, ChainConfig
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class BitcoinOptions:
+    network: Network
+    rpc_cookie_file: Path | None = None  # the node's .cookie, instead of credentials in rpc_url
+    mempool: bool = True  # report payments from the mempool (0 confirmations)
+    fee_rate_min: int = 1_000  # sat per 1,000 vB (1 sat/vB)
+    fee_rate_max: int = 500_000  # sat per 1,000 vB
+    fee_rate_fallback: int = 10_000  # when estimatesmartfee cannot estimate (regtest)
+    fee_bump: str = "rbf"  # "rbf" (BIP125) or "cpfp"
+    max_inputs: int = 100  # [chains.sweep]: inputs of one consolidating sweep
+
+
+def _fee_rate(t: ConfigTable, name: str, default: str) -> int:
+    """A fee rate in sat/vB (``2.5`` or ``"2.5"``), held in sat per 1,000 vB."""
+    raw = t.take(name, (int, float, str), default)
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise ConfigError(t.key(name), f"{raw!r} is not a number of sat/vB") from None
+    if not value.is_finite() or not Decimal("0.001") <= value <= 100_000 or value != value.quantize(Decimal("0.001")):
+        raise ConfigError(t.key(name), "must be between 0.001 and 100000 sat/vB, with at most 3 decimals")
+    return int(value * 1000)
+
+
+class BitcoinFamily(ChainFamily):
+    name = "bitcoin"
+
+    def configure(self, table: ConfigTable) -> BitcoinSpec:
+        name = table.take("network", str, check=one_of(*NETWORKS))
+        network = NETWORKS[name]
+        if table.has("assets"):
+            raise ConfigError(table.key("assets"), "the bitcoin family has no tokens: only its native coin is watched")
+        cookie = table.take("rpc_cookie_file", str, None)
+        sweep, payouts = table.table("sweep"), table.table("payouts")
+        fee_min = _fee_rate(payouts, "fee_rate_min", "1")
+        fee_max = _fee_rate(payouts, "fee_rate_max", "500")
+        if fee_max < fee_min:
+            raise ConfigError(payouts.key("fee_rate_max"), "must be at least fee_rate_min")
+        options = BitcoinOptions(
+            network=network,
+            rpc_cookie_file=Path(cookie).expanduser() if cookie else None,
+            mempool=table.take("mempool", bool, True),
+            fee_rate_min=fee_min,
+            fee_rate_max=fee_max,
+            fee_rate_fallback=_fee_rate(payouts, "fee_rate_fallback", "10"),
+            # Litecoin nodes mostly refuse replacements (-mempoolreplacement is off by default)
+            fee_bump=payouts.take("fee_bump", str, "rbf" if network.symbol == "BTC" else "cpfp",
+                                  check=one_of("rbf", "cpfp")),
+            max_inputs=sweep.take("max_inputs", int, 100, check=between(1, 1000)),
+        )
+        return BitcoinSpec(options)
+
+
+class BitcoinSpec(ChainSpec):
+    family = "bitcoin"
+    native_decimals = 8
+    confirmations = 6
+    finality_depth = 100
+
+    def __init__(self, options: BitcoinOptions):
+        self.options = options
+        self.network = options.network
+        self.keys = KeyScheme(purpose=84, coin_type=self.network.coin_type, change=True)
+        self.native_symbol = self.network.symbol
+
+    def validate_address(self, text: str) -> str:
+        return canonical(self.network, text.strip() if isinstance(text, str) else text)
+
+    def validate_txid(self, text: object) -> str:
+        if not isinstance(text, str) or len(text) != 64 or not set(text.lower()) <= _HEX:
+            raise BadRequest("txid must be 64 hex digits", code="invalid_txid")
+        return text.lower()
+
+    def address_from_public_key(self, public_key: bytes) -> str:
+        return p2wpkh(self.network, public_key)
+
+    def payment_uri(self, config: ChainConfig, address: str, asset: AssetConfig, amount: int,
+                    node_info: Mapping[str, Any]) -> str | None:
+        """BIP21: ``bitcoin:<address>?amount=<coins>`` (``litecoin:`` for LTC)."""
+        if asset.contract is not None:
+            return None
+        return f"{self.network.uri_scheme}:{address}?amount={format_amount(amount, asset.decimals)}"
+
+    def open_client(self, ctx: ChainContext) -> ChainClient:
+        raise NotImplementedError("the bitcoin family's client is not built yet (issue 11)")
