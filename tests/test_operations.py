@@ -223,3 +223,26 @@ def test_secrets_never_reach_the_logs(tmp_path, anvil: Anvil, token: Token):
     secrets.append(secrets[0].removeprefix("whsec_"))
     for s in secrets:
         assert s not in log and s.lower() not in log.lower(), "a secret reached the log"
+
+
+async def test_node_credentials_and_api_keys_in_rpc_url_never_reach_logs_or_the_api(tmp_path, caplog):
+    """An rpc_url may carry credentials (http://user:pass@host) or a provider's key in its
+    path: logs, errors and /v1/chains name the node by scheme, host and port only."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    dead = free_port()
+    url = f"http://watcher:topsecret-pw@127.0.0.1:{dead}/v3/key-abc123?apikey=also-secret"
+    cfg = write_config(tmp_path, [chain_entry("devnet", url)], api_port=port)
+    with trio.fail_after(30):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {API_TOKEN}"},
+                trust_env=False) as http:
+            await wait_until(lambda: d.watchers["devnet"].status.error, what="the node error")
+            chains = (await http.get("/v1/chains")).text
+            ready = (await http.get("/readyz")).text
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"127.0.0.1:{dead}" in logged  # the node is named...
+    for secret in ("topsecret-pw", "key-abc123", "also-secret"):  # ...without what it must not show
+        assert secret not in logged and secret not in chains and secret not in ready, secret

@@ -155,6 +155,19 @@ def http_url(v: str) -> str | None:
     return None
 
 
+def redacted_url(url: str) -> str:
+    """``scheme://host[:port]`` of a URL: what may be shown of a node's address."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}"
+
+
 def one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(map(repr, choices))}, got {v!r}"
 
@@ -208,6 +221,12 @@ class ChainConfig:
             if a.symbol == symbol:
                 return a
         return None
+
+    @property
+    def node(self) -> str:
+        """The node as logs and errors name it: scheme, host and port of ``rpc_url``, never
+        its credentials (``user:pass@``) or its path and query (where providers put API keys)."""
+        return redacted_url(self.rpc_url)
 
     @property
     def native(self) -> AssetConfig:

@@ -113,7 +113,7 @@ class Daemon:
             except (NodeError, trio.TooSlowError) as e:
                 msg = getattr(e, "message", None) or "timed out"
                 log.warning("%s: node %s is not reachable yet (%s); will keep trying",
-                            w.config.id, w.config.rpc_url, msg, extra={"chain": w.config.id})
+                            w.config.id, w.config.node, msg, extra={"chain": w.config.id})
                 return
             check_same_chain(w.config, self.store.chains.cursor(w.config.id), info)
 

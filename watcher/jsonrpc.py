@@ -8,11 +8,13 @@ in the metrics with the chain id and method.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -60,8 +62,12 @@ class JsonRpc:
         concurrency: int = 8,
         max_batch: int = 100,
         retry: RetryPolicy | None = None,
+        final_codes: frozenset[int] = frozenset(),
     ):
+        """``final_codes``: the node's own JSON-RPC error codes that mean "asking again gives
+        the same answer" (beyond JSON-RPC's), e.g. Bitcoin Core's -5 and -8."""
         self.url = url
+        self.final_codes = _FINAL_RPC_CODES | final_codes
         self.chain = chain
         self.metrics = metrics
         self.timeout = timeout
@@ -78,6 +84,15 @@ class JsonRpc:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def call_exact(self, method: str, *params: Any) -> Any:
+        """Like :meth:`call`, but numbers with a fraction are parsed as exact ``Decimal``s
+        (Bitcoin Core writes amounts as JSON numbers of coins: a float can lose a satoshi of a
+        large one). Slower than :meth:`call`; for the rare answer that needs it."""
+        (result,) = await self._send_with_retry([(method, params)], exact=True)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def call(self, method: str, *params: Any) -> Any:
         """One call; returns its ``result`` or raises :class:`RpcError` / :class:`NodeError`."""
@@ -112,11 +127,11 @@ class JsonRpc:
                 nursery.start_soon(run, i)
         return [r for chunk in out for r in chunk]
 
-    async def _send_with_retry(self, calls: list[Call], attempt: int = 0) -> list[Any]:
+    async def _send_with_retry(self, calls: list[Call], attempt: int = 0, *, exact: bool = False) -> list[Any]:
         while True:
             attempt += 1
             try:
-                results = await self._send(calls)
+                results = await self._send(calls, exact=exact)
             except NodeError as e:
                 if not e.retryable or attempt >= self.retry.attempts:
                     raise
@@ -128,12 +143,12 @@ class JsonRpc:
             if not retry_idx or attempt >= self.retry.attempts:
                 return results
             await trio.sleep(self.retry.delay(attempt))
-            again = await self._send_with_retry([calls[i] for i in retry_idx], attempt)
+            again = await self._send_with_retry([calls[i] for i in retry_idx], attempt, exact=exact)
             for i, r in zip(retry_idx, again, strict=True):
                 results[i] = r
             return results
 
-    async def _send(self, calls: list[Call]) -> list[Any]:
+    async def _send(self, calls: list[Call], *, exact: bool = False) -> list[Any]:
         first = calls[0][0]
         label = first if len(calls) == 1 else ("batch:" + first if all(c[0] == first for c in calls) else "batch")
         ids = [next(self._ids) for _ in calls]
@@ -156,17 +171,18 @@ class JsonRpc:
                 raise NodeError(f"{self.chain}: cannot reach node: {type(e).__name__}") from None
             finally:
                 self.metrics.rpc_latency.labels(self.chain, label).observe(time.perf_counter() - t0)
-        if resp.status_code != 200:
+        data = _parse(resp.content, exact=exact)
+        if resp.status_code != 200 and not _is_rpc_error(data):
             self._error(label, "http")
             raise NodeError(f"{self.chain}: node answered HTTP {resp.status_code} to {label}",
                             retryable=resp.status_code in (408, 425, 429) or resp.status_code >= 500,
                             retry_after=parse_retry_after(resp.headers.get("retry-after"), time.time(),
                                                           cap=MAX_RETRY_AFTER))
-        try:
-            data = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
+        # (a JSON-RPC error answered with an HTTP error status, as Bitcoin Core does for a single
+        # call, is the node's answer like any other: its code says what went wrong)
+        if data is _NOT_JSON:
             self._error(label, "decode")
-            raise NodeError(f"{self.chain}: node sent a response that is not JSON to {label}") from None
+            raise NodeError(f"{self.chain}: node sent a response that is not JSON to {label}")
         return self._match(calls, ids, data, label)
 
     def _match(self, calls: list[Call], ids: list[int], data: Any, label: str) -> list[Any]:
@@ -193,7 +209,7 @@ class JsonRpc:
                 msg = str(e.get("message", "error"))[:300]
                 self._error(method, "rpc")
                 results.append(RpcError(f"{self.chain}: {method}: {msg} (code {code})",
-                                        retryable=code not in _FINAL_RPC_CODES and not _looks_final(msg),
+                                        retryable=code not in self.final_codes and not _looks_final(msg),
                                         rpc_code=code))
             elif "result" in item:
                 results.append(item["result"])
@@ -204,6 +220,24 @@ class JsonRpc:
 
     def _error(self, method: str, kind: str) -> None:
         self.metrics.rpc_errors.labels(self.chain, method, kind).inc()
+
+
+_NOT_JSON: Any = object()
+
+
+def _parse(content: bytes, *, exact: bool) -> Any:
+    try:
+        if exact:
+            return json.loads(content, parse_float=Decimal)
+        return orjson.loads(content)
+    except (orjson.JSONDecodeError, ValueError):
+        return _NOT_JSON
+
+
+def _is_rpc_error(data: Any) -> bool:
+    """A JSON-RPC answer made of error objects (whatever HTTP status came with it)."""
+    items = data if isinstance(data, list) else [data]
+    return bool(items) and all(isinstance(i, dict) and isinstance(i.get("error"), dict) for i in items)
 
 
 def _looks_final(message: str) -> bool:

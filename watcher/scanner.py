@@ -47,7 +47,7 @@ def check_same_chain(config: ChainConfig, cursor: Cursor | None, info: dict[str,
     for k, v in cursor.node_info.items():
         if k in info and info[k] != v:
             raise ChainMismatch(
-                f"{config.id}: the node at {config.rpc_url} reports {k} = {info[k]!r}, but this database holds "
+                f"{config.id}: the node at {config.node} reports {k} = {info[k]!r}, but this database holds "
                 f"chain {config.id!r} scanned with {k} = {v!r}; refusing to mix chains")
 
 
@@ -122,9 +122,11 @@ class ChainWatcher:
         self._m_halted.set(0)
         self._m_up.set(0)
 
-    def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50) -> JsonRpc:
+    def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50,
+                     final_codes: frozenset[int] = frozenset()) -> JsonRpc:
         return JsonRpc(self.config.rpc_url, chain=self.config.id, metrics=self.metrics,
-                       timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch)
+                       timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch,
+                       final_codes=final_codes)
 
     def open_client(self) -> ChainClient:
         return self.spec.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))

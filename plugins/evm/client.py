@@ -115,7 +115,7 @@ class EvmClient(ChainClient):
         chain_id = _int(await self.rpc.call("eth_chainId"))
         if self.opts.chain_id is not None and chain_id != self.opts.chain_id:
             raise ChainMismatch(
-                f"{self.cfg.id}: node at {self.cfg.rpc_url} serves chain id {chain_id}, config says chain_id = {self.opts.chain_id}")
+                f"{self.cfg.id}: node at {self.cfg.node} serves chain id {chain_id}, config says chain_id = {self.opts.chain_id}")
         self.chain_id = chain_id
         return {"chain_id": chain_id}
 

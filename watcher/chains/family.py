@@ -82,7 +82,8 @@ class ChainContext:
     """What the core gives a family when it opens a client for one configured chain."""
 
     config: ChainConfig
-    jsonrpc: Callable[..., JsonRpc]  # jsonrpc(concurrency=, max_batch=): a transport to config.rpc_url
+    # jsonrpc(concurrency=, max_batch=, final_codes=): a transport to config.rpc_url
+    jsonrpc: Callable[..., JsonRpc]
 
 
 class ChainSpec:
