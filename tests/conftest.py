@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.evm import Anvil, Token
+from tests.support.litecoin import Litecoind
 
 
 @pytest.fixture
@@ -22,3 +23,13 @@ def anvil() -> Iterator[Anvil]:
 @pytest.fixture
 def token(anvil: Anvil) -> Token:
     return Token.deploy(anvil, "USDT", 6)
+
+
+@pytest.fixture
+def litecoind() -> Iterator[Litecoind]:
+    node = Litecoind()
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()

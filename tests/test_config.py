@@ -100,7 +100,7 @@ CASES = [
     ("bad port", lambda r: r["chains"][0].update(rpc_url="http://127.0.0.1:99999"), "chains[0].rpc_url:"),
     ("wrong type", lambda r: r["chains"][0].update(confirmations="2"), "chains[0].confirmations: must be an integer, got a string"),
     ("zero confirmations", lambda r: r["chains"][0].update(confirmations=0), "chains[0].confirmations: must be between 1 and 10000"),
-    ("unknown family", lambda r: r["chains"][0].update(family="tron"), "chains[0].family: unknown chain family 'tron' (available: evm)"),
+    ("unknown family", lambda r: r["chains"][0].update(family="tron"), "chains[0].family: unknown chain family 'tron' (available: bitcoin, evm)"),
     ("duplicate chain id", lambda r: r["chains"].append(dict(r["chains"][0])), "chains[1].id: duplicate chain id 'devnet'"),
     ("bad chain id", lambda r: r["chains"][0].update(id="Dev Net"), "chains[0].id:"),
     ("bad checksum contract", lambda r: r["chains"][0]["assets"][0].update(contract=TOKEN[:-1] + "A"),

@@ -8,16 +8,6 @@ import pytest
 from tests.support.litecoin import Litecoind
 
 
-@pytest.fixture
-def litecoind():
-    node = Litecoind()
-    node.start()
-    try:
-        yield node
-    finally:
-        node.close()
-
-
 def test_regtest_node_pays_mines_past_mweb_and_reorgs(litecoind: Litecoind):
     info = litecoind.rpc("getblockchaininfo")
     assert info["chain"] == "regtest"

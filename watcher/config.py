@@ -565,6 +565,8 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         assets.append(AssetConfig(symbol=symbol, decimals=decimals, contract=contract))
 
     sweep = parse_sweep(t.table("sweep"), spec, tuple(assets))
+    if sweep.enabled and not spec.sends:
+        raise ConfigError(t.key("sweep"), f"the {fam_name} family cannot send yet: no sweeps on this chain")
     payouts = parse_payouts(t.table("payouts"), spec, tuple(assets))
     t.done()
     return ChainConfig(

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -63,10 +63,15 @@ class JsonRpc:
         max_batch: int = 100,
         retry: RetryPolicy | None = None,
         final_codes: frozenset[int] = frozenset(),
+        credentials: Callable[[], tuple[str, str]] | None = None,
     ):
         """``final_codes``: the node's own JSON-RPC error codes that mean "asking again gives
-        the same answer" (beyond JSON-RPC's), e.g. Bitcoin Core's -5 and -8."""
+        the same answer" (beyond JSON-RPC's), e.g. Bitcoin Core's -5 and -8. ``credentials``:
+        where HTTP basic-auth credentials come from (e.g. Bitcoin Core's ``.cookie``, rewritten
+        at each start of the node): read at the first request and again after a 401."""
         self.url = url
+        self._credentials = credentials
+        self._auth: tuple[str, str] | None = None
         self.final_codes = _FINAL_RPC_CODES | final_codes
         self.chain = chain
         self.metrics = metrics
@@ -162,7 +167,7 @@ class JsonRpc:
             t0 = time.perf_counter()
             try:
                 with trio.fail_after(self.timeout + 1):
-                    resp = await self._client.post(self.url, content=body)
+                    resp = await self._post(body)
             except (httpx.TimeoutException, trio.TooSlowError):
                 self._error(label, "timeout")
                 raise NodeError(f"{self.chain}: {label} timed out after {self.timeout}s") from None
@@ -184,6 +189,24 @@ class JsonRpc:
             self._error(label, "decode")
             raise NodeError(f"{self.chain}: node sent a response that is not JSON to {label}")
         return self._match(calls, ids, data, label)
+
+    async def _post(self, body: bytes) -> httpx.Response:
+        if self._credentials is None:
+            return await self._client.post(self.url, content=body)
+        if self._auth is None:
+            self._auth = self._read_credentials()
+        resp = await self._client.post(self.url, content=body, auth=self._auth)
+        if resp.status_code == 401:  # the node restarted and wrote new credentials
+            self._auth = self._read_credentials()
+            resp = await self._client.post(self.url, content=body, auth=self._auth)
+        return resp
+
+    def _read_credentials(self) -> tuple[str, str]:
+        assert self._credentials is not None
+        try:
+            return self._credentials()
+        except OSError as e:  # never say what is in the file, only that it cannot be read
+            raise NodeError(f"{self.chain}: cannot read the node's credentials: {e.strerror or type(e).__name__}") from None
 
     def _match(self, calls: list[Call], ids: list[int], data: Any, label: str) -> list[Any]:
         items = data if isinstance(data, list) else [data]

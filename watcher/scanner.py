@@ -122,11 +122,11 @@ class ChainWatcher:
         self._m_halted.set(0)
         self._m_up.set(0)
 
-    def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50,
-                     final_codes: frozenset[int] = frozenset()) -> JsonRpc:
+    def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50, final_codes: frozenset[int] = frozenset(),
+                     credentials: Callable[[], tuple[str, str]] | None = None) -> JsonRpc:
         return JsonRpc(self.config.rpc_url, chain=self.config.id, metrics=self.metrics,
                        timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch,
-                       final_codes=final_codes)
+                       final_codes=final_codes, credentials=credentials)
 
     def open_client(self) -> ChainClient:
         return self.spec.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))

@@ -57,7 +57,9 @@ class BitcoinFamily(ChainFamily):
         network = NETWORKS[name]
         if table.has("assets"):
             raise ConfigError(table.key("assets"), "the bitcoin family has no tokens: only its native coin is watched")
-        cookie = table.take("rpc_cookie_file", str, None)
+        cookie = table.take("rpc_cookie_file", str, None,
+                            check=lambda v: None if Path(v).expanduser().is_absolute()
+                            else "must be an absolute path (the node's datadir/.cookie)")
         sweep, payouts = table.table("sweep"), table.table("payouts")
         fee_min = _fee_rate(payouts, "fee_rate_min", "1")
         fee_max = _fee_rate(payouts, "fee_rate_max", "500")
@@ -80,6 +82,7 @@ class BitcoinFamily(ChainFamily):
 
 class BitcoinSpec(ChainSpec):
     family = "bitcoin"
+    sends = False  # the wallet (UTXO payouts and consolidating sweeps) is not built yet (issue 11)
     native_decimals = 8
     confirmations = 6
     finality_depth = 100
@@ -109,4 +112,6 @@ class BitcoinSpec(ChainSpec):
         return f"{self.network.uri_scheme}:{address}?amount={format_amount(amount, asset.decimals)}"
 
     def open_client(self, ctx: ChainContext) -> ChainClient:
-        raise NotImplementedError("the bitcoin family's client is not built yet (issue 11)")
+        from .client import BitcoinClient
+
+        return BitcoinClient(ctx, self.options)

@@ -13,9 +13,8 @@ What is credited:
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Iterable
+from typing import Any, ParamSpec, TypeVar
 
 from eth_utils import keccak
 
@@ -29,6 +28,7 @@ from watcher.chains import (
     Transfer,
     TxLookup,
     TxStatus,
+    node_data,
 )
 from watcher.config import AssetConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
@@ -58,22 +58,6 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
-def _node_data(fn: Callable[Concatenate[EvmClient, _P], Coroutine[Any, Any, _T]],
-               ) -> Callable[Concatenate[EvmClient, _P], Coroutine[Any, Any, _T]]:
-    """An answer of the wrong type or shape (a number that is not hex, a block that is a
-    string, a receipt without a block hash) is the node's fault: it becomes a NodeError,
-    which the caller backs off and retries, instead of an exception that would end the
-    chain's task and with it the daemon and every other chain."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: EvmClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        try:
-            return await fn(self, *args, **kwargs)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise NodeError(f"{self.cfg.id}: malformed answer from the node in {fn.__name__}: "
-                            f"{type(e).__name__}: {str(e)[:200]}") from e
-
-    return wrapper
 
 
 def _int(x: str | None) -> int:
@@ -110,7 +94,7 @@ class EvmClient(ChainClient):
     async def aclose(self) -> None:
         await self.rpc.aclose()
 
-    @_node_data
+    @node_data
     async def check(self) -> dict[str, Any]:
         chain_id = _int(await self.rpc.call("eth_chainId"))
         if self.opts.chain_id is not None and chain_id != self.opts.chain_id:
@@ -119,18 +103,18 @@ class EvmClient(ChainClient):
         self.chain_id = chain_id
         return {"chain_id": chain_id}
 
-    @_node_data
+    @node_data
     async def head(self) -> int:
         return _int(await self.rpc.call("eth_blockNumber"))
 
-    @_node_data
+    @node_data
     async def block_hashes(self, numbers: list[int]) -> dict[int, tuple[str, str]]:
         results = await self.rpc.batch([("eth_getBlockByNumber", (hex(n), False)) for n in numbers])
         return {n: (b["hash"], b["parentHash"]) for n, b in zip(numbers, results, strict=True) if b}
 
     # --- scanning ------------------------------------------------------------------------
 
-    @_node_data
+    @node_data
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
         raw_blocks: list[dict[str, Any]] = []
         logs: list[dict[str, Any]] = []
@@ -329,7 +313,7 @@ class EvmClient(ChainClient):
 
     # --- one transaction (submit-tx) --------------------------------------------------------
 
-    @_node_data
+    @node_data
     async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:
         tx, rc = await self.rpc.batch([("eth_getTransactionByHash", (txid,)), ("eth_getTransactionReceipt", (txid,))])
         if tx is None:
@@ -366,7 +350,7 @@ class EvmClient(ChainClient):
 
     # --- reading for the wallet ------------------------------------------------------------
 
-    @_node_data
+    @node_data
     async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:
         tag = "latest" if block is None else hex(block)
         if asset.contract is None:
@@ -377,7 +361,7 @@ class EvmClient(ChainClient):
                             f"{str(result)[:20]!r}; is it deployed on this chain?", retryable=False)
         return decode_uint(result)
 
-    @_node_data
+    @node_data
     async def fee_quote(self) -> FeeQuote:
         """What a transaction should pay per gas to be included soon."""
         mode = self.opts.fee_mode
@@ -398,12 +382,12 @@ class EvmClient(ChainClient):
         price = _int(await self.rpc.call("eth_gasPrice"))
         return FeeQuote(max_fee=price + price // 10)
 
-    @_node_data
+    @node_data
     async def nonce(self, address: str, *, pending: bool = True) -> int:
         """The account's next nonce, counting mempool transactions if ``pending``."""
         return _int(await self.rpc.call("eth_getTransactionCount", address, "pending" if pending else "latest"))
 
-    @_node_data
+    @node_data
     async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
         """Gas a transfer of ``amount`` of ``asset`` from ``sender`` to ``to`` needs."""
         if asset.contract is None:
@@ -432,7 +416,7 @@ class EvmClient(ChainClient):
                                                     "temporarily", "try again", "busy"))
             raise BroadcastRejected(e.message, permanent=permanent) from None
 
-    @_node_data
+    @node_data
     async def tx_statuses(self, txids: list[str]) -> dict[str, TxStatus]:
         """Receipts and transactions of every txid in one JSON-RPC batch."""
         if not txids:

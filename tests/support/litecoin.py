@@ -44,13 +44,15 @@ class RpcFailure(Exception):
 class Litecoind:
     """One regtest node. ``with Litecoind() as node:`` starts and stops it."""
 
-    def __init__(self, *, replacement: bool = True, txindex: bool = True, extra: tuple[str, ...] = ()):
+    def __init__(self, *, replacement: bool = True, txindex: bool = True, cookie: bool = False,
+                 extra: tuple[str, ...] = ()):
         self.replacement = replacement
+        self.cookie = cookie  # authenticate with the .cookie file the node writes at each start
         self.txindex = txindex
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.datadir: Path | None = None
-        self.rpc_port = 0
+        self.rpc_port = self.p2p_port = 0
         self._client = httpx.Client(timeout=60, trust_env=False)
         self._ids = 0
         self._payer: str | None = None
@@ -64,17 +66,34 @@ class Litecoind:
 
     @property
     def url(self) -> str:
-        """The RPC URL with its credentials, as a watcher config's ``rpc_url`` takes it."""
+        """The RPC URL with its credentials, as a watcher config's ``rpc_url`` takes it (without
+        them when the node uses its cookie file)."""
+        if self.cookie:
+            return f"http://127.0.0.1:{self.rpc_port}"
         return f"http://{RPC_USER}:{RPC_PASSWORD}@127.0.0.1:{self.rpc_port}"
 
+    @property
+    def cookie_file(self) -> Path:
+        assert self.datadir is not None
+        return self.datadir / "regtest" / ".cookie"
+
+    def _auth(self) -> tuple[str, str]:
+        if self.cookie:
+            user, _, password = self.cookie_file.read_text().strip().partition(":")
+            return user, password
+        return RPC_USER, RPC_PASSWORD
+
     def start(self) -> None:
+        """Start on a new datadir, or again on the same one (and the same ports) after stop()."""
         if shutil.which("litecoind") is None:
             raise RuntimeError("litecoind is not installed: run `make deps` (Debian package litecoind)")
-        self.datadir = Path(tempfile.mkdtemp(prefix="litecoind-"))
-        self.rpc_port = _free_port()
+        if self.datadir is None:
+            self.datadir = Path(tempfile.mkdtemp(prefix="litecoind-"))
+            self.rpc_port, self.p2p_port = _free_port(), _free_port()
+        auth = [] if self.cookie else [f"-rpcuser={RPC_USER}", f"-rpcpassword={RPC_PASSWORD}"]
         args = ["litecoind", "-regtest", f"-datadir={self.datadir}", f"-rpcport={self.rpc_port}",
-                f"-port={_free_port()}", "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1",
-                f"-rpcuser={RPC_USER}", f"-rpcpassword={RPC_PASSWORD}", "-server=1", "-listen=0", "-dnsseed=0",
+                f"-port={self.p2p_port}", "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1",
+                *auth, "-server=1", "-listen=0", "-dnsseed=0",
                 "-discover=0", "-fallbackfee=0.0001", "-vbparams=mweb:-2:0", "-printtoconsole=0",
                 f"-txindex={int(self.txindex)}", *(["-mempoolreplacement=1"] if self.replacement else []),
                 *self.extra]
@@ -85,8 +104,10 @@ class Litecoind:
         while True:
             try:
                 self.rpc("getblockchaininfo")
+                if self._payer is not None:  # started again: the payer's wallet is not loaded by itself
+                    self.rpc("loadwallet", "payer")
                 return
-            except (httpx.HTTPError, RpcFailure):
+            except (httpx.HTTPError, RpcFailure, OSError):  # OSError: no cookie written yet
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     err = self._log.read_text(errors="replace")
                     self.close()
@@ -119,7 +140,7 @@ class Litecoind:
     def rpc(self, method: str, *params: Any, wallet: str | None = None) -> Any:
         self._ids += 1
         path = f"/wallet/{wallet}" if wallet else "/"
-        r = self._client.post(f"http://127.0.0.1:{self.rpc_port}{path}", auth=(RPC_USER, RPC_PASSWORD),
+        r = self._client.post(f"http://127.0.0.1:{self.rpc_port}{path}", auth=self._auth(),
                               json={"jsonrpc": "1.0", "id": self._ids, "method": method, "params": list(params)})
         data = r.json(parse_float=Decimal)
         if data.get("error"):
@@ -142,6 +163,10 @@ class Litecoind:
 
     def mine(self, blocks: int = 1) -> list[str]:
         return list(self.rpc("generatetoaddress", blocks, self.payer))
+
+    def mine_empty(self, blocks: int = 1) -> list[str]:
+        """Blocks without the mempool's transactions (``generateblock`` with none)."""
+        return [str(self.rpc("generateblock", self.payer, [])["hash"]) for _ in range(blocks)]
 
     def send(self, to: str, sats: int) -> str:
         """Pay ``sats`` from the payer wallet to ``to`` (into the mempool); the txid."""

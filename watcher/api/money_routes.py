@@ -83,6 +83,9 @@ async def create_payout(req: ApiRequest) -> Any:
     metadata = check_metadata(body.get("metadata", {}))
     if store.hot_wallet(cfg.id) is None:
         raise WatchOnlyError("watcher runs watch-only (keys.xpub): payouts need the seed")
+    if not cfg.spec.sends:
+        raise BadRequest(f"chain {cfg.id!r}: the {cfg.family} family cannot send yet", code="cannot_send",
+                         status=409)
     existing = store.payouts.by_key(key)
     if existing is None:  # checks judge new payouts only: a replay must not count itself twice
         request = PayoutRequest(chain=cfg.id, asset=asset.symbol, amount=amount, to=to, label=label,

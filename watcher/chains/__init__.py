@@ -8,7 +8,7 @@
 """
 
 from .family import Account, ChainContext, ChainFamily, ChainKeys, ChainSpec, KeyScheme
-from .scan import AddressFilter, Block, ChainClient, Transfer, TransferKind, TxLookup
+from .scan import AddressFilter, Block, ChainClient, Transfer, TransferKind, TxLookup, node_data
 from .wallet import (
     BroadcastRejected,
     Deposit,
@@ -35,5 +35,5 @@ __all__ = [
     "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
     "ChainKeys", "ChainSpec", "Deposit", "Done", "Fail", "KeyScheme", "PayoutIntent", "Purpose", "Release",
     "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
-    "TxLookup", "TxState", "TxStatus", "Wait", "Wallet", "WalletContext", "WalletState",
+    "TxLookup", "TxState", "TxStatus", "Wait", "Wallet", "WalletContext", "WalletState", "node_data",
 ]

@@ -82,7 +82,7 @@ class ChainContext:
     """What the core gives a family when it opens a client for one configured chain."""
 
     config: ChainConfig
-    # jsonrpc(concurrency=, max_batch=, final_codes=): a transport to config.rpc_url
+    # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=): a transport to config.rpc_url
     jsonrpc: Callable[..., JsonRpc]
 
 
@@ -123,6 +123,9 @@ class ChainSpec:
         """A wallet link for paying ``amount`` of ``asset`` to ``address`` (EIP-681, BIP21);
         ``node_info`` is what the client's ``check()`` returned (e.g. the chain id)."""
         return None
+
+    #: False for a family that only reads (no wallet yet): payouts and sweeps are refused
+    sends: ClassVar[bool] = True
 
     #: JSON schemas of the fields ``tx_fields`` and ``payout_fields`` add (for /openapi.json)
     tx_schema: ClassVar[dict[str, Any]] = {}

@@ -11,12 +11,15 @@ UTXO family: the output index).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
+
+from ..errors import NodeError
 
 if TYPE_CHECKING:
-    from ..config import AssetConfig
+    from ..config import AssetConfig, ChainConfig
 
 AddressFilter = Callable[[Iterable[str]], set[str]]
 """Given canonical addresses, return the subset watched on this chain. Cheap, synchronous,
@@ -57,6 +60,34 @@ class TxLookup:
     txid: str
     status: Literal["unknown", "pending", "failed", "included"]
     block: Block | None = None  # for "included": the block, carrying the transfers of this tx
+
+
+class _HasConfig(Protocol):
+    cfg: ChainConfig
+
+
+_C = TypeVar("_C", bound=_HasConfig)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def node_data(fn: Callable[Concatenate[_C, _P], Coroutine[Any, Any, _T]]
+              ) -> Callable[Concatenate[_C, _P], Coroutine[Any, Any, _T]]:
+    """For a client's methods: an answer of the wrong type or shape (a number that is not a
+    number, a block that is a string, a missing field) is the node's fault. It becomes a
+    :class:`~watcher.errors.NodeError`, which the core backs off and retries, instead of an
+    exception that would end the chain's task and with it the daemon. The client has ``cfg``
+    (its :class:`~watcher.config.ChainConfig`)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: _C, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise NodeError(f"{self.cfg.id}: malformed answer from the node in {fn.__name__}: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from e
+
+    return wrapper
 
 
 class ChainClient:

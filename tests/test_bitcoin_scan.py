@@ -1,0 +1,182 @@
+"""The Bitcoin family reading a real Litecoin Core regtest node: BIP84 deposit addresses, every
+output to a watched address its own transfer, confirmations, reorgs by invalidateblock at
+depths 1, 3 and 6, invoices paid through their BIP21 URI, external addresses of every type,
+submit-tx, and a node of another network refused. (Sending is not built yet: payouts answer
+409.)"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+import trio
+
+from tests.support.daemon import (
+    API_TOKEN,
+    TEST_MNEMONIC,
+    free_port,
+    running,
+    wait_until,
+    write_config,
+)
+from tests.support.litecoin import COIN, Litecoind
+from watcher.keys import Keyring
+from watcher_bitcoin import BitcoinFamily
+from watcher_bitcoin.family import BitcoinSpec
+
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}
+
+
+def ltc_entry(node: Litecoind, **extra) -> dict:
+    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 2,
+            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
+
+
+def transfers(d, **kw) -> list[dict]:
+    return d.views.transfers(chain="ltc", limit=1000, **kw)[0]
+
+
+async def mine(node: Litecoind, n: int = 1) -> None:
+    await trio.to_thread.run_sync(node.mine, n)
+
+
+async def test_deposits_confirm_and_survive_reorgs_of_depth_1_3_and_6(tmp_path, litecoind: Litecoind):
+    node = litecoind
+    node.payer  # noqa: B018 - funds the payer (101 blocks)
+    port = free_port()
+    cfg = write_config(tmp_path, [ltc_entry(node)], api_port=port)
+    with trio.fail_after(120):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                                                                  trust_env=False) as http:
+            r = await http.post("/v1/addresses", json={"chain": "ltc", "label": "alice"})
+            assert r.status_code == 201, r.text
+            alice = r.json()
+            spec = d.config.chain("ltc").spec
+            assert isinstance(spec, BitcoinSpec)
+            expected = spec.address_from_public_key(Keyring.from_mnemonic(TEST_MNEMONIC).public_key("m/84'/1'/0'", 0))
+            assert alice["address"] == expected and alice["address"].startswith("rltc1q")
+            assert alice["derivation_path"] == "m/84'/1'/0'/0/0"
+            bob = (await http.post("/v1/addresses", json={"chain": "ltc", "label": "bob"})).json()["address"]
+            # one transaction paying both: two transfers, one per output
+            txid = node.rpc("sendmany", "", {alice["address"]: "0.5", bob: "0.25"}, wallet="payer")
+            await mine(node)
+            got = await wait_until(lambda: len(transfers(d)) == 2 and transfers(d), what="two transfers")
+            assert {(t["txid"], t["address"], t["base_units"], t["status"]) for t in got} == {
+                (txid, alice["address"], str(COIN // 2), "detected"), (txid, bob, str(COIN // 4), "detected")}
+            outputs = node.rpc("getrawtransaction", txid, True)["vout"]
+            assert {t["index"] for t in got} == {o["n"] for o in outputs if o["value"] in (Decimal("0.5"), Decimal("0.25"))}
+            await mine(node)
+            await wait_until(lambda: all(t["status"] == "confirmed" for t in transfers(d)), what="confirmed")
+            for depth in (1, 3, 6):
+                # a payment in the newest block, then the last `depth` blocks dropped
+                pay = node.send(alice["address"], 10_000_000 + depth)
+                await mine(node, depth)
+                await wait_until(lambda pay=pay, depth=depth: any(t["txid"] == pay and t["status"] == "confirmed" if depth > 1
+                                                     else t["txid"] == pay for t in transfers(d)),
+                                 what=f"payment before the reorg of {depth}")
+                node.invalidate(depth)
+                # as many blocks again without it (it waits in the mempool): the node's chain
+                # differs from ours at our tip, the payment's block is gone
+                await trio.to_thread.run_sync(node.mine_empty, depth)
+                await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay
+                                                  and t["status"] == "orphaned"], what=f"orphaned by {depth}")
+                # mined again, it is the same transfer
+                await mine(node, 2)
+                again = await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay
+                                                          and t["status"] == "confirmed"], what="confirmed again")
+                assert len(again) == 1
+            events = [e.type for e in d.store.events.list(limit=1000, types=("transfer.confirmed",))]
+            assert len(events) == 2 + 3 * 2 - 1  # depth 1 was dropped before it confirmed
+            totals = (await http.get(f"/v1/addresses/ltc/{alice['address']}")).json()["totals"]["LTC"]
+            onchain = sum(u["amount"] for u in node.rpc("scantxoutset", "start", [f"addr({alice['address']})"])["unspents"])
+            assert Decimal(totals["confirmed"]) == onchain
+
+
+async def test_invoices_external_addresses_submit_tx_and_no_payouts_yet(tmp_path, litecoind: Litecoind):
+    node = litecoind
+    node.payer  # noqa: B018
+    port = free_port()
+    cfg = write_config(tmp_path, [ltc_entry(node)], api_port=port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                                                                  trust_env=False) as http:
+            inv = (await http.post("/v1/invoices", json={"chain": "ltc", "asset": "LTC", "amount": "0.12345678"})).json()
+            uri = inv["payment_uri"]
+            assert uri == f"litecoin:{inv['address']}?amount=0.12345678"
+            # a wallet pays what the URI says
+            txid = node.send(uri.split(":")[1].split("?")[0], int(Decimal(uri.split("amount=")[1]) * COIN))
+            r = await http.post(f"/v1/invoices/{inv['id']}/submit-tx", json={"txid": txid})
+            assert r.status_code == 202 and r.json()["tx"]["status"] == "pending"  # in the mempool
+            await mine(node, 1)
+            r = await http.post(f"/v1/invoices/{inv['id']}/submit-tx", json={"txid": txid.upper()})
+            assert r.status_code == 200 and r.json()["tx"]["status"] == "included"
+            await mine(node, 1)
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="invoice completed")
+            # external addresses of the node's own wallet, legacy and P2SH-SegWit
+            for kind in ("legacy", "p2sh-segwit", "bech32"):
+                ext = node.rpc("getnewaddress", "", kind, wallet="payer")
+                r = await http.post("/v1/watch", json={"chain": "ltc", "address": ext, "label": f"ext-{kind}"})
+                assert r.status_code == 201, r.text
+                pay = node.send(ext, 1_000_000)
+                await mine(node, 2)
+                await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay
+                                                  and t["status"] == "confirmed"], what=f"{kind} payment")
+            r = await http.post("/v1/watch", json={"chain": "ltc", "address": "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_address"
+            r = await http.post("/v1/payouts", json={"chain": "ltc", "asset": "LTC", "amount": "0.1",
+                                                     "to": inv["address"], "idempotency_key": "k"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "cannot_send"
+
+
+async def test_a_node_of_another_network_is_refused(litecoind: Litecoind):
+    from prometheus_client import CollectorRegistry
+
+    from watcher.chains import ChainContext
+    from watcher.config import ConfigTable
+    from watcher.errors import ChainMismatch
+    from watcher.jsonrpc import JsonRpc
+    from watcher.metrics import Metrics
+    from watcher_bitcoin.client import BitcoinClient
+
+    metrics = Metrics(CollectorRegistry())
+    for network, ok in (("ltc-regtest", True), ("btc-regtest", False), ("ltc", False)):
+        spec = BitcoinFamily().configure(ConfigTable({"network": network}, "chains[0]"))
+        cfg = type("Cfg", (), {"id": "x", "node": "http://127.0.0.1", "native": type("A", (), {"symbol": "LTC"})})()
+        ctx = ChainContext(config=cfg, jsonrpc=lambda **kw: JsonRpc(litecoind.url, chain="x", metrics=metrics, **kw))
+        client = BitcoinClient(ctx, spec.options)
+        try:
+            if ok:
+                info = await client.check()
+                assert info["chain"] == "regtest" and len(info["genesis"]) == 64
+            else:
+                with pytest.raises(ChainMismatch, match=f"network = '{network}'"):
+                    await client.check()
+        finally:
+            await client.aclose()
+
+
+async def test_cookie_authentication_survives_a_node_restart(tmp_path):
+    """rpc_cookie_file instead of credentials in rpc_url: the node writes a new cookie at each
+    start; watcher reads it again when the node answers 401."""
+    node = Litecoind(cookie=True)
+    node.start()
+    try:
+        node.payer  # noqa: B018
+        cfg = write_config(tmp_path, [ltc_entry(node, rpc_cookie_file=str(node.cookie_file))])
+        with trio.fail_after(90):
+            async with running(cfg) as d:
+                first = node.cookie_file.read_text()
+                addr, _ = d.store.addresses.deposit_address("ltc", "carol")
+                node.send(addr.address, 5_000_000)
+                await mine(node, 2)
+                await wait_until(lambda: [t for t in transfers(d) if t["status"] == "confirmed"], what="confirmed")
+                await trio.to_thread.run_sync(node.stop)
+                await trio.to_thread.run_sync(node.start)
+                assert node.cookie_file.read_text() != first
+                node.send(addr.address, 6_000_000)
+                await mine(node, 2)
+                await wait_until(lambda: len([t for t in transfers(d) if t["status"] == "confirmed"]) == 2,
+                                 what="confirmed after the restart")
+    finally:
+        node.close()
