@@ -60,21 +60,22 @@ class BitcoinFamily(ChainFamily):
         cookie = table.take("rpc_cookie_file", str, None,
                             check=lambda v: None if Path(v).expanduser().is_absolute()
                             else "must be an absolute path (the node's datadir/.cookie)")
-        sweep, payouts = table.table("sweep"), table.table("payouts")
-        fee_min = _fee_rate(payouts, "fee_rate_min", "1")
-        fee_max = _fee_rate(payouts, "fee_rate_max", "500")
+        sweep = table.table("sweep")
+        fee_min = _fee_rate(table, "fee_rate_min", "1")
+        fee_max = _fee_rate(table, "fee_rate_max", "500")
         if fee_max < fee_min:
-            raise ConfigError(payouts.key("fee_rate_max"), "must be at least fee_rate_min")
+            raise ConfigError(table.key("fee_rate_max"), "must be at least fee_rate_min")
         options = BitcoinOptions(
             network=network,
             rpc_cookie_file=Path(cookie).expanduser() if cookie else None,
             mempool=table.take("mempool", bool, True),
             fee_rate_min=fee_min,
             fee_rate_max=fee_max,
-            fee_rate_fallback=_fee_rate(payouts, "fee_rate_fallback", "10"),
-            # Litecoin nodes mostly refuse replacements (-mempoolreplacement is off by default)
-            fee_bump=payouts.take("fee_bump", str, "rbf" if network.symbol == "BTC" else "cpfp",
-                                  check=one_of("rbf", "cpfp")),
+            fee_rate_fallback=_fee_rate(table, "fee_rate_fallback", "10"),
+            # how a stuck transaction is bumped (the [chains.payouts] fee_bump fraction says by
+            # how much); Litecoin nodes mostly refuse replacements (-mempoolreplacement is off)
+            fee_bump=table.take("fee_bump", str, "rbf" if network.symbol == "BTC" else "cpfp",
+                                check=one_of("rbf", "cpfp")),
             max_inputs=sweep.take("max_inputs", int, 100, check=between(1, 1000)),
         )
         return BitcoinSpec(options)
