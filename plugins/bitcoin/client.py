@@ -1,17 +1,21 @@
-"""Reading a Bitcoin Core (or Litecoin Core) node over JSON-RPC: blocks with verbosity 2,
-outputs matched to watched addresses, one transaction, balances with ``scantxoutset``.
+"""Reading a Bitcoin Core (or Litecoin Core) node over JSON-RPC: raw blocks, outputs matched
+to watched scripts, one transaction, balances with ``scantxoutset``.
 
 A transfer is ``(chain, txid, vout)``: every output to a watched address is its own transfer.
-Amounts arrive as JSON numbers of coins; they are turned into satoshis exactly (a number
-below 10 million coins has at most 15 significant digits, which a double keeps; a block with a
-larger output is fetched again with exact decimals).
+Blocks are read serialized (``getblock <hash> 0``, see :mod:`.rawblock`): the candidate
+scripts of a whole batch are looked up at once by match key (the output script, hex:
+``BitcoinSpec.match_key``), and only a block holding a watched script is parsed in full.
+Amounts are the serialized satoshis, exact; where the node's JSON is read instead (a
+transaction the parser does not know), amounts are parsed as exact decimals.
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from watcher.chains import (
     AddressFilter,
@@ -24,7 +28,9 @@ from watcher.chains import (
 )
 from watcher.config import AssetConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
+from watcher.tasks import fan_out
 
+from . import rawblock
 from .address import from_script
 from .family import BitcoinOptions
 
@@ -34,32 +40,25 @@ COIN = 10**8
 FINAL_CODES = frozenset({-5, -8, -3})
 NO_BLOCK_YET = -8  # getblockhash above the tip
 NO_SUCH_TX = -5
-_STANDARD = frozenset({"pubkeyhash", "scripthash", "witness_v0_keyhash", "witness_v0_scripthash",
-                       "witness_v1_taproot"})
-_EXACT_BELOW = 10**7  # coins: a float of fewer whole digits holds the 8 decimals exactly
-
-P = ParamSpec("P")
-T = TypeVar("T")
+PART = 50  # blocks a request: a fetch's parts are parsed while the later ones download
 
 
-class _Inexact(Exception):
-    """An amount too large for a float to hold to the satoshi."""
+@dataclass(frozen=True, slots=True)
+class _RawBlock:
+    number: int
+    data: bytes
+    head: rawblock.Header
+    candidates: set[str]
 
 
 def sats(value: Any) -> int:
-    """Coins as the node wrote them (a JSON number) to satoshis, exactly."""
-    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
-        raise TypeError(f"an amount of coins, not {type(value).__name__}")
-    if isinstance(value, float):
-        if not abs(value) < _EXACT_BELOW:
-            raise _Inexact
-        value = Decimal(repr(value))
+    """Coins as the node wrote them (an exact decimal: ``JsonRpc.call_exact``) to satoshis."""
+    if not isinstance(value, int | Decimal) or isinstance(value, bool):
+        raise TypeError(f"an exact amount of coins, not {type(value).__name__}")
     units = Decimal(value) * COIN
     if units != units.to_integral_value():
         raise ValueError(f"{value} coins is not a whole number of satoshis")
     return int(units)
-
-
 
 
 def read_cookie(path: Path) -> tuple[str, str]:
@@ -119,58 +118,73 @@ class BitcoinClient(ChainClient):
 
     @node_data
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
-        hashes = await self._hashes(list(range(start, end + 1)))
-        prefix = []
-        for n in range(start, end + 1):  # the blocks the node has, up to the first it lacks
-            if n not in hashes:
+        parts = [(lo, min(lo + PART - 1, end)) for lo in range(start, end + 1, PART)]
+        got: list[list[_RawBlock]] = [[] for _ in parts]
+        async with fan_out() as nursery:  # each part is parsed as it arrives, while the rest download
+            for k, (lo, hi) in enumerate(parts):
+                nursery.start_soon(self._fetch_part, lo, hi, got[k])
+        blocks: list[_RawBlock] = []
+        for (lo, hi), part in zip(parts, got, strict=True):  # up to the first block the node lacks
+            blocks.extend(part)
+            if len(part) < hi - lo + 1:
                 break
-            prefix.append(hashes[n])
-        if not prefix:
-            return []
-        raw: list[dict[str, Any]] = await self.rpc.batch([("getblock", (h, 2)) for h in prefix])
-        for i, b in enumerate(raw):
-            if b["hash"] != prefix[i] or b["height"] != start + i or (
-                    i and b.get("previousblockhash") != raw[i - 1]["hash"]):
+        for prev, b in itertools.pairwise(blocks):
+            if b.head.parent_hash != prev.head.hash:
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
-        outputs: list[tuple[int, str, int, str, Any]] = []  # (block index, txid, vout, address, value)
-        for i, b in enumerate(raw):
-            for tx in b["tx"]:
-                if "coinbase" in tx["vin"][0]:
-                    continue  # coinbase outputs are not credited (they mature after 100 blocks)
-                for out in tx["vout"]:
-                    address = self._address(out["scriptPubKey"])
-                    if address is not None:
-                        outputs.append((i, tx["txid"], out["n"], address, out["value"]))
-        hits = watched({o[3] for o in outputs}) if outputs else set()
-        found: list[list[Transfer]] = [[] for _ in raw]
-        for i, txid, vout, address, value in outputs:
-            if address in hits:
-                try:
-                    amount = sats(value)
-                except _Inexact:  # an output of 10 million coins or more: read that block exactly
-                    amount = await self._exact_value(prefix[i], txid, vout)
-                if amount > 0:
-                    found[i].append(Transfer(txid=txid, index=vout, kind="native", asset=self.native, to=address,
-                                             sender="", amount=amount))
-        return [Block(number=b["height"], hash=b["hash"], parent_hash=b.get("previousblockhash", "0" * 64),
-                      timestamp=int(b["time"]), transfers=tuple(sorted(found[i], key=lambda t: (t.txid, t.index))))
-                for i, b in enumerate(raw)]
+        keys = set().union(*(b.candidates for b in blocks))
+        hits = watched(keys) if keys else set()
+        out = []
+        for b in blocks:
+            mine = b.candidates & hits
+            transfers = await self._transfers(b.data, b.head.hash, mine) if mine else ()
+            out.append(Block(number=b.number, hash=b.head.hash, parent_hash=b.head.parent_hash,
+                             timestamp=b.head.timestamp, transfers=transfers))
+        return out
 
-    def _address(self, spk: dict[str, Any]) -> str | None:
-        """The canonical address of a standard single-key/script output, or None. The node's
-        own string is used where it is already canonical (bech32; base58 but an old-style
-        Litecoin P2SH), else it is rebuilt from the script."""
-        if spk.get("type") not in _STANDARD:
-            return None
-        node = spk.get("address") or (spk.get("addresses") or [None])[0]
-        if isinstance(node, str) and (node.startswith(self.network.hrp + "1") or spk["type"] != "scripthash"):
-            return node
-        return from_script(self.network, bytes.fromhex(spk["hex"]))
+    async def _fetch_part(self, lo: int, hi: int, into: list[_RawBlock]) -> None:
+        """Blocks ``lo..hi`` (up to the first the node lacks), serialized, with the candidate
+        scripts each holds."""
+        hashes = await self._hashes(list(range(lo, hi + 1)))
+        have = list(itertools.takewhile(lambda n: n in hashes, range(lo, hi + 1)))
+        if not have:
+            return
+        raw: list[str] = await self.rpc.batch([("getblock", (hashes[n], 0)) for n in have])
+        for n, text in zip(have, raw, strict=True):
+            data = bytes.fromhex(text)
+            head = rawblock.header(data)
+            if head.hash != hashes[n]:
+                raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
+            into.append(_RawBlock(n, data, head, rawblock.candidate_scripts(data)))
 
-    async def _exact_value(self, block_hash: str, txid: str, vout: int) -> int:
+    async def _transfers(self, data: bytes, block_hash: str, keys: set[str]) -> tuple[Transfer, ...]:
+        """The transfers of one raw block to the watched scripts ``keys`` (hex)."""
+        try:
+            outputs = rawblock.outputs_to(data, {bytes.fromhex(k) for k in keys})
+        except rawblock.Unsupported:  # e.g. Litecoin's MWEB: the node decodes it for us
+            return await self._verbose_transfers(block_hash, keys)
+        found = [self._transfer(o) for o in outputs if o.value > 0 and not o.coinbase]
+        return tuple(sorted(found, key=lambda t: (t.txid, t.index)))
+
+    def _transfer(self, o: rawblock.Output) -> Transfer:
+        to = from_script(self.network, o.script)
+        if to is None:  # only scripts of watched addresses get here, and those are standard
+            raise ValueError(f"output {o.txid}:{o.vout} pays no standard address")
+        return Transfer(txid=o.txid, index=o.vout, kind="native", asset=self.native, to=to, sender="",
+                        amount=o.value)
+
+    async def _verbose_transfers(self, block_hash: str, keys: set[str] | None, *, txid: str | None = None,
+                                 watched: AddressFilter | None = None) -> tuple[Transfer, ...]:
+        """The same from the node's own decoding of the block (exact amounts): the outputs
+        paying ``keys``, or those of transaction ``txid`` that ``watched`` says yes to."""
         block = await self.rpc.call_exact("getblock", block_hash, 2)
-        tx = next(t for t in block["tx"] if t["txid"] == txid)
-        return sats(tx["vout"][vout]["value"])
+        outputs = [rawblock.Output(txid=tx["txid"], vout=out["n"], value=sats(out["value"]),
+                                   script=bytes.fromhex(out["scriptPubKey"]["hex"]), coinbase=n == 0)
+                   for n, tx in enumerate(block["tx"]) if txid is None or tx["txid"] == txid for out in tx["vout"]]
+        if keys is None:
+            assert watched is not None
+            keys = watched({o.script.hex() for o in outputs})
+        found = [self._transfer(o) for o in outputs if o.script.hex() in keys and o.value > 0 and not o.coinbase]
+        return tuple(sorted(found, key=lambda t: (t.txid, t.index)))
 
     # --- one transaction (submit-tx) --------------------------------------------------------
 
@@ -187,10 +201,13 @@ class BitcoinClient(ChainClient):
         header = await self.rpc.call("getblockheader", tx["blockhash"])
         if header.get("confirmations", -1) < 0:
             return TxLookup(txid=txid, status="pending")  # in a block that left the chain
-        candidates = [(out["n"], self._address(out["scriptPubKey"]), out["value"]) for out in tx["vout"]]
-        hits = watched({a for _, a, _ in candidates if a})
-        transfers = tuple(Transfer(txid=txid, index=n, kind="native", asset=self.native, to=a, sender="",
-                                   amount=sats(v)) for n, a, v in candidates if a in hits and sats(v) > 0)
+        try:
+            outputs = rawblock.tx_outputs(bytes.fromhex(tx["hex"]))
+        except rawblock.Unsupported:
+            transfers = await self._verbose_transfers(tx["blockhash"], None, txid=txid, watched=watched)
+        else:
+            hits = watched({o.script.hex() for o in outputs})
+            transfers = tuple(self._transfer(o) for o in outputs if o.script.hex() in hits and o.value > 0)
         block = Block(number=header["height"], hash=header["hash"],
                       parent_hash=header.get("previousblockhash", "0" * 64), timestamp=int(header["time"]),
                       transfers=transfers)

@@ -15,7 +15,7 @@ from watcher.config import ConfigTable, between, one_of
 from watcher.errors import BadRequest, ConfigError
 from watcher.money import format_amount
 
-from .address import canonical, p2wpkh
+from .address import canonical, p2wpkh, to_script
 from .networks import NETWORKS, Network
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class BitcoinSpec(ChainSpec):
     native_decimals = 8
     confirmations = 6
     finality_depth = 100
+    matches_by_key = True  # the client finds output scripts in raw blocks
 
     def __init__(self, options: BitcoinOptions):
         self.options = options
@@ -104,6 +105,10 @@ class BitcoinSpec(ChainSpec):
 
     def address_from_public_key(self, public_key: bytes) -> str:
         return p2wpkh(self.network, public_key)
+
+    def match_key(self, address: str) -> str:
+        """The output script paying ``address`` (hex): what a raw block holds."""
+        return to_script(self.network, address).hex()
 
     def payment_uri(self, config: ChainConfig, address: str, asset: AssetConfig, amount: int,
                     node_info: Mapping[str, Any]) -> str | None:

@@ -147,6 +147,17 @@ class Litecoind:
             raise RpcFailure(method, data["error"])
         return data["result"]
 
+    def batch(self, calls: list[tuple[str, list[Any]]], wallet: str | None = None) -> list[Any]:
+        """Many calls in one JSON-RPC batch; their results in order (raises on the first error)."""
+        path = f"/wallet/{wallet}" if wallet else "/"
+        body = [{"jsonrpc": "1.0", "id": n, "method": m, "params": p} for n, (m, p) in enumerate(calls)]
+        r = self._client.post(f"http://127.0.0.1:{self.rpc_port}{path}", auth=self._auth(), json=body)
+        answers = sorted(r.json(parse_float=Decimal), key=lambda a: a["id"])
+        for (method, _), a in zip(calls, answers, strict=True):
+            if a.get("error"):
+                raise RpcFailure(method, a["error"])
+        return [a["result"] for a in answers]
+
     # --- the test payer (a wallet inside the node) ----------------------------------------
 
     @property

@@ -127,6 +127,16 @@ class ChainSpec:
     #: False for a family that only reads (no wallet yet): payouts and sweeps are refused
     sends: ClassVar[bool] = True
 
+    #: True when the client looks watched addresses up by :meth:`match_key` instead of by the
+    #: canonical address (the ``AddressFilter`` it is given then takes match keys)
+    matches_by_key: ClassVar[bool] = False
+
+    def match_key(self, address: str) -> str:
+        """What the client finds in a block without encoding an address, for a family with
+        ``matches_by_key`` (a UTXO family: the output script, hex). The store keeps it with
+        each watched address and indexes it."""
+        return address
+
     #: JSON schemas of the fields ``tx_fields`` and ``payout_fields`` add (for /openapi.json)
     tx_schema: ClassVar[dict[str, Any]] = {}
     payout_schema: ClassVar[dict[str, Any]] = {}

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from ..config import AssetConfig, ChainConfig
 
 AddressFilter = Callable[[Iterable[str]], set[str]]
-"""Given canonical addresses, return the subset watched on this chain. Cheap, synchronous,
-safe to call with thousands of addresses at once (the core answers it from an index)."""
+"""Given canonical addresses (or, for a family with ``ChainSpec.matches_by_key``, match keys),
+return the subset watched on this chain. Cheap, synchronous, safe to call with thousands of
+candidates at once (the core answers it from an index)."""
 
 TransferKind = Literal["native", "token", "internal"]
 

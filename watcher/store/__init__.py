@@ -82,6 +82,8 @@ class Store:
         db.migrate()
         store = cls(db, config=config, keyring=keyring, metrics=metrics, clock=clock)
         store.check_keyring()
+        for chain in config.chains:
+            store.addresses.fill_match_keys(chain.id)
         return store
 
     def close(self) -> None:

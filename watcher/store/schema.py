@@ -431,3 +431,17 @@ def m006_derivation_accounts(db: Database) -> None:
             WHERE key LIKE 'keyring.coin%';
         """
     )
+
+
+@migrations()
+def m007_address_match_keys(db: Database) -> None:
+    """A family whose client finds outputs by script rather than by address (Bitcoin: a raw
+    block holds scripts, and encoding every output as an address is the slow part of a
+    scan) looks watched addresses up by a match key the family derives from the address.
+    NULL for families that match by address; filled when the store opens."""
+    db.executescript(
+        """
+        ALTER TABLE addresses ADD COLUMN match_key TEXT;
+        CREATE INDEX addresses_match_key ON addresses (chain, match_key) WHERE match_key IS NOT NULL;
+        """
+    )

@@ -1,0 +1,151 @@
+"""Benchmark 8: the Bitcoin family's catch-up scan on a real Litecoin Core regtest node.
+
+A chain of ``blocks`` blocks of ``per_block`` transactions each (1-3 payments and a change
+output apiece; a quarter of a percent of the payments, about 0.5 a block as in benchmark 1,
+to watched deposit addresses) is built with the node's own wallet. The baseline is the
+fastest raw fetch of exactly what the scanner asks (``getblockhash`` for the range, then
+``getblock <hash> 0``: serialized blocks), batched and concurrent over a grid of shapes,
+reading every byte and doing nothing with it.
+Then watcher scans the same range from an empty database and must find exactly the payments
+made to watched addresses.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from tests.support.daemon import write_config
+from tests.support.litecoin import COIN, Litecoind
+from watcher.daemon import Daemon
+
+from .catchup import raw_fetch
+from .chain import BENCH_MNEMONIC
+
+ROUNDS = 3
+
+
+def build(node: Litecoind, blocks: int, per_block: int, watched: list[str], hit_rate: float = 0.0025,
+          seed: int = 7) -> tuple[int, int, int]:
+    """Mine the chain; returns (first block, last block, payments to watched addresses).
+
+    The node wallet's own coin selection takes ~0.2 s a transaction, so each block's
+    transactions are built from ``per_block`` lanes: a lane is a mature coin that pays 1-3
+    outputs and its change to itself, and the change is the lane's coin in the next block. A
+    block's transactions are created, signed and sent as three JSON-RPC batches."""
+    rng = random.Random(seed)
+    node.payer  # noqa: B018 - the payer wallet with its first mature coinbase
+    node.mine(per_block + 100)
+    others = [node.rpc("getnewaddress", "", "bech32", wallet="payer") for _ in range(50)]
+    lanes = [(u["txid"], u["vout"], round(u["amount"] * COIN))
+             for u in node.rpc("listunspent", 1, 9_999_999, wallet="payer") if u["amount"] >= 10][:per_block]
+    assert len(lanes) == per_block, "not enough mature coins for the lanes"
+    back = node.rpc("getnewaddress", "", "bech32", wallet="payer")
+    first, hits = node.head() + 1, 0
+    lanes_next: list[tuple[int, int]] = []
+    for _ in range(blocks):
+        raws = []
+        for txid, vout, value in lanes:
+            outputs: dict[str, int] = {}
+            for _ in range(rng.randint(1, 3)):
+                hit = rng.random() < hit_rate
+                to = rng.choice(watched if hit else others)
+                if to not in outputs:
+                    hits += hit
+                    outputs[to] = rng.randint(10_000, 1_000_000)
+            change = value - sum(outputs.values()) - 10_000
+            raws.append(("createrawtransaction", [[{"txid": txid, "vout": vout}],
+                         [{a: f"{v / COIN:.8f}"} for a, v in outputs.items()] + [{back: f"{change / COIN:.8f}"}]]))
+            lanes_next.append((len(outputs), change))
+        signed = node.batch([("signrawtransactionwithwallet", [r]) for r in node.batch(raws)], wallet="payer")
+        txids = node.batch([("sendrawtransaction", [s["hex"]]) for s in signed])
+        lanes = [(t, vout, change) for t, (vout, change) in zip(txids, lanes_next, strict=True)]
+        lanes_next.clear()
+        node.mine(1)
+    return first, node.head(), hits
+
+
+async def best_raw(url: str, first: int, last: int) -> tuple[float, dict[str, int]]:
+    """The fastest fetch of the scanner's calls over a grid of concurrency x batch size."""
+    hashes = [("getblockhash", [n]) for n in range(first, last + 1)]
+    best, how = 0.0, {}
+    for concurrency in (1, 2, 4, 8):
+        for batch in (10, 25, 50):
+            took = await raw_fetch(url, hashes, concurrency=concurrency, batch=batch)
+            block_hashes = await _hashes(url, first, last)
+            took += await raw_fetch(url, [("getblock", [h, 0]) for h in block_hashes], concurrency=concurrency,
+                                    batch=batch)
+            rate = (last - first + 1) / took
+            if rate > best:
+                best, how = rate, {"concurrency": concurrency, "batch": batch}
+    return best, how
+
+
+async def _hashes(url: str, first: int, last: int) -> list[str]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
+        r = await c.post(url, json=[{"jsonrpc": "2.0", "id": n, "method": "getblockhash", "params": [n]}
+                                    for n in range(first, last + 1)])
+        return [item["result"] for item in sorted(r.json(), key=lambda i: i["id"])]
+
+
+async def scan_once(node: Litecoind, workdir: Path, first: int, last: int, labels: int) -> dict[str, Any]:
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 1,
+             "start_block": first, "poll_interval": 0.05}
+    cfg = write_config(workdir, [entry], mnemonic=BENCH_MNEMONIC, extra={"log": {"level": "warning"}})
+    daemon = Daemon.open(cfg, registry=CollectorRegistry())
+    for i in range(labels):
+        daemon.store.addresses.deposit_address("ltc", f"user{i}")
+    daemon.close()
+    daemon = Daemon.open(cfg, registry=CollectorRegistry())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: daemon.run(api=False, task_status=task_status))
+            t0 = time.perf_counter()
+            while daemon.store.chains.scanned_number("ltc") < last:
+                await trio.sleep(0.002)
+            took = time.perf_counter() - t0
+            nursery.cancel_scope.cancel()
+        found = len(daemon.views.transfers(chain="ltc", limit=1000)[0])
+    finally:
+        daemon.close()
+    return {"seconds": took, "blocks_per_s": (last - first + 1) / took, "transfers": found}
+
+
+def run(blocks: int = 300, per_block: int = 120, labels: int = 10, hit_rate: float = 0.0025) -> dict[str, Any]:
+    from watcher.config import ConfigTable
+    from watcher.keys import Keyring
+    from watcher_bitcoin.family import BitcoinFamily
+
+    spec = BitcoinFamily().configure(ConfigTable({"network": "ltc-regtest"}, "bench"))
+    keys = Keyring.from_mnemonic(BENCH_MNEMONIC)
+    watched = [spec.address_from_public_key(keys.public_key(spec.keys.deposit_path, i)) for i in range(labels)]
+    with Litecoind() as node, tempfile.TemporaryDirectory(prefix="watcher-bench-btc-") as work:
+        t0 = time.monotonic()
+        first, last, hits = build(node, blocks, per_block, watched, hit_rate)
+        built = time.monotonic() - t0
+        raws, scans, how = [], [], {}
+        for i in range(ROUNDS):  # interleaved, so drift in the machine's speed hits both alike
+            raw, how = trio.run(best_raw, node.url, first, last) if i == 0 else (
+                trio.run(_raw_at, node.url, first, last, how), how)
+            raws.append(raw)
+            r = trio.run(scan_once, node, Path(work) / f"scan{i}", first, last, labels)
+            assert r["transfers"] == hits, f"found {r['transfers']} transfers, sent {hits}"
+            scans.append(r["blocks_per_s"])
+    raw, scan = max(raws), max(scans)
+    return {"blocks": last - first + 1, "payments_per_block": per_block, "transfers_found": hits,
+            "build_s": built, "raw_fetch_blocks_per_s": raw, "raw_fetch_how": how, "watcher_blocks_per_s": scan,
+            "ratio": scan / raw, "target_ratio": 0.9, "rounds": {"raw": raws, "watcher": scans}}
+
+
+async def _raw_at(url: str, first: int, last: int, how: dict[str, int]) -> float:
+    took = await raw_fetch(url, [("getblockhash", [n]) for n in range(first, last + 1)], **how)
+    took += await raw_fetch(url, [("getblock", [h, 0]) for h in await _hashes(url, first, last)], **how)
+    return (last - first + 1) / took

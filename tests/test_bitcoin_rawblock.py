@@ -1,0 +1,130 @@
+"""Reading serialized blocks and transactions (``watcher_bitcoin.rawblock``) against what a real
+Litecoin Core node says about the same bytes: header fields, every output's txid, index, exact
+satoshis and script, the candidate scripts a scan looks up, and the node's own decoding as the
+fallback for a serialization the parser does not know."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.support.daemon import running, wait_until, write_config
+from tests.support.litecoin import COIN, Litecoind
+from watcher.core import Core
+from watcher_bitcoin import rawblock
+from watcher_bitcoin.address import to_script
+from watcher_bitcoin.networks import NETWORKS
+
+LTC = NETWORKS["ltc-regtest"]
+
+
+def _sats(value: Decimal) -> int:
+    return int(value * COIN)
+
+
+def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Litecoind):
+    node = litecoind
+    node.payer  # noqa: B018
+    # outputs of every type the wallet writes, several in one transaction, one zero-value
+    to = [node.rpc("getnewaddress", "", kind, wallet="payer") for kind in ("bech32", "p2sh-segwit", "legacy")]
+    node.rpc("sendmany", "", {to[0]: "0.1", to[1]: "0.2", to[2]: "0.30000001"}, wallet="payer")
+    node.send(to[0], 123_456_789)
+    (block_hash,) = node.mine(1)
+    raw = bytes.fromhex(node.rpc("getblock", block_hash, 0))
+    verbose = node.rpc("getblock", block_hash, 2)
+    assert len(verbose["tx"]) == 3
+
+    head = rawblock.header(raw)
+    assert (head.hash, head.parent_hash, head.timestamp) == (verbose["hash"], verbose["previousblockhash"],
+                                                            verbose["time"])
+    expected = [(tx["txid"], out["n"], _sats(out["value"]), out["scriptPubKey"]["hex"], n == 0)
+                for n, tx in enumerate(verbose["tx"]) for out in tx["vout"]]
+    every_script = {bytes.fromhex(e[3]) for e in expected}
+    got = [(o.txid, o.vout, o.value, o.script.hex(), o.coinbase) for o in rawblock.outputs_to(raw, every_script)]
+    assert got == expected
+    # only what is asked for; the walk stops after the last transaction holding it
+    one = bytes.fromhex(expected[-1][3])
+    assert [o.txid for o in rawblock.outputs_to(raw, {one})] == [e[0] for e in expected if e[3] == one.hex()]
+    assert rawblock.outputs_to(raw, {to_script(LTC, node.rpc("getnewaddress", "", "bech32", wallet="payer"))}) == []
+
+    # every standard output script is a candidate (the coinbase's witness commitment is not standard)
+    standard = {e[3] for e in expected if not e[3].startswith("6a")}
+    assert standard <= rawblock.candidate_scripts(raw)
+    assert {to_script(LTC, a).hex() for a in to} <= standard
+
+    for tx in verbose["tx"][1:]:
+        tx_raw = bytes.fromhex(node.rpc("getrawtransaction", tx["txid"], False, block_hash))
+        assert rawblock.txid(tx_raw) == tx["txid"]
+        assert [(o.vout, o.value, o.script.hex()) for o in rawblock.tx_outputs(tx_raw)] == [
+            (out["n"], _sats(out["value"]), out["scriptPubKey"]["hex"]) for out in tx["vout"]]
+        with pytest.raises(ValueError, match="truncated"):
+            rawblock.tx_outputs(tx_raw[:-3])
+        with pytest.raises(ValueError, match="after the transaction"):
+            rawblock.tx_outputs(tx_raw + b"\x00")
+    with pytest.raises(ValueError):
+        rawblock.outputs_to(raw[: len(raw) // 2], every_script)
+    with pytest.raises(ValueError, match="shorter than its header"):
+        rawblock.header(raw[:60])
+
+
+def test_candidates_overlap_and_unknown_serializations_are_refused():
+    # a P2WPKH script whose 20-byte program itself holds the start of another candidate: both found
+    inner = bytes.fromhex("0014") + bytes(range(20))
+    program = b"\x16" + inner[:19]
+    outer = b"\x16\x00\x14" + program
+    found = rawblock.candidate_scripts(b"\xff" + outer + inner[19:] + b"\xff" * 30)
+    assert outer[1:].hex() in found and inner.hex() in found
+    # Litecoin's MWEB transactions (flag 0x08) are not read here: the client asks the node
+    mweb = (2).to_bytes(4, "little") + b"\x00\x08" + b"\x01" + b"\x00" * 36 + b"\x00" + b"\xff" * 4 + b"\x00" * 8
+    with pytest.raises(rawblock.Unsupported):
+        rawblock.tx_outputs(mweb)
+
+
+async def test_a_block_the_parser_cannot_read_is_read_from_the_nodes_json(tmp_path, litecoind: Litecoind,
+                                                                         monkeypatch):
+    """A block holding a serialization the parser refuses (on mainnet: MWEB) is credited from
+    ``getblock <hash> 2`` with exact amounts, the same transfers the parser gives."""
+    node = litecoind
+    node.payer  # noqa: B018
+
+    def refuse(block: bytes, scripts: set[bytes]) -> list[rawblock.Output]:
+        raise rawblock.Unsupported("transaction flag 0x8")
+
+    monkeypatch.setattr(rawblock, "outputs_to", refuse)
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 1,
+             "start_block": 0, "poll_interval": 0.1}
+    cfg = write_config(tmp_path, [entry])
+    async with running(cfg) as d:
+        alice = d.store.addresses.deposit_address("ltc", "alice")[0].address
+        txid = node.rpc("sendmany", "", {alice: "1.00000001", node.payer: "2"}, wallet="payer")
+        node.mine(1)
+        got = await wait_until(lambda: d.views.transfers(chain="ltc", limit=10)[0], what="a transfer")
+    assert [(t["txid"], t["address"], t["base_units"]) for t in got] == [(txid, alice, str(COIN + 1))]
+
+
+def test_watched_addresses_are_looked_up_by_script_and_old_rows_get_theirs(tmp_path):
+    """The scan finds output scripts, so a Bitcoin chain's addresses are looked up by their
+    script (the match key); a row without one (written before migration m007) gets it when the
+    store opens."""
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": "http://127.0.0.1:9"}
+    cfg = write_config(tmp_path, [entry])
+    core = Core.open(cfg, registry=CollectorRegistry())
+    try:
+        alice = core.store.addresses.deposit_address("ltc", "alice")[0].address
+        legacy = "mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn"  # P2PKH on the test networks
+        core.store.addresses.watch_external("ltc", legacy, None)
+        scripts = {to_script(LTC, a).hex(): a for a in (alice, legacy)}
+        assert core.store.addresses.watched("ltc", [*scripts, "0014" + "00" * 20]) == set(scripts)
+        assert core.store.addresses.watched("ltc", [alice, legacy]) == set()  # addresses are not keys
+        with core.store.db.transaction() as conn:
+            conn.execute("UPDATE addresses SET match_key = NULL")
+    finally:
+        core.close()
+    core = Core.open(cfg, registry=CollectorRegistry())
+    try:
+        assert core.store.db.scalar("SELECT count(*) FROM addresses WHERE match_key IS NULL") == 0
+        assert core.store.addresses.watched("ltc", scripts) == set(scripts)
+    finally:
+        core.close()
