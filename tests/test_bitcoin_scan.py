@@ -79,8 +79,11 @@ async def test_deposits_confirm_and_survive_reorgs_of_depth_1_3_and_6(tmp_path, 
                 # as many blocks again without it (it waits in the mempool): the node's chain
                 # differs from ours at our tip, the payment's block is gone
                 await trio.to_thread.run_sync(node.mine_empty, depth)
-                await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay
-                                                  and t["status"] == "orphaned"], what=f"orphaned by {depth}")
+                await wait_until(lambda pay=pay: [e for e in d.store.events.list(limit=1000, types=("transfer.orphaned",))
+                                                  if e.data["txid"] == pay], what=f"orphaned by {depth}")
+                # back in the node's mempool: detected again, unmined
+                await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay and t["status"] == "detected"
+                                                  and t["block_number"] is None], what="back in the mempool")
                 # mined again, it is the same transfer
                 await mine(node, 2)
                 again = await wait_until(lambda pay=pay: [t for t in transfers(d) if t["txid"] == pay

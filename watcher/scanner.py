@@ -197,6 +197,8 @@ class ChainWatcher:
         while True:
             try:
                 more = await self._step(client)
+                if not more:  # at the head: what waits in the mempool (families that have one)
+                    await self._mempool(client)
             except InconsistentData as e:
                 self.metrics.errors.labels("inconsistent_node_data").inc()
                 log.info("%s: %s; fetching again", self.config.id, e, extra={"chain": self.config.id})
@@ -280,6 +282,13 @@ class ChainWatcher:
                         nursery.cancel_scope.cancel()
                         return
                     self._apply(blocks, head, t0)
+
+    async def _mempool(self, client: ChainClient) -> None:
+        pool = await client.mempool(self._watched)
+        if pool is None:
+            return
+        if self.store.chains.apply_mempool(self.config, pool):
+            self._blocks_changed()
 
     def _apply(self, blocks: list[Block], head: int, t0: float) -> int:
         """Store a batch that continues the cursor (one transaction) and report it; returns

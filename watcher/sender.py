@@ -82,8 +82,10 @@ class Sender:
         middle of a scan. Nothing to open when watch-only."""
         if self.hot is None:
             return
+        hot, native = self.hot, self.cfg.native.symbol
         ctx = WalletContext(config=self.cfg, client=client, keys=self.keys,
-                            in_flight=lambda: self.store.chaintxs.in_flight(self.chain))
+                            in_flight=lambda: self.store.chaintxs.in_flight(self.chain),
+                            hot_coins=lambda: self.store.transfers.coins_of(self.chain, hot, native))
         self.wallet = self.cfg.spec.open_wallet(ctx)
         if self.wallet is not None:
             self.tracker = Tracker(self.cfg, self.store, self.wallet, self.metrics)

@@ -22,6 +22,7 @@ import trio
 from .chains import (
     Done,
     Fail,
+    Later,
     Send,
     SignedTx,
     StoredTx,
@@ -128,6 +129,10 @@ class Sweeper:
                                                 min_amount=sweep.min_amount)
         covered: set[tuple[str, str]] = set()
         for p in plans:
+            if isinstance(p, Later):  # worth it, but no room in this run: kept, and planned again soon
+                covered.update((a, p.asset) for a in p.addresses)
+                deferred += len(p.addresses)
+                continue
             sid = self.store.sweeps.plan(self.chain, p, sweep.to)
             covered.update((a, p.asset) for a in p.addresses)
             asset = self.cfg.asset(p.asset)
@@ -137,7 +142,7 @@ class Sweeper:
         for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
             if (chose.address, chose.asset.symbol) not in covered:
                 self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol)
-        return len(plans), deferred
+        return sum(not isinstance(p, Later) for p in plans), deferred
 
     async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: dict[str, TxStatus], head: int) -> None:
         asset = self.cfg.asset(row.asset)

@@ -8,7 +8,8 @@ statuses of every followed transaction asked of the wallet in one batch:
 - if one we had settled left the chain (a reorg): open them all again;
 - if the node does not know the newest (never sent, or dropped): broadcast it again;
 - if the newest has waited longer than ``stuck_after``: the wallet signs a replacement in the
-  same group with a higher fee; it is stored, then sent;
+  same group with a higher fee (or a child that pays for it: CPFP, in a group of its own,
+  followed by the finality guard); it is stored, then sent;
 - if the node refuses the group's last live transaction for good, the group is dead: its
   transactions are ``failed`` and the wallet releases what they held (gives a nonce back, or
   fills the slot with a filler transaction so that later ones can go; ``wallet.gap_filled``).
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .chains import BroadcastRejected, SignedTx, StoredTx, TxStatus, Wait, Wallet
+from .chains import BroadcastRejected, Child, SignedTx, StoredTx, TxStatus, Wait, Wallet
 from .failpoints import failpoint
 from .store.chaintx import StaleWalletState
 
@@ -128,11 +129,14 @@ class Tracker:
                 return Tracked("dead", error=e.message)
         since = newest.broadcast_at or newest.created_at
         if replace is not None and self.store.clock.now_ms() - since > self.cfg.payouts.stuck_after * 1000:
-            state, _ = self.store.chaintxs.wallet_state(self.chain)
+            state, version = self.store.chaintxs.wallet_state(self.chain)
             new = await self.wallet.replace(alive, bump_ppm=self.cfg.payouts.fee_bump_ppm, state=state)
             if isinstance(new, Wait):
                 log.warning("%s: %s is stuck but not replaced: %s", what, newest.txid, new.reason,
                             extra={"chain": self.chain})
+                return Tracked("pending")
+            if isinstance(new, Child):
+                await self._pull(newest, new, version, what, since)
                 return Tracked("pending")
             with self.store.db.transaction():
                 replace(new)
@@ -145,6 +149,33 @@ class Tracker:
                 with self.store.db.transaction():
                     self.store.chaintxs.refused([self.store.chaintxs.get(new.txid) or newest], e.message)
         return Tracked("pending")
+
+    async def _pull(self, parent: StoredTx, child: Child, version: int, what: str, since: int) -> None:
+        """Store a CPFP child of a stuck ``parent`` (purpose ``bump``, its own conflict group,
+        followed by the finality guard like a filler), then send it."""
+        tx = child.tx
+        try:
+            with self.store.db.transaction():
+                if child.state is not None:
+                    self.store.chaintxs.put_wallet_state(self.chain, child.state, version)
+                self.store.chaintxs.add(self.chain, purpose="bump", ref_id=parent.ref_id, tx=tx)
+                self.store.events.emit("wallet.bumped", {
+                    "chain": self.chain, "txid": tx.txid, "parent_txid": parent.txid, "for": parent.ref_id,
+                    "purpose": parent.purpose, **self.store.spec(self.chain).tx_fields(tx.details)},
+                    chain=self.chain, subject=parent.ref_id)
+        except StaleWalletState:
+            log.warning("%s: wallet state moved while bumping %s; trying again next round", what, parent.txid)
+            raise
+        failpoint("bump.stored")
+        log.info("%s: %s stuck for %.0fs; child %s pays for it", what, parent.txid,
+                 (self.store.clock.now_ms() - since) / 1000, tx.txid, extra={"chain": self.chain, "txid": tx.txid})
+        try:
+            await self.broadcast(tx, f"{what}: bump", "bump")
+        except BroadcastRejected as e:
+            stored = self.store.chaintxs.get(tx.txid)
+            assert stored is not None
+            with self.store.db.transaction():  # only the child is out; the parent is followed as before
+                self.store.chaintxs.refused([stored], e.message)
 
     async def release(self, group: Sequence[StoredTx], error: str, what: str) -> None:
         """The node refused a group's last live transaction for good: mark the group failed

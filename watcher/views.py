@@ -51,8 +51,9 @@ def _contract(cfg: ChainConfig | None, symbol: str) -> str | None:
     return cfg.spec.display_address(asset.contract) if cfg and asset and asset.contract else None
 
 
-def _confirmations(status: str, block_number: int, tip: int) -> int:
-    return 0 if status == "orphaned" else max(0, tip - block_number + 1)
+def _confirmations(status: str, block_number: int | None, tip: int) -> int:
+    """0 when orphaned or not in a block yet (seen in the mempool)."""
+    return 0 if status == "orphaned" or block_number is None else max(0, tip - block_number + 1)
 
 
 # --- render: rows in, JSON out ------------------------------------------------------------------
@@ -71,9 +72,9 @@ def transfer(cfg: ChainConfig | None, t: TransferRow, *, tip: int) -> Json:
         "amount": format_amount(t.amount, decimals), "base_units": str(t.amount), "decimals": decimals,
         "address": shown(t.address), "label": t.label, "invoice_id": t.invoice_id, "order_id": t.order_id,
         "from": shown(t.sender) if t.sender else None,
-        "block_number": t.block_number, "block_hash": t.block_hash, "block_time": iso_ms(t.block_time * 1000),
+        "block_number": t.block_number, "block_hash": t.block_hash, "block_time": None if t.block_time is None else iso_ms(t.block_time * 1000),
         "status": t.status, "confirmations": _confirmations(t.status, t.block_number, tip),
-        "required_confirmations": cfg.confirmations if cfg else None,
+        "required_confirmations": max(cfg.confirmations, t.min_depth) if cfg else None,
         "detected_at": iso_ms(t.detected_at), "confirmed_at": iso_ms(t.confirmed_at),
         "orphaned_at": iso_ms(t.orphaned_at),
     }

@@ -22,6 +22,7 @@ from watcher.chains import (
     Block,
     ChainClient,
     ChainContext,
+    Mempool,
     Transfer,
     TxLookup,
     node_data,
@@ -40,7 +41,9 @@ COIN = 10**8
 FINAL_CODES = frozenset({-5, -8, -3})
 NO_BLOCK_YET = -8  # getblockhash above the tip
 NO_SUCH_TX = -5
+COINBASE_MATURITY = 100  # a coinbase output is spendable (and credited) 100 blocks deep
 PART = 50  # blocks a request: a fetch's parts are parsed while the later ones download
+MEMPOOL_CHUNK = 500  # new mempool transactions read a batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class BitcoinClient(ChainClient):
         self.opts = options
         self.network = options.network
         self.native = ctx.config.native.symbol
+        self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
         cookie = options.rpc_cookie_file
         self.rpc = ctx.jsonrpc(concurrency=4, max_batch=50, final_codes=FINAL_CODES,
                                credentials=None if cookie is None else lambda: read_cookie(cookie))
@@ -162,7 +166,7 @@ class BitcoinClient(ChainClient):
             outputs = rawblock.outputs_to(data, {bytes.fromhex(k) for k in keys})
         except rawblock.Unsupported:  # e.g. Litecoin's MWEB: the node decodes it for us
             return await self._verbose_transfers(block_hash, keys)
-        found = [self._transfer(o) for o in outputs if o.value > 0 and not o.coinbase]
+        found = [self._transfer(o) for o in outputs if o.value > 0]
         return tuple(sorted(found, key=lambda t: (t.txid, t.index)))
 
     def _transfer(self, o: rawblock.Output) -> Transfer:
@@ -170,7 +174,7 @@ class BitcoinClient(ChainClient):
         if to is None:  # only scripts of watched addresses get here, and those are standard
             raise ValueError(f"output {o.txid}:{o.vout} pays no standard address")
         return Transfer(txid=o.txid, index=o.vout, kind="native", asset=self.native, to=to, sender="",
-                        amount=o.value)
+                        amount=o.value, min_depth=COINBASE_MATURITY if o.coinbase else 0)
 
     async def _verbose_transfers(self, block_hash: str, keys: set[str] | None, *, txid: str | None = None,
                                  watched: AddressFilter | None = None) -> tuple[Transfer, ...]:
@@ -183,8 +187,42 @@ class BitcoinClient(ChainClient):
         if keys is None:
             assert watched is not None
             keys = watched({o.script.hex() for o in outputs})
-        found = [self._transfer(o) for o in outputs if o.script.hex() in keys and o.value > 0 and not o.coinbase]
+        found = [self._transfer(o) for o in outputs if o.script.hex() in keys and o.value > 0]
         return tuple(sorted(found, key=lambda t: (t.txid, t.index)))
+
+    # --- the mempool -----------------------------------------------------------------------
+
+    @node_data
+    async def mempool(self, watched: AddressFilter) -> Mempool | None:
+        """The node's mempool: each transaction is read once (``getrawtransaction``, new
+        txids only) and what it pays watched scripts is kept while it stays there, so a poll
+        costs one ``getrawmempool`` and the new arrivals. The height is read after the list."""
+        if not self.opts.mempool:
+            return None
+        txids: list[str] = await self.rpc.call("getrawmempool")
+        height = int(await self.rpc.call("getblockcount"))
+        now = frozenset(txids)
+        for gone in self._pool.keys() - now:
+            del self._pool[gone]
+        new = [t for t in txids if t not in self._pool]
+        for i in range(0, len(new), MEMPOOL_CHUNK):
+            part = new[i:i + MEMPOOL_CHUNK]
+            answers = await self.rpc.batch_outcomes([("getrawtransaction", (t, False)) for t in part])
+            outputs: dict[str, list[rawblock.Output]] = {}
+            for txid, r in zip(part, answers, strict=True):
+                if isinstance(r, RpcError) and r.rpc_code == NO_SUCH_TX:
+                    continue  # mined or evicted since the list: the next poll knows
+                if isinstance(r, Exception):
+                    raise r
+                try:
+                    outputs[txid] = rawblock.tx_outputs(bytes.fromhex(r))
+                except rawblock.Unsupported:  # an MWEB transaction: nothing standard to us
+                    outputs[txid] = []
+            hits = watched({o.script.hex() for outs in outputs.values() for o in outs})
+            for txid, outs in outputs.items():
+                self._pool[txid] = tuple(self._transfer(o) for o in outs if o.value > 0 and o.script.hex() in hits)
+        transfers = tuple(t for found in self._pool.values() for t in found)
+        return Mempool(transfers=transfers, txids=now, height=height)
 
     # --- one transaction (submit-tx) --------------------------------------------------------
 

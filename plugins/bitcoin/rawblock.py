@@ -153,11 +153,16 @@ def outputs_to(block: bytes, scripts: set[bytes]) -> list[Output]:
     return out
 
 
+_NULL_PREVOUT = b"\x00" * 32 + b"\xff" * 4
+
+
 def tx_outputs(raw: bytes) -> list[Output]:
-    """Every output of one serialized transaction (not a coinbase)."""
+    """Every output of one serialized transaction."""
     out: list[Output] = []
+    body = 6 if raw[4:5] == b"\x00" else 4  # after the segwit marker and flag
+    coinbase = raw[body:body + 1] == b"\x01" and raw[body + 1:body + 37] == _NULL_PREVOUT
     try:
-        end = _tx(raw, 0, None, False, out)
+        end = _tx(raw, 0, None, coinbase, out)
     except IndexError as e:
         raise ValueError("truncated transaction") from e
     if end != len(raw):

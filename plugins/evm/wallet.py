@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from watcher.chains import (
     Done,
     Fail,
+    Later,
     PayoutIntent,
     Release,
     Send,
@@ -129,8 +130,8 @@ class EvmWallet(Wallet):
         return Send((tx,), state={**state, "next_nonce": nonce + 1})
 
     async def plan_sweeps(self, candidates: Sequence[SweepCandidate], *, confirmed_block: int,
-                          min_amount: Mapping[str, int]) -> list[SweepPlan]:
-        plans = []
+                          min_amount: Mapping[str, int]) -> list[SweepPlan | Later]:
+        plans: list[SweepPlan | Later] = []
         for c in candidates:
             try:  # the balance as of the confirmation depth: unconfirmed deposits are not swept
                 balance = await self.client.balance(c.address, c.asset, block=confirmed_block)

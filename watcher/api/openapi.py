@@ -40,7 +40,8 @@ SCHEMAS: dict[str, Any] = {
             "asset": {"type": "string"}, "contract": _nullable_str, "amount": {"type": "string"},
             "base_units": {"type": "string"}, "decimals": {"type": "integer"}, "address": {"type": "string"},
             "label": _nullable_str, "invoice_id": _nullable_str, "order_id": _nullable_str, "from": _nullable_str,
-            "block_number": {"type": "integer"}, "block_hash": {"type": "string"}, "block_time": _time,
+            # null while the transaction is only in the node's mempool (0 confirmations)
+            "block_number": {"type": ["integer", "null"]}, "block_hash": _nullable_str, "block_time": _time,
             "status": {"type": "string", "enum": ["detected", "confirmed", "orphaned"]},
             "confirmations": {"type": "integer"}, "required_confirmations": {"type": ["integer", "null"]},
             "detected_at": _time, "confirmed_at": _time, "orphaned_at": _time,

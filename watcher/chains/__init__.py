@@ -8,12 +8,23 @@
 """
 
 from .family import Account, ChainContext, ChainFamily, ChainKeys, ChainSpec, KeyScheme
-from .scan import AddressFilter, Block, ChainClient, Transfer, TransferKind, TxLookup, node_data
+from .scan import (
+    AddressFilter,
+    Block,
+    ChainClient,
+    Mempool,
+    Transfer,
+    TransferKind,
+    TxLookup,
+    node_data,
+)
 from .wallet import (
     BroadcastRejected,
+    Child,
     Deposit,
     Done,
     Fail,
+    Later,
     PayoutIntent,
     Purpose,
     Release,
@@ -33,7 +44,7 @@ from .wallet import (
 
 __all__ = [
     "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
-    "ChainKeys", "ChainSpec", "Deposit", "Done", "Fail", "KeyScheme", "PayoutIntent", "Purpose", "Release",
+    "ChainKeys", "ChainSpec", "Child", "Deposit", "Done", "Fail", "KeyScheme", "Later", "Mempool", "PayoutIntent", "Purpose", "Release",
     "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
     "TxLookup", "TxState", "TxStatus", "Wait", "Wallet", "WalletContext", "WalletState", "node_data",
 ]

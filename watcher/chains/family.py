@@ -127,6 +127,11 @@ class ChainSpec:
     #: False for a family that only reads (no wallet yet): payouts and sweeps are refused
     sends: ClassVar[bool] = True
 
+    #: True when the wallet finds its coins among transfers to the hot wallet's address (a
+    #: UTXO family): the core watches that address (kind ``hot``: not swept, not an invoice)
+    #: and hands the wallet its confirmed transfers (``WalletContext.hot_coins``)
+    watches_hot_wallet: ClassVar[bool] = False
+
     #: True when the client looks watched addresses up by :meth:`match_key` instead of by the
     #: canonical address (the ``AddressFilter`` it is given then takes match keys)
     matches_by_key: ClassVar[bool] = False

@@ -40,6 +40,7 @@ class Transfer:
     to: str  # canonical address
     sender: str  # canonical address ("" if the chain has no single sender)
     amount: int  # base units, > 0
+    min_depth: int = 0  # confirmations it needs at least, whatever the chain's (a coinbase output: 100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,19 @@ class Block:
     parent_hash: str
     timestamp: int
     transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Mempool:
+    """What a node's mempool holds for us, as answered by :meth:`ChainClient.mempool`:
+    ``transfers`` to watched addresses in unmined transactions, the ``txids`` of every
+    transaction in it, and the node's ``height`` read *after* them (a transaction of ours
+    absent from ``txids`` and from every block up to ``height`` was neither pending nor mined
+    when asked: replaced, double-spent or dropped)."""
+
+    transfers: tuple[Transfer, ...]
+    txids: frozenset[str]
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +140,12 @@ class ChainClient:
         for which ``watched`` says yes. Failed transactions are never reported. May return
         fewer blocks than asked (a prefix) if the node does not have them all yet."""
         raise NotImplementedError
+
+    async def mempool(self, watched: AddressFilter) -> Mempool | None:
+        """Transfers to watched addresses waiting in the node's mempool (see :class:`Mempool`),
+        or None for a chain or configuration without it (the default). Called once per poll
+        while the scan is at the head."""
+        return None
 
     async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:
         """Find one transaction (for ``submit-tx``): is it unknown, pending, failed or

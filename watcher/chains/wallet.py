@@ -35,11 +35,12 @@ WalletState = dict[str, Any]
 JSON object. The core stores it per chain and hands it back on every call; a wallet never
 changes it in place but returns a new one with the transactions it belongs to."""
 
-Purpose = Literal["payout", "sweep", "topup", "filler"]
+Purpose = Literal["payout", "sweep", "topup", "filler", "bump"]
 """What a stored transaction is for: a payout; a sweep's transfer; a ``topup`` that funds a
 deposit address so that its sweep can pay its own fee (gas on EVM, energy on Tron, rent on
 Solana); a ``filler`` that takes the place of a refused transaction whose slot later
-transactions depend on (an EVM nonce)."""
+transactions depend on (an EVM nonce); a ``bump``: a child that spends a stuck transaction's
+own output with a fee high enough for both (CPFP, on UTXO chains), see :class:`Child`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +217,29 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
+class Child:
+    """The answer of :meth:`Wallet.replace` when the stuck transaction is not replaced but
+    pulled along (CPFP: child pays for parent): ``tx`` spends one of the stuck transaction's
+    outputs and pays a fee that lifts both. It is in its own conflict group (it excludes
+    nothing of the parent's), stored with purpose ``bump`` for the same payout or sweep,
+    broadcast, and then followed like a filler until it is final; the parent's group stays
+    as it is and is followed as before. ``state``: the wallet state it uses, if any."""
+
+    tx: SignedTx
+    state: WalletState | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """Part of the answer of :meth:`Wallet.plan_sweeps`: candidates worth sweeping that this
+    run has no room for (a UTXO family's ``max_inputs``). They stay candidates and the next
+    round plans again, so more runs sweep more."""
+
+    asset: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     """What a refused transaction's slot needs: a new wallet ``state`` (e.g. the nonce given
     back because nothing later took it), and/or a ``filler`` transaction that takes the slot
@@ -234,6 +258,9 @@ class WalletContext:
     client: ChainClient  # this chain's client (the family's own class), opened and checked
     keys: ChainKeys
     in_flight: Callable[[], Sequence[StoredTx]]  # the chain's open transactions, newest per conflict group
+    # confirmed transfers to the hot wallet's own address (a UTXO family's coins; for a spec
+    # with ``watches_hot_wallet``, whose hot address the core watches), as Deposits
+    hot_coins: Callable[[], Sequence[Deposit]] = lambda: ()
 
 
 class Wallet:
@@ -251,11 +278,12 @@ class Wallet:
         raise NotImplementedError
 
     async def plan_sweeps(self, candidates: Sequence[SweepCandidate], *, confirmed_block: int,
-                          min_amount: Mapping[str, int]) -> list[SweepPlan]:
+                          min_amount: Mapping[str, int]) -> list[SweepPlan | Later]:
         """Which sweeps to make of these candidates (none of their addresses has a sweep in
         progress). ``confirmed_block``: only what is that deep may be swept. ``min_amount``
         per asset symbol: smaller sweeps are not worth their fee. Candidates no plan covers
-        are forgotten until their next confirmed deposit."""
+        are forgotten until their next confirmed deposit, unless a :class:`Later` names
+        them."""
         raise NotImplementedError
 
     async def sweep_step(self, intent: SweepIntent, state: WalletState) -> Wait | Fail | Send | Done:
@@ -273,11 +301,13 @@ class Wallet:
         mined, succeeds quietly; a refusal raises :class:`BroadcastRejected`."""
         raise NotImplementedError
 
-    async def replace(self, txs: Sequence[StoredTx], *, bump_ppm: int, state: WalletState) -> SignedTx | Wait:
+    async def replace(self, txs: Sequence[StoredTx], *, bump_ppm: int, state: WalletState) -> SignedTx | Child | Wait:
         """The newest of ``txs`` (one conflict group: the original and earlier
         replacements) has waited too long: sign a replacement in the same group paying at
-        least ``bump_ppm`` parts per million more. :class:`Wait` when it must not be
-        replaced now (fees at the configured cap, not enough balance to pay more)."""
+        least ``bump_ppm`` parts per million more, or a :class:`Child` that pulls it along
+        (CPFP; e.g. when the node says it would refuse a replacement). :class:`Wait` when it
+        must not be bumped now (fees at the configured cap, not enough balance to pay more, a
+        child already in flight)."""
         raise NotImplementedError
 
     async def release(self, tx: StoredTx, state: WalletState) -> Release:

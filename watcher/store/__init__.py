@@ -84,6 +84,9 @@ class Store:
         store.check_keyring()
         for chain in config.chains:
             store.addresses.fill_match_keys(chain.id)
+            hot = store.hot_wallet(chain.id) if chain.spec.watches_hot_wallet else None
+            if hot is not None:
+                store.addresses.watch_hot(chain.id, hot)
         return store
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ _CHUNK = 500  # SQLite host parameters per IN (...) query
 class WatchedAddress:
     chain: str
     address: str  # canonical
-    kind: str  # 'deposit', 'invoice', 'external'
+    kind: str  # 'deposit', 'invoice', 'external', 'hot'
     label: str | None
     invoice_id: str | None
     derivation_index: int | None
@@ -79,6 +79,17 @@ class Addresses:
             with self.store.db.transaction() as conn:
                 conn.executemany("UPDATE addresses SET match_key = ? WHERE chain = ? AND address = ?", keys)
         return len(keys)
+
+    def watch_hot(self, chain: str, address: str) -> None:
+        """Watch the chain's hot wallet address (kind ``hot``: its transfers are the wallet's
+        coins on a UTXO chain; never swept, never an invoice). Nothing if already watched."""
+        with self.store.db.transaction() as conn:
+            added = conn.execute(
+                "INSERT OR IGNORE INTO addresses (chain, address, kind, label, invoice_id, derivation_index,"
+                " created_at, match_key) VALUES (?, ?, 'hot', NULL, NULL, NULL, ?, ?)",
+                (chain, address, self.store.clock.now_ms(), self._match_key(chain, address))).rowcount
+            if added:
+                self.store.db.after_commit(lambda: self.store.metrics.watched_addresses.labels(chain).inc())
 
     def derived_among(self, chain: str, candidates: Iterable[str]) -> set[str]:
         """The subset of ``candidates`` that are addresses watcher derived on ``chain``."""

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..chains import Block
+from ..chains import Block, Mempool
 from ..config import ChainConfig
 from ..errors import InconsistentData
 from .transfers import TransferChange
@@ -129,6 +129,23 @@ class ChainState:
             self._react(changes)
             conn.execute("DELETE FROM blocks WHERE chain = ? AND number < ?", (chain.id, tip - chain.finality_depth))
         return ScanResult(tip=tip, detected=detected, confirmed=confirmed)
+
+    def apply_mempool(self, chain: ChainConfig, pool: Mempool) -> int:
+        """Record what the node's mempool holds for us (``detected``, 0 confirmations, no
+        block), note our unmined transfers whose transaction left it, and orphan those the
+        scan has since passed without finding in a block. One transaction; returns the
+        number of transfers that changed."""
+        with self.store.db.transaction():
+            cur = self.cursor(chain.id)
+            assert cur is not None
+            changes = [c for c in (self.store.transfers.record_unmined(chain, t, cur.number)
+                                   for t in pool.transfers) if c is not None]
+            present = {t.txid for t in pool.transfers} | pool.txids
+            gone = [tid for tid, txid, _ in self.store.transfers.unmined(chain.id) if txid not in present]
+            self.store.transfers.mark_gone(gone, pool.height)
+            changes += self.store.transfers.orphan_gone(chain, cur.number, cur.number)
+            self._react(changes)
+        return len(changes)
 
     def _react(self, changes: list[TransferChange]) -> None:
         """What transfer changes mean for the rest, in the same transaction: an invoice paid

@@ -98,7 +98,7 @@ class ChainTxs:
 
     def to_guard(self, chain: str, final_below: int) -> list[StoredTx]:
         """Transactions whose payout completed or sweep confirmed, top-ups no funding sweep
-        follows any more, and fillers: open, or mined at or above ``final_below`` (not final
+        follows any more, fillers and CPFP children (``bump``): open, or mined at or above ``final_below`` (not final
         yet). The finality guard follows them until they are final."""
         return [_tx(r) for r in self.store.db.query(
             "SELECT c.* FROM chain_txs c"
@@ -106,7 +106,7 @@ class ChainTxs:
             " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
             " WHERE c.chain = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
             " AND c.block_number > ?)) AND ((c.purpose = 'payout' AND p.status = 'completed')"
-            " OR (c.purpose = 'sweep' AND s.status = 'confirmed') OR c.purpose = 'filler'"
+            " OR (c.purpose = 'sweep' AND s.status = 'confirmed') OR c.purpose IN ('filler', 'bump')"
             # every top-up but the newest group of a sweep that is still funding (the sweep
             # follows that one itself)
             " OR (c.purpose = 'topup' AND NOT (s.status = 'funding' AND c.conflict = (SELECT t.conflict"

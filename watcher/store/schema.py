@@ -62,7 +62,7 @@ def m001_core(db: Database) -> None:
         CREATE TABLE addresses (
             chain TEXT NOT NULL,
             address TEXT NOT NULL,                -- canonical form (the family's validate_address)
-            kind TEXT NOT NULL,                   -- 'deposit', 'invoice' or 'external'
+            kind TEXT NOT NULL,                   -- 'deposit', 'invoice', 'external' or 'hot'
             label TEXT,
             invoice_id TEXT,
             derivation_index INTEGER,             -- NULL for external addresses
@@ -443,5 +443,51 @@ def m007_address_match_keys(db: Database) -> None:
         """
         ALTER TABLE addresses ADD COLUMN match_key TEXT;
         CREATE INDEX addresses_match_key ON addresses (chain, match_key) WHERE match_key IS NOT NULL;
+        """
+    )
+
+
+@migrations()
+def m008_transfers_unmined_and_maturity(db: Database) -> None:
+    """A transfer can be seen before it is mined (a UTXO node's mempool): its block columns
+    are NULL until a block holds it, and ``gone_at`` is the node's height when its
+    transaction was last found in neither the mempool nor a block (it is orphaned once the
+    scan has passed that height without finding it). ``min_depth``: confirmations it needs
+    beyond the chain's own (a coinbase output matures after 100 blocks). SQLite cannot relax
+    NOT NULL in place, so the table is rebuilt."""
+    db.executescript(
+        """
+        CREATE TABLE transfers_new (
+            id TEXT PRIMARY KEY,
+            chain TEXT NOT NULL,
+            txid TEXT NOT NULL,
+            idx INTEGER NOT NULL,                 -- see watcher.chains: log index, -1, -(2+n), vout
+            kind TEXT NOT NULL,                   -- 'native', 'token', 'internal'
+            asset TEXT NOT NULL,
+            address TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            block_number INTEGER,                 -- NULL while only in the mempool
+            block_hash TEXT,
+            block_time INTEGER,                   -- seconds, from the block header
+            status TEXT NOT NULL,                 -- 'detected', 'confirmed', 'orphaned'
+            detected_at INTEGER NOT NULL,
+            confirmed_at INTEGER,
+            orphaned_at INTEGER,
+            updated_at INTEGER NOT NULL,
+            min_depth INTEGER,                    -- confirmations needed if more than the chain's
+            gone_at INTEGER,                      -- unmined and missing from the mempool at this height
+            UNIQUE (chain, txid, idx)
+        );
+        INSERT INTO transfers_new (id, chain, txid, idx, kind, asset, address, sender, amount, block_number,
+            block_hash, block_time, status, detected_at, confirmed_at, orphaned_at, updated_at)
+            SELECT id, chain, txid, idx, kind, asset, address, sender, amount, block_number, block_hash,
+            block_time, status, detected_at, confirmed_at, orphaned_at, updated_at FROM transfers;
+        DROP TABLE transfers;
+        ALTER TABLE transfers_new RENAME TO transfers;
+        CREATE INDEX transfers_address ON transfers (chain, address, status);
+        CREATE INDEX transfers_status ON transfers (chain, status, block_number);
+        CREATE INDEX transfers_updated ON transfers (updated_at);
+        CREATE INDEX transfers_unmined ON transfers (chain) WHERE block_number IS NULL AND status = 'detected';
         """
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import views
-from ..chains import Block, Transfer
+from ..chains import Block, Deposit, Transfer
 from ..config import ChainConfig
 from ..ids import new_id
 from .common import page
@@ -41,14 +41,15 @@ class TransferRow:
     address: str  # canonical
     sender: str
     amount: int
-    block_number: int
-    block_hash: str
-    block_time: int  # seconds
+    block_number: int | None  # None while only in the mempool
+    block_hash: str | None
+    block_time: int | None  # seconds
     status: str
     detected_at: int
     confirmed_at: int | None
     orphaned_at: int | None
     updated_at: int
+    min_depth: int = 0  # confirmations needed at least (a coinbase output), beyond the chain's
     label: str | None = None
     invoice_id: str | None = None
     order_id: str | None = None
@@ -60,7 +61,8 @@ class TransferRow:
                    address=r["address"], sender=r["sender"], amount=int(r["amount"]), block_number=r["block_number"],
                    block_hash=r["block_hash"], block_time=r["block_time"], status=r["status"],
                    detected_at=r["detected_at"], confirmed_at=r["confirmed_at"], orphaned_at=r["orphaned_at"],
-                   updated_at=r["updated_at"], label=r["label"] if "label" in keys else None,
+                   updated_at=r["updated_at"], min_depth=r["min_depth"] or 0,
+                   label=r["label"] if "label" in keys else None,
                    invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
                    order_id=r["order_id"] if "order_id" in keys else None)
 
@@ -95,7 +97,7 @@ class Transfers:
     def record(self, chain: ChainConfig, block: Block, t: Transfer, tip: int) -> TransferChange | None:
         """Store a transfer seen in ``block``; returns the change if its status changed.
         Money from the chain's own hot wallet (top-ups for sweeps) is housekeeping, not a
-        deposit."""
+        deposit. A transfer first seen in the mempool gets its block (same row, no event)."""
         if t.sender and t.sender == self.store.hot_wallet(chain.id):
             return None
         conn = self.store.db.conn
@@ -107,10 +109,10 @@ class Transfers:
             tid = new_id("tr", now_ms=now)
             conn.execute(
                 "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
-                " block_number, block_hash, block_time, status, detected_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?)",
+                " block_number, block_hash, block_time, status, detected_at, updated_at, min_depth)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?)",
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount),
-                 block.number, block.hash, block.timestamp, now, now),
+                 block.number, block.hash, block.timestamp, now, now, t.min_depth or None),
             )
             change = self._changed(chain, tid, None, "detected", tip)
             lag = max(0.0, now / 1000 - block.timestamp)
@@ -118,23 +120,72 @@ class Transfers:
             return change
         if row["block_hash"] == block.hash and row["status"] != "orphaned":
             return None  # replay of a block we already have
-        # Re-included after a reorg (or moved to another block): back to detected.
+        # Mined after the mempool showed it, re-included after a reorg, or moved to another
+        # block: detected (again) in this block.
         conn.execute(
             "UPDATE transfers SET block_number = ?, block_hash = ?, block_time = ?, status = 'detected',"
-            " confirmed_at = NULL, updated_at = ? WHERE id = ?",
+            " confirmed_at = NULL, gone_at = NULL, updated_at = ? WHERE id = ?",
             (block.number, block.hash, block.timestamp, now, row["id"]),
         )
         if row["status"] == "detected":
             return None  # same status, only the block changed: no new event
         return self._changed(chain, row["id"], row["status"], "detected", tip)
 
+    def record_unmined(self, chain: ChainConfig, t: Transfer, tip: int) -> TransferChange | None:
+        """Store a transfer of a transaction waiting in the node's mempool (no block yet):
+        ``detected`` with 0 confirmations. A transfer already known is left alone, except one
+        orphaned while unmined (dropped, then sent again) or still missing: it is back."""
+        conn = self.store.db.conn
+        now = self.store.clock.now_ms()
+        row = conn.execute(
+            "SELECT id, status, block_hash, gone_at FROM transfers WHERE chain = ? AND txid = ? AND idx = ?",
+            (chain.id, t.txid, t.index)).fetchone()
+        if row is None:
+            tid = new_id("tr", now_ms=now)
+            conn.execute(
+                "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
+                " status, detected_at, updated_at, min_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?)",
+                (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount), now, now,
+                 t.min_depth or None))
+            return self._changed(chain, tid, None, "detected", tip)
+        if row["status"] == "orphaned":  # back in the mempool (after a reorg, or sent again)
+            conn.execute("UPDATE transfers SET block_number = NULL, block_hash = NULL, block_time = NULL,"
+                         " status = 'detected', confirmed_at = NULL, gone_at = NULL, updated_at = ? WHERE id = ?",
+                         (now, row["id"]))
+            return self._changed(chain, row["id"], "orphaned", "detected", tip)
+        if row["gone_at"] is not None:
+            conn.execute("UPDATE transfers SET gone_at = NULL WHERE id = ?", (row["id"],))
+        return None
+
+    def unmined(self, chain: str) -> list[tuple[str, str, int | None]]:
+        """``(id, txid, gone_at)`` of every live transfer not in a block yet."""
+        return [(r[0], r[1], r[2]) for r in self.store.db.query(
+            "SELECT id, txid, gone_at FROM transfers WHERE chain = ? AND block_number IS NULL"
+            " AND status = 'detected'", (chain,))]
+
+    def mark_gone(self, ids: list[str], height: int) -> None:
+        """These unmined transfers' transaction is neither in the mempool nor in a block up
+        to ``height`` (remembered once: the first height it was missing at)."""
+        self.store.db.conn.executemany("UPDATE transfers SET gone_at = ? WHERE id = ? AND gone_at IS NULL",
+                                       [(height, i) for i in ids])
+
+    def orphan_gone(self, chain: ChainConfig, scanned: int, tip: int) -> list[TransferChange]:
+        """Orphan unmined transfers whose transaction went missing at a height the scan has
+        passed without finding it in a block: replaced, double-spent or dropped."""
+        rows = self.store.db.conn.execute(
+            "SELECT id, status FROM transfers WHERE chain = ? AND block_number IS NULL AND status = 'detected'"
+            " AND gone_at IS NOT NULL AND gone_at <= ?", (chain.id, scanned)).fetchall()
+        return self._orphan(chain, rows, tip)
+
     def confirm_upto(self, chain: ChainConfig, tip: int) -> list[TransferChange]:
-        """Confirm every detected transfer with ``chain.confirmations`` blocks at ``tip``."""
+        """Confirm every detected transfer with ``chain.confirmations`` blocks at ``tip`` (or
+        its own ``min_depth``, if more: a coinbase output is credited once it matures)."""
         depth_block = tip - chain.confirmations + 1
         conn = self.store.db.conn
         ids = [r[0] for r in conn.execute(
             "SELECT id FROM transfers WHERE chain = ? AND status = 'detected' AND block_number <= ?"
-            " ORDER BY block_number, txid, idx", (chain.id, depth_block))]
+            " AND (min_depth IS NULL OR block_number + min_depth - 1 <= ?)"
+            " ORDER BY block_number, txid, idx", (chain.id, depth_block, tip))]
         now = self.store.clock.now_ms()
         changes = []
         for tid in ids:
@@ -150,6 +201,14 @@ class Transfers:
             "SELECT t.address, t.asset, t.amount FROM transfers t JOIN addresses a ON a.chain = t.chain"
             " AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed' AND t.block_number <= ?"
             " AND a.derivation_index IS NOT NULL", (chain, upto))]
+
+    def coins_of(self, chain: str, address: str, asset: str) -> list[Deposit]:
+        """Confirmed transfers of ``asset`` to ``address`` (the hot wallet's coins on a UTXO
+        chain; whether each is still unspent is the wallet's to ask the node)."""
+        return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
+                        amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
+            "SELECT id, address, txid, idx, amount, block_number FROM transfers WHERE chain = ? AND address = ?"
+            " AND asset = ? AND status = 'confirmed' ORDER BY block_number, id", (chain, address, asset))]
 
     def max_block_above(self, chain: str, number: int) -> int | None:
         """The highest block of a live transfer above ``number`` (None if there is none)."""
@@ -193,9 +252,9 @@ class Transfers:
         asset, amount = row.asset, row.amount
 
         def count() -> None:
-            log.info("transfer %s %s: %s %s to %s%s in block %d (%s)", tid, new, view["amount"], asset,
-                     view["address"], f" ({view['label']})" if view["label"] else "", view["block_number"],
-                     view["txid"], extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
+            where = "in the mempool" if view["block_number"] is None else f"in block {view['block_number']}"
+            log.info("transfer %s %s: %s %s to %s%s %s (%s)", tid, new, view["amount"], asset,
+                     view["address"], f" ({view['label']})" if view["label"] else "", where, view["txid"], extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
                                           "invoice_id": view["invoice_id"], "status": new})
             metrics.transfers.labels(chain.id, asset, new).inc()
             if new == "confirmed":
