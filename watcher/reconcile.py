@@ -7,7 +7,9 @@ block B (the scanned tip less the confirmations, so nothing in flight blurs it):
              + what watcher's own transactions brought in (top-ups from the hot wallet)
              - what watcher's own transactions sent out - the fees this address paid (native coin)
 
-and the on-chain balance at B must equal it. Addresses with a sweep under way are skipped
+and the on-chain balance at B must equal it. On a UTXO chain (the client answers
+``unspent``), output by output instead: the confirmed deposits no confirmed sweep spent must
+be exactly the address's unspent outputs up to B. Addresses with a sweep under way are skipped
 (reported as such). A difference means money arrived that watcher did not record (e.g.
 internal transfers with ``trace_internal`` off, or deposits before ``start_block``) or left
 without watcher (someone else holds the key): either needs an operator.
@@ -26,6 +28,7 @@ from .money import format_amount
 from .tasks import fan_out
 
 if TYPE_CHECKING:
+    from .chains import ChainClient
     from .config import ChainConfig
     from .core import Core
 
@@ -74,6 +77,9 @@ async def _chain_lines(core: Core, cfg: ChainConfig) -> list[Line]:
     busy = store.sweeps.busy_addresses(cid)
     lines: list[Line] = []
     async with core.open_client(cid) as client:
+        utxo = await _utxo_lines(core, cfg, client, block, busy)
+        if utxo is not None:
+            return utxo
         for (address, symbol), units in sorted(expected.items()):
             asset = cfg.asset(symbol)
             if asset is None:
@@ -93,6 +99,40 @@ async def _chain_lines(core: Core, cfg: ChainConfig) -> list[Line]:
             diff = actual - units
             lines.append(Line(cid, shown, symbol, exp_s, format_amount(actual, asset.decimals),
                               format_amount(diff, asset.decimals), "ok" if diff == 0 else "mismatch", label))
+    return lines
+
+
+async def _utxo_lines(core: Core, cfg: ChainConfig, client: ChainClient, block: int,
+                      busy: set[str]) -> list[Line] | None:
+    """A UTXO chain, output by output: the confirmed deposits (at ``block``) no confirmed
+    sweep spent must be exactly the unspent outputs the node's UTXO set holds at each
+    address, up to ``block``. None for an account chain."""
+    store = core.store
+    cid = cfg.id
+    expected: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
+    for t in store.transfers.unswept_upto(cid, block):
+        expected[t.address][(t.txid, t.index)] = t.amount
+    unspent = await client.unspent(sorted(expected))
+    if unspent is None:
+        return None
+    actual: dict[str, dict[tuple[str, int], int]] = defaultdict(dict)
+    for u in unspent:
+        if u.height <= block:
+            actual[u.address][(u.txid, u.index)] = u.amount
+    asset = cfg.native
+    lines = []
+    for address in sorted(expected):
+        watched = store.addresses.get(cid, address)
+        label = watched.label if watched else None
+        shown = cfg.spec.display_address(address)
+        want, have = sum(expected[address].values()), sum(actual[address].values())
+        exp_s = format_amount(want, asset.decimals)
+        if address in busy:
+            lines.append(Line(cid, shown, asset.symbol, exp_s, None, None, "in_flight", label))
+            continue
+        same = expected[address] == actual[address]
+        lines.append(Line(cid, shown, asset.symbol, exp_s, format_amount(have, asset.decimals),
+                          format_amount(have - want, asset.decimals), "ok" if same else "mismatch", label))
     return lines
 
 

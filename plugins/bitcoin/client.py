@@ -12,6 +12,7 @@ transaction the parser does not know), amounts are parsed as exact decimals.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +26,7 @@ from watcher.chains import (
     Mempool,
     Transfer,
     TxLookup,
+    Unspent,
     node_data,
 )
 from watcher.config import AssetConfig
@@ -32,7 +34,7 @@ from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
 from watcher.tasks import fan_out
 
 from . import rawblock
-from .address import from_script
+from .address import from_script, to_script
 from .family import BitcoinOptions
 
 COIN = 10**8
@@ -252,6 +254,18 @@ class BitcoinClient(ChainClient):
         return TxLookup(txid=txid, status="included", block=block)
 
     # --- balances ---------------------------------------------------------------------------
+
+    @node_data
+    async def unspent(self, addresses: Sequence[str]) -> list[Unspent] | None:
+        """One ``scantxoutset`` for every address (a scan of the whole UTXO set: seconds on a
+        main network, whatever the number of addresses)."""
+        if not addresses:
+            return []
+        by_script = {to_script(self.network, a).hex(): a for a in addresses}
+        result = await self.rpc.call_exact("scantxoutset", "start", [f"addr({a})" for a in addresses])
+        return [Unspent(address=by_script[u["scriptPubKey"]], txid=u["txid"], index=int(u["vout"]),
+                        amount=sats(u["amount"]), height=int(u["height"]))
+                for u in result["unspents"] if u["scriptPubKey"] in by_script]
 
     @node_data
     async def balance(self, address: str, asset: AssetConfig, block: int | None = None) -> int:

@@ -1,9 +1,11 @@
 """``make run``: a local devnet with a working example.
 
-Starts anvil (a block a second) with a demo ERC-20 (USDT, 6 decimals), writes
-``devnet/watcher.toml`` with a fresh seed, starts ``watcher run``, then plays the part of an
-app: asks for alice's deposit address, pays it ETH and USDT from an anvil account, and
-prints what watcher reports. Keeps running until Ctrl-C, then stops both processes.
+Starts anvil (a block a second) with a demo ERC-20 (USDT, 6 decimals) and a Litecoin Core
+regtest node (``litecoind``, also a block a second), writes ``devnet/watcher.toml`` with a
+fresh seed, starts ``watcher run``, then plays the part of an app: asks for alice's deposit
+addresses, pays her ETH and USDT from an anvil account and LTC from the Litecoin node's own
+payer wallet, and prints what watcher reports. Keeps running until Ctrl-C, then stops every
+process it started.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import tomli_w
 
 from tests.support.daemon import free_port, wait_http
 from tests.support.evm import Anvil, Token
+from tests.support.litecoin import COIN, Litecoind
 
 ROOT = Path(__file__).resolve().parents[2]
 DIR = ROOT / "devnet"
@@ -36,9 +40,15 @@ def main() -> int:
     DIR.mkdir(exist_ok=True)
     node = Anvil(chain_id=31337, block_time=1, port=8545 if _port_free(8545) else 0)
     node.start()
+    ltc = Litecoind()
     daemon: subprocess.Popen[bytes] | None = None
+    stop_mining = threading.Event()
     try:
         say(f"anvil is up at {node.url} (chain id 31337, a block every second)")
+        ltc.start()
+        ltc.payer  # noqa: B018 - a wallet inside the node with mature coins, to pay alice from
+        say(f"litecoind -regtest is up at 127.0.0.1:{ltc.rpc_port} (block {ltc.head()}; a block every second)")
+        threading.Thread(target=_mine_every_second, args=(ltc, stop_mining), daemon=True).start()
         usdt = Token.deploy(node, "USDT", 6)
         say(f"deployed demo ERC-20 USDT at {usdt.address}")
 
@@ -60,6 +70,9 @@ def main() -> int:
                 "id": "devnet", "family": "evm", "rpc_url": node.url, "native_symbol": "ETH",
                 "confirmations": 2, "start_block": 0, "poll_interval": 0.5, "chain_id": 31337,
                 "assets": [{"symbol": "USDT", "contract": usdt.address, "decimals": 6}],
+            }, {
+                "id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": ltc.url,
+                "confirmations": 2, "start_block": ltc.head(), "poll_interval": 0.5,
             }],
         }
         cfg_path = DIR / "watcher.toml"
@@ -93,6 +106,27 @@ def main() -> int:
         totals = http.get(f"/v1/addresses/devnet/{alice}").json()["totals"]
         say(f"GET /v1/addresses/devnet/{alice} totals: {json.dumps(totals)}")
 
+        # the same label on the Litecoin chain: a BIP84 address any wallet derives from the seed
+        r = http.post("/v1/addresses", json={"chain": "ltc", "label": "alice"})
+        r.raise_for_status()
+        alice_ltc = r.json()
+        say(f"POST /v1/addresses {{chain: ltc, label: alice}} -> {alice_ltc['address']} "
+            f"({alice_ltc['derivation_path']})")
+        ltc_txid = ltc.send(alice_ltc["address"], 75 * COIN // 100)
+        say(f"paid alice 0.75 LTC from the node's payer wallet ({ltc_txid[:18]}...)")
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "confirmed" not in seen:
+            for t in http.get("/v1/transfers", params={"chain": "ltc", "address": alice_ltc["address"]}).json()["items"]:
+                if t["status"] not in seen:
+                    seen.add(t["status"])
+                    where = "in the mempool" if t["block_number"] is None else f"in block {t['block_number']}"
+                    say(f"  {t['status']}: {t['amount']} {t['asset']} to {t['label']} {where}, "
+                        f"{t['confirmations']} confirmation(s)")
+            time.sleep(0.3)
+        totals = http.get(f"/v1/addresses/ltc/{alice_ltc['address']}").json()["totals"]
+        say(f"GET /v1/addresses/ltc/{alice_ltc['address']} totals: {json.dumps(totals)}")
+
         # a shop: a webhook endpoint (a tiny receiver here that verifies signatures) and an invoice
         hook_url, hooks = _start_receiver()
         r = http.post("/v1/webhooks", json={"url": hook_url, "events": ["invoice.*"], "description": "demo shop"})
@@ -114,6 +148,7 @@ def main() -> int:
         say(f"  curl -s -H 'Authorization: Bearer {token}' {api}/v1/chains")
         say(f"  curl -s -H 'Authorization: Bearer {token}' -X POST {api}/v1/addresses -d '{{\"chain\":\"devnet\",\"label\":\"bob\"}}'")
         say(f"  curl -s -H 'Authorization: Bearer {token}' '{api}/v1/transfers?chain=devnet'")
+        say(f"  curl -s -H 'Authorization: Bearer {token}' '{api}/v1/transfers?chain=ltc'")
         say("Press Ctrl-C to stop.")
         while daemon.poll() is None:
             time.sleep(0.5)
@@ -127,8 +162,19 @@ def main() -> int:
                 daemon.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+        stop_mining.set()
+        ltc.close()  # by PID; removes its datadir
         node.close()
-        say("stopped watcher and anvil")
+        say("stopped watcher, litecoind and anvil")
+
+
+def _mine_every_second(node: Litecoind, stop: threading.Event) -> None:
+    """A Litecoin block a second (regtest mines only when asked), until ``stop``."""
+    while not stop.wait(1.0):
+        try:
+            node.mine(1)
+        except Exception:  # the node is stopping
+            return
 
 
 class _Hooks:

@@ -16,6 +16,7 @@ from .scan import (
     Transfer,
     TransferKind,
     TxLookup,
+    Unspent,
     node_data,
 )
 from .wallet import (
@@ -46,5 +47,5 @@ __all__ = [
     "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
     "ChainKeys", "ChainSpec", "Child", "Deposit", "Done", "Fail", "KeyScheme", "Later", "Mempool", "PayoutIntent", "Purpose", "Release",
     "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
-    "TxLookup", "TxState", "TxStatus", "Wait", "Wallet", "WalletContext", "WalletState", "node_data",
+    "TxLookup", "TxState", "TxStatus", "Unspent", "Wait", "Wallet", "WalletContext", "WalletState", "node_data",
 ]

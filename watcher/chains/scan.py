@@ -12,7 +12,7 @@ UTXO family: the output index).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
@@ -53,6 +53,17 @@ class Block:
     parent_hash: str
     timestamp: int
     transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Unspent:
+    """An unspent output at a watched address (UTXO chains), as the node's UTXO set holds it."""
+
+    address: str  # canonical
+    txid: str
+    index: int
+    amount: int  # base units of the native coin
+    height: int  # the block that holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,11 @@ class ChainClient:
         """Transfers to watched addresses waiting in the node's mempool (see :class:`Mempool`),
         or None for a chain or configuration without it (the default). Called once per poll
         while the scan is at the head."""
+        return None
+
+    async def unspent(self, addresses: Sequence[str]) -> list[Unspent] | None:
+        """Every unspent output of these addresses in the node's UTXO set (a UTXO family, for
+        ``watcher reconcile``), or None where balances are accounts (the default)."""
         return None
 
     async def lookup_tx(self, txid: str, watched: AddressFilter) -> TxLookup:

@@ -202,6 +202,17 @@ class Transfers:
             " AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed' AND t.block_number <= ?"
             " AND a.derivation_index IS NOT NULL", (chain, upto))]
 
+    def unswept_upto(self, chain: str, block: int) -> list[Deposit]:
+        """Confirmed transfers to derived addresses in blocks up to ``block`` that no
+        confirmed sweep spent (a UTXO chain's deposits still at their addresses)."""
+        return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
+                        amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
+            "SELECT t.id, t.address, t.txid, t.idx, t.amount, t.block_number FROM transfers t JOIN addresses a"
+            " ON a.chain = t.chain AND a.address = t.address WHERE t.chain = ? AND t.status = 'confirmed'"
+            " AND t.block_number <= ? AND a.derivation_index IS NOT NULL AND NOT EXISTS (SELECT 1 FROM"
+            " sweep_deposits d JOIN sweeps s ON s.id = d.sweep_id WHERE d.transfer_id = t.id"
+            " AND s.status = 'confirmed') ORDER BY t.block_number, t.id", (chain, block))]
+
     def coins_of(self, chain: str, address: str, asset: str) -> list[Deposit]:
         """Confirmed transfers of ``asset`` to ``address`` (the hot wallet's coins on a UTXO
         chain; whether each is still unspent is the wallet's to ask the node)."""
