@@ -4,7 +4,7 @@ repeats a transfer. The conformance suite (tests/conformance) sets
 ``WATCHER_FAILPOINTS="payout.stored,..."`` on a daemon subprocess; unset, a fail point is a
 set lookup and nothing else.
 
-Points (``<purpose>`` is ``payout``, ``sweep``, ``topup`` or ``filler``):
+Points (``<purpose>`` is ``payout``, ``sweep``, ``topup``, ``filler`` or ``bump``, a CPFP child):
 
 - ``<purpose>.stored``: the signed transaction and the wallet's new state are committed,
   nothing is broadcast yet;

@@ -129,7 +129,7 @@ class Sweeper:
                                                 min_amount=sweep.min_amount)
         covered: set[tuple[str, str]] = set()
         for p in plans:
-            if isinstance(p, Later):  # worth it, but no room in this run: kept, and planned again soon
+            if isinstance(p, Later):  # worth it, but no room in this run: planned again next round
                 covered.update((a, p.asset) for a in p.addresses)
                 deferred += len(p.addresses)
                 continue
@@ -139,6 +139,10 @@ class Sweeper:
             log.info("%s: sweep %s planned: %s %s from %s", self.chain, sid,
                      format_amount(p.amount, asset.decimals if asset else 0), p.asset, ", ".join(p.addresses),
                      extra={"chain": self.chain, "sweep_id": sid})
+        for p in plans:  # no room this run (even for part of an address a plan takes): kept
+            if isinstance(p, Later):
+                for address in p.addresses:
+                    self.store.sweeps.keep_candidate(self.chain, address, p.asset)
         for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
             if (chose.address, chose.asset.symbol) not in covered:
                 self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol)

@@ -39,8 +39,10 @@ from .family import BitcoinOptions
 
 COIN = 10**8
 # Bitcoin Core's codes for "asking again gives the same answer": invalid address or no such
-# transaction (-5), invalid parameter such as a height out of range (-8), wrong type (-3)
-FINAL_CODES = frozenset({-5, -8, -3})
+# transaction (-5), invalid parameter such as a height out of range (-8), wrong type (-3), and
+# sendrawtransaction's refusals (-25 missing inputs, -26 rejected by policy, -27 already known),
+# which the wallet classifies itself
+FINAL_CODES = frozenset({-5, -8, -3, -25, -26, -27})
 NO_BLOCK_YET = -8  # getblockhash above the tip
 NO_SUCH_TX = -5
 COINBASE_MATURITY = 100  # a coinbase output is spendable (and credited) 100 blocks deep

@@ -4,11 +4,11 @@ wallet is account 1 with change on ``.../1/i``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from watcher.chains import ChainFamily, ChainSpec, KeyScheme
 from watcher.config import ConfigTable, between, one_of
@@ -19,7 +19,7 @@ from .address import canonical, p2wpkh, to_script
 from .networks import NETWORKS, Network
 
 if TYPE_CHECKING:
-    from watcher.chains import ChainClient, ChainContext
+    from watcher.chains import ChainClient, ChainContext, StoredTx, Wallet, WalletContext
     from watcher.config import AssetConfig, ChainConfig
 
 _HEX = frozenset("0123456789abcdef")
@@ -83,7 +83,8 @@ class BitcoinFamily(ChainFamily):
 
 class BitcoinSpec(ChainSpec):
     family = "bitcoin"
-    sends = False  # the wallet (UTXO payouts and consolidating sweeps) is not built yet (issue 11)
+    sends = True  # UTXO payouts and consolidating sweeps (wallet.py)
+    watches_hot_wallet = True  # the hot wallet's coins are transfers to its address
     native_decimals = 8
     confirmations = 6
     finality_depth = 100
@@ -117,7 +118,38 @@ class BitcoinSpec(ChainSpec):
             return None
         return f"{self.network.uri_scheme}:{address}?amount={format_amount(amount, asset.decimals)}"
 
+    tx_schema: ClassVar[dict[str, Any]] = {
+        "fee": {"type": ["string", "null"], "description": "satoshis the transaction pays in fees"},
+        "vsize": {"type": ["integer", "null"], "description": "virtual bytes (watcher's estimate: never below the "
+                                                               "node's, at most a quarter of a vB an input above)"},
+        "fee_rate": {"type": ["string", "null"], "description": "sat/vB (fee / vsize)"},
+        "inputs": {"type": ["integer", "null"], "description": "outputs it spends"}}
+    payout_schema: ClassVar[dict[str, Any]] = {
+        "fee_rate": {"type": ["string", "null"], "description": "sat/vB of the payout's newest transaction"}}
+
+    def tx_fields(self, details: Mapping[str, Any]) -> dict[str, Any]:
+        fee, vsize = details.get("fee"), details.get("vsize")
+        return {"fee": None if fee is None else str(fee), "vsize": vsize, "fee_rate": _rate(details),
+                "inputs": len(details["inputs"]) if "inputs" in details else None}
+
+    def payout_fields(self, txs: Sequence[StoredTx]) -> dict[str, Any]:
+        sent = [t for t in txs if t.purpose == "payout" and (t.status != "failed" or t.block_number is not None)]
+        return {"fee_rate": _rate(sent[-1].details) if sent else None}
+
     def open_client(self, ctx: ChainContext) -> ChainClient:
         from .client import BitcoinClient
 
         return BitcoinClient(ctx, self.options)
+
+    def open_wallet(self, ctx: WalletContext) -> Wallet | None:
+        from .client import BitcoinClient
+        from .wallet import BitcoinWallet
+
+        assert isinstance(ctx.client, BitcoinClient)
+        return BitcoinWallet(ctx, ctx.client, self.options)
+
+
+def _rate(details: Mapping[str, Any]) -> str | None:
+    """A transaction's fee rate in sat/vB, as a decimal string (stored in sat per 1,000 vB)."""
+    rate = details.get("fee_rate")
+    return None if rate is None else format_amount(int(rate), 3)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from .bitcoin import LitecoinHarness
 from .evm import EvmHarness
 from .harness import FamilyHarness
 
 #: Every family that runs the conformance suite; a new family appends its harness class.
-HARNESSES: list[type[FamilyHarness]] = [EvmHarness]
+HARNESSES: list[type[FamilyHarness]] = [EvmHarness, LitecoinHarness]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

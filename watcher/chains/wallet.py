@@ -258,7 +258,7 @@ class WalletContext:
     client: ChainClient  # this chain's client (the family's own class), opened and checked
     keys: ChainKeys
     in_flight: Callable[[], Sequence[StoredTx]]  # the chain's open transactions, newest per conflict group
-    # confirmed transfers to the hot wallet's own address (a UTXO family's coins; for a spec
+    # transfers in a block to the hot wallet's own address (a UTXO family's coins; for a spec
     # with ``watches_hot_wallet``, whose hot address the core watches), as Deposits
     hot_coins: Callable[[], Sequence[Deposit]] = lambda: ()
 

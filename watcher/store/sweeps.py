@@ -108,6 +108,12 @@ class Sweeps:
             " UNION SELECT sender FROM chain_txs WHERE chain = ? AND purpose = 'sweep' AND status = 'open'",
             (chain, *ACTIVE, chain, *ACTIVE, chain))}
 
+    def keep_candidate(self, chain: str, address: str, asset: str) -> None:
+        """(address, asset) stays a candidate (the wallet had no room for all of it)."""
+        with self.store.db.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO sweep_candidates (chain, address, asset, since) VALUES (?, ?, ?, ?)",
+                         (chain, address, asset, self.store.clock.now_ms()))
+
     def drop_candidate(self, chain: str, address: str, asset: str) -> None:
         with self.store.db.transaction() as conn:
             conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",

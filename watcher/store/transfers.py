@@ -50,6 +50,7 @@ class TransferRow:
     orphaned_at: int | None
     updated_at: int
     min_depth: int = 0  # confirmations needed at least (a coinbase output), beyond the chain's
+    address_kind: str | None = None  # 'deposit', 'invoice', 'external', 'hot' (None: no longer watched)
     label: str | None = None
     invoice_id: str | None = None
     order_id: str | None = None
@@ -62,6 +63,7 @@ class TransferRow:
                    block_hash=r["block_hash"], block_time=r["block_time"], status=r["status"],
                    detected_at=r["detected_at"], confirmed_at=r["confirmed_at"], orphaned_at=r["orphaned_at"],
                    updated_at=r["updated_at"], min_depth=r["min_depth"] or 0,
+                   address_kind=r["address_kind"] if "address_kind" in keys else None,
                    label=r["label"] if "label" in keys else None,
                    invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
                    order_id=r["order_id"] if "order_id" in keys else None)
@@ -214,12 +216,14 @@ class Transfers:
             " AND s.status = 'confirmed') ORDER BY t.block_number, t.id", (chain, block))]
 
     def coins_of(self, chain: str, address: str, asset: str) -> list[Deposit]:
-        """Confirmed transfers of ``asset`` to ``address`` (the hot wallet's coins on a UTXO
-        chain; whether each is still unspent is the wallet's to ask the node)."""
+        """Live transfers of ``asset`` to ``address`` in a block (the hot wallet's coins on a
+        UTXO chain; whether each is still unspent, and how deep, is the wallet's to ask the
+        node)."""
         return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
                         amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
             "SELECT id, address, txid, idx, amount, block_number FROM transfers WHERE chain = ? AND address = ?"
-            " AND asset = ? AND status = 'confirmed' ORDER BY block_number, id", (chain, address, asset))]
+            " AND asset = ? AND status IN ('detected', 'confirmed') AND block_number IS NOT NULL"
+            " ORDER BY block_number, id", (chain, address, asset))]
 
     def max_block_above(self, chain: str, number: int) -> int | None:
         """The highest block of a live transfer above ``number`` (None if there is none)."""
@@ -257,6 +261,11 @@ class Transfers:
     def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int) -> TransferChange:
         row = self.row(tid)
         assert row is not None
+        change = TransferChange(id=tid, chain=chain.id, address=row.address, asset=row.asset,
+                                invoice_id=row.invoice_id, old=old, new=new)
+        if row.address_kind == "hot":  # the hot wallet's own coins (UTXO): housekeeping, not a deposit
+            log.debug("hot wallet coin %s:%d %s", row.txid, row.index, new, extra={"chain": chain.id})
+            return change
         view = views.transfer(chain, row, tip=tip)
         self.store.events.emit(f"transfer.{new}", view, chain=chain.id, subject=tid)
         metrics = self.store.metrics
@@ -275,8 +284,7 @@ class Transfers:
                 metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)
-        return TransferChange(id=tid, chain=chain.id, address=row.address, asset=asset,
-                              invoice_id=row.invoice_id, old=old, new=new)
+        return change
 
     # --- reading ------------------------------------------------------------------------
 
@@ -295,6 +303,8 @@ class Transfers:
              ) -> tuple[list[TransferRow], str | None]:
         """Transfers, oldest first, filtered; ``since`` is ms (updated at or after), ``after``
         the last id of the previous page."""
-        filters = {"t.chain": chain, "t.address": address, "t.status": status, "t.updated_at >=": since}
+        filters = {"t.chain": chain, "t.address": address, "t.status": status, "t.updated_at >=": since,
+                   # the hot wallet's own coins (UTXO chains) are listed only when asked for by address
+                   "IFNULL(a.kind,'') !=": "hot" if address is None else None}
         return page(self.store, "transfers", filters, after=after, limit=limit, row=TransferRow.from_row,
                     select=_SELECT, id_column="t.id")

@@ -1,0 +1,308 @@
+"""The Bitcoin family's wallet against a real Litecoin Core regtest node and the real daemon:
+payouts signed locally arrive exactly and their change pays the next one, consolidating
+sweeps of several addresses land exactly (sum less fee) at a P2SH treasury with a dust
+output left and counted and ``max_inputs`` splitting the run, a stuck payout replaced by
+BIP125 on a node that takes replacements, and pulled along by a child (CPFP) on one that
+does not. Judged by the node: what the payee and the treasury received, what the mempool
+holds, which block mined what."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import coincurve
+import httpx
+import pytest
+import trio
+
+from tests.support.daemon import (
+    TEST_MNEMONIC,
+    free_port,
+    running,
+    wait_until,
+    write_config,
+)
+from tests.support.litecoin import COIN, Litecoind
+from watcher.chains import BroadcastRejected, SignedTx
+from watcher.keys import Keyring
+from watcher.money import format_amount
+from watcher_bitcoin import tx as btx
+from watcher_bitcoin.address import p2wpkh, to_script
+from watcher_bitcoin.networks import NETWORKS
+from watcher_bitcoin.tx import fee_for, tx_vsize
+
+ADMIN_TOKEN = "admin-token-0123456789"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+LTC = NETWORKS["ltc-regtest"]
+FALLBACK = 10_000  # sat per 1,000 vB: the family's default fee_rate_fallback (regtest has no estimate)
+
+
+def ltc_entry(node: Litecoind, **extra: Any) -> dict[str, Any]:
+    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 1,
+            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
+
+
+def config(tmp_path, node: Litecoind, port: int, **extra: Any):
+    return write_config(tmp_path, [ltc_entry(node, **extra)], api_port=port,
+                        extra={"api": {"admin_token": ADMIN_TOKEN}})
+
+
+def client(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False, timeout=10)
+
+
+def payee(node: Litecoind) -> str:
+    return str(node.rpc("getnewaddress", "", "bech32", wallet="payer"))
+
+
+def received(node: Litecoind, address: str) -> int:
+    """Satoshis ``address`` (of the payer wallet) received, mempool included."""
+    return int(Decimal(node.rpc("getreceivedbyaddress", address, 0, wallet="payer")) * COIN)
+
+
+def change_address(index: int) -> str:
+    return p2wpkh(LTC, Keyring.from_mnemonic(TEST_MNEMONIC).public_key("m/84'/1'/1'", index, change=1))
+
+
+def onchain(node: Litecoind, txid: str) -> dict[str, Any]:
+    """The node's view of a transaction: outpoints spent, outputs (address, sats), fee, vsize."""
+    tx = node.rpc("getrawtransaction", txid, True)
+    spent = [(i["txid"], i["vout"]) for i in tx["vin"]]
+    prev = [node.rpc("getrawtransaction", t, True)["vout"][n]["value"] for t, n in spent]
+    outputs = [(o["scriptPubKey"]["addresses"][0], int(o["value"] * COIN)) for o in tx["vout"]]
+    return {"spent": spent, "outputs": outputs, "fee": int(sum(prev) * COIN) - sum(v for _, v in outputs),
+            "vsize": tx["vsize"], "blockhash": tx.get("blockhash")}
+
+
+async def mine(node: Litecoind, n: int = 1) -> None:
+    await trio.to_thread.run_sync(node.mine, n)
+
+
+async def mine_until(node: Litecoind, predicate: Callable[[], Any], *, what: str, timeout: float = 30) -> Any:
+    """Mine a block at a time until ``predicate`` holds."""
+    deadline = trio.current_time() + timeout
+    while not (value := predicate()):
+        assert trio.current_time() < deadline, f"timed out waiting for {what}"
+        await mine(node)
+        await trio.sleep(0.3)
+    return value
+
+
+def spend(coin: tuple[str, int, int], secret: bytes, to: str, *, fee: int) -> SignedTx:
+    """One P2WPKH coin of ours, signed to ``to`` less ``fee`` (for the broadcast checks)."""
+    txid, vout, value = coin
+    script = to_script(LTC, p2wpkh(LTC, coincurve.PrivateKey(secret).public_key.format(compressed=True)))
+    unsigned = btx.build([btx.Coin(txid, vout, value, script)], [btx.Output(to_script(LTC, to), value - fee)])
+    return SignedTx(txid=unsigned.txid, raw=btx.sign(unsigned, [secret]).hex(), sender="", to=to, asset="LTC",
+                    amount=value - fee, fee_limit=fee, conflict=f"{txid}:{vout}")
+
+
+def payout_body(to: str, amount: str, key: str) -> dict[str, Any]:
+    return {"chain": "ltc", "asset": "LTC", "amount": amount, "to": to, "idempotency_key": key}
+
+
+async def test_a_payout_arrives_exactly_and_its_change_pays_the_next(tmp_path, litecoind: Litecoind):
+    node = litecoind
+    node.payer  # noqa: B018 - funds the payer (101 blocks)
+    port = free_port()
+    with trio.fail_after(60):
+        async with running(config(tmp_path, node, port), api=True) as d, client(port) as http:
+            chain = (await http.get("/v1/chains")).json()["items"][0]
+            hot = chain["hot_wallet"]["address"]
+            assert hot == d.store.hot_wallet("ltc") == p2wpkh(LTC, Keyring.from_mnemonic(TEST_MNEMONIC).public_key(
+                "m/84'/1'/1'", 0))
+            funding = node.send(hot, COIN)
+            alice = payee(node)
+            r = await http.post("/v1/payouts", json=payout_body(alice, "0.12345678", "p-1"))
+            assert r.status_code == 202, r.text
+            first = r.json()["id"]
+            # the funding is only in the mempool: nothing to spend yet
+            waiting = await wait_until(lambda: (p := d.views.payout(first))["reason"] and p, what="payout waits")
+            assert waiting["status"] == "pending" and "hot wallet has 0 LTC spendable" in waiting["reason"]
+            done = await mine_until(node, lambda: (p := d.views.payout(first))["status"] == "completed" and p,
+                                    what="first payout completed")
+            assert received(node, alice) == 12_345_678
+            tx1 = onchain(node, done["txid"])
+            stored = d.store.chaintxs.get(done["txid"])
+            assert stored is not None
+            funding_vout = next(n for n, o in enumerate(node.rpc("getrawtransaction", funding, True)["vout"])
+                                if o["scriptPubKey"]["addresses"] == [hot])
+            assert tx1["spent"] == [(funding, funding_vout)]
+            fee1 = stored.details["fee"]
+            assert tx1["outputs"] == [(alice, 12_345_678), (change_address(0), COIN - 12_345_678 - fee1)]
+            assert tx1["fee"] == fee1 == fee_for(stored.details["vsize"], FALLBACK)
+            assert tx1["vsize"] <= stored.details["vsize"] <= tx1["vsize"] + 1  # the estimate never undershoots
+            assert done["fee_paid"] == format_amount(fee1, 8) and done["fee_rate"] == "10"
+            assert done["transactions"][0] | {"fee": str(fee1), "inputs": 1, "fee_rate": "10"} == done["transactions"][0]
+
+            # the change of the first pays the second
+            bob = payee(node)
+            second = (await http.post("/v1/payouts", json=payout_body(bob, "0.5", "p-2"))).json()["id"]
+            done2 = await mine_until(node, lambda: (p := d.views.payout(second))["status"] == "completed" and p,
+                                     what="second payout completed")
+            tx2 = onchain(node, done2["txid"])
+            assert tx2["spent"] == [(done["txid"], 1)]
+            fee2 = d.store.chaintxs.get(done2["txid"]).details["fee"]
+            assert tx2["outputs"] == [(bob, COIN // 2), (change_address(1), COIN - 12_345_678 - fee1 - COIN // 2 - fee2)]
+            assert received(node, bob) == COIN // 2 and received(node, alice) == 12_345_678
+            state, _ = d.store.chaintxs.wallet_state("ltc")
+            assert state["next_change"] == 2
+            # change remembered as signed (what is spent is forgotten lazily, once the node says so)
+            assert (done2["txid"], 1, 0) not in [(c["txid"], c["vout"], c["change_index"]) for c in state["coins"]]
+            assert (done2["txid"], 1, 1) in [(c["txid"], c["vout"], c["change_index"]) for c in state["coins"]]
+            events = [e.type for e in d.store.events.list(subject=first, limit=20)]
+            assert events == ["payout.pending", "payout.broadcast", "payout.completed"]
+
+            # broadcast: mined bytes succeed quietly; spent inputs are a permanent refusal, a fee
+            # below the relay floor a transient one
+            wallet = d.senders["ltc"].wallet
+            assert wallet is not None
+            await wallet.broadcast(stored.signed())
+            keyring = Keyring.from_mnemonic(TEST_MNEMONIC)
+            double = spend((funding, funding_vout, COIN), keyring.private_key("m/84'/1'/1'", 0), alice, fee=2_000)
+            with pytest.raises(BroadcastRejected) as refused:
+                await wallet.broadcast(double)
+            assert refused.value.permanent, refused.value.message
+            change = state["coins"][-1]
+            free = spend((change["txid"], change["vout"], change["value"]),
+                         keyring.private_key("m/84'/1'/1'", 1, change=1), alice, fee=0)
+            with pytest.raises(BroadcastRejected) as refused:
+                await wallet.broadcast(free)
+            assert not refused.value.permanent and "min relay fee not met" in refused.value.message
+
+
+async def test_sweeps_consolidate_exactly_leave_dust_and_split_at_max_inputs(tmp_path, litecoind: Litecoind):
+    node = litecoind
+    node.payer  # noqa: B018
+    treasury = str(node.rpc("getnewaddress", "", "p2sh-segwit", wallet="payer"))  # any address type
+    port = free_port()
+    rate = 50_000  # 50 sat/vB: spending a P2WPKH output (68 vB) costs 3,400 sat, more than the dust output
+    cfg = config(tmp_path, node, port, fee_rate_fallback="50",
+                 sweep={"to": treasury, "min_amount": {"LTC": "0.01"}, "interval": 0, "max_inputs": 2})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            a, b, c = (d.store.addresses.deposit_address("ltc", label)[0].address for label in ("a", "b", "c"))
+            paid = {node.send(a, 10_000_000): a, node.send(a, 20_000_000): a, node.send(b, 30_000_000): b,
+                    node.send(c, 40_000_000): c}
+            dust_txid = node.send(c, 3_000)  # above the relay's dust limit (2,940), below its spend cost
+            await mine(node)
+            deposits = await wait_until(lambda: len(t := d.views.transfers(chain="ltc", status="confirmed")[0]) == 5
+                                        and t, what="five confirmed deposits")
+            ids = {t["address"]: set() for t in deposits}
+            for t in deposits:
+                ids[t["address"]].add(t["id"])
+            dust = next(t for t in deposits if t["txid"] == dust_txid)
+            r = await http.post("/v1/sweeps/run", json={})
+            assert r.status_code == 202, r.text
+            sweeps = await mine_until(node, lambda: len(s := d.views.sweeps(chain="ltc")[0]) == 2
+                                      and all(x["status"] == "confirmed" for x in s) and s, what="two sweeps confirmed")
+            # max_inputs = 2: a's two deposits in one run, b and c in the next (c's dust left, not an input)
+            first = next(s for s in sweeps if s["addresses"] == [a])
+            second = next(s for s in sweeps if s is not first)
+            assert first["addresses"] == [a] and set(first["deposits"]) == ids[a] and first["dust"] is None
+            assert set(second["addresses"]) == {b, c} and set(second["deposits"]) == ids[b] | ids[c]
+            assert second["dust"] == "0.00003"
+            total = 0
+            for s in (first, second):
+                tx = onchain(node, s["txid"])
+                assert tx["outputs"] == [(treasury, int(s["base_units"]))]
+                assert len(tx["spent"]) == 2 and all(paid.get(t) for t, _ in tx["spent"])
+                fee = fee_for(tx_vsize(2, [to_script(LTC, treasury)]), rate)
+                assert tx["fee"] == fee and s["fee_paid"] == format_amount(fee, 8)
+                assert s["transactions"][0]["inputs"] == 2 and s["transactions"][0]["fee_rate"] == "50"
+                total += int(s["base_units"]) + fee
+            # every economical satoshi is at the treasury or paid in fees
+            assert total == 100_000_000
+            assert received(node, treasury) == sum(int(s["base_units"]) for s in sweeps)
+            assert node.rpc("gettxout", dust_txid, dust["index"], True) is not None  # left where it was
+            # nothing is swept twice
+            await http.post("/v1/sweeps/run", json={})
+            for _ in range(3):
+                await mine(node)
+                await trio.sleep(0.2)
+            assert len(d.views.sweeps(chain="ltc")[0]) == 2
+
+
+async def stuck_payout(node: Litecoind, d, http: httpx.AsyncClient, to: str) -> dict[str, Any]:
+    """Fund the hot wallet, ask for a payout, mine the one block the funding needs; the payout
+    is then broadcast and nothing more is mined."""
+    node.send(d.store.hot_wallet("ltc"), COIN)
+    pid = (await http.post("/v1/payouts", json=payout_body(to, "0.25", "stuck"))).json()["id"]
+    await wait_until(lambda: d.views.payout(pid)["reason"], what="payout waits for funds")
+    await mine(node)
+    p = await wait_until(lambda: (p := d.views.payout(pid))["status"] == "broadcast" and p, what="broadcast")
+    await wait_until(lambda: p["txid"] in node.rpc("getrawmempool"), what="the payout in the mempool")
+    return p
+
+
+async def test_a_stuck_payout_is_replaced_with_the_same_inputs_and_paid_once(tmp_path, litecoind: Litecoind):
+    node = litecoind  # -mempoolreplacement=1
+    node.payer  # noqa: B018
+    port = free_port()
+    cfg = config(tmp_path, node, port, fee_bump="rbf", payouts={"stuck_after": 1})
+    carol = payee(node)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            p = await stuck_payout(node, d, http, carol)
+            original = p["txid"]
+            before = onchain(node, original)
+            # the payout's txid moves to the replacement when it is stored, before it is sent
+            replaced = await wait_until(lambda: (q := d.views.payout(p["id"]))["txid"] != original
+                                        and q["txid"] in node.rpc("getrawmempool") and q, timeout=20,
+                                        what="a replacement in the mempool")
+            newest = replaced["txid"]
+            assert len(replaced["transactions"]) >= 2 and original not in node.rpc("getrawmempool")
+            after = onchain(node, newest)
+            assert after["spent"] == before["spent"]  # the same inputs: one of the two can be mined
+            assert after["outputs"][0] == before["outputs"][0] == (carol, COIN // 4)
+            # BIP125 and bump_ppm (fee_bump 0.2): at least 20% more, and the incremental relay fee for its size
+            assert after["fee"] >= before["fee"] * 12 // 10 and after["fee"] >= before["fee"] + after["vsize"]
+            assert after["outputs"][1][1] == before["outputs"][1][1] - (after["fee"] - before["fee"])
+            done = await mine_until(node, lambda: (q := d.views.payout(p["id"]))["status"] == "completed" and q,
+                                    what="completed")
+            mined = onchain(node, done["txid"])
+            assert mined["blockhash"] and done["txid"] in [t["txid"] for t in done["transactions"]]
+            assert {t["status"] for t in done["transactions"] if t["txid"] != done["txid"]} == {"replaced"}
+            assert received(node, carol) == COIN // 4  # exactly once
+            assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == 1
+
+
+@pytest.mark.parametrize("fee_bump", ["cpfp", "rbf"])
+async def test_a_stuck_payout_is_pulled_along_by_a_child_on_a_node_without_replacement(tmp_path, fee_bump: str):
+    """``fee_bump = "cpfp"``, or ``"rbf"`` on a node that refuses replacements (found out by
+    testmempoolaccept before anything is stored): a child spends the payout's change."""
+    node = Litecoind(replacement=False)  # Litecoin Core's default: no BIP125 replacement
+    node.start()
+    try:
+        node.payer  # noqa: B018
+        port = free_port()
+        cfg = config(tmp_path, node, port, fee_bump=fee_bump, payouts={"stuck_after": 1})
+        dave = payee(node)
+        with trio.fail_after(60):
+            async with running(cfg, api=True) as d, client(port) as http:
+                p = await stuck_payout(node, d, http, dave)
+                parent = p["txid"]
+                child = await wait_until(lambda: d.store.chaintxs.for_ref(p["id"], "bump"), timeout=20,
+                                         what="a child")
+                assert len(child) == 1
+                await wait_until(lambda: child[0].txid in node.rpc("getrawmempool"), what="the child in the mempool")
+                kid = onchain(node, child[0].txid)
+                assert kid["spent"] == [(parent, 1)]  # the parent's change
+                assert kid["outputs"] == [(change_address(1), child[0].details["outputs"][0][1])]
+                entry = node.rpc("getmempoolentry", parent)
+                assert entry["descendantcount"] == 2
+                mother = onchain(node, parent)
+                package = Decimal(mother["fee"] + kid["fee"]) / (mother["vsize"] + kid["vsize"])
+                assert package >= Decimal(mother["fee"]) / mother["vsize"] * Decimal("1.2")
+                await mine(node)
+                done = await wait_until(lambda: (q := d.views.payout(p["id"]))["status"] == "completed" and q,
+                                        what="completed")
+                assert done["txid"] == parent and len(done["transactions"]) == 1
+                assert onchain(node, parent)["blockhash"] == onchain(node, child[0].txid)["blockhash"] is not None
+                assert received(node, dave) == COIN // 4
+                state, _ = d.store.chaintxs.wallet_state("ltc")
+                assert state["next_change"] == 2
+    finally:
+        node.close()
