@@ -1,19 +1,26 @@
 """Payments seen in a real Litecoin Core node's mempool before any block holds them: detected
 with 0 confirmations and no block, then the same transfer gets its block; a payment replaced
-(BIP125) or double-spent before it is mined is orphaned and nothing is credited; ``mempool =
-false`` waits for blocks; coinbase outputs are credited only once mature (100 blocks)."""
+(BIP125), double-spent or dropped before it is mined is orphaned and nothing is credited;
+``mempool = false`` waits for blocks; coinbase outputs are credited only once mature (100
+blocks)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from decimal import Decimal
 
+import coincurve
 import httpx
 import trio
 
 from tests.support.daemon import API_TOKEN, free_port, running, wait_until, write_config
 from tests.support.litecoin import COIN, Litecoind
+from watcher_bitcoin import tx as btx
+from watcher_bitcoin.address import p2wpkh, to_script
+from watcher_bitcoin.networks import NETWORKS
 
+LTC = NETWORKS["ltc-regtest"]
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
@@ -115,3 +122,34 @@ async def test_mempool_off_waits_for_blocks_and_coinbase_outputs_wait_for_maturi
             await mine(node, 1)
             await wait_until(lambda: next(t for t in transfers(d) if t["txid"] == coinbase)["status"] == "confirmed",
                              what="the coinbase mature")
+
+
+async def test_a_payment_dropped_from_the_mempool_is_orphaned(tmp_path, litecoind: Litecoind):
+    """A payment signed outside any node wallet (nothing puts it back) is dropped when the node
+    restarts without its saved mempool: once the scan passes the height it went missing at,
+    its transfer is orphaned."""
+    node = litecoind
+    node.payer  # noqa: B018
+    secret = hashlib.sha256(b"a customer's own key").digest()
+    mine_ = to_script(LTC, p2wpkh(LTC, coincurve.PrivateKey(secret).public_key.format(compressed=True)))
+    funding = node.rpc("sendtoaddress", p2wpkh(LTC, coincurve.PrivateKey(secret).public_key.format(compressed=True)),
+                       "1", wallet="payer")
+    node.mine(1)
+    vout = next(o["n"] for o in node.rpc("getrawtransaction", funding, True)["vout"]
+                if o["scriptPubKey"]["hex"] == mine_.hex())
+    cfg = write_config(tmp_path, [ltc_entry(node, start_block=node.head() + 1)])
+    with trio.fail_after(90):
+        async with running(cfg) as d:
+            alice = d.store.addresses.deposit_address("ltc", "alice")[0].address
+            unsigned = btx.build([btx.Coin(funding, vout, COIN, mine_)], [btx.Output(to_script(LTC, alice), COIN - 5_000)])
+            txid = node.rpc("sendrawtransaction", btx.sign(unsigned, [secret]).hex())
+            (seen,) = await wait_until(lambda: transfers(d), what="the payment in the mempool")
+            assert (seen["txid"], seen["status"], seen["block_number"]) == (txid, "detected", None)
+            node.stop()
+            node.extra = ("-persistmempool=0",)
+            node.start()
+            assert txid not in node.rpc("getrawmempool")
+            await mine(node, 1)
+            await wait_until(lambda: transfers(d)[0]["status"] == "orphaned", timeout=30,
+                             what="the dropped payment orphaned")
+            assert [e["txid"] for e in events(d, "transfer.orphaned")] == [txid]

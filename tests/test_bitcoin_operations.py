@@ -1,6 +1,7 @@
-"""Operating a Bitcoin-family chain: ``watcher reconcile`` compares, output by output, the
-confirmed deposits no sweep spent with the node's UTXO set, and finds a deposit someone else
-spent with the key (here: the test, signing with the seed's key outside watcher)."""
+"""Operating a Bitcoin-family chain: ``watcher status`` shows the hot wallet's coins, and
+``watcher reconcile`` compares, output by output, the confirmed deposits no sweep spent with
+the node's UTXO set, and finds a deposit someone else spent with the key (here: the test,
+signing with the seed's key outside watcher)."""
 
 from __future__ import annotations
 
@@ -36,18 +37,24 @@ async def test_reconcile_compares_unspent_outputs_and_finds_a_deposit_spent_outs
         async with running(cfg) as d:
             alice, _ = d.store.addresses.deposit_address("ltc", "alice")
             bob, _ = d.store.addresses.deposit_address("ltc", "bob")
+            node.send(d.store.hot_wallet("ltc"), 7 * COIN)  # the hot wallet's funding
             first = node.send(alice.address, COIN)
             node.send(alice.address, 2 * COIN)
             node.send(bob.address, 3 * COIN)
             node.mine(3)
             await wait_until(lambda: d.store.db.scalar("SELECT count(*) FROM transfers WHERE status = 'confirmed'")
-                             == 3, what="three confirmed deposits")
+                             == 4, what="three confirmed deposits and the hot wallet's funding")
     r = await trio.to_thread.run_sync(lambda: cli("reconcile", "--json", "-c", str(cfg), cwd=tmp_path))
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["ok"], r.stdout
     lines = {line["label"]: line for line in report["lines"]}
     assert (lines["alice"]["expected"], lines["alice"]["actual"], lines["alice"]["status"]) == ("3", "3", "ok")
     assert (lines["bob"]["expected"], lines["bob"]["status"]) == ("3", "ok")
+
+    # status: the hot wallet's balance is its own coins (no UTXO-set scan), the node is up
+    r = await trio.to_thread.run_sync(lambda: cli("status", "--json", "-c", str(cfg), cwd=tmp_path))
+    ltc = json.loads(r.stdout)["chains"]["ltc"]
+    assert r.returncode == 0 and ltc["hot_wallet"]["balances"] == {"LTC": "7"}, r.stdout
 
     # someone with the key spends alice's first deposit without watcher
     vout = next(o["n"] for o in node.rpc("getrawtransaction", first, True)["vout"]

@@ -8,6 +8,7 @@ holds, which block mined what."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -19,12 +20,14 @@ import trio
 
 from tests.support.daemon import (
     TEST_MNEMONIC,
+    DaemonProcess,
     free_port,
     running,
     wait_until,
     write_config,
 )
 from tests.support.litecoin import COIN, Litecoind
+from watcher import failpoints
 from watcher.chains import BroadcastRejected, SignedTx
 from watcher.keys import Keyring
 from watcher.money import format_amount
@@ -103,6 +106,10 @@ def payout_body(to: str, amount: str, key: str) -> dict[str, Any]:
     return {"chain": "ltc", "asset": "LTC", "amount": amount, "to": to, "idempotency_key": key}
 
 
+def transfers_listed(d) -> list[dict[str, Any]]:
+    return d.views.transfers(chain="ltc", limit=1000)[0]
+
+
 async def test_a_payout_arrives_exactly_and_its_change_pays_the_next(tmp_path, litecoind: Litecoind):
     node = litecoind
     node.payer  # noqa: B018 - funds the payer (101 blocks)
@@ -154,6 +161,10 @@ async def test_a_payout_arrives_exactly_and_its_change_pays_the_next(tmp_path, l
             assert (done2["txid"], 1, 1) in [(c["txid"], c["vout"], c["change_index"]) for c in state["coins"]]
             events = [e.type for e in d.store.events.list(subject=first, limit=20)]
             assert events == ["payout.pending", "payout.broadcast", "payout.completed"]
+            # the hot wallet's balance (metrics) is its coins, change included, without a UTXO-set scan
+            left = COIN - 12_345_678 - fee1 - COIN // 2 - fee2
+            assert await d.senders["ltc"].wallet.balance(d.config.chain("ltc").native, state) == left
+            assert [t for t in transfers_listed(d) if t["address"] == hot] == []  # housekeeping, not a deposit
 
             # broadcast: mined bytes succeed quietly; spent inputs are a permanent refusal, a fee
             # below the relay floor a transient one
@@ -287,6 +298,9 @@ async def test_a_stuck_payout_is_pulled_along_by_a_child_on_a_node_without_repla
                 child = await wait_until(lambda: d.store.chaintxs.for_ref(p["id"], "bump"), timeout=20,
                                          what="a child")
                 assert len(child) == 1
+                (bumped,) = d.store.events.list(types=("wallet.bumped",), limit=10)
+                assert (bumped.subject, bumped.data["txid"], bumped.data["parent_txid"]) == (p["id"], child[0].txid,
+                                                                                              parent)
                 await wait_until(lambda: child[0].txid in node.rpc("getrawmempool"), what="the child in the mempool")
                 kid = onchain(node, child[0].txid)
                 assert kid["spent"] == [(parent, 1)]  # the parent's change
@@ -306,3 +320,59 @@ async def test_a_stuck_payout_is_pulled_along_by_a_child_on_a_node_without_repla
                 assert state["next_change"] == 2
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("point", ["bump.stored", "bump.sent"])
+async def test_killed_while_pulling_a_payout_along_sends_one_child(tmp_path, point: str):
+    """kill -9 right after the CPFP child is stored (not sent), or right after the node took
+    it (the database does not know): restarted, watcher sends that same child (never a second
+    one), both are mined together, and the payee is paid once."""
+    assert not failpoints._ACTIVE
+    node = Litecoind(replacement=False)
+    node.start()
+    proc: DaemonProcess | None = None
+    try:
+        node.payer  # noqa: B018
+        port = free_port()
+        cfg = config(tmp_path, node, port, fee_bump="cpfp", payouts={"stuck_after": 1})
+        hot = p2wpkh(LTC, Keyring.from_mnemonic(TEST_MNEMONIC).public_key("m/84'/1'/1'", 0))
+        erin = payee(node)
+        proc = DaemonProcess(cfg, log_path=tmp_path / "killed.log", env={"WATCHER_FAILPOINTS": point}).start()
+        with trio.fail_after(60):
+            async with client(port) as http:
+                await wait_http_up(http)
+                node.send(hot, COIN)
+                node.mine(1)
+                pid = (await http.post("/v1/payouts", json=payout_body(erin, "0.25", "killed"))).json()["id"]
+                deadline = trio.current_time() + 30
+                while proc.alive():  # broadcast, stuck (nothing mined), bumped: killed there
+                    assert trio.current_time() < deadline, proc.log()[-3000:]
+                    await trio.sleep(0.1)
+                assert proc.proc is not None and proc.proc.wait() == -signal.SIGKILL
+                assert f"fail point {point} reached" in proc.log()
+                async with running(cfg, api=True) as d:
+                    child = await wait_until(lambda: d.store.chaintxs.for_ref(pid, "bump"), what="the child")
+                    await wait_until(lambda: child[0].txid in node.rpc("getrawmempool"), what="the child sent")
+                    await trio.sleep(2.5)  # stuck_after passes again: a child in flight means no second one
+                    assert len(d.store.chaintxs.for_ref(pid, "bump")) == 1
+                    assert len(node.rpc("getrawmempool")) == 2  # the payout and its one child
+                    await mine(node)
+                    done = await wait_until(lambda: (q := d.views.payout(pid))["status"] == "completed" and q,
+                                            what="completed")
+                    assert onchain(node, done["txid"])["blockhash"] == onchain(node, child[0].txid)["blockhash"]
+                    assert received(node, erin) == COIN // 4
+    finally:
+        if proc is not None:
+            proc.stop()
+        node.close()
+
+
+async def wait_http_up(http: httpx.AsyncClient) -> None:
+    for _ in range(300):
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await trio.sleep(0.05)
+    raise AssertionError("the daemon did not come up")

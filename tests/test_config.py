@@ -81,6 +81,22 @@ def test_example_config_in_the_repo_loads(families):
     assert cfg.chains
 
 
+def test_example_bitcoin_chain_uncommented_loads_as_btc_mainnet(families, tmp_path):
+    """The example's commented BTC chain is a working config once uncommented."""
+    text = (Path(__file__).parents[1] / "watcher.toml.example").read_text()
+    after = text[text.index("# Bitcoin on your own bitcoind"):]
+    block = after[after.index("# [[chains]]"):].split("\n\n")[0]
+    toml = "\n".join(line[2:] for line in block.splitlines() if not line.startswith("#  "))
+    path = tmp_path / "btc.toml"
+    path.write_text(text[:text.index("\n[[chains]]") + 1] + toml + "\n")
+    cfg = load_config(path, families)
+    (btc,) = cfg.chains
+    assert (btc.id, btc.family, btc.spec.network.name, btc.native.symbol, btc.confirmations) == (
+        "btc", "bitcoin", "btc", "BTC", 3)
+    assert btc.spec.options.fee_bump == "rbf" and btc.spec.options.max_inputs == 100
+    assert btc.sweep.to == "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"
+
+
 def mutate(fn):
     raw = base()
     fn(raw)

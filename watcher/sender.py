@@ -38,7 +38,8 @@ from .tasks import StorageRetry
 from .txtrack import Tracker, groups
 
 if TYPE_CHECKING:
-    from .chains import ChainClient
+    from .chains import ChainClient, ChainKeys
+    from .config import ChainConfig
     from .keys import ChainKeyring
     from .metrics import Metrics
     from .scanner import ChainWatcher
@@ -48,6 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BALANCE_METRIC_EVERY = 30.0
+
+
+def open_wallet(cfg: ChainConfig, store: Store, client: ChainClient, keys: ChainKeys) -> Wallet | None:
+    """The family's wallet for one chain (None if the family has none), on an open client."""
+    hot, native = keys.hot_address, cfg.native.symbol
+    ctx = WalletContext(config=cfg, client=client, keys=keys, in_flight=lambda: store.chaintxs.in_flight(cfg.id),
+                        hot_coins=lambda: store.transfers.coins_of(cfg.id, hot, native) if hot else [])
+    return cfg.spec.open_wallet(ctx)
 
 
 class Sender:
@@ -82,11 +91,7 @@ class Sender:
         middle of a scan. Nothing to open when watch-only."""
         if self.hot is None:
             return
-        hot, native = self.hot, self.cfg.native.symbol
-        ctx = WalletContext(config=self.cfg, client=client, keys=self.keys,
-                            in_flight=lambda: self.store.chaintxs.in_flight(self.chain),
-                            hot_coins=lambda: self.store.transfers.coins_of(self.chain, hot, native))
-        self.wallet = self.cfg.spec.open_wallet(ctx)
+        self.wallet = open_wallet(self.cfg, self.store, client, self.keys)
         if self.wallet is not None:
             self.tracker = Tracker(self.cfg, self.store, self.wallet, self.metrics)
 
@@ -295,9 +300,11 @@ class Sender:
     async def _balance_metrics(self, client: ChainClient) -> None:
         assert self.hot is not None
         self._balances_at = time.monotonic()
+        state, _ = self.store.chaintxs.wallet_state(self.chain)
         for asset in self.cfg.assets:
             try:
-                balance = await client.balance(self.hot, asset)
+                own = await self.wallet.balance(asset, state) if self.wallet is not None else None
+                balance = own if own is not None else await client.balance(self.hot, asset)
             except WatcherError:
                 continue
             self.metrics.hot_wallet_balance.labels(self.chain, asset.symbol).set(balance / 10**asset.decimals)

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .daemon import chain_keys
 from .errors import NodeError
 from .money import format_amount
+from .sender import open_wallet
 from .tasks import fan_out
 
 if TYPE_CHECKING:
@@ -25,9 +27,14 @@ async def _node_facts(core: Core, cfg: ChainConfig) -> dict[str, Any]:
                 facts["head"] = await client.head()
                 facts["node"] = "up"
                 hot = store.hot_wallet(cfg.id)
+                # a UTXO wallet counts its own coins (the node would scan its whole UTXO set)
+                wallet = open_wallet(cfg, store, client, chain_keys(cfg, store)) if hot is not None else None
+                state, _ = store.chaintxs.wallet_state(cfg.id)
                 for a in cfg.assets if hot is not None else ():
                     assert hot is not None
-                    facts["hot_wallet_balances"][a.symbol] = format_amount(await client.balance(hot, a), a.decimals)
+                    own = await wallet.balance(a, state) if wallet is not None else None
+                    units = own if own is not None else await client.balance(hot, a)
+                    facts["hot_wallet_balances"][a.symbol] = format_amount(units, a.decimals)
     except (NodeError, trio.TooSlowError) as e:
         facts["error"] = getattr(e, "message", "timed out")
     return facts

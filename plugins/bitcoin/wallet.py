@@ -81,6 +81,8 @@ from .address import from_script, to_script
 from .client import sats
 
 if TYPE_CHECKING:
+    from watcher.config import AssetConfig
+
     from .client import BitcoinClient
     from .family import BitcoinOptions
 
@@ -633,6 +635,17 @@ class BitcoinWallet(Wallet):
             return Wait(f"the node would refuse a child: {refused}")
         made = Coin(txid=child.txid, vout=0, value=value, address=to, change=index, conflict=child.conflict)
         return Child(child, state={**state, "coins": [*state["coins"], made.entry()], "next_change": index + 1})
+
+    async def balance(self, asset: AssetConfig, state: WalletState) -> int | None:
+        """The hot wallet's coins the node has unspent, the mempool's view included (change
+        of a payout not mined yet counts, coins it spends do not): one ``gettxout`` batch."""
+        coins = [Coin(txid=d.txid, vout=d.index, value=d.amount, address=d.address) for d in self.ctx.hot_coins()]
+        coins += [Coin(txid=c["txid"], vout=int(c["vout"]), value=int(c["value"]),
+                       address=self.keys.address("hot", 1, int(c["change_index"])), change=int(c["change_index"]))
+                  for c in state.get("coins", ())]
+        unique = list({c.outpoint: c for c in coins}.values())
+        found = await self._unspent(unique) if unique else {}
+        return sum(c.value for c in unique if c.outpoint in found)
 
     async def release(self, tx: StoredTx, state: WalletState) -> Release:
         """Nothing is held but the change the refused transaction would have made: it is

@@ -310,6 +310,12 @@ class Wallet:
         child already in flight)."""
         raise NotImplementedError
 
+    async def balance(self, asset: AssetConfig, state: WalletState) -> int | None:
+        """What the hot wallet holds of ``asset`` (for metrics), or None to have the core ask
+        the client for the hot address's balance (an account chain). A UTXO wallet answers
+        from its own coins: a scan of the node's UTXO set every 30 s would be too dear."""
+        return None
+
     async def release(self, tx: StoredTx, state: WalletState) -> Release:
         """The node refused ``tx`` for good (``BroadcastRejected(permanent=True)``) and no
         other transaction of its group is in flight: free what it held."""

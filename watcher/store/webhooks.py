@@ -33,7 +33,7 @@ EVENT_TYPES = (
     "payout.pending", "payout.awaiting_approval", "payout.broadcast", "payout.completed", "payout.failed",
     "payout.cancelled",
     "sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed", "sweep.failed",
-    "wallet.gap_filled", "webhook.test",
+    "wallet.gap_filled", "wallet.bumped", "webhook.test",
 )
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
 _RESPONSE_EXCERPT = 500
