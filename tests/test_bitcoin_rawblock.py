@@ -130,3 +130,34 @@ def test_watched_addresses_are_looked_up_by_script_and_old_rows_get_theirs(tmp_p
         assert core.store.addresses.watched("ltc", scripts) == set(scripts)
     finally:
         core.close()
+
+
+def _compact(n: int) -> bytes:
+    return bytes([n]) if n < 0xFD else b"\xfd" + n.to_bytes(2, "little")
+
+
+def _segwit_tx(tag: int, outputs: list[tuple[int, bytes]], witness_item: int) -> bytes:
+    """A segwit transaction with one input whose witness holds an item of ``witness_item``
+    bytes (3-byte compact sizes from 253 on)."""
+    body_in = _compact(1) + bytes([tag]) * 32 + b"\x00\x00\x00\x00" + _compact(0) + b"\xfd\xff\xff\xff"
+    body_out = _compact(len(outputs)) + b"".join(v.to_bytes(8, "little") + _compact(len(s)) + s for v, s in outputs)
+    witness = _compact(2) + _compact(witness_item) + b"\x30" * witness_item + _compact(33) + b"\x02" * 33
+    return (2).to_bytes(4, "little") + b"\x00\x01" + body_in + body_out + witness + b"\x00" * 4
+
+
+def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
+    """More than 252 transactions, outputs and witness items of 253 bytes and more are
+    written with 3-byte compact sizes; the walk reads them and finds the payment in the last
+    transaction, with the txid embit computes."""
+    from embit.transaction import Transaction
+
+    watched = bytes.fromhex("0014") + bytes(range(20))
+    other = bytes.fromhex("0014") + b"\xee" * 20
+    txs = [_segwit_tx(n % 250, [(1000 + n, other)], 300) for n in range(299)]
+    txs.append(_segwit_tx(7, [(5, other)] * 260 + [(123_456, watched)], 253))
+    block = b"\x00" * 80 + _compact(len(txs)) + b"".join(txs)
+    (found,) = rawblock.outputs_to(block, {watched})
+    assert (found.vout, found.value, found.script, found.coinbase) == (260, 123_456, watched, False)
+    assert found.txid == Transaction.parse(txs[-1]).txid().hex()
+    assert [o.vout for o in rawblock.tx_outputs(txs[-1])][-1] == 260
+    assert watched.hex() in rawblock.candidate_scripts(block)

@@ -60,17 +60,17 @@ def header(block: bytes) -> Header:
                   timestamp=int.from_bytes(head[68:72], "little"))
 
 
-# one pattern a shape: it consumes the prefix and captures the rest of the script in a
-# lookahead, so findall gives every occurrence (no prefix can overlap itself) in one C loop
-_FINDERS = tuple((re.compile(re.escape(prefix) + b"(?=([\\x00-\\xff]{%d}))" % (length + 1 - len(prefix))),
-                  prefix[1:]) for prefix, length in _SHAPES)
+# one pattern a shape: it consumes the length byte and captures the script in a lookahead,
+# so findall gives every occurrence (no prefix can overlap itself) in one C loop
+_FINDERS = tuple(re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(prefix[1:])
+                            + b"[\\x00-\\xff]{%d}))" % (length + 1 - len(prefix))) for prefix, length in _SHAPES)
 
 
 def candidate_scripts(data: bytes) -> set[str]:
     """Hex of every standard output script that may appear in ``data`` (a superset)."""
     found: set[str] = set()
-    for finder, head in _FINDERS:
-        found.update(map(bytes.hex, (head + rest for rest in finder.findall(data))))
+    for finder in _FINDERS:
+        found.update(map(bytes.hex, finder.findall(data)))
     return found
 
 
@@ -138,16 +138,86 @@ def _tx(b: bytes, p: int, want: set[bytes] | None, coinbase: bool, out: list[Out
 
 
 def outputs_to(block: bytes, scripts: set[bytes]) -> list[Output]:
-    """Every output of a serialized block paying one of ``scripts``, in block order. The walk
-    stops after the transaction holding the last occurrence of any of ``scripts``."""
-    last = max((block.rfind(s) for s in scripts), default=-1)
-    n_tx, p = _varint(block, 80)
+    """Every output of a serialized block paying one of ``scripts``, in block order.
+
+    The bytes of each script (with its length prefix) are found first; the walk then only
+    skips through the transactions (compact sizes inlined: this is the scan's hottest
+    loop), takes an output whose script starts at one of those places, and stops after the
+    transaction holding the last one."""
+    at: set[int] = set()  # where a wanted script starts, every occurrence (outputs or not)
+    for s in scripts:
+        needle = bytes([len(s)]) + s
+        i = block.find(needle)
+        while i >= 0:
+            at.add(i + 1)
+            i = block.find(needle, i + 1)
     out: list[Output] = []
+    if not at:
+        return out
+    last, b, frombytes = max(at), block, int.from_bytes
+    # compact sizes below 0xFD (nearly all) are read in line: a call per field costs as much
+    # as the rest of the walk
     try:
-        for i in range(n_tx):
-            if p > last:
+        n_tx, p = _varint(b, 80)
+        for t in range(n_tx):
+            if p >= last:
                 break
-            p = _tx(block, p, scripts, i == 0, out)
+            start = p
+            p += 4
+            segwit = b[p] == 0
+            if segwit:
+                if b[p + 1] != 1:
+                    raise Unsupported(f"transaction flag {b[p + 1]:#x}")
+                p += 2
+            body = p
+            n_in = b[p]
+            p += 1
+            if n_in >= 0xFD:
+                n_in, p = _varint(b, p - 1)
+            if n_in == 0:
+                raise ValueError("a transaction without inputs")
+            for _ in range(n_in):
+                p += 36
+                n = b[p]
+                p += 1
+                if n >= 0xFD:
+                    n, p = _varint(b, p - 1)
+                p += n + 4
+            n_out = b[p]
+            p += 1
+            if n_out >= 0xFD:
+                n_out, p = _varint(b, p - 1)
+            hits: list[tuple[int, int, bytes]] = []
+            for i in range(n_out):
+                value_at = p
+                p += 8
+                n = b[p]
+                p += 1
+                if n >= 0xFD:
+                    n, p = _varint(b, p - 1)
+                if p in at:
+                    hits.append((i, frombytes(b[value_at:value_at + 8], "little"), b[p:p + n]))
+                p += n
+            body_end = p
+            if segwit:
+                for _ in range(n_in):
+                    items = b[p]
+                    p += 1
+                    if items >= 0xFD:
+                        items, p = _varint(b, p - 1)
+                    for _ in range(items):
+                        n = b[p]
+                        p += 1
+                        if n >= 0xFD:
+                            n, p = _varint(b, p - 1)
+                        p += n
+            p += 4
+            if p > len(b):
+                raise ValueError("truncated transaction")
+            if hits:
+                txid = dsha256(b[start:start + 4] + b[body:body_end] + b[p - 4:p])[::-1].hex()
+                out.extend(Output(txid=txid, vout=i, value=value, script=script, coinbase=t == 0)
+                           for i, value, script in hits)
     except IndexError as e:
         raise ValueError("truncated block") from e
     return out
