@@ -63,6 +63,9 @@ soak: deps
 	set -e; for seed in $(SOAK_SEEDS); do \
 	  WATCHER_SOAK_SEED=$$seed WATCHER_SOAK_OPS=1500 WATCHER_SOAK_KILLS=20 WATCHER_SOAK_REORGS=20 \
 	    $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_soak.py $(PYTEST_ARGS); done
+	set -e; for seed in $(SOAK_SEEDS); do \
+	  WATCHER_SOAK_SEED=$$seed WATCHER_SOAK_OPS=600 WATCHER_SOAK_KILLS=20 WATCHER_SOAK_REORGS=20 \
+	    $(BIN)/python -m pytest -p no:cacheprovider -q -s tests/test_soak_litecoin.py $(PYTEST_ARGS); done
 	WATCHER_SCHEMATHESIS_EXAMPLES=120 $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_faults.py \
 	  tests/test_storage_faults.py tests/test_hostile.py tests/test_api.py::test_schemathesis_finds_no_server_errors \
 	  $(PYTEST_ARGS)

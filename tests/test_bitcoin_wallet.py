@@ -376,3 +376,104 @@ async def wait_http_up(http: httpx.AsyncClient) -> None:
             pass
         await trio.sleep(0.05)
     raise AssertionError("the daemon did not come up")
+
+
+async def test_a_confirmed_sweep_a_reorg_undoes_fails_and_its_address_is_swept_again(tmp_path):
+    """A reorg shallower than finality_depth takes a confirmed sweep off the chain together
+    with the deposit it spent, and the new chain double-spends that deposit: the finality
+    guard finds the sweep's bytes refused for good, so the sweep fails (``sweep.failed``, the
+    treasury never got it) instead of staying confirmed, and its address is planned again."""
+    from tests.conformance.bitcoin import LitecoinHarness
+    from tests.conformance.test_conformance import Api, configure, sweep_config, until
+
+    h = LitecoinHarness(tmp_path / "node")
+    h.workdir.mkdir(parents=True)
+    h.start()
+    try:
+        treasury = h.fresh_address()
+        cfg, port = configure(h, tmp_path, confirmations=2, finality_depth=6, sweep=sweep_config(h, treasury))
+        with trio.fail_after(90):
+            async with running(cfg, api=True) as d, Api(port, "bitcoin") as api:
+                a = (await api.address("a"))["address"]
+                h.pay(a, "LTC", COIN // 2)
+                h.mine(2)
+
+                async def sweep_in(*statuses: str) -> dict[str, Any] | None:
+                    found = [s for s in await api.sweeps() if s["status"] in statuses]
+                    return found[-1] if found else None
+
+                await until(lambda: api.transfers(status="confirmed"), what="the deposit confirmed")
+                await api.post("/v1/sweeps/run", {}, admin=True)
+                await until(lambda: sweep_in("broadcast"), what="the sweep sent")
+                h.mine(2)  # the deposit's block and the sweep's are the newest four
+                first = await until(lambda: sweep_in("confirmed"), what="the sweep confirmed")
+                assert h.balance(treasury, "LTC") == int(first["base_units"])
+                h.reorg(4)  # the deposit's block and the sweep's; the deposit is double-spent
+                undone = await until(lambda: sweep_in("failed"), mine=h, what="the sweep undone")
+                assert undone["id"] == first["id"] and undone["reason"].startswith("its transaction left the chain")
+                assert h.balance(treasury, "LTC") == 0
+                assert [e.type for e in d.store.events.list(subject=first["id"], limit=20)][-1] == "sweep.failed"
+                # the address is a candidate again: its next deposit is swept (and only that one)
+                second_deposit = h.pay(a, "LTC", COIN // 4)
+
+                async def second_confirmed() -> bool:
+                    return any(t["txid"] == second_deposit for t in await api.transfers(status="confirmed"))
+
+                await until(second_confirmed, mine=h, what="the next deposit confirmed")
+                await api.post("/v1/sweeps/run", {}, admin=True)
+                second = await until(lambda: sweep_in("confirmed"), mine=h, timeout=40, what="a new sweep")
+                assert second["id"] != first["id"]
+                assert h.balance(treasury, "LTC") == int(second["base_units"]) <= COIN // 4
+                covered = {t["txid"] for t in await api.transfers() if t["id"] in second["deposits"]}
+                assert covered == {second_deposit}
+    finally:
+        h.stop()
+
+
+async def test_a_sweep_covers_exactly_what_it_spends_when_a_reorg_unconfirms_a_deposit(tmp_path):
+    """A sweep run planned while a deposit's block has just left the node's chain (its output
+    back in the mempool; the scanner has not seen the reorg yet: a slow poll) does not cover
+    that deposit: it covers exactly what it spends. The deposit, mined again, is swept by a
+    later run (found by the Litecoin soak: it stayed covered by the first sweep, never swept,
+    and invisible to reconcile)."""
+    from tests.conformance.bitcoin import LitecoinHarness
+    from tests.conformance.test_conformance import Api, configure, sweep_config, until
+
+    h = LitecoinHarness(tmp_path / "node")
+    h.workdir.mkdir(parents=True)
+    h.start()
+    try:
+        treasury = h.fresh_address()
+        cfg, port = configure(h, tmp_path, confirmations=2, finality_depth=6, poll_interval=3.0,
+                              sweep=sweep_config(h, treasury))
+        with trio.fail_after(90):
+            async with running(cfg, api=True), Api(port, "bitcoin") as api:
+                a, b = (await api.address("a"))["address"], (await api.address("b"))["address"]
+                h.pay(a, "LTC", COIN // 2)
+                h.mine(1)
+                d2 = h.pay(b, "LTC", 3 * COIN // 10)
+                h.mine(2)
+
+                async def both_confirmed() -> bool:
+                    confirmed = await api.transfers(status="confirmed")
+                    return len(confirmed) == 2 and await api.scanned() == h.head()
+
+                await until(both_confirmed, interval=0.05, what="both deposits confirmed")
+                h.ltc.invalidate(2)  # d2's block and the one above: d2 is back in the mempool
+                await api.post("/v1/sweeps/run", {}, admin=True)
+                first = (await until(lambda: api.sweeps(), interval=0.05, what="a sweep planned"))[0]
+                d2_id = next(t["id"] for t in await api.transfers() if t["txid"] == d2)
+                assert d2_id not in first["deposits"] and len(first["deposits"]) == 1
+
+                async def swept_both() -> list[dict[str, Any]] | None:
+                    sweeps = await api.sweeps()
+                    done = [s for s in sweeps if s["status"] == "confirmed"]
+                    if not any(d2_id in s["deposits"] for s in sweeps):
+                        await api.post("/v1/sweeps/run", {}, admin=True)
+                    return done if len(done) == 2 else None
+
+                done = await until(swept_both, mine=h, interval=0.6, timeout=60, what="both deposits swept")
+                assert h.balance(treasury, "LTC") == sum(int(s["base_units"]) for s in done)
+                assert h.balance(a, "LTC") == h.balance(b, "LTC") == 0
+    finally:
+        h.stop()

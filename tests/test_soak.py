@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -143,6 +144,20 @@ def unsettled(db) -> list[tuple]:
 
 
 @pytest.mark.slow
+async def settle(mine: Callable[[], object], db: Any, proc: DaemonProcess, finality: int = FINALITY) -> None:
+    """Mine a block at a time until nothing is unsettled and stays so while blocks pass
+    finality (bounded: two minutes of blocks)."""
+    quiet, left = 0, []
+    for _ in range(400):
+        mine()
+        await trio.sleep(0.3)
+        left = unsettled(db)
+        quiet = 0 if left else quiet + 1
+        if quiet >= finality + 2:
+            return
+    raise AssertionError(f"not settled: {left[:20]}\n{proc.log()[-3000:]}")
+
+
 async def test_crash_and_reorg_soak(tmp_path, anvil: Anvil, token: Token):
     rng = random.Random(SEED)
     port = free_port()
@@ -199,16 +214,7 @@ async def test_crash_and_reorg_soak(tmp_path, anvil: Anvil, token: Token):
             assert done_kills == len(kills)
             # let everything settle: final sweeps, payouts, confirmations, deliveries
             await work.sweep()
-            quiet = 0
-            for _ in range(400):  # bounded: two minutes of blocks
-                anvil.mine(1)
-                await trio.sleep(0.3)
-                left = unsettled(db)
-                quiet = 0 if left else quiet + 1
-                if quiet >= FINALITY + 2:  # settled, and stays so while blocks pass finality
-                    break
-            else:
-                raise AssertionError(f"not settled: {left[:20]}\n{proc.log()[-3000:]}")
+            await settle(lambda: anvil.mine(1), db, proc)
             await trio.sleep(1)
             received = rx.unique()
     finally:

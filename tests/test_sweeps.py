@@ -207,3 +207,46 @@ def test_killed_between_topup_and_token_transfer_finishes_the_sweep_once(tmp_pat
         purposes = [r[0] for r in c.execute("SELECT purpose FROM chain_txs ORDER BY id")]
     assert purposes == ["topup", "sweep"]  # one top-up, one sweep: nothing repeated
     assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+
+
+def test_a_deposit_confirmed_while_a_run_plans_its_address_keeps_the_candidate(tmp_path):
+    """A sweep run reads the candidates, then waits on the node (the wallet plans); a deposit
+    that confirms at that address meanwhile is not in the plan, so storing the plan must not
+    drop the address's candidate (found by the Litecoin soak: the deposit then waited for the
+    address's next one). One confirmed before the read is covered, and the candidate goes."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.chains import SweepPlan
+    from watcher.clock import Clock
+    from watcher.core import Core
+
+    class Fixed(Clock):
+        t = 1_800_000_000.0
+
+        def now(self) -> float:
+            return self.t
+
+    clock = Fixed()
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9", confirmations=2, chain_id=31337,
+                                              sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}})])
+    core = Core.open(cfg, registry=CollectorRegistry(), clock=clock)
+    try:
+        sweeps = core.store.sweeps
+        alice, bob = (core.store.addresses.deposit_address("devnet", who)[0].address for who in ("alice", "bob"))
+        for address in (alice, bob):
+            sweeps.note_confirmed("devnet", address, "ETH")
+        clock.t += 1
+        read_at = clock.now_ms()  # the run reads the candidates...
+        clock.t += 1
+        sweeps.note_confirmed("devnet", alice, "ETH")  # ...alice's next deposit confirms meanwhile
+        plan = SweepPlan(asset="ETH", addresses=(alice,), amount=10**17, deposits=())
+        sweeps.plan("devnet", plan, TREASURY, read_at=read_at)
+        sweeps.plan("devnet", SweepPlan(asset="ETH", addresses=(bob,), amount=10**17, deposits=()), TREASURY,
+                    read_at=read_at)
+        assert [c.address for c in sweeps.candidates("devnet", 10)] == [alice]
+        sweeps.drop_candidate("devnet", alice, "ETH", read_at=read_at)
+        assert [c.address for c in sweeps.candidates("devnet", 10)] == [alice]
+        sweeps.drop_candidate("devnet", alice, "ETH", read_at=clock.now_ms() + 1)
+        assert sweeps.candidates("devnet", 10) == []
+    finally:
+        core.close()

@@ -294,8 +294,24 @@ class Sender:
             if t.state == "dead":
                 self.metrics.errors.labels("settled_tx_refused").inc()
                 log.error("%s: the node refuses it for good: %s", what, t.error, extra={"chain": self.chain})
+                self._settled_undone(first, t.error or "refused")
             elif t.state != "mined" and not was_open:
                 self.metrics.errors.labels("settled_tx_reorged").inc()
+
+    def _settled_undone(self, tx: StoredTx, error: str) -> None:
+        """A completed payout's or confirmed sweep's transaction left the chain in a reorg and
+        the node refuses it for good (a UTXO input spent by a rival the new chain holds): the
+        money never moved. The payout or sweep says so (``payout.failed`` / ``sweep.failed``);
+        a sweep's deposits are uncovered and its addresses planned again."""
+        reason = f"its transaction left the chain in a reorg and can never be mined again: {error[:300]}"
+        if tx.purpose == "payout":
+            row = self.store.payouts.row(tx.ref_id)
+            if row is not None and row.status == "completed":
+                self.store.payouts.failed(tx.ref_id, reason)
+        elif tx.purpose == "sweep":
+            sweep = self.store.sweeps.row(tx.ref_id)
+            if sweep is not None and sweep.status == "confirmed":
+                self.store.sweeps.failed(tx.ref_id, reason, replan=True)
 
     async def _balance_metrics(self, client: ChainClient) -> None:
         assert self.hot is not None

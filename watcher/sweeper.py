@@ -111,6 +111,7 @@ class Sweeper:
         assert sweep.to is not None and self.s.wallet is not None
         confirmed_block = self.store.chains.scanned_number(self.chain) - self.cfg.confirmations + 1
         deferred = 0
+        read_at = self.store.clock.now_ms()  # a deposit confirmed after this keeps its candidate
         busy = self.store.sweeps.busy_addresses(self.chain)
         chosen: dict[str, SweepCandidate] = {}
         for c in self.store.sweeps.candidates(self.chain, sweep.batch_size):
@@ -133,7 +134,7 @@ class Sweeper:
                 covered.update((a, p.asset) for a in p.addresses)
                 deferred += len(p.addresses)
                 continue
-            sid = self.store.sweeps.plan(self.chain, p, sweep.to)
+            sid = self.store.sweeps.plan(self.chain, p, sweep.to, read_at=read_at)
             covered.update((a, p.asset) for a in p.addresses)
             asset = self.cfg.asset(p.asset)
             log.info("%s: sweep %s planned: %s %s from %s", self.chain, sid,
@@ -145,7 +146,7 @@ class Sweeper:
                     self.store.sweeps.keep_candidate(self.chain, address, p.asset)
         for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
             if (chose.address, chose.asset.symbol) not in covered:
-                self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol)
+                self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol, read_at=read_at)
         return sum(not isinstance(p, Later) for p in plans), deferred
 
     async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: dict[str, TxStatus], head: int) -> None:

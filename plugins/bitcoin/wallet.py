@@ -444,7 +444,8 @@ class BitcoinWallet(Wallet):
         addresses: list[str] = []
         later: list[str] = []
         for c in native:
-            live = [o for o in outputs[c.address] if o.outpoint in unspent]
+            # in a block of the node's chain now (a reorg may have put one back in the mempool)
+            live = [o for o in outputs[c.address] if unspent.get(o.outpoint, 0) >= 1]
             worth = [o for o in live if o.value > cost]
             if not worth:
                 continue
@@ -481,6 +482,10 @@ class BitcoinWallet(Wallet):
         outputs = [Coin(txid=d.txid, vout=d.index, value=d.amount, address=d.address) for d in intent.deposits]
         unspent = await self._unspent([o for o in outputs if o.outpoint not in held])
         live = [o for o in outputs if unspent.get(o.outpoint, 0) >= 1]
+        gone = [o.outpoint for o in outputs if o not in live]
+        if gone:  # a reorg took one since planning: a sweep covers exactly what it spends or leaves
+            raise NodeError(f"{self.cfg.id}: deposit output(s) {', '.join(gone[:3])} no longer confirmed and "
+                            "unspent at the node; planned again", retryable=False)
         spend = [o for o in live if o.value > cost][:self.opts.max_inputs]
         left = [o for o in live if o.value <= cost]
         if not spend:

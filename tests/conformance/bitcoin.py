@@ -143,9 +143,13 @@ class LitecoinHarness(FamilyHarness):
                                    [{back: _coins(Decimal(coin[2] - 5 * FEE) / COIN)}])
                 self.ltc.rpc("sendrawtransaction", self.ltc.rpc("signrawtransactionwithwallet", raw,
                                                                 wallet="payer")["hex"])
-        # the kept transactions in the first new block, then empty blocks up to the old height
-        self.ltc.rpc("generateblock", self.ltc.payer, list(keep))
-        self.ltc.mine_empty(depth - 1)
+        # the kept transactions in the first new block, then empty blocks up to the old height;
+        # to a new address: a block mined within the same second to the same address as the
+        # one invalidated would be that very block again ("block not accepted")
+        to = self.ltc.rpc("getnewaddress", "", "bech32", wallet="payer")
+        self.ltc.rpc("generateblock", to, list(keep))
+        for _ in range(depth - 1):
+            self.ltc.rpc("generateblock", to, [])
         assert self.head() == head
 
     # --- fees ---------------------------------------------------------------------------------

@@ -76,8 +76,11 @@ class Sweeps:
         watched = self.store.addresses.get(chain, address)
         if watched is None or watched.derivation_index is None:
             return
+        # ``since`` moves to the newest confirmation: a run that read the candidate before this
+        # deposit confirmed must not drop it (``plan``, ``drop_candidate`` with ``read_at``)
         self.store.db.conn.execute(
-            "INSERT OR IGNORE INTO sweep_candidates (chain, address, asset, since) VALUES (?, ?, ?, ?)",
+            "INSERT INTO sweep_candidates (chain, address, asset, since) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (chain, address, asset) DO UPDATE SET since = MAX(since, excluded.since)",
             (chain, address, asset, self.store.clock.now_ms()))
 
     def candidates(self, chain: str, limit: int) -> list[Candidate]:
@@ -114,20 +117,27 @@ class Sweeps:
             conn.execute("INSERT OR IGNORE INTO sweep_candidates (chain, address, asset, since) VALUES (?, ?, ?, ?)",
                          (chain, address, asset, self.store.clock.now_ms()))
 
-    def drop_candidate(self, chain: str, address: str, asset: str) -> None:
-        with self.store.db.transaction() as conn:
-            conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",
-                         (chain, address, asset))
+    def drop_candidate(self, chain: str, address: str, asset: str, *, read_at: int | None = None) -> None:
+        """(address, asset) is no candidate any more, unless a deposit confirmed there after
+        ``read_at`` (ms: when the run read the candidates)."""
+        with self.store.db.transaction():
+            self._uncandidate(chain, address, asset, read_at)
+
+    def _uncandidate(self, chain: str, address: str, asset: str, read_at: int | None) -> None:
+        self.store.db.conn.execute(
+            "DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ? AND since < ?",
+            (chain, address, asset, self.store.clock.now_ms() + 1 if read_at is None else read_at))
 
     # --- the sweeper's transitions ---------------------------------------------------------
 
-    def plan(self, chain: str, plan: SweepPlan, to: str) -> str:
+    def plan(self, chain: str, plan: SweepPlan, to: str, *, read_at: int | None = None) -> str:
+        """Store a planned sweep; its addresses stop being candidates unless a deposit
+        confirmed there after ``read_at`` (ms: when the run read the candidates)."""
         now = self.store.clock.now_ms()
         sid = new_id("sw", now_ms=now)
         with self.store.db.transaction() as conn:
             for address in plan.addresses:
-                conn.execute("DELETE FROM sweep_candidates WHERE chain = ? AND address = ? AND asset = ?",
-                             (chain, address, plan.asset))
+                self._uncandidate(chain, address, plan.asset, read_at)
             conn.execute("INSERT INTO sweeps (id, chain, asset, address, to_address, amount, status, created_at,"
                          " updated_at) VALUES (?, ?, ?, ?, ?, ?, 'planned', ?, ?)",
                          (sid, chain, plan.asset, plan.addresses[0], to, str(plan.amount), now, now))
