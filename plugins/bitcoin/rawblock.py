@@ -93,40 +93,60 @@ def _varint(b: bytes, p: int) -> tuple[int, int]:
     return int.from_bytes(b[p + 1:p + 1 + size], "little"), p + 1 + size
 
 
-def _tx(b: bytes, p: int, want: set[bytes] | None, coinbase: bool, out: list[Output]) -> int:
-    """Read one transaction at ``p``; append its outputs paying ``want`` (every output if
-    None) to ``out``; return where the next one starts."""
+def _tx(b: bytes, p: int, at: set[int] | None, coinbase: bool, out: list[Output]) -> int:
+    """Read one transaction at ``p``; append to ``out`` its outputs whose script starts at
+    one of the places ``at`` (every output if None); return where the next one starts.
+    Compact sizes below 0xFD (nearly all) are read in line: this is the scan's hottest loop,
+    and a call per field cost as much as the rest of the walk."""
     start = p
     p += 4
     segwit = b[p] == 0
     if segwit:
-        flag = b[p + 1]
-        if flag != 1:
-            raise Unsupported(f"transaction flag {flag:#x}")
+        if b[p + 1] != 1:
+            raise Unsupported(f"transaction flag {b[p + 1]:#x}")
         p += 2
     body = p
-    n_in, p = _varint(b, p)
+    n_in = b[p]
+    p += 1
+    if n_in >= 0xFD:
+        n_in, p = _varint(b, p - 1)
     if n_in == 0:
         raise ValueError("a transaction without inputs")
     for _ in range(n_in):
-        script_len, p = _varint(b, p + 36)
-        p += script_len + 4
-    n_out, p = _varint(b, p)
+        p += 36
+        n = b[p]
+        p += 1
+        if n >= 0xFD:
+            n, p = _varint(b, p - 1)
+        p += n + 4
+    n_out = b[p]
+    p += 1
+    if n_out >= 0xFD:
+        n_out, p = _varint(b, p - 1)
     hits: list[tuple[int, int, bytes]] = []
     for i in range(n_out):
-        value = int.from_bytes(b[p:p + 8], "little")
-        script_len, p = _varint(b, p + 8)
-        script = b[p:p + script_len]
-        p += script_len
-        if want is None or script in want:
-            hits.append((i, value, script))
+        value_at = p
+        p += 8
+        n = b[p]
+        p += 1
+        if n >= 0xFD:
+            n, p = _varint(b, p - 1)
+        if at is None or p in at:
+            hits.append((i, int.from_bytes(b[value_at:value_at + 8], "little"), b[p:p + n]))
+        p += n
     body_end = p
     if segwit:
         for _ in range(n_in):
-            items, p = _varint(b, p)
+            items = b[p]
+            p += 1
+            if items >= 0xFD:
+                items, p = _varint(b, p - 1)
             for _ in range(items):
-                item_len, p = _varint(b, p)
-                p += item_len
+                n = b[p]
+                p += 1
+                if n >= 0xFD:
+                    n, p = _varint(b, p - 1)
+                p += n
     p += 4
     if p > len(b):
         raise ValueError("truncated transaction")
@@ -141,9 +161,8 @@ def outputs_to(block: bytes, scripts: set[bytes]) -> list[Output]:
     """Every output of a serialized block paying one of ``scripts``, in block order.
 
     The bytes of each script (with its length prefix) are found first; the walk then only
-    skips through the transactions (compact sizes inlined: this is the scan's hottest
-    loop), takes an output whose script starts at one of those places, and stops after the
-    transaction holding the last one."""
+    skips through the transactions, takes an output whose script starts at one of those
+    places, and stops after the transaction holding the last one."""
     at: set[int] = set()  # where a wanted script starts, every occurrence (outputs or not)
     for s in scripts:
         needle = bytes([len(s)]) + s
@@ -154,70 +173,13 @@ def outputs_to(block: bytes, scripts: set[bytes]) -> list[Output]:
     out: list[Output] = []
     if not at:
         return out
-    last, b, frombytes = max(at), block, int.from_bytes
-    # compact sizes below 0xFD (nearly all) are read in line: a call per field costs as much
-    # as the rest of the walk
+    last = max(at)
     try:
-        n_tx, p = _varint(b, 80)
+        n_tx, p = _varint(block, 80)
         for t in range(n_tx):
             if p >= last:
                 break
-            start = p
-            p += 4
-            segwit = b[p] == 0
-            if segwit:
-                if b[p + 1] != 1:
-                    raise Unsupported(f"transaction flag {b[p + 1]:#x}")
-                p += 2
-            body = p
-            n_in = b[p]
-            p += 1
-            if n_in >= 0xFD:
-                n_in, p = _varint(b, p - 1)
-            if n_in == 0:
-                raise ValueError("a transaction without inputs")
-            for _ in range(n_in):
-                p += 36
-                n = b[p]
-                p += 1
-                if n >= 0xFD:
-                    n, p = _varint(b, p - 1)
-                p += n + 4
-            n_out = b[p]
-            p += 1
-            if n_out >= 0xFD:
-                n_out, p = _varint(b, p - 1)
-            hits: list[tuple[int, int, bytes]] = []
-            for i in range(n_out):
-                value_at = p
-                p += 8
-                n = b[p]
-                p += 1
-                if n >= 0xFD:
-                    n, p = _varint(b, p - 1)
-                if p in at:
-                    hits.append((i, frombytes(b[value_at:value_at + 8], "little"), b[p:p + n]))
-                p += n
-            body_end = p
-            if segwit:
-                for _ in range(n_in):
-                    items = b[p]
-                    p += 1
-                    if items >= 0xFD:
-                        items, p = _varint(b, p - 1)
-                    for _ in range(items):
-                        n = b[p]
-                        p += 1
-                        if n >= 0xFD:
-                            n, p = _varint(b, p - 1)
-                        p += n
-            p += 4
-            if p > len(b):
-                raise ValueError("truncated transaction")
-            if hits:
-                txid = dsha256(b[start:start + 4] + b[body:body_end] + b[p - 4:p])[::-1].hex()
-                out.extend(Output(txid=txid, vout=i, value=value, script=script, coinbase=t == 0)
-                           for i, value, script in hits)
+            p = _tx(block, p, at, t == 0, out)
     except IndexError as e:
         raise ValueError("truncated block") from e
     return out
