@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from tests.support.daemon import API_TOKEN, free_port, running, wait_until, write_config
-from tests.support.litecoin import COIN, Litecoind
+from tests.support.litecoin import COIN, Litecoind, ltc_entry, mine
 from watcher_bitcoin import tx as btx
 from watcher_bitcoin.address import p2wpkh, to_script
 from watcher_bitcoin.networks import NETWORKS
@@ -23,10 +23,6 @@ from watcher_bitcoin.networks import NETWORKS
 LTC = NETWORKS["ltc-regtest"]
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
-
-def ltc_entry(node: Litecoind, **extra) -> dict:
-    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 2,
-            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
 
 
 def transfers(d) -> list[dict]:
@@ -37,9 +33,6 @@ def events(d, kind: str) -> list[dict]:
     rows = d.store.db.query("SELECT data FROM events WHERE type = ? ORDER BY seq", (kind,))
     return [json.loads(r[0]) for r in rows]
 
-
-async def mine(node: Litecoind, n: int = 1) -> None:
-    await trio.to_thread.run_sync(node.mine, n)
 
 
 async def test_a_payment_is_detected_from_the_mempool_then_mined_and_a_replaced_one_is_orphaned(

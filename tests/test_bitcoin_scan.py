@@ -19,7 +19,7 @@ from tests.support.daemon import (
     wait_until,
     write_config,
 )
-from tests.support.litecoin import COIN, Litecoind
+from tests.support.litecoin import COIN, Litecoind, ltc_entry, mine
 from watcher.keys import Keyring
 from watcher_bitcoin import BitcoinFamily
 from watcher_bitcoin.family import BitcoinSpec
@@ -27,17 +27,10 @@ from watcher_bitcoin.family import BitcoinSpec
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
-def ltc_entry(node: Litecoind, **extra) -> dict:
-    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 2,
-            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
-
 
 def transfers(d, **kw) -> list[dict]:
     return d.views.transfers(chain="ltc", limit=1000, **kw)[0]
 
-
-async def mine(node: Litecoind, n: int = 1) -> None:
-    await trio.to_thread.run_sync(node.mine, n)
 
 
 async def test_deposits_confirm_and_survive_reorgs_of_depth_1_3_and_6(tmp_path, litecoind: Litecoind):

@@ -26,7 +26,7 @@ from tests.support.daemon import (
     wait_until,
     write_config,
 )
-from tests.support.litecoin import COIN, Litecoind
+from tests.support.litecoin import COIN, Litecoind, ltc_entry, mine
 from watcher import failpoints
 from watcher.chains import BroadcastRejected, SignedTx
 from watcher.keys import Keyring
@@ -42,13 +42,9 @@ LTC = NETWORKS["ltc-regtest"]
 FALLBACK = 10_000  # sat per 1,000 vB: the family's default fee_rate_fallback (regtest has no estimate)
 
 
-def ltc_entry(node: Litecoind, **extra: Any) -> dict[str, Any]:
-    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 1,
-            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
-
 
 def config(tmp_path, node: Litecoind, port: int, **extra: Any):
-    return write_config(tmp_path, [ltc_entry(node, **extra)], api_port=port,
+    return write_config(tmp_path, [ltc_entry(node, confirmations=1, **extra)], api_port=port,
                         extra={"api": {"admin_token": ADMIN_TOKEN}})
 
 
@@ -78,9 +74,6 @@ def onchain(node: Litecoind, txid: str) -> dict[str, Any]:
     return {"spent": spent, "outputs": outputs, "fee": int(sum(prev) * COIN) - sum(v for _, v in outputs),
             "vsize": tx["vsize"], "blockhash": tx.get("blockhash")}
 
-
-async def mine(node: Litecoind, n: int = 1) -> None:
-    await trio.to_thread.run_sync(node.mine, n)
 
 
 async def mine_until(node: Litecoind, predicate: Callable[[], Any], *, what: str, timeout: float = 30) -> Any:

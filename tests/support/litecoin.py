@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
 RPC_USER, RPC_PASSWORD = "watcher-test", "regtest-password-0123"
 COIN = 10**8
@@ -192,3 +193,14 @@ class Litecoind:
 
     def reconsider(self, block_hash: str) -> None:
         self.rpc("reconsiderblock", block_hash)
+
+
+def ltc_entry(node: Litecoind, **extra: Any) -> dict[str, Any]:
+    """A ``[[chains]]`` entry watching ``node`` as chain ``ltc`` (``extra`` overrides)."""
+    return {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "confirmations": 2,
+            "finality_depth": 10, "start_block": 0, "poll_interval": 0.1, **extra}
+
+
+async def mine(node: Litecoind, n: int = 1) -> None:
+    """Mine ``n`` blocks without blocking the test's Trio loop."""
+    await trio.to_thread.run_sync(node.mine, n)
