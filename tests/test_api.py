@@ -24,6 +24,7 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil
 from watcher.api import all_endpoints, create_app
+from watcher.auth import SCOPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEAD_NODE = "http://127.0.0.1:9"
@@ -48,19 +49,28 @@ def test_openapi_document_matches_the_routes():
             assert op["responses"], (method, path)
             if path.startswith("/v1/"):
                 assert "401" in op["responses"] and op["security"], (method, path)
+                assert "403" in op["responses"] and "429" in op["responses"], (method, path)
+                assert op["x-watcher-scope"] in SCOPES and op["security"][0]["bearer"] == [op["x-watcher-scope"]]
 
 
-def test_api_docs_list_every_route():
+def test_api_docs_list_every_route_with_its_scope():
     docs = (ROOT / "docs" / "api.md").read_text()
     missing = [f"{e.method} {e.path}" for e in all_endpoints() if f"{e.method} {e.path}" not in docs]
     assert not missing, f"docs/api.md does not describe: {missing}"
+    # the scope table: one row per route, "| `METHOD /path` | `scope` |"
+    table = dict(re.findall(r"^\| `([A-Z]+ /[^`]*)` \| `?([a-z]+|none)`? \|", docs, re.M))
+    wrong = {f"{e.method} {e.path}": (table.get(f"{e.method} {e.path}"), e.scope or "none")
+             for e in all_endpoints() if table.get(f"{e.method} {e.path}") != (e.scope or "none")}
+    assert not wrong, f"docs/api.md's scope table disagrees with the routes (docs, code): {wrong}"
 
 
 @pytest.fixture
 def cfg(tmp_path):
     port = free_port()
     path = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE, tokens=[("USDT", TOKEN_ADDR, 6)])],
-                        api_port=port, extra={"api": {"tokens": {"shop": "shop-token-0123456789"}},
+                        api_port=port, extra={"api": {"tokens": {"shop": "shop-token-0123456789"},
+                                                      # these tests fail authentication on purpose, often
+                                                      "failed_auth_limit": "100000/min"},
                                               "webhooks": {"allowed_hosts": ["127.0.0.1", "localhost"]}})
     return path, port
 
@@ -164,16 +174,28 @@ SCHEMATHESIS_EXAMPLES = int(os.environ.get("WATCHER_SCHEMATHESIS_EXAMPLES", "60"
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_errors(tmp_path, anvil: Anvil):
+@pytest.mark.parametrize("who", ["app_token", "shop_key"])
+def test_schemathesis_finds_no_server_errors(tmp_path, anvil: Anvil, who: str):
+    """With the config's app token (every scope but admin), and with a key made by ``watcher
+    keys create`` that can only run a shop (read, addresses, invoices: every other route is
+    403)."""
     port = free_port()
     cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", TOKEN_ADDR, 6)])], api_port=port,
-                       extra={"webhooks": {"allowed_hosts": ["127.0.0.1"], "timeout": 1.0}})
+                       extra={"webhooks": {"allowed_hosts": ["127.0.0.1"], "timeout": 1.0},
+                              # schemathesis checks every route without auth, many times
+                              "api": {"failed_auth_limit": "100000/min"}})
+    token = API_TOKEN
+    if who == "shop_key":
+        made = subprocess.run([sys.executable, "-m", "watcher", "keys", "create", "--name", "shop", "--scopes",
+                               "read,addresses,invoices", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        token = json.loads(made.stdout.strip().splitlines()[-1])["key"]
     proc = DaemonProcess(cfg).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         r = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"http://127.0.0.1:{port}/openapi.json",
-             "-H", f"Authorization: Bearer {API_TOKEN}", "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", "1",
+             "-H", f"Authorization: Bearer {token}", "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", "1",
              "--exclude-checks", "positive_data_acceptance", "--generation-database", "none", "--no-color",
              "--request-timeout", "20"],
             capture_output=True, text=True, timeout=max(600, SCHEMATHESIS_EXAMPLES * 20), cwd=tmp_path)
@@ -184,4 +206,4 @@ def test_schemathesis_finds_no_server_errors(tmp_path, anvil: Anvil):
     assert "Traceback" not in proc.log()
     summary = re.search(r"\d+ generated, \d+ passed.*", r.stdout)
     assert summary, r.stdout[-2000:]
-    print(f"schemathesis, {SCHEMATHESIS_EXAMPLES} examples per operation: {summary.group(0)}")
+    print(f"schemathesis ({who}), {SCHEMATHESIS_EXAMPLES} examples per operation: {summary.group(0)}")

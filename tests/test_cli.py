@@ -47,7 +47,15 @@ def test_init_writes_config_and_private_seed_and_prints_words_once(tmp_path):
         assert w in r.stdout
     Keyring.from_mnemonic(" ".join(words))
     cfg = tomllib.loads((tmp_path / "watcher.toml").read_text())
-    assert cfg["keys"] == {"mnemonic_file": "data/seed.txt"} and len(cfg["api"]["token"]) >= 24
+    assert cfg["keys"] == {"mnemonic_file": "data/seed.txt", "secrets_key_file": "secrets.key"}
+    assert len(cfg["api"]["token"]) >= 40 and len(cfg["api"]["admin_token"]) >= 40
+    assert stat.S_IMODE((tmp_path / "secrets.key").stat().st_mode) == 0o600
+    # money limits from the first start (a probe paid out 49.9 ETH with a leaked token in two
+    # requests when init wrote none): small per payout and per day, large ones need approval
+    (chain,) = cfg["chains"]
+    assert chain["payouts"]["max_amount"]["ETH"] == "0.5" and chain["payouts"]["daily_limit"]["ETH"] == "2"
+    assert chain["payouts"]["approval_above"]["ETH"] == "0.1" and chain["payouts"]["label_rate"] == "10/h"
+    assert cfg["api"]["payout_rate_limit"] == "20/h"
     cli("check-config", "-c", str(tmp_path / "watcher.toml"), cwd=tmp_path)
     again = cli("init", "--dir", str(tmp_path), cwd=tmp_path, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -59,7 +67,7 @@ def test_init_watch_only(tmp_path):
     r = cli("init", "--dir", str(tmp_path), "--xpub", xpub, cwd=tmp_path)
     assert "watch-only" in r.stdout and not (tmp_path / "data" / "seed.txt").exists()
     cfg = tomllib.loads((tmp_path / "watcher.toml").read_text())
-    assert cfg["keys"] == {"xpub": xpub}
+    assert cfg["keys"] == {"xpub": xpub, "secrets_key_file": "secrets.key"}
     out = cli("address", "new", "-c", "watcher.toml", "--chain", "devnet", "--label", "alice", cwd=tmp_path).stdout
     assert out.strip() == "0x9858EfFD232B4033E47d90003D41EC34EcaEda94"  # m/44'/60'/0'/0/0 of that seed
     bad = cli("init", "--dir", str(tmp_path / "x"), "--xpub", "xpubnope", cwd=tmp_path, check=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from watcher.auth import APP_SCOPES, SCOPES
 from watcher.config import load_config
 from watcher.errors import ConfigError
 from watcher.plugins import chain_families, make_plugin_manager
@@ -27,7 +29,7 @@ def base() -> dict:
     return {
         "storage": {"path": "data/watcher.db"},
         "keys": {"mnemonic_file": "data/seed.txt"},
-        "api": {"listen": "127.0.0.1:8420", "token": "change-me"},
+        "api": {"listen": "127.0.0.1:8420", "token": "ab12cd34ef56ab78cd90ef"},
         "chains": [{
             "id": "devnet", "family": "evm", "rpc_url": "http://127.0.0.1:8545", "native_symbol": "ETH",
             "confirmations": 2, "start_block": 0, "poll_interval": 1.0,
@@ -50,7 +52,7 @@ path = "data/watcher.db"
 mnemonic_file = "data/seed.txt"   # BIP39 words; or: xpub = "xpub..." for watch-only
 [api]
 listen = "127.0.0.1:8420"
-token = "change-me"
+token = "ab12cd34ef56ab78cd90ef"
 [[chains]]
 id = "devnet"
 family = "evm"
@@ -73,17 +75,30 @@ decimals = 6
     assert chain.asset("USDT").contract == TOKEN.lower() and chain.asset("USDT").decimals == 6
     assert cfg.storage.path == tmp_path / "data" / "watcher.db"  # relative to the config file
     assert cfg.keys.mnemonic_file == tmp_path / "data" / "seed.txt"
-    assert cfg.api.tokens == {"default": "change-me"} and cfg.api.port == 8420
+    assert cfg.api.tokens["default"].token == "ab12cd34ef56ab78cd90ef" and cfg.api.port == 8420
+    assert cfg.api.tokens["default"].scopes == APP_SCOPES and "admin" not in APP_SCOPES
 
 
-def test_example_config_in_the_repo_loads(families):
-    cfg = load_config(Path(__file__).parents[1] / "watcher.toml.example", families)
-    assert cfg.chains
+def example_with_tokens() -> str:
+    """The example config with real tokens in place of its placeholders."""
+    text = (Path(__file__).parents[1] / "watcher.toml.example").read_text()
+    text = text.replace('"REPLACE-with-openssl-rand-hex-32"', '"' + "3f" * 16 + "0123456789abcdef" + '"', 1)
+    return text.replace('"REPLACE-with-another-openssl-rand-hex-32"', '"' + "a1b2c3d4e5f6" * 3 + '"', 1)
+
+
+def test_example_config_in_the_repo_loads(families, tmp_path):
+    """As shipped, its tokens are placeholders and refused; with real ones it loads."""
+    example = Path(__file__).parents[1] / "watcher.toml.example"
+    with pytest.raises(ConfigError, match=r"api\.token: looks like a placeholder"):
+        load_config(example, families)
+    (tmp_path / "watcher.toml").write_text(example_with_tokens())
+    cfg = load_config(tmp_path / "watcher.toml", families)
+    assert cfg.chains and set(cfg.api.tokens) == {"default", "admin"}
 
 
 def test_example_bitcoin_chain_uncommented_loads_as_btc_mainnet(families, tmp_path):
     """The example's commented BTC chain is a working config once uncommented."""
-    text = (Path(__file__).parents[1] / "watcher.toml.example").read_text()
+    text = example_with_tokens()
     after = text[text.index("# Bitcoin on your own bitcoind"):]
     block = after[after.index("# [[chains]]"):].split("\n\n")[0]
     toml = "\n".join(line[2:] for line in block.splitlines() if not line.startswith("#  "))
@@ -130,7 +145,15 @@ CASES = [
     ("bad listen", lambda r: r["api"].update(listen="8420"), "api.listen: '8420' is not host:port"),
     ("public without token", lambda r: (r["api"].pop("token"), r["api"].update(listen="0.0.0.0:8420")),
      "api.listen: '0.0.0.0' is not a loopback address: set api.token first"),
-    ("short token", lambda r: r["api"].update(token="abc"), "api.token: must be at least 8 characters"),
+    ("short token", lambda r: r["api"].update(token="abcdefgh"), "api.token: is too short or too repetitive"),
+    ("repetitive token", lambda r: r["api"].update(token="aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+     "api.token: is too short or too repetitive"),
+    ("the README's placeholder", lambda r: r["api"].update(token="change-me"), "api.token: looks like a placeholder"),
+    ("a long placeholder", lambda r: r["api"].update(token="change-me-to-something-long"),
+     "api.token: looks like a placeholder"),
+    ("admin_token clashes with a named token", lambda r: r["api"].update(
+        admin_token="0f1e2d3c4b5a69788796a5b4", tokens={"admin": "1a2b3c4d5e6f7a8b9c0d1e2f"}),
+     "api.tokens.admin: the name 'admin' is taken by [api] admin_token"),
     ("finality below confirmations", lambda r: r["chains"][0].update(confirmations=10, finality_depth=5),
      "chains[0].finality_depth: must be at least confirmations (10)"),
     ("family option type", lambda r: r["chains"][0].update(trace_internal="yes"),
@@ -151,7 +174,7 @@ CASES = [
      "chains[0].payouts.deny: not an EVM address"),
     ("payouts unknown key", lambda r: r["chains"][0].update(payouts={"max_amont": {}}),
      "chains[0].payouts.max_amont: unknown key (did you mean 'max_amount'?)"),
-    ("admin token equals app token", lambda r: r["api"].update(admin_token="change-me"),
+    ("admin token equals app token", lambda r: r["api"].update(admin_token="ab12cd34ef56ab78cd90ef"),
      "api.admin_token: two token names share the same token"),
     ("bad pause scope", lambda r: r.update(admin={"paused": ["everything"]}), "admin.paused: must list scopes"),
     # tables where arrays of tables belong, and the other way round
@@ -232,7 +255,7 @@ CASES = [
     ("empty allowed host", lambda r: r.update(webhooks={"allowed_hosts": [""]}),
      "webhooks.allowed_hosts: must be a list of host names"),
     # api tokens
-    ("token with a space", lambda r: r["api"].update(token="change me please"),
+    ("token with a space", lambda r: r["api"].update(token="ab12cd34 ef56ab78cd90ef"),
      "api.token: must not contain whitespace"),
     ("bad token name", lambda r: r["api"].update(tokens={"Shop Name": "shop-token-123"}),
      "api.tokens.Shop Name: token names are 1-32 of a-z 0-9 _ -"),
@@ -287,7 +310,7 @@ path = "data/watcher.db"
 mnemonic_file = "data/seed.txt"
 [api]
 listen = "127.0.0.1:8420"
-token = "change-me"
+token = "ab12cd34ef56ab78cd90ef"
 [[chains]]
 id = "devnet"
 family = "evm"
@@ -300,14 +323,14 @@ decimals = 6
 
 TOML_MISTAKES = [
     ("unclosed table header", GOOD_TOML.replace("[api]", "[api"), "line 5, column 5"),
-    ("value missing", GOOD_TOML.replace('token = "change-me"', "token = "), "line 7, column 9"),
+    ("value missing", GOOD_TOML.replace('token = "ab12cd34ef56ab78cd90ef"', "token = "), "line 7, column 9"),
     ("unquoted string", GOOD_TOML.replace('"devnet"', "devnet"), "line 9"),
-    ("key given twice", GOOD_TOML.replace('token = "change-me"', 'token = "change-me"\ntoken = "again-again"'),
+    ("key given twice", GOOD_TOML.replace('token = "ab12cd34ef56ab78cd90ef"', 'token = "ab12cd34ef56ab78cd90ef"\ntoken = "again-again"'),
      "line 8"),
     ("table given twice", GOOD_TOML + "[storage]\n", "line 16"),
     ("[chains] after [[chains]]", GOOD_TOML + "[chains]\nid = 1\n", "line 16"),
     ("single-quoted key with newline", GOOD_TOML + "'a\nb' = 1\n", "line 16"),
-    ("NUL byte", GOOD_TOML.replace("change-me", "change\x00me"), "line 7"),
+    ("NUL byte", GOOD_TOML.replace("ab12cd34ef56ab78cd90ef", "change\x00me"), "line 7"),
 ]
 
 
@@ -328,7 +351,7 @@ def test_good_toml_of_the_syntax_cases_loads(tmp_path, families):
 
 def test_config_file_not_utf8_or_not_a_file(tmp_path, families):
     p = tmp_path / "watcher.toml"
-    p.write_bytes(GOOD_TOML.replace("change-me", "change-m\u00e9").encode("latin-1"))
+    p.write_bytes(GOOD_TOML.replace("ab12cd34ef56ab78cd90ef", "change-m\u00e9").encode("latin-1"))
     with pytest.raises(ConfigError, match=r"not valid TOML: the file is not UTF-8 \(bad byte at line 7\)"):
         load_config(p, families)
     p.write_bytes(b"\xff\xfe" + GOOD_TOML.encode("utf-16-le"))
@@ -447,3 +470,34 @@ def test_run_with_bad_seed_words_does_not_echo_them(tmp_path):
     assert r.returncode == 2
     assert "not a valid English BIP39 mnemonic (12 words" in r.stderr
     assert "zebra" not in r.stderr and "wrongword" not in r.stderr
+
+
+def test_api_tokens_with_scopes_limits_and_hosts(tmp_path, families):
+    raw = base()
+    raw["api"].update(admin_token="0f1e2d3c4b5a69788796a5b4", rate_limit="50/s", payout_rate_limit="3/h",
+                      hosts=["watcher.internal", "proxy.example.org:443"],
+                      tokens={"shop": {"token": "5e6f7a8b9c0d1e2f3a4b5c6d", "scopes": ["read", "invoices"]},
+                              "legacy": "9a8b7c6d5e4f3a2b1c0d9e8f"})
+    cfg = load(tmp_path, raw, families)
+    api = cfg.api
+    assert api.tokens["shop"].scopes == {"read", "invoices"} and api.tokens["legacy"].scopes == APP_SCOPES
+    assert api.tokens["admin"].scopes == set(SCOPES) and "admin" not in api.tokens["default"].scopes
+    assert str(api.rate_limit) == "50/s" and str(api.payout_rate_limit) == "3/h"
+    assert api.hosts == {"watcher.internal:8420", "proxy.example.org:443"}
+    assert api.tokens["shop"].principal(api).id == "config:shop"
+    assert "5e6f7a8b" not in repr(api.tokens["shop"])  # the token is not in its repr
+    defaults = load(tmp_path, base(), families).api
+    assert defaults.hosts == {"127.0.0.1:8420", "localhost:8420", "[::1]:8420"}
+    for bad, message in (({"shop": {"token": "5e6f7a8b9c0d1e2f3a4b5c6d", "scopes": ["root"]}},
+                          "api.tokens.shop.scopes: unknown scope 'root'"),
+                         ({"shop": {"token": "5e6f7a8b9c0d1e2f3a4b5c6d", "scopes": []}},
+                          "api.tokens.shop.scopes: a key needs at least one scope"),
+                         ({"shop": {"scopes": ["read"]}}, "api.tokens.shop.token")):
+        raw = base()
+        raw["api"]["tokens"] = bad
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(tmp_path, raw, families)
+    raw = base()
+    raw["api"]["rate_limit"] = "lots"
+    with pytest.raises(ConfigError, match=re.escape("api.rate_limit: 'lots' is not a rate")):
+        load(tmp_path, raw, families)

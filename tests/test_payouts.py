@@ -97,7 +97,7 @@ async def test_payouts_complete_once_and_idempotency_keys_never_send_twice(tmp_p
             assert chains["hot_wallet"]["address"].lower() == hot and chains["hot_wallet"]["balances"]["USDT"] == "987.5"
 
 
-async def test_approval_above_threshold_needs_the_admin_token(tmp_path, anvil: Anvil, token: Token):
+async def test_approval_above_threshold_needs_another_key(tmp_path, anvil: Anvil, token: Token):
     port = free_port()
     cfg = config(tmp_path, anvil, token, port, payouts={"approval_above": {"USDT": "100"}})
     with trio.fail_after(60):
@@ -109,8 +109,8 @@ async def test_approval_above_threshold_needs_the_admin_token(tmp_path, anvil: A
             await until_status(d, small["id"], "completed")
             await trio.sleep(0.3)
             assert d.views.payout(big["id"])["status"] == "awaiting_approval"  # not sent on its own
-            r = await http.post(f"/v1/payouts/{big['id']}/approve")
-            assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
+            r = await http.post(f"/v1/payouts/{big['id']}/approve")  # four eyes: not the key that created it
+            assert r.status_code == 403 and r.json()["error"]["code"] == "approval_by_creator"
             r = await http.post(f"/v1/payouts/{big['id']}/approve", headers=ADMIN)
             assert r.status_code == 200 and r.json()["approved_by"] == "admin"
             await until_status(d, big["id"], "completed")
@@ -145,9 +145,13 @@ async def test_checks_veto_with_reasons_and_write_nothing(tmp_path, anvil: Anvil
             await veto(payout_body(to, "e", "20", label="carol"), "label_daily_limit_exceeded", "for label 'carol'")
             assert (await http.post("/v1/payouts", json=payout_body(to, "f", "5", label="carol"))).status_code == 202
             await veto(payout_body(to, "g", "1", label="carol"), "rate_limited", "already had 2 payout(s)")
-            r = await http.post("/v1/payouts", json=payout_body(to, "h", "50"))  # no label: no label limit
-            assert r.status_code == 202, r.text
-            await veto(payout_body(to, "i", "30", label="erin"), "daily_limit_exceeded", "75 USDT paid out")
+            # payouts without a label share one bucket (leaving the label out used to skip the limit)
+            await veto(payout_body(to, "h0", "31"), "label_daily_limit_exceeded", "for payouts without a label")
+            for key, amount in (("h", "25"), ("h2", "5")):
+                r = await http.post("/v1/payouts", json=payout_body(to, key, amount))
+                assert r.status_code == 202, r.text
+            assert (await http.post("/v1/payouts", json=payout_body(to, "i", "30", label="erin"))).status_code == 202
+            await veto(payout_body(to, "i2", "20", label="frank"), "daily_limit_exceeded", "85 USDT paid out")
             # bad input is a 400 before any check
             r = await http.post("/v1/payouts", json=payout_body(to[:-1] + "x", "j", "1"))
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_address"

@@ -63,8 +63,10 @@ class MaxAmount:
 
 
 class DailyLimits:
-    """``daily_limit`` (all payouts of the asset) and ``label_daily_limit`` (per label), over
-    the last 24 hours, counting every payout that was not cancelled or failed."""
+    """``daily_limit`` (all payouts of the asset) and ``label_daily_limit`` (per label; payouts
+    without a label share one bucket, so leaving the label out does not skip the limit), over
+    the last 24 hours, counting every payout that is pending, sent or completed (one waiting
+    for approval counts from its approval, when it is checked again)."""
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
@@ -77,27 +79,31 @@ class DailyLimits:
                 return Veto(f"daily limit {payout.show(limit)} would be exceeded ({payout.show(used)} paid out in "
                             "the last 24 h)", "daily_limit_exceeded")
         limit = policy.label_daily_limit.get(payout.asset)
-        if limit is not None and payout.label is not None:
-            used = daemon.store.payouts.total_since(payout.chain, payout.asset, since, label=payout.label)
+        if limit is not None:
+            used = daemon.store.payouts.total_since(payout.chain, payout.asset, since, label=payout.label,
+                                                    by_label=True)
             if used + payout.amount > limit:
-                return Veto(f"daily limit {payout.show(limit)} for label {payout.label!r} would be exceeded "
+                who = f"label {payout.label!r}" if payout.label is not None else "payouts without a label"
+                return Veto(f"daily limit {payout.show(limit)} for {who} would be exceeded "
                             f"({payout.show(used)} in the last 24 h)", "label_daily_limit_exceeded")
         return None
 
 
 class LabelRate:
-    """``label_rate = "N/h"``: at most N payouts per label per period."""
+    """``label_rate = "N/h"``: at most N payouts per label per period (payouts without a label
+    share one bucket)."""
 
     @hookimpl(tryfirst=True)
     def watcher_payout_check(self, payout: PayoutRequest, daemon: Daemon) -> Veto | None:
         rate = _policy(daemon, payout.chain).label_rate
-        if rate is None or payout.label is None:
+        if rate is None:
             return None
         count, period = rate
         recent = daemon.store.payouts.count_since(payout.label, daemon.clock.now_ms() - period * 1000)
         if recent >= count:
-            return Veto(f"label {payout.label!r} already had {recent} payout(s) in the last {period} s "
-                        f"(at most {count})", "rate_limited")
+            who = f"label {payout.label!r}" if payout.label is not None else "payouts without a label"
+            return Veto(f"{who} already had {recent} payout(s) in the last {period} s (at most {count})",
+                        "rate_limited")
         return None
 
 
@@ -110,6 +116,10 @@ class Destination:
         policy = _policy(daemon, payout.chain)
         if payout.to in policy.deny:
             return Veto("the destination address is on the deny-list", "destination_denied")
+        cfg = daemon.config.chain(payout.chain)
+        if cfg is not None and cfg.spec.is_burn_address(payout.to):
+            return Veto("the destination is a burn address (nobody holds its key): the money would be lost",
+                        "destination_burn")
         if payout.to == daemon.store.hot_wallet(payout.chain):
             return Veto("the destination is watcher's own hot wallet", "destination_is_own")
         own = daemon.store.addresses.get(payout.chain, payout.to)

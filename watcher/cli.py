@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from .core import Core
 
 DEFAULT_CONFIG = "watcher.toml"
+#: What ``watcher init`` writes: small enough that a leaked key cannot drain a hot wallet.
+INIT_LIMITS: dict[str, Any] = {
+    "max_amount": {"ETH": "0.5"},
+    "daily_limit": {"ETH": "2"},
+    "approval_above": {"ETH": "0.1"},
+    "label_daily_limit": {"ETH": "0.5"},
+    "label_rate": "10/h",
+    "payout_rate_limit": "20/h",
+}
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -71,24 +80,38 @@ def cmd_init(args: argparse.Namespace) -> int:
         words = new_mnemonic(args.words)
         write_secret_file(seed_path, words + "\n")
         keys = {"mnemonic_file": seed_rel}
+    # the secrets key seals webhook secrets and signed API keys; beside the config, apart
+    # from the database in data/ (a copy of the database alone reveals no secret)
+    from .secretbox import write_key_file
+
+    secrets_key = target / "secrets.key"
     config = {
         "storage": {"path": "data/watcher.db"},
-        "keys": keys,
-        "api": {"listen": args.listen, "token": secrets.token_urlsafe(24)},
+        "keys": {**keys, "secrets_key_file": "secrets.key"},
+        "api": {"listen": args.listen, "token": secrets.token_urlsafe(32), "admin_token": secrets.token_urlsafe(32),
+                "payout_rate_limit": INIT_LIMITS["payout_rate_limit"]},
         "chains": [{
             "id": args.chain,
             "family": "evm",
             "rpc_url": args.rpc_url,
             "native_symbol": "ETH",
             "confirmations": args.confirmations,
+            # conservative money limits from the first start: a leaked key moves little, and
+            # anything large waits for a person (raise them deliberately, per asset)
+            "payouts": {k: v for k, v in INIT_LIMITS.items() if k != "payout_rate_limit"},
         }],
     }
     target.mkdir(parents=True, exist_ok=True)
+    if not secrets_key.exists():
+        write_key_file(secrets_key)
     fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the API token
     with os.fdopen(fd, "wb") as f:
         f.write(b"# watcher configuration; see watcher.toml.example for every key.\n")
         tomli_w.dump(config, f)
-    print(f"wrote {cfg_path}")
+    print(f"wrote {cfg_path} (payouts: at most {INIT_LIMITS['max_amount']['ETH']} ETH each, "
+          f"{INIT_LIMITS['daily_limit']['ETH']} ETH a day, above {INIT_LIMITS['approval_above']['ETH']} ETH "
+          "only once approved with the admin token; raise them in [chains.payouts])")
+    print(f"wrote {secrets_key} (mode 0600; keep it and a backup apart from the database)")
     if words:
         print(f"wrote {seed_path} (mode 0600)")
         print()
@@ -134,7 +157,12 @@ def cmd_address_new(args: argparse.Namespace) -> int:
         cfg = core.config.chain(args.chain)
         if cfg is None:
             return _fail(f"unknown chain {args.chain!r} (configured: {', '.join(c.id for c in core.config.chains)})")
-        addr, created = core.store.addresses.deposit_address(cfg.id, args.label)
+        from .labels import label_problem, normalize_label
+
+        problem = label_problem(args.label)
+        if problem is not None:
+            return _fail(f"--label {problem}")
+        addr, created = core.store.addresses.deposit_address(cfg.id, normalize_label(args.label))
         shown = cfg.spec.display_address(addr.address)
         if args.json:
             print(json.dumps({"chain": cfg.id, "label": addr.label, "address": shown,
@@ -228,6 +256,50 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return cmd_pause(args, paused=False)
 
 
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from .auth import check_scopes, parse_rate
+
+    try:
+        scopes = check_scopes([x for x in args.scopes.split(",") if x.strip()])
+        rate = parse_rate(args.rate_limit) if args.rate_limit else None
+        payout_rate = parse_rate(args.payout_rate_limit) if args.payout_rate_limit else None
+    except ValueError as e:
+        return _fail(str(e))
+    if args.expires is not None and not 1 <= args.expires <= 3650:
+        return _fail("--expires is a number of days, 1-3650")
+    with _core(args) as core:
+        row, key = core.store.apikeys.create(name=args.name, scopes=scopes, signed=args.signed, rate_limit=rate,
+                                             payout_rate_limit=payout_rate, expires_in_days=args.expires, actor=None)
+        print("the key is shown this once; store it now (watcher keeps only its hash"
+              + (", sealed with keys.secrets_key_file: this key signs requests, never send it)" if row.signed else ")"),
+              file=sys.stderr)
+        print(json.dumps({"id": row.id, "name": row.name, "key": key, "scopes": list(row.scopes),
+                          "signed": row.signed}))
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _core(args) as core:
+        now = core.store.clock.now_ms()
+        rows = [r.public(now) for r in core.store.apikeys.list()]
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        for r in rows:
+            limits = " ".join(f"{k}={r[k]}" for k in ("rate_limit", "payout_rate_limit") if r[k])
+            print(f"{r['id']}\t{r['status']}\t{r['name']}\t{','.join(r['scopes'])}\t"
+                  f"{'signed' if r['signed'] else 'bearer'}\t{r['expires_at'] or 'no expiry'}\t"
+                  f"last used {r['last_used_at'] or 'never'}\t{limits}".rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _core(args) as core:
+        row = core.store.apikeys.revoke(args.id, None)
+        print(f"revoked {row.id} ({row.name}); a running daemon refuses it from its next request")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 
@@ -287,6 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(asub.add_parser("list", help="list watched addresses: address, kind, index, label"))
     sp.add_argument("--chain", required=True)
     sp.set_defaults(fn=cmd_address_list)
+
+    from .auth import SCOPES
+
+    kp = sub.add_parser("keys", help="API keys (works while the daemon runs)")
+    ksub = kp.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    sp = with_config(ksub.add_parser("create", help="create a key; its last output line is JSON with the key"))
+    sp.add_argument("--name", required=True, help="what uses it, e.g. shop")
+    sp.add_argument("--scopes", required=True, help=f"comma-separated: {','.join(SCOPES)}")
+    sp.add_argument("--signed", action="store_true", help="requests are signed with the key (it never travels)")
+    sp.add_argument("--rate-limit", help="requests per key: N/s, N/min, N/h (default: [api] rate_limit)")
+    sp.add_argument("--payout-rate-limit", help="payouts per key: N/s, N/min, N/h (default: [api] payout_rate_limit)")
+    sp.add_argument("--expires", type=int, metavar="DAYS", help="the key stops working after this many days")
+    sp.set_defaults(fn=cmd_keys_create)
+    sp = with_config(ksub.add_parser("list", help="every key: id, status, name, scopes, kind, expiry, last use"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_keys_list)
+    sp = with_config(ksub.add_parser("revoke", help="revoke a key (a running daemon refuses it at once)"))
+    sp.add_argument("id")
+    sp.set_defaults(fn=cmd_keys_revoke)
     return p
 
 

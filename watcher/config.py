@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .auth import APP_SCOPES, CONFIG_ID_PREFIX, SCOPES, Principal, Rate, check_scopes, parse_rate
 from .errors import ConfigError, InvalidAddress
 from .policy import PayoutPolicy, SweepConfig, parse_paused, parse_payouts, parse_sweep
 
@@ -249,20 +251,45 @@ class KeysConfig:
     passphrase_file: Path | None = None
     xpub: str | None = None  # shorthand for accounts = { "m/44'/60'/0'" = xpub }
     accounts: Mapping[str, str] = field(default_factory=dict)  # watch-only: account path -> extended public key
+    # seals webhook secrets and signed API keys in the database (watcher.secretbox); parsing
+    # defaults it to secrets.key beside the config file
+    secrets_key_file: Path | None = None
 
     @property
     def watch_only(self) -> bool:
         return self.mnemonic_file is None
 
 
+FAILED_AUTH_LIMIT = Rate(20, 60)  # a burst of 20, then one every 3 s
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A bearer token from the config (bootstrap): ``[api] token``, ``admin_token`` and the
+    ``[api.tokens]`` entries. Its principal id is ``config:<name>``."""
+
+    name: str
+    token: str = field(repr=False)
+    scopes: frozenset[str]
+
+    def principal(self, api: ApiConfig) -> Principal:
+        return Principal(id=CONFIG_ID_PREFIX + self.name, name=self.name, scopes=self.scopes,
+                         rate_limit=api.rate_limit, payout_rate_limit=api.payout_rate_limit)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8420
-    tokens: Mapping[str, str] = field(default_factory=dict)  # name -> token (secret)
-    admin_tokens: frozenset[str] = frozenset()  # names of the tokens that may use /v1/admin and approve
+    tokens: Mapping[str, ApiToken] = field(default_factory=dict)  # by name
     metrics_auth: bool = False  # /metrics needs a bearer token too
     max_body_bytes: int = 64 * 1024
+    rate_limit: Rate | None = None  # per key, unless the key has its own
+    payout_rate_limit: Rate | None = None  # money-moving requests per key, unless the key has its own
+    failed_auth_limit: Rate = FAILED_AUTH_LIMIT  # failed authentications per client address
+    # Host header values accepted (DNS rebinding): "host:port"; parsing fills in the default
+    hosts: frozenset[str] = frozenset()
+    body_timeout: float = 30.0  # seconds to receive a whole request body
 
     @property
     def loopback(self) -> bool:
@@ -291,12 +318,13 @@ class InvoicesConfig:
 @dataclass(frozen=True)
 class WebhooksConfig:
     timeout: float = 10.0  # seconds per delivery attempt
-    concurrency: int = 64  # attempts in flight, all endpoints together
+    concurrency: int = 64  # attempts in flight to failing endpoints together (the slow lane)
     per_endpoint_concurrency: int = 4  # attempts in flight to one endpoint
     # delay before each attempt, seconds: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h
     schedule: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
     rotation_grace: int = 86400  # seconds the previous secret still signs after a rotation
-    allowed_hosts: tuple[str, ...] = ()  # webhook URL hosts allowed ("*.example.com"); empty: any
+    allowed_hosts: tuple[str, ...] = ()  # webhook URL hosts allowed ("*.example.com"); empty: any public
+    max_endpoints: int = 100  # webhook endpoints at most (each may hold per_endpoint_concurrency connections)
 
 
 @dataclass(frozen=True)
@@ -432,6 +460,7 @@ def _parse_webhooks(t: ConfigTable) -> WebhooksConfig:
         allowed_hosts=tuple(h.lower() for h in t.take(
             "allowed_hosts", list, [], check=lambda v: None if all(isinstance(h, str) and h for h in v)
             else "must be a list of host names or patterns such as \"*.example.com\"")),
+        max_endpoints=t.take("max_endpoints", int, 100, check=between(1, 10_000)),
     )
     t.done()
     return cfg
@@ -442,6 +471,7 @@ def _parse_keys(t: ConfigTable, resolve: Callable[[str], Path]) -> KeysConfig:
 
     mnemonic = t.take("mnemonic_file", str, None)
     passphrase = t.take("passphrase_file", str, None)
+    secrets_key = t.take("secrets_key_file", str, "secrets.key", check=lambda v: None if v.strip() else "is empty")
     xpub = t.take("xpub", str, None)
     at = t.table("accounts")
     accounts = {}
@@ -465,6 +495,7 @@ def _parse_keys(t: ConfigTable, resolve: Callable[[str], Path]) -> KeysConfig:
         passphrase_file=resolve(passphrase) if passphrase else None,
         xpub=xpub.strip() if xpub else None,
         accounts=accounts,
+        secrets_key_file=resolve(secrets_key),
     )
 
 
@@ -489,37 +520,82 @@ def _split_listen(v: str) -> tuple[str, int]:
 
 def _parse_api(t: ConfigTable) -> ApiConfig:
     host, port = _split_listen(t.take("listen", str, "127.0.0.1:8420", check=_parse_listen))
-    tokens: dict[str, str] = {}
+    tokens: dict[str, ApiToken] = {}
     token = t.take("token", str, None, check=_token_check)
     if token:
-        tokens["default"] = token
+        tokens["default"] = ApiToken("default", token, APP_SCOPES)
     admin = t.take("admin_token", str, None, check=_token_check)
     if admin:
-        tokens["admin"] = admin
+        tokens["admin"] = ApiToken("admin", admin, frozenset(SCOPES))
     named = t.table("tokens")
     for name in list(named.raw):
         if not re.match(r"^[a-z0-9_-]{1,32}$", name):
             raise ConfigError(named.key(name), "token names are 1-32 of a-z 0-9 _ -")
-        tokens[name] = named.take(name, str, check=_token_check)
+        if name in tokens:
+            what = "admin_token" if name == "admin" else "token"
+            raise ConfigError(named.key(name), f"the name {name!r} is taken by [api] {what}; choose another name")
+        if isinstance(named.raw[name], dict):
+            entry = named.table(name)
+            value = entry.take("token", str, check=_token_check)
+            try:
+                scopes = check_scopes(entry.take("scopes", list, check=lambda v: None if all(
+                    isinstance(x, str) for x in v) else "must be a list of scope names"))
+            except ValueError as e:
+                raise ConfigError(entry.key("scopes"), str(e)) from None
+            entry.done()
+            tokens[name] = ApiToken(name, value, scopes)
+        else:
+            tokens[name] = ApiToken(name, named.take(name, str, check=_token_check), APP_SCOPES)
     named.done()
-    if len(set(tokens.values())) != len(tokens):
+    if len({x.token for x in tokens.values()}) != len(tokens):
         raise ConfigError(t.key("admin_token" if admin else "tokens"),
                           "two token names share the same token (the admin token must differ from app tokens)")
     max_body = t.take("max_body_bytes", int, 64 * 1024, check=between(1024, 16 * 1024 * 1024))
     metrics_auth = t.take("metrics_auth", bool, False)
+    rate_limit = _rate(t, "rate_limit")
+    payout_rate_limit = _rate(t, "payout_rate_limit")
+    failed_auth_limit = _rate(t, "failed_auth_limit") or FAILED_AUTH_LIMIT
+    shown = f"[{host}]" if ":" in host else host
+    names = t.take("hosts", list, [shown, "localhost", "127.0.0.1", "[::1]"], check=lambda v: None if all(
+        isinstance(h, str) and h.strip() and not any(c.isspace() or c in "/@" for c in h) for h in v)
+        else "must be a list of host names or host:port")
+    hosts = frozenset(h.lower() if re.search(r":\d+$", h) and not h.endswith("]") else f"{h.lower()}:{port}"
+                      for h in names)
+    body_timeout = t.take("body_timeout", float, 30.0, check=between(1, 3600))
     t.done()
-    api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body,
-                    admin_tokens=frozenset({"admin"} if admin else ()), metrics_auth=metrics_auth)
+    api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body, metrics_auth=metrics_auth,
+                    rate_limit=rate_limit, payout_rate_limit=payout_rate_limit, failed_auth_limit=failed_auth_limit,
+                    hosts=hosts, body_timeout=body_timeout)
     if not api.loopback and not tokens:
         raise ConfigError(t.key("listen"), f"{host!r} is not a loopback address: set api.token first")
     return api
 
 
+def _rate(t: ConfigTable, key: str) -> Rate | None:
+    raw = t.take(key, str, None)
+    if raw is None:
+        return None
+    try:
+        return parse_rate(raw)
+    except ValueError as e:
+        raise ConfigError(t.key(key), str(e)) from None
+
+
+_PLACEHOLDER = re.compile(r"change[-_ ]?me|example|placeholder|password|secret|generate|replace|xxxx", re.I)
+MIN_TOKEN_BITS = 80
+
+
 def _token_check(v: str) -> str | None:
-    if len(v) < 8:
-        return "must be at least 8 characters"
+    """A token must be a real secret: no placeholder (the README's ``change-me``), at least 20
+    characters, and ~80 bits by a generous estimate (length x log2 of distinct characters;
+    ``openssl rand -hex 32`` gives 256)."""
     if v != v.strip() or any(c.isspace() for c in v):
         return "must not contain whitespace"
+    if _PLACEHOLDER.search(v):
+        return "looks like a placeholder: generate a token, e.g. `openssl rand -hex 32`"
+    if len(v) < 20 or len(v) * math.log2(max(len(set(v)), 2)) < MIN_TOKEN_BITS:
+        return (f"is too short or too repetitive to be guessed only by chance (at least 20 characters, "
+                f"~{MIN_TOKEN_BITS} bits); generate one, e.g. `openssl rand -hex 32`")
     return None
 
 

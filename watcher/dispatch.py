@@ -95,6 +95,7 @@ class _Endpoint:
         self.ready = trio.Event()
         self.workers = 0
         self.gone = False
+        self.failing = False  # its last attempt got no 2xx: it waits in the slow lane
 
 
 class Dispatcher:
@@ -120,7 +121,10 @@ class Dispatcher:
         self._results: list[_Result] = []
         self._flush_now = trio.Event()
         self._have_results = trio.Event()
-        self._global = trio.CapacityLimiter(config.concurrency)
+        # Only endpoints whose last attempt failed share these slots (``concurrency``): one that
+        # answers is never held up by any number of dead ones (each already holds at most
+        # per_endpoint_concurrency, and there are at most max_endpoints)
+        self._slow_lane = trio.CapacityLimiter(config.concurrency)
         self._secrets: dict[str, tuple[float, list[str]]] = {}
         store.on_wake("webhooks", self.wake)
 
@@ -128,7 +132,8 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        client = WebhookClient(max_idle_per_origin=self.config.per_endpoint_concurrency)
+        client = WebhookClient(max_idle_per_origin=self.config.per_endpoint_concurrency,
+                               allowed_hosts=self.config.allowed_hosts)
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -196,8 +201,12 @@ class Dispatcher:
                 if len(ep.queue) < self.REFILL // 4:
                     self.wake()  # ask for more before running dry
                 try:
-                    async with self._global:
+                    if ep.failing:
+                        async with self._slow_lane:
+                            result = await self._send(client, ep, d)
+                    else:
                         result = await self._send(client, ep, d)
+                    ep.failing = not (result.status is not None and 200 <= result.status < 300)
                     # (not `self._results.append(await ...)`: that would bind the list the
                     # flusher may swap out while we wait, and the result would be lost)
                     self._results.append(result)
@@ -242,7 +251,8 @@ class Dispatcher:
             with trio.fail_after(self.config.timeout):
                 answer = await client.post(ep.url, body, headers)
             status = answer.status
-            text = answer.body[:500].decode("utf-8", "replace") if answer.body else None
+            # what a private address (a listed host) answered is never shown through the API
+            text = answer.body[:500].decode("utf-8", "replace") if answer.body and not answer.private else None
             retry_after = parse_retry_after(answer.headers.get("retry-after"), self.clock.now(),
                                             cap=MAX_RETRY_AFTER)
         except trio.TooSlowError:

@@ -83,6 +83,17 @@ class Forbidden(WatcherError):
     code = "forbidden"
 
 
+class TooManyRequests(WatcherError):
+    """Over a rate limit; ``headers`` say when to come back (Retry-After, RateLimit-*)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, headers: dict[str, str], code: str | None = None):
+        super().__init__(message, code=code)
+        self.headers = headers
+
+
 class NotFound(WatcherError):
     """No such object (chain, asset, invoice, webhook, ...)."""
 

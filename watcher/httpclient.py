@@ -17,12 +17,15 @@ import email.utils
 import math
 import ssl
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from . import netguard
 
 
 def parse_retry_after(value: str | None, now: float, *, cap: float = 86400.0) -> float | None:
@@ -56,19 +59,24 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: bytes
+    private: bool = False  # from a private address (a host the operator listed): never show the body
 
 
 class _Conn:
-    def __init__(self, stream: trio.abc.Stream):
+    def __init__(self, stream: trio.abc.Stream, private: bool = False):
         self.stream = stream
+        self.private = private
         self.h11 = h11.Connection(h11.CLIENT)
 
 
 class WebhookClient:
     def __init__(self, *, max_idle_per_origin: int = 8, max_body: int = 64 * 1024,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, allowed_hosts: Sequence[str] | None = None):
+        """``allowed_hosts``: if given (even empty), every connection goes only where
+        :func:`watcher.netguard.vetted` allows, to an address it checked."""
         self.max_idle = max_idle_per_origin
         self.max_body = max_body
+        self.allowed_hosts = allowed_hosts
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], list[_Conn]] = defaultdict(list)
 
@@ -84,15 +92,22 @@ class WebhookClient:
         self._idle.clear()
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Conn:
+        private = False
         try:
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            if self.allowed_hosts is None:
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            else:
+                addresses, private = await netguard.vetted(host, port, self.allowed_hosts)
+                stream = await _connect_first(addresses, port)
             if scheme == "https":
                 tls = trio.SSLStream(stream, self._ssl_context(), server_hostname=host, https_compatible=True)
                 await tls.do_handshake()
                 stream = tls
+        except netguard.Refused as e:
+            raise DeliveryError(f"refused: {e}") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
             raise DeliveryError(f"cannot connect: {type(e).__name__}: {e}") from None
-        return _Conn(stream)
+        return _Conn(stream, private)
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
         """POST ``body``; the caller bounds the time (trio.fail_after). A reused keep-alive
@@ -125,6 +140,7 @@ class WebhookClient:
                 self._idle[origin].append(conn)
             else:
                 await trio.aclose_forcefully(conn.stream)
+            answer.private = conn.private
             return answer
         raise AssertionError("unreachable")
 
@@ -170,6 +186,18 @@ class WebhookClient:
         if reusable:
             c.start_next_cycle()
         return _answer(response, b"".join(chunks)), reusable
+
+
+async def _connect_first(addresses: list[netguard.IP], port: int) -> trio.SocketStream:
+    """A connection to the first of ``addresses`` (already checked) that answers."""
+    error: OSError | None = None
+    for ip in addresses:
+        try:
+            return await trio.open_tcp_stream(str(ip), port)
+        except OSError as e:
+            error = e
+    assert error is not None
+    raise error
 
 
 class _TooLong(Exception):

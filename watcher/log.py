@@ -6,9 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import TextIO
+
+# user:password@ inside any URL (an RPC URL that carries credentials): scrubbed from every
+# line and traceback, whatever logged it (our code names nodes by ChainConfig.node already;
+# this is for a library's message or an exception text that repeats a URL)
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"<>]+@")
+
+
+def scrub(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1***@", text) if "@" in text else text
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -28,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return scrub(json.dumps(out, default=str, separators=(",", ":")))
 
 
 class TextFormatter(logging.Formatter):
@@ -41,7 +52,7 @@ class TextFormatter(logging.Formatter):
             line += "  " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return scrub(line)
 
 
 def setup_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:

@@ -56,6 +56,10 @@ class Metrics:
         self.payouts_blocked = Gauge("payouts_blocked", "Pending payouts that cannot be sent right now (e.g. the hot wallet lacks funds).", ["chain"], namespace=ns, registry=r)
         self.hot_wallet_balance = Gauge("hot_wallet_balance", "Hot wallet balance in asset units (a float: for dashboards and alerts, never for accounting).", ["chain", "asset"], namespace=ns, registry=r)
 
+        # the API: by principal id (key_... or config:<name>: never a secret) and outcome
+        self.api_requests = Counter("api_requests_total", "API requests that authenticated, by key id and result (ok, or the refusal's code).", ["key", "result"], namespace=ns, registry=r)
+        self.api_refusals = Counter("api_refusals_total", "API requests refused before a handler ran, by key id ('' when none authenticated) and reason.", ["key", "reason"], namespace=ns, registry=r)
+
         # events, errors
         self.events = Counter("events_total", "Events written to the outbox, by type.", ["type"], namespace=ns, registry=r)
         self.storage_errors = Counter("storage_errors_total", "Database writes that failed for a storage reason and were retried, by kind (locked, full, io).", ["kind"], namespace=ns, registry=r)

@@ -201,8 +201,8 @@ def event(e: Event) -> Json:
 
 
 def audit_entry(e: AuditEntry) -> Json:
-    return {"id": e.id, "at": iso_ms(e.at), "actor": e.actor, "action": e.action, "object_id": e.object_id,
-            "details": e.details}
+    return {"id": e.id, "at": iso_ms(e.at), "actor": e.actor, "key_id": e.key_id, "action": e.action,
+            "object_id": e.object_id, "details": e.details}
 
 
 def check_status(status: str | None, statuses: Sequence[str]) -> None:
@@ -314,8 +314,9 @@ class Views:
     def webhook(self, webhook_id: str) -> Json:
         return self.render_webhook(self.webhook_row(webhook_id))
 
-    def webhooks(self) -> list[Json]:
-        return [self.render_webhook(r) for r in self.store.webhooks.rows()]
+    def webhooks(self, *, after: str | None = None, limit: int = 100) -> tuple[list[Json], str | None]:
+        rows, cursor = self.store.webhooks.page(after=after, limit=limit)
+        return [self.render_webhook(r) for r in rows], cursor
 
     def render_delivery(self, row: DeliveryRow, *, attempts: bool = False) -> Json:
         return delivery(row, self.store.events.type_of(row.event_id),
@@ -334,5 +335,7 @@ class Views:
         return [self.render_delivery(r, attempts=True) for r in rows], cursor
 
     # audit
-    def audit(self, *, object_id: str | None = None, after: int = 0, limit: int = 100) -> list[Json]:
-        return [audit_entry(e) for e in self.store.audit.entries(object_id=object_id, after=after, limit=limit)]
+    def audit(self, *, object_id: str | None = None, key_id: str | None = None, after: int = 0,
+              limit: int = 100) -> list[Json]:
+        return [audit_entry(e) for e in self.store.audit.entries(object_id=object_id, key_id=key_id, after=after,
+                                                                 limit=limit)]

@@ -107,6 +107,18 @@ class BitcoinSpec(ChainSpec):
     def address_from_public_key(self, public_key: bytes) -> str:
         return p2wpkh(self.network, public_key)
 
+    def is_burn_address(self, canonical: str) -> bool:
+        """An output script whose hash or witness program is all zeros (e.g. P2PKH
+        1111111111111111111114oLvT2, bc1qqqqq...): no key or script hashes to it."""
+        script = to_script(self.network, canonical)
+        if script[:2] == b"\x76\xa9":  # P2PKH: OP_DUP OP_HASH160 <20> OP_EQUALVERIFY OP_CHECKSIG
+            body = script[3:23]
+        elif script[:1] == b"\xa9":  # P2SH: OP_HASH160 <20> OP_EQUAL
+            body = script[2:22]
+        else:  # SegWit v0/v1: OP_n <program>
+            body = script[2:]
+        return len(body) >= 20 and not any(body)
+
     def match_key(self, address: str) -> str:
         """The output script paying ``address`` (hex): what a raw block holds."""
         return to_script(self.network, address).hex()

@@ -55,6 +55,9 @@ class EvmFamily(ChainFamily):
         ))
 
 
+_BURN = frozenset({"0x" + "0" * 40, "0x000000000000000000000000000000000000dead"})
+
+
 class EvmSpec(ChainSpec):
     family = "evm"
     keys = EVM_KEYS
@@ -82,6 +85,10 @@ class EvmSpec(ChainSpec):
 
     def display_address(self, canonical: str) -> str:
         return _checksummed(canonical)
+
+    def is_burn_address(self, canonical: str) -> bool:
+        """The zero address and the conventional 0x...dEaD: no key spends from either."""
+        return canonical in _BURN
 
     def address_from_public_key(self, public_key: bytes) -> str:
         from coincurve import PublicKey

@@ -55,6 +55,8 @@ def write_config(directory: Path, chains: list[dict[str, Any]], *, mnemonic: str
         "keys": {"mnemonic_file": "seed.txt"},
         "api": {"listen": f"127.0.0.1:{api_port or free_port()}", "token": API_TOKEN},
         "log": {"level": "debug", "format": "json"},
+        # test receivers listen on loopback, which is refused unless listed
+        "webhooks": {"allowed_hosts": ["127.0.0.1"]},
         "chains": chains,
     }
     for k, v in (extra or {}).items():

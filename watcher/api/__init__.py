@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import core_routes, invoice_routes, money_routes, openapi, webhook_routes
+from . import core_routes, invoice_routes, key_routes, money_routes, openapi, webhook_routes
 from .routing import ApiRequest, Endpoint, Endpoints, error_response, wrap
+from .security import Authenticator
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -41,7 +42,7 @@ async def openapi_document(req: ApiRequest) -> dict:
     return openapi.build(all_endpoints(), req.daemon.config)
 
 
-ROUTE_MODULES = (core_routes, invoice_routes, money_routes, webhook_routes)
+ROUTE_MODULES = (core_routes, invoice_routes, money_routes, webhook_routes, key_routes)
 
 
 def all_endpoints() -> list[Endpoint]:
@@ -50,8 +51,9 @@ def all_endpoints() -> list[Endpoint]:
 
 def create_app(daemon: Daemon) -> Starlette:
     by_path: dict[str, dict[str, Any]] = {}
+    auth = Authenticator(daemon)
     for e in all_endpoints():
-        by_path.setdefault(e.path, {})[e.method] = wrap(e, daemon)
+        by_path.setdefault(e.path, {})[e.method] = wrap(e, daemon, auth)
     # one Route per path, so a 405 names every method the path has in its Allow header
     routes = [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
 
@@ -83,6 +85,7 @@ async def serve(daemon: Daemon, *, shutdown_trigger: Callable[[], Awaitable[None
     hc.errorlog = logging.getLogger("watcher.api.server")
     hc.graceful_timeout = GRACEFUL_TIMEOUT
     hc.keep_alive_timeout = 30.0
+    hc.read_timeout = 30  # an idle connection (headers or body never finished) is closed
     hc.server_names = []
     hc.include_server_header = False
     # Starlette types its ASGI callable with its own Scope/Receive/Send aliases, which mypy

@@ -9,14 +9,22 @@ from typing import Any
 import trio
 from starlette.responses import JSONResponse
 
-from ..errors import BadRequest, InvalidAddress, InvalidAmount, NotFound, WatcherError
+from ..errors import (
+    BadRequest,
+    Forbidden,
+    InvalidAddress,
+    InvalidAmount,
+    NotFound,
+    Unauthorized,
+    WatcherError,
+)
+from ..labels import label_problem, normalize_label
 from ..money import format_amount, parse_amount
-from .routing import ApiRequest, Endpoints
+from .routing import ApiRequest, Endpoints, read_body
 
 endpoints = Endpoints()
 
 # fullmatch, not match + "$": "$" also matches before a trailing newline
-LABEL_RE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 PLAIN_DECIMAL_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 _error = {"$ref": "#/components/schemas/Error"}
@@ -54,9 +62,10 @@ def canonical_address(req: ApiRequest, chain_id: str, text: Any) -> str:
 
 
 def check_label(label: Any) -> str:
-    if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
-        raise BadRequest("label must be a string of 1-128 printable characters", code="invalid_label")
-    return label
+    problem = label_problem(label)
+    if problem is not None:
+        raise BadRequest(f"label {problem}", code="invalid_label")
+    return normalize_label(label)
 
 
 def optional_label(label: Any) -> str | None:
@@ -109,16 +118,22 @@ async def readyz(req: ApiRequest) -> Any:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a token if api.metrics_auth.",
-               auth=False, tag="health", responses={200: {"type": "string"}})
+@endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a key with the read scope if "
+               "api.metrics_auth, or if the API listens beyond loopback.", auth=False, tag="health",
+               responses={200: {"type": "string"}})
 async def metrics(req: ApiRequest) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.responses import Response
 
-    from .routing import authenticate
-
-    if req.daemon.config.api.metrics_auth:
-        authenticate(req.request, req.daemon.config.api.tokens)
+    api = req.daemon.config.api
+    if (api.metrics_auth or not api.loopback) and req.auth is not None:
+        try:
+            principal, _ = await req.auth.authenticate(req.request, lambda: read_body(req.request, 0))
+        except Unauthorized as e:
+            raise req.auth.failed(req.request, e) from None
+        if not principal.has("read"):
+            raise Forbidden(f"/metrics needs the 'read' scope; key {principal.id} has "
+                            f"{', '.join(sorted(principal.scopes))}", code="insufficient_scope")
     return Response(generate_latest(req.daemon.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -177,7 +192,7 @@ async def hot_wallet_view(req: ApiRequest, chain: str) -> dict[str, Any] | None:
 # --- addresses ---------------------------------------------------------------------------------
 
 
-@endpoints.add("POST", "/v1/addresses", summary="Get the static deposit address of a label (created on first call).",
+@endpoints.add("POST", "/v1/addresses", scope="addresses", summary="Get the static deposit address of a label (created on first call).",
                tag="addresses", errors=(400, 404, 409),
                body={"type": "object", "required": ["chain", "label"], "additionalProperties": False,
                      "properties": {"chain": _chain_ref, "label": _label}},
@@ -195,7 +210,7 @@ async def create_address(req: ApiRequest) -> Any:
     return (201 if created else 200), req.daemon.views.address(addr)
 
 
-@endpoints.add("POST", "/v1/watch", summary="Watch an address watcher did not derive (its transfers are recorded; it is never swept).",
+@endpoints.add("POST", "/v1/watch", scope="addresses", summary="Watch an address watcher did not derive (its transfers are recorded; it is never swept).",
                tag="addresses", errors=(400, 409),
                body={"type": "object", "required": ["chain", "address"], "additionalProperties": False,
                      "properties": {"chain": _chain_ref, "address": {"type": "string", "minLength": 1},

@@ -49,7 +49,7 @@ def _depth(value: Any, level: int = 0) -> int:
 
 
 @endpoints.add(
-    "POST", "/v1/invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
+    "POST", "/v1/invoices", scope="invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
     errors=(400,),
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
@@ -101,7 +101,7 @@ async def create_invoice(req: ApiRequest) -> Any:
     store = daemon.store
     with store.db.transaction():
         row = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
-                                     tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor,
+                                     tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor.name,
                                      node_info=daemon.watchers[cfg.id].status.node_info)
         view = store.invoices.render(row)
         store.audit.record(req.actor, "invoice.create", row.id,
@@ -135,7 +135,7 @@ async def list_invoices(req: ApiRequest) -> Any:
 
 
 @endpoints.add(
-    "POST", "/v1/invoices/{id}/submit-tx",
+    "POST", "/v1/invoices/{id}/submit-tx", scope="invoices",
     summary="Point at the payment's transaction so it is checked now instead of when the scanner reaches it.",
     tag="invoices", errors=(400, 404, 422, 503),
     body={"type": "object", "required": ["txid"], "additionalProperties": False,

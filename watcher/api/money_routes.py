@@ -8,8 +8,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from ..checks import PayoutRequest, Veto
-from ..errors import BadRequest, NotFound, WatcherError, WatchOnlyError
+from ..checks import DailyLimits, PayoutRequest, Veto
+from ..errors import BadRequest, Forbidden, NotFound, WatcherError, WatchOnlyError
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
 from ..store.sweeps import STATUSES as SWEEP_STATUSES
@@ -50,7 +50,7 @@ class PayoutCheckFailed(WatcherError):
 
 
 @endpoints.add(
-    "POST", "/v1/payouts", summary="Request a payout (withdrawal) from the hot wallet; idempotent on idempotency_key.",
+    "POST", "/v1/payouts", scope="payouts", moves_money=True, summary="Request a payout (withdrawal) from the hot wallet; idempotent on idempotency_key.",
     tag="payouts", errors=(400, 409, 422, 503),
     body={"type": "object", "required": ["chain", "asset", "amount", "to", "idempotency_key"],
           "additionalProperties": False, "properties": {
@@ -140,10 +140,20 @@ async def list_payouts(req: ApiRequest) -> Any:
     return {"items": items, "next_cursor": cursor}
 
 
-@endpoints.add("POST", "/v1/payouts/{id}/approve", summary="Approve a payout above the approval threshold.",
-               tag="payouts", admin=True, errors=(404, 409), responses={200: _payout})
+@endpoints.add("POST", "/v1/payouts/{id}/approve", scope="approve", summary="Approve a payout above the approval threshold.",
+               tag="payouts", errors=(404, 409), responses={200: _payout})
 async def approve_payout(req: ApiRequest) -> Any:
     store = req.daemon.store
+    waiting = store.payouts.row(req.path_params["id"])
+    if waiting is not None and waiting.status == "awaiting_approval":
+        # a payout waiting for approval did not count towards the daily limits: it does now
+        cfg = store.chain_config(waiting.chain)
+        asset = cfg.asset(waiting.asset)
+        veto = DailyLimits().watcher_payout_check(PayoutRequest(
+            chain=waiting.chain, asset=waiting.asset, amount=waiting.amount, to=waiting.to_address,
+            label=waiting.label, decimals=asset.decimals if asset else 0), req.daemon)
+        if veto is not None:
+            raise PayoutRejected(f"cannot approve now: {veto.reason}", code=veto.code)
     with store.db.transaction():
         row = store.payouts.approve(req.path_params["id"], req.actor)
         if row is None:
@@ -152,11 +162,15 @@ async def approve_payout(req: ApiRequest) -> Any:
     return store.payouts.render(row)
 
 
-@endpoints.add("POST", "/v1/payouts/{id}/cancel", summary="Cancel a payout that has not been broadcast.",
+@endpoints.add("POST", "/v1/payouts/{id}/cancel", scope="payouts", summary="Cancel a payout that has not been broadcast.",
                tag="payouts", errors=(404, 409), responses={200: _payout})
 async def cancel_payout(req: ApiRequest) -> Any:
     store = req.daemon.store
     with store.db.transaction():
+        existing = store.payouts.row(req.path_params["id"])
+        if existing is not None and not req.actor.owns(existing.owner):
+            raise Forbidden(f"payout {existing.id} was created by another key; only it (or an admin key) may cancel "
+                            "it", code="not_owner")
         row = store.payouts.cancel(req.path_params["id"])
         if row is None:
             raise NotFound(f"no payout {req.path_params['id'][:64]!r}", code="unknown_payout")
@@ -178,8 +192,8 @@ async def list_sweeps(req: ApiRequest) -> Any:
     return {"items": items, "next_cursor": cursor}
 
 
-@endpoints.add("POST", "/v1/sweeps/run", summary="Plan sweeps now (all chains, or one) instead of at the next interval.",
-               tag="sweeps", admin=True, errors=(400, 409),
+@endpoints.add("POST", "/v1/sweeps/run", scope="sweeps", summary="Plan sweeps now (all chains, or one) instead of at the next interval.",
+               tag="sweeps", errors=(400, 409),
                body={"type": "object", "additionalProperties": False,
                      "properties": {"chain": {"$ref": "#/components/schemas/ChainId"}}},
                responses={202: {"type": "object"}})
@@ -210,8 +224,8 @@ def _scopes(body: dict[str, Any]) -> set[str]:
     return set(PAUSE_SCOPES) if scope == "all" else {scope}
 
 
-@endpoints.add("POST", "/v1/admin/pause", summary="Kill switch: hold payouts, sweeps or all (nothing is dropped).",
-               tag="admin", admin=True, body={"type": "object", "required": ["scope"], "additionalProperties": False,
+@endpoints.add("POST", "/v1/admin/pause", scope="admin", summary="Kill switch: hold payouts, sweeps or all (nothing is dropped).",
+               tag="admin", body={"type": "object", "required": ["scope"], "additionalProperties": False,
                                               "properties": {"scope": _scope}},
                responses={200: {"type": "object"}})
 async def pause(req: ApiRequest) -> Any:
@@ -224,7 +238,7 @@ async def pause(req: ApiRequest) -> Any:
     return {"paused": sorted(paused)}
 
 
-@endpoints.add("POST", "/v1/admin/resume", summary="Release what pause held.", tag="admin", admin=True,
+@endpoints.add("POST", "/v1/admin/resume", scope="admin", summary="Release what pause held.", tag="admin",
                errors=(409,), body={"type": "object", "required": ["scope"], "additionalProperties": False,
                                     "properties": {"scope": _scope}},
                responses={200: {"type": "object"}})
@@ -242,7 +256,7 @@ async def resume(req: ApiRequest) -> Any:
     return {"paused": sorted(paused)}
 
 
-@endpoints.add("GET", "/v1/admin/status", summary="What is paused, and the hot wallets.", tag="admin", admin=True,
+@endpoints.add("GET", "/v1/admin/status", scope="admin", summary="What is paused, and the hot wallets.", tag="admin",
                responses={200: {"type": "object"}})
 async def admin_status(req: ApiRequest) -> Any:
     store = req.daemon.store

@@ -129,8 +129,9 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
-_ERROR_TEXT = {400: "bad input", 401: "missing or invalid token", 403: "needs the admin token",
-               404: "no such object", 409: "conflict",
+_ERROR_TEXT = {400: "bad input", 401: "missing or invalid key, or a bad signature (the code says which)",
+               403: "the key lacks the route's scope (insufficient_scope), or the object is another key's (not_owner)",
+               404: "no such object", 409: "conflict", 429: "over a rate limit (see Retry-After and RateLimit-*)",
                413: "request body too large", 415: "request body not in UTF-8", 422: "valid but unusable input",
                503: "the chain's node or the database is unavailable (storage_unavailable: see Retry-After)"}
 
@@ -169,9 +170,10 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
         if e.query or e.path.startswith("/v1/"):
             errors.add(400)  # /v1 routes refuse unknown query parameters
         if e.auth:
-            errors |= {401, 503}  # 503 storage_unavailable: the database cannot be written right now
-        if e.admin:
-            errors.add(403)
+            # 503 storage_unavailable: the database cannot be written right now
+            errors |= {401, 403, 429, 503}
+            op["description"] = f"Needs the `{e.scope}` scope."
+            op["x-watcher-scope"] = e.scope
         if e.body is not None:
             errors |= {400, 413, 415}
         for status in sorted(errors):
@@ -179,7 +181,8 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         op["responses"] = responses
         if e.auth:
-            op["security"] = [{"bearer": []}]
+            op["security"] = [{"bearer": [e.scope]},
+                              {"keyId": [e.scope], "timestamp": [e.scope], "signature": [e.scope]}]
         paths.setdefault(e.path, {})[e.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -188,5 +191,12 @@ def build(endpoints: list[Endpoint], config: Config | None = None) -> dict[str, 
                                 "asset units. Errors are {\"error\": {\"code\", \"message\"}}."},
         "paths": paths,
         "components": {"schemas": schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {
+                           "bearer": {"type": "http", "scheme": "bearer",
+                                      "description": "an API key (wk_...) or a config token"},
+                           "keyId": {"type": "apiKey", "in": "header", "name": "X-Watcher-Key-Id",
+                                     "description": "a signed key's id; with X-Watcher-Timestamp and "
+                                                    "X-Watcher-Signature (docs/api.md, Signed requests)"},
+                           "timestamp": {"type": "apiKey", "in": "header", "name": "X-Watcher-Timestamp"},
+                           "signature": {"type": "apiKey", "in": "header", "name": "X-Watcher-Signature"}}},
     }

@@ -1,5 +1,6 @@
-"""The API's plumbing: one table of endpoints (which also produces the OpenAPI document),
-bearer-token auth, JSON bodies with a size limit, and one error shape:
+"""The API's plumbing: one table of endpoints (which also produces the OpenAPI document), each
+declaring the scope it needs (:mod:`.security` authenticates and limits), JSON bodies with a
+size limit, and one error shape:
 ``{"error": {"code": "<machine_code>", "message": "<human text>"}}``.
 
 Hostile input stops here, before any handler sees it: a body must be strict UTF-8 JSON
@@ -11,7 +12,6 @@ another process, disk full, I/O error) is a ``503 storage_unavailable`` with
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -20,14 +20,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import trio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import BadRequest, Forbidden, Unauthorized, WatcherError
+from ..auth import SCOPES, Principal
+from ..errors import BadRequest, TooManyRequests, Unauthorized, WatcherError
 from ..tasks import record_storage_trouble
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
+    from .security import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,13 @@ class PayloadTooLarge(WatcherError):
 
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(WatcherError):
+    """The body did not arrive in time (``api.body_timeout``)."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class UnsupportedMediaType(WatcherError):
@@ -146,19 +156,47 @@ def _check_tree(value: Any, *, check_unicode: bool) -> None:
                                  "(\\ud800-\\udfff without its pair)", code="malformed_json") from None
 
 
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
+    """The request body, at most ``limit`` bytes (413 beyond), declared UTF-8 if it declares a
+    character set (415 otherwise), whole within ``timeout`` seconds (408 otherwise: a body
+    sent a byte a second must not hold a connection for ever)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    content_type = request.headers.get("content-type", "")
+    charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in content_type.split(";")[1:]
+                    if p.strip().lower().startswith("charset=")), None)
+    if charset is not None and charset not in ("utf-8", "utf8", "us-ascii"):
+        raise UnsupportedMediaType(f"request body must be UTF-8 JSON, not charset {charset[:32]!r}")
+    chunks, size = [], 0
+    with trio.move_on_after(timeout) as slow:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    if slow.cancelled_caught:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s")
+    return b"".join(chunks)
+
+
 @dataclass
 class ApiRequest:
-    """What a handler gets: the Starlette request, the daemon, and who is calling."""
+    """What a handler gets: the Starlette request, the daemon, who is calling (None on the
+    routes without auth) and the authenticator (``/metrics`` asks it itself)."""
 
     request: Request
     daemon: Daemon
-    token_name: str | None
+    principal: Principal | None
+    auth: Authenticator | None = None
+    raw_body: bytes | None = None  # already read (a signed request's body was, to check it)
     _body: Any = None
 
     @property
-    def actor(self) -> str:
-        """Who is calling, for the audit log: the name of the API token used."""
-        return self.token_name or "anonymous"
+    def actor(self) -> Principal:
+        """Who is calling, for the audit log and the objects it creates."""
+        assert self.principal is not None, "a route without auth has no actor"
+        return self.principal
 
     @property
     def path_params(self) -> Mapping[str, str]:
@@ -184,22 +222,9 @@ class ApiRequest:
         is ``{}``."""
         if self._body is not None:
             return self._body
-        limit = self.daemon.config.api.max_body_bytes
-        declared = self.request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        content_type = self.request.headers.get("content-type", "")
-        charset = next((p.split("=", 1)[1].strip().strip('"').lower() for p in content_type.split(";")[1:]
-                        if p.strip().lower().startswith("charset=")), None)
-        if charset is not None and charset not in ("utf-8", "utf8", "us-ascii"):
-            raise UnsupportedMediaType(f"request body must be UTF-8 JSON, not charset {charset[:32]!r}")
-        chunks, size = [], 0
-        async for chunk in self.request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+        api = self.daemon.config.api
+        raw = self.raw_body if self.raw_body is not None else await read_body(
+            self.request, api.max_body_bytes, api.body_timeout)
         if optional and not raw.strip():
             self._body = {}
             return self._body
@@ -223,7 +248,8 @@ class Endpoint:
     summary: str
     auth: bool = True
     tag: str = "misc"
-    admin: bool = False  # needs an admin token ([api] admin_token)
+    scope: str | None = None  # the scope a key needs (watcher.auth.SCOPES); None: no auth
+    moves_money: bool = False  # also counts against the key's payout rate limit
     query: tuple[dict[str, Any], ...] = ()  # OpenAPI parameter objects (in: query)
     body: dict[str, Any] | None = None  # JSON schema of the request body
     responses: dict[int, dict[str, Any]] = field(default_factory=dict)  # status -> JSON schema
@@ -231,18 +257,25 @@ class Endpoint:
 
 
 class Endpoints:
-    """The endpoint table; ``add`` is used as a decorator by the route modules."""
+    """The endpoint table; ``add`` is used as a decorator by the route modules. A GET needs
+    ``read`` unless it says otherwise; every other method must name its scope."""
 
     def __init__(self) -> None:
         self.items: list[Endpoint] = []
 
     def add(self, method: str, path: str, *, summary: str, auth: bool = True, tag: str = "misc",
-            admin: bool = False, query: tuple[dict[str, Any], ...] = (), body: dict[str, Any] | None = None,
-            responses: dict[int, dict[str, Any]] | None = None, errors: tuple[int, ...] = ()
-            ) -> Callable[[Handler], Handler]:
+            scope: str | None = None, moves_money: bool = False, query: tuple[dict[str, Any], ...] = (),
+            body: dict[str, Any] | None = None, responses: dict[int, dict[str, Any]] | None = None,
+            errors: tuple[int, ...] = ()) -> Callable[[Handler], Handler]:
+        if auth and scope is None:
+            assert method == "GET", f"{method} {path} must declare its scope"
+            scope = "read"
+        assert scope is None or scope in SCOPES, f"{method} {path}: unknown scope {scope!r}"
+        assert auth or scope is None, f"{method} {path}: a route without auth has no scope"
+
         def deco(fn: Handler) -> Handler:
-            self.items.append(Endpoint(method, path, fn, summary, auth, tag, admin, query, body, responses or {},
-                                       errors))
+            self.items.append(Endpoint(method, path, fn, summary, auth, tag, scope, moves_money, query, body,
+                                       responses or {}, errors))
             return fn
         return deco
 
@@ -251,21 +284,15 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def authenticate(request: Request, tokens: Mapping[str, str]) -> str:
-    """Return the name of the token the request carries, or raise :class:`Unauthorized`."""
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    given_b = given.strip().encode()
-    found = None
-    for name, token in tokens.items():
-        # compare against every token so timing says nothing about which one was close
-        if hmac.compare_digest(given_b, token.encode()):
-            found = name
-    if found is None:
-        raise Unauthorized("invalid bearer token")
-    return found
+def check_host(request: Request, daemon: Daemon) -> None:
+    """Only the ``Host`` values in ``[api] hosts``: a web page whose name an attacker makes
+    resolve to 127.0.0.1 (DNS rebinding) sends its own name and is refused."""
+    api = daemon.config.api
+    host = request.headers.get("host", "").strip().lower()
+    if host in api.hosts or (host and not re.search(r":\d+$", host) and f"{host}:{api.port}" in api.hosts):
+        return  # (a Host without a port names the host; the port it reached is ours)
+    raise BadRequest(f"Host {host[:64]!r} is not one this API answers to (add it to [api] hosts)",
+                     code="host_not_allowed", status=421)
 
 
 def check_query(request: Request, endpoint: Endpoint) -> None:
@@ -295,25 +322,44 @@ def storage_unavailable(endpoint: Endpoint, kind: str, e: BaseException) -> Resp
                           {"retry-after": str(STORAGE_RETRY_AFTER)})
 
 
-def wrap(endpoint: Endpoint, daemon: Daemon) -> Callable[[Request], Awaitable[Response]]:
+def wrap(endpoint: Endpoint, daemon: Daemon, auth: Authenticator) -> Callable[[Request], Awaitable[Response]]:
     strict_query = endpoint.path.startswith("/v1/")
 
     async def asgi_endpoint(request: Request) -> Response:
+        principal: Principal | None = None
+        rate_headers: dict[str, str] = {}
         try:
-            token_name = authenticate(request, daemon.config.api.tokens) if endpoint.auth else None
-            if endpoint.admin and token_name not in daemon.config.api.admin_tokens:
-                raise Forbidden("this route needs the admin token ([api] admin_token)", code="admin_only")
+            check_host(request, daemon)
+            body = None
+            if endpoint.auth:
+                try:
+                    principal, body = await auth.authenticate(request, lambda: read_body(
+                        request, daemon.config.api.max_body_bytes, daemon.config.api.body_timeout))
+                except Unauthorized as e:
+                    raise auth.failed(request, e) from None
+                rate_headers = auth.authorize(principal, endpoint)
             if strict_query:
                 check_query(request, endpoint)
-            result = await endpoint.handler(ApiRequest(request, daemon, token_name))
+            result = await endpoint.handler(ApiRequest(request, daemon, principal, auth, body))
+            if principal is not None:
+                daemon.metrics.api_requests.labels(principal.id, "ok").inc()
             if isinstance(result, Response):
-                return result
-            if isinstance(result, tuple):
+                response = result
+            elif isinstance(result, tuple):
                 status, payload = result
-                return JSONResponse(payload, status_code=status)
-            return JSONResponse(result)
+                response = JSONResponse(payload, status_code=status)
+            else:
+                response = JSONResponse(result)
+            response.headers.update(rate_headers)
+            return response
         except WatcherError as e:
-            headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
+            headers = dict(rate_headers)
+            if e.status == 401:
+                headers["www-authenticate"] = "Bearer"
+            if isinstance(e, TooManyRequests):
+                headers.update(e.headers)
+            if principal is not None:
+                daemon.metrics.api_requests.labels(principal.id, e.code).inc()
             return error_response(e.status, e.code, e.message, headers)
         except ClientDisconnect:  # the client went away mid-body: nobody reads this answer
             log.debug("API %s %s: client disconnected before sending the whole body", endpoint.method, endpoint.path)

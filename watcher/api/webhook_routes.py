@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
 
+import trio
 from starlette.responses import Response
 
-from .. import views
-from ..errors import BadRequest, NotFound
-from ..store.webhooks import DELIVERY_STATUSES, EVENT_TYPES
+from .. import netguard, views
+from ..errors import BadRequest, Conflict, Forbidden, NotFound
+from ..store.webhooks import DELIVERY_STATUSES, EVENT_TYPES, WebhookRow
 from .core_routes import reject_unknown_fields
 from .routing import ApiRequest, Endpoints
 
 endpoints = Endpoints()
+RESOLVE_TIMEOUT = 5.0  # seconds to resolve a webhook's host when it is set
 
 
 def check_patterns(patterns: Any) -> list[str]:
@@ -45,8 +46,10 @@ _pattern_schema = {"type": "array", "minItems": 1, "maxItems": 50,
                    "description": f"event types or patterns; known types: {', '.join(EVENT_TYPES)}"}
 
 
-def check_url(req: ApiRequest, url: Any) -> str:
-    """An http(s) URL with a host, that does not point back at this daemon's API."""
+async def check_url(req: ApiRequest, url: Any) -> str:
+    """An http(s) URL with a host, that does not point back at this daemon's API, and whose
+    host is allowed (:mod:`watcher.netguard`: public, or listed; checked again at every
+    delivery, since a name can resolve elsewhere later)."""
     if not isinstance(url, str) or not url or len(url) > 2048:
         raise BadRequest("url must be an http(s) URL of at most 2048 characters", code="invalid_url")
     try:
@@ -62,25 +65,25 @@ def check_url(req: ApiRequest, url: Any) -> str:
         raise BadRequest("url must be ASCII (write an international host name in punycode, xn--...)",
                          code="invalid_url")
     allowed = req.daemon.config.webhooks.allowed_hosts
-    if allowed and not any(fnmatchcase(parts.hostname.lower(), h) for h in allowed):
-        raise BadRequest(f"webhook host {parts.hostname[:64]!r} is not in webhooks.allowed_hosts",
-                         code="webhook_host_not_allowed")
     api = req.daemon.config.api
     port = port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname.lower()
     if port == api.port and (host in ("localhost", api.host.lower()) or _is_local(host)):
         raise BadRequest("url points at watcher's own API; webhooks would loop", code="webhook_loop")
+    try:
+        with trio.move_on_after(RESOLVE_TIMEOUT):
+            await netguard.vetted(host, port, allowed)
+    except netguard.Refused as e:
+        raise BadRequest(str(e), code="webhook_host_not_allowed") from None
+    except OSError:
+        pass  # does not resolve right now: every delivery checks again
     return url
 
 
 def _is_local(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        try:  # the legacy IPv4 spellings a resolver still accepts: 127.1, 2130706433, 0x7f.1, 0
-            ip = ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return False
+    ip = netguard.literal_ip(host)  # also the legacy spellings: 127.1, 2130706433, 0x7f.1, 0
+    if ip is None:
+        return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1
     return ip.is_loopback or ip.is_unspecified
@@ -94,7 +97,16 @@ def _description(value: Any) -> str | None:
     return value
 
 
-@endpoints.add("POST", "/v1/webhooks", summary="Add an endpoint; the answer holds its signing secret (whsec_...).",
+def _owned(req: ApiRequest, webhook_id: str) -> WebhookRow:
+    """The endpoint, if the caller may change it: the key that created it, or an admin key."""
+    row = req.daemon.views.webhook_row(webhook_id)
+    if not req.actor.owns(row.owner):
+        raise Forbidden(f"webhook {row.id} was created by another key; only it (or an admin key) may change it",
+                        code="not_owner")
+    return row
+
+
+@endpoints.add("POST", "/v1/webhooks", scope="webhooks", summary="Add an endpoint; the answer holds its signing secret (whsec_...).",
                tag="webhooks", errors=(400,),
                body={"type": "object", "required": ["url", "events"], "additionalProperties": False,
                      "properties": {"url": _url_schema, "events": _pattern_schema,
@@ -103,20 +115,31 @@ def _description(value: Any) -> str | None:
 async def create_webhook(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"url", "events", "description"})
-    url = check_url(req, body.get("url"))
+    url = await check_url(req, body.get("url"))
     patterns = check_patterns(body.get("events"))
     description = _description(body.get("description"))
     store = req.daemon.store
+    most = req.daemon.config.webhooks.max_endpoints
     with store.db.transaction():
-        row, secret = store.webhooks.create(url, patterns, description)
+        if store.webhooks.count() >= most:
+            raise Conflict(f"there are already {most} webhook endpoints (webhooks.max_endpoints); delete one first",
+                           code="too_many_webhooks")
+        row, secret = store.webhooks.create(url, patterns, description, owner=req.actor.id)
         store.audit.record(req.actor, "webhook.create", row.id, {"url": url, "events": patterns})
     return 201, {**req.daemon.views.render_webhook(row), "secret": secret}
 
 
-@endpoints.add("GET", "/v1/webhooks", summary="Webhook endpoints (secrets are never shown again).", tag="webhooks",
-               responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _webhook}}}})
+@endpoints.add("GET", "/v1/webhooks", summary="Webhook endpoints, oldest first (secrets are never shown again).",
+               tag="webhooks", errors=(400,),
+               query=({"name": "limit", "in": "query", "required": False,
+                       "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                      {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}),
+               responses={200: {"type": "object", "properties": {"items": {"type": "array", "items": _webhook},
+                                                                 "next_cursor": {"type": ["string", "null"]}}}})
 async def list_webhooks(req: ApiRequest) -> Any:
-    return {"items": req.daemon.views.webhooks()}
+    items, cursor = req.daemon.views.webhooks(after=req.query("cursor"),
+                                              limit=req.query_int("limit", 100, lo=1, hi=1000))
+    return {"items": items, "next_cursor": cursor}
 
 
 @endpoints.add("GET", "/v1/webhooks/{id}", summary="One webhook endpoint with its delivery counts.", tag="webhooks",
@@ -125,8 +148,8 @@ async def get_webhook(req: ApiRequest) -> Any:
     return req.daemon.views.webhook(req.path_params["id"])
 
 
-@endpoints.add("PATCH", "/v1/webhooks/{id}", summary="Change an endpoint's url, events or description, or "
-               "enable/disable it (re-enabling sends what waited).", tag="webhooks", errors=(400, 404),
+@endpoints.add("PATCH", "/v1/webhooks/{id}", scope="webhooks", summary="Change an endpoint's url, events or description, or "
+               "enable/disable it (disabled, it collects no new deliveries).", tag="webhooks", errors=(400, 404),
                body={"type": "object", "additionalProperties": False,
                      "properties": {"url": _url_schema, "events": _pattern_schema, "enabled": {"type": "boolean"},
                                     "description": {"type": ["string", "null"], "maxLength": 500}}},
@@ -135,8 +158,8 @@ async def update_webhook(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"url", "events", "enabled", "description"})
     store = req.daemon.store
-    req.daemon.views.webhook_row(req.path_params["id"])
-    url = check_url(req, body["url"]) if "url" in body else None
+    _owned(req, req.path_params["id"])
+    url = await check_url(req, body["url"]) if "url" in body else None
     patterns = check_patterns(body["events"]) if "events" in body else None
     enabled = body.get("enabled")
     if "enabled" in body and not isinstance(enabled, bool):
@@ -149,23 +172,23 @@ async def update_webhook(req: ApiRequest) -> Any:
     return req.daemon.views.render_webhook(row)
 
 
-@endpoints.add("DELETE", "/v1/webhooks/{id}", summary="Remove an endpoint; its pending deliveries are cancelled.",
+@endpoints.add("DELETE", "/v1/webhooks/{id}", scope="webhooks", summary="Remove an endpoint; its pending deliveries are cancelled.",
                tag="webhooks", errors=(404,), responses={204: {}})
 async def delete_webhook(req: ApiRequest) -> Any:
     store = req.daemon.store
-    req.daemon.views.webhook_row(req.path_params["id"])
+    _owned(req, req.path_params["id"])
     with store.db.transaction():
         store.webhooks.delete(req.path_params["id"])
         store.audit.record(req.actor, "webhook.delete", req.path_params["id"])
     return Response(status_code=204)
 
 
-@endpoints.add("POST", "/v1/webhooks/{id}/rotate-secret", summary="A new signing secret; the previous one keeps "
+@endpoints.add("POST", "/v1/webhooks/{id}/rotate-secret", scope="webhooks", summary="A new signing secret; the previous one keeps "
                "signing alongside it (two signatures) for the rotation grace period.", tag="webhooks",
                errors=(404,), responses={200: _webhook})
 async def rotate_secret(req: ApiRequest) -> Any:
     store = req.daemon.store
-    req.daemon.views.webhook_row(req.path_params["id"])
+    _owned(req, req.path_params["id"])
     with store.db.transaction():
         row, secret = store.webhooks.rotate_secret(req.path_params["id"])
         store.audit.record(req.actor, "webhook.rotate_secret", row.id)
@@ -187,11 +210,15 @@ async def list_deliveries(req: ApiRequest) -> Any:
     return {"items": items, "next_cursor": cursor}
 
 
-@endpoints.add("POST", "/v1/deliveries/{id}/redeliver", summary="Send a finished delivery's event again (same "
+@endpoints.add("POST", "/v1/deliveries/{id}/redeliver", scope="webhooks", summary="Send a finished delivery's event again (same "
                "webhook-id, so receivers dedupe).", tag="webhooks", errors=(404, 409), responses={202: _delivery})
 async def redeliver(req: ApiRequest) -> Any:
     store = req.daemon.store
     old = req.daemon.views.delivery_row(req.path_params["id"])
+    hook = store.webhooks.row(old.webhook_id)
+    if hook is not None and not req.actor.owns(hook.owner):
+        raise Forbidden(f"delivery {old.id} belongs to webhook {hook.id}, which another key created; only it (or an "
+                        "admin key) may redeliver", code="not_owner")
     with store.db.transaction():
         new = store.webhooks.redeliver(old)
         if new is None:
@@ -200,11 +227,11 @@ async def redeliver(req: ApiRequest) -> Any:
     return 202, req.daemon.views.render_delivery(new)
 
 
-@endpoints.add("POST", "/v1/webhooks/{id}/test", summary="Send a webhook.test event to this endpoint only.",
+@endpoints.add("POST", "/v1/webhooks/{id}/test", scope="webhooks", summary="Send a webhook.test event to this endpoint only.",
                tag="webhooks", errors=(404,), responses={202: _delivery})
 async def test_webhook(req: ApiRequest) -> Any:
     store = req.daemon.store
-    req.daemon.views.webhook_row(req.path_params["id"])
+    _owned(req, req.path_params["id"])
     with store.db.transaction():
         row = store.webhooks.send_test(req.path_params["id"])
         store.audit.record(req.actor, "webhook.test", req.path_params["id"])
@@ -229,11 +256,13 @@ async def list_events(req: ApiRequest) -> Any:
 @endpoints.add("GET", "/v1/audit", summary="The audit log of every change made through the API.", tag="events",
                errors=(400,),
                query=({"name": "object_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                      {"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                       "description": "only the changes made with this key (key_... or config:<name>)"},
                       {"name": "after", "in": "query", "required": False,
                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**62}},
                       {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}),
                responses={200: {"type": "object"}})
 async def list_audit(req: ApiRequest) -> Any:
-    return {"items": req.daemon.views.audit(object_id=req.query("object_id"),
+    return {"items": req.daemon.views.audit(object_id=req.query("object_id"), key_id=req.query("key"),
                                             after=req.query_int("after", 0, lo=0, hi=2**62),
                                             limit=req.query_int("limit", 100, lo=1, hi=1000))}

@@ -106,6 +106,11 @@ class ChainSpec:
         """How an address is shown to people and apps (e.g. EIP-55 checksum case)."""
         return canonical
 
+    def is_burn_address(self, canonical: str) -> bool:
+        """An address nobody can spend from (the zero address, an all-zero hash): payouts
+        to it are refused."""
+        return False
+
     def validate_txid(self, text: object) -> str:
         """The canonical form of a transaction id, or raise :class:`watcher.errors.BadRequest`."""
         from ..errors import BadRequest

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 from ..clock import Clock
 from ..errors import NotFound
 from ..metrics import Metrics
+from ..secretbox import SecretBox
 from .addresses import Addresses, WatchedAddress
+from .apikeys import ApiKeys
 from .audit import AuditLog
 from .chainstate import ChainState, Cursor, ScanResult
 from .chaintx import ChainTxs
@@ -43,12 +45,21 @@ class Store:
         keyring: Keyring,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
+        secrets: SecretBox | None = None,
     ):
+        """``secrets``: seals webhook secrets and signed API keys (by default the box of
+        ``[keys] secrets_key_file``, created if missing)."""
         self.db = db
         self.config = config
         self.keyring = keyring
         self.metrics = metrics or Metrics()
         self.clock = clock or Clock()
+        if secrets is None:
+            from .. import secretbox
+
+            assert config.keys.secrets_key_file is not None, "parse_config sets keys.secrets_key_file"
+            secrets = secretbox.load(config.keys.secrets_key_file)
+        self.secrets = secrets
         # services register callbacks here to be woken after a commit that concerns them
         self.wakers: dict[str, list[Callable[[], None]]] = {}
         self.events = Outbox(self)
@@ -61,6 +72,7 @@ class Store:
         self.chaintxs = ChainTxs(self)
         self.payouts = Payouts(self)
         self.sweeps = Sweeps(self)
+        self.apikeys = ApiKeys(self)
         self._hot: dict[str, str | None] = {}
 
     def on_wake(self, topic: str, fn: Callable[[], None]) -> None:
@@ -82,6 +94,8 @@ class Store:
         db.migrate()
         store = cls(db, config=config, keyring=keyring, metrics=metrics, clock=clock)
         store.check_keyring()
+        store.webhooks.check_sealed()
+        store.webhooks.seal_all()
         for chain in config.chains:
             store.addresses.fill_match_keys(chain.id)
             hot = store.hot_wallet(chain.id) if chain.spec.watches_hot_wallet else None

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,28 @@ def storage_trouble(e: BaseException) -> str | None:
     return None
 
 
+def _private_files(path: Path) -> None:
+    """The database holds key hashes, sealed secrets and every payment: it is created 0600
+    whatever the umask (SQLite gives its -wal and -shm files the main file's mode), and an
+    existing file and its -wal/-shm readable by others are made 0600."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"storage.path: cannot create {str(path)!r}: {e.strerror}") from None
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode & 0o077:
+                p.chmod(mode & 0o700)
+                log.warning("%s was readable by others (mode %o); made it %o", p, mode, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # another user's file: say so, never fail the start for it
+            log.warning("cannot restrict the mode of %s: %s", p, e.strerror)
+
+
 class Database:
     #: Set while the last write failed for a storage reason (see :func:`storage_trouble`);
     #: cleared by the next commit. /readyz reports it.
@@ -61,6 +85,8 @@ class Database:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(f"storage.path: cannot create {str(self.path.parent)!r}: {e.strerror}") from None
+        if isinstance(self.path, Path):
+            _private_files(self.path)
         try:
             self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import views
+from ..auth import Principal
 from ..chains import SignedTx
-from ..errors import Conflict
+from ..errors import Conflict, Forbidden
 from ..ids import new_id
 from .common import page, set_status
 
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
     from . import Store
 
 STATUSES = ("pending", "awaiting_approval", "broadcast", "completed", "failed", "cancelled")
-LIVE = ("pending", "awaiting_approval", "broadcast", "completed")  # count towards limits
+LIVE = ("pending", "awaiting_approval", "broadcast", "completed")  # count towards rate limits
+# count towards amount limits: a payout waiting for approval does not (it would let anyone
+# block everyone's payouts with requests nobody approves); it is checked again when approved
+COMMITTED = ("pending", "broadcast", "completed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,8 @@ class PayoutRow:
     txid: str | None
     block_number: int | None
     fee_paid: int | None
-    created_by: str | None
+    created_by: str | None  # the name of the key that created it
+    owner: str | None  # its id (key_... or config:<name>)
     approved_by: str | None
     created_at: int
     approved_at: int | None
@@ -58,7 +63,7 @@ class PayoutRow:
                    idempotency_key=r["idempotency_key"], request_hash=r["request_hash"], label=r["label"],
                    metadata=json.loads(r["metadata"]), status=r["status"], reason=r["reason"], txid=r["txid"],
                    block_number=r["block_number"], fee_paid=None if r["fee_paid"] is None else int(r["fee_paid"]),
-                   created_by=r["created_by"], approved_by=r["approved_by"], created_at=r["created_at"],
+                   created_by=r["created_by"], owner=r["owner"], approved_by=r["approved_by"], created_at=r["created_at"],
                    approved_at=r["approved_at"], broadcast_at=r["broadcast_at"], completed_at=r["completed_at"])
 
 
@@ -83,11 +88,15 @@ class Payouts:
         return views.payout(self.store.chain_config(row.chain), row, self.store.chaintxs.for_ref(row.id, "payout"))
 
     def create(self, *, chain: str, asset: str, amount: int, to: str, idempotency_key: str, label: str | None,
-               metadata: dict[str, Any], actor: str, needs_approval: bool) -> tuple[PayoutRow, bool]:
-        """``(payout, created)``; an existing payout for the key is returned as it is."""
+               metadata: dict[str, Any], actor: Principal | str, needs_approval: bool) -> tuple[PayoutRow, bool]:
+        """``(payout, created)``; an existing payout for the key is returned as it is (to the
+        key that created it: another key's idempotency key is a conflict)."""
         digest = request_hash(chain=chain, asset=asset, amount=str(amount), to=to, label=label, metadata=metadata)
+        name, owner = (actor.name, actor.id) if isinstance(actor, Principal) else (actor, None)
         existing = self.by_key(idempotency_key)
         if existing is not None:
+            if isinstance(actor, Principal) and existing.owner != owner and not actor.admin:
+                raise Conflict("this idempotency_key was used by another API key", code="idempotency_key_reused")
             if existing.request_hash != digest:
                 raise Conflict("this idempotency_key was used for a different payout", code="idempotency_key_reused")
             return existing, False
@@ -97,20 +106,26 @@ class Payouts:
         with self.store.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO payouts (id, chain, asset, amount, to_address, idempotency_key, request_hash, label,"
-                " metadata, status, created_by, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metadata, status, created_by, owner, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (pid, chain, asset, str(amount), to, idempotency_key, digest, label,
-                 json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), status, actor, now, now))
+                 json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), status, name, owner, now, now))
             self._emit(pid)
             self.store.wake_after_commit("sender")
         return self._row(pid), True
 
-    def approve(self, payout_id: str, actor: str) -> PayoutRow | None:
-        """``awaiting_approval`` → ``pending``; None if there is no such payout."""
+    def approve(self, payout_id: str, actor: Principal | str) -> PayoutRow | None:
+        """``awaiting_approval`` → ``pending``; None if there is no such payout. Four eyes: the
+        key that created a payout cannot approve it."""
         row = self.row(payout_id)
         if row is None:
             return None
         if row.status != "awaiting_approval":
             raise Conflict(f"payout is {row.status}, not awaiting_approval", code="not_awaiting_approval")
+        if isinstance(actor, Principal) and row.owner == actor.id:
+            raise Forbidden(f"key {actor.id} created this payout and cannot approve it too: approve it with another "
+                            "key (the approve scope)", code="approval_by_creator")
+        actor = actor.name if isinstance(actor, Principal) else actor
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
             conn.execute("UPDATE payouts SET status = 'pending', approved_by = ?, approved_at = ?, updated_at = ?"
@@ -184,18 +199,23 @@ class Payouts:
         return bool(self.store.db.scalar(
             "SELECT EXISTS (SELECT 1 FROM payouts WHERE chain = ? AND status IN ('pending', 'broadcast'))", (chain,)))
 
-    def total_since(self, chain: str, asset: str, since_ms: int, label: str | None = None) -> int:
+    def total_since(self, chain: str, asset: str, since_ms: int, label: str | None = None, *,
+                    by_label: bool = False) -> int:
+        """Base units of the committed payouts (not awaiting approval, cancelled or failed)
+        created since ``since_ms``; ``by_label``: only those with ``label`` (None: the
+        unlabelled ones, which share one bucket)."""
         sql = ("SELECT amount FROM payouts WHERE chain = ? AND asset = ? AND created_at >= ?"
-               f" AND status IN ({','.join('?' * len(LIVE))})")
-        params: list[Any] = [chain, asset, since_ms, *LIVE]
-        if label is not None:
-            sql += " AND label = ?"
+               f" AND status IN ({','.join('?' * len(COMMITTED))})")
+        params: list[Any] = [chain, asset, since_ms, *COMMITTED]
+        if by_label or label is not None:
+            sql += " AND label IS ?"
             params.append(label)
         return sum(int(r[0]) for r in self.store.db.query(sql, params))
 
-    def count_since(self, label: str, since_ms: int) -> int:
+    def count_since(self, label: str | None, since_ms: int) -> int:
+        """Payouts asked for with ``label`` (None: without one) since ``since_ms``."""
         return self.store.db.scalar(
-            f"SELECT COUNT(*) FROM payouts WHERE label = ? AND created_at >= ? AND status IN ({','.join('?' * len(LIVE))})",
+            f"SELECT COUNT(*) FROM payouts WHERE label IS ? AND created_at >= ? AND status IN ({','.join('?' * len(LIVE))})",
             (label, since_ms, *LIVE)) or 0
 
     def page(self, *, status: str | None = None, label: str | None = None, chain: str | None = None,

@@ -491,3 +491,42 @@ def m008_transfers_unmined_and_maturity(db: Database) -> None:
         CREATE INDEX transfers_unmined ON transfers (chain) WHERE block_number IS NULL AND status = 'detected';
         """
     )
+
+
+@migrations()
+def m009_api_keys(db: Database) -> None:
+    """API keys made while the daemon runs (``watcher keys``, ``/v1/keys``): the SHA-256 of
+    the key (a bearer key is never stored), sealed with the secrets key for a key that signs
+    its requests (the daemon needs it to check them). ``used_signatures``: signatures seen
+    within the signature window, so a replay is refused even after a restart. The audit log
+    names the key of each change; payouts and webhooks remember the key that made them (a
+    key changes only its own, unless admin)."""
+    db.executescript(
+        """
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,                  -- key_<16 hex>: public
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,        -- hex SHA-256 of the key
+            sealed_key TEXT,                      -- signed keys: the key, sealed (watcher.secretbox)
+            scopes TEXT NOT NULL,                 -- JSON array
+            signed INTEGER NOT NULL,
+            rate_limit TEXT,                      -- "N/s", "N/min", "N/h"
+            payout_rate_limit TEXT,
+            created_at INTEGER NOT NULL,
+            created_by TEXT,                      -- 'cli' or the key/token that made it
+            expires_at INTEGER,
+            last_used_at INTEGER,
+            revoked_at INTEGER
+        );
+        CREATE TABLE used_signatures (
+            signature TEXT PRIMARY KEY,
+            expires_at INTEGER NOT NULL           -- ms; forgotten after (outside the window by then)
+        ) WITHOUT ROWID;
+        CREATE INDEX used_signatures_expiry ON used_signatures (expires_at);
+        ALTER TABLE audit_log ADD COLUMN key_id TEXT;
+        CREATE INDEX audit_log_key ON audit_log (key_id, id);
+        ALTER TABLE payouts ADD COLUMN owner TEXT;  -- the principal id of its creator
+        ALTER TABLE webhooks ADD COLUMN owner TEXT;
+        UPDATE payouts SET owner = 'config:' || created_by WHERE created_by IS NOT NULL;
+        """
+    )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import Conflict
 from ..ids import new_id
+from ..secretbox import SealError, is_sealed
 from .common import page
 from .events import Event
 
@@ -55,12 +56,14 @@ class WebhookRow:
     rotating: bool  # an old secret still signs
     old_secret_until: int | None
     created_at: int
+    owner: str | None  # the principal id that created it (None: before API keys existed)
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> WebhookRow:
         return cls(id=r["id"], url=r["url"], events=tuple(json.loads(r["events"])), description=r["description"],
                    status=r["status"], disabled_reason=r["disabled_reason"], last_seq=r["last_seq"],
-                   rotating=bool(r["old_secret"]), old_secret_until=r["old_secret_until"], created_at=r["created_at"])
+                   rotating=bool(r["old_secret"]), old_secret_until=r["old_secret_until"], created_at=r["created_at"],
+                   owner=r["owner"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +103,56 @@ class Webhooks:
 
     # --- endpoints ------------------------------------------------------------------------
 
-    def create(self, url: str, patterns: list[str], description: str | None) -> tuple[WebhookRow, str]:
+    def create(self, url: str, patterns: list[str], description: str | None, *, owner: str | None = None
+               ) -> tuple[WebhookRow, str]:
         now = self.store.clock.now_ms()
         wid = new_id("wh", now_ms=now)
         secret = new_secret()
         with self.store.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO webhooks (id, url, events, description, secret, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?)",
-                (wid, url, json.dumps(patterns), description, secret, now, now))
+                "INSERT INTO webhooks (id, url, events, description, secret, status, created_at, updated_at, owner)"
+                " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?)",
+                (wid, url, json.dumps(patterns), description, self._seal(wid, secret), now, now, owner))
         return self._row(wid), secret
+
+    # secrets are sealed at rest with the secrets key (watcher.secretbox), bound to the endpoint
+    def _seal(self, webhook_id: str, secret: str) -> str:
+        return self.store.secrets.seal(secret, f"webhook:{webhook_id}")
+
+    def _open(self, webhook_id: str, stored: str) -> str:
+        return self.store.secrets.open(stored, f"webhook:{webhook_id}") if is_sealed(stored) else stored
+
+    def check_sealed(self) -> None:
+        """Fail at start, not at the first delivery, if the secrets key is not the one that
+        sealed this database's secrets."""
+        r = self.store.db.one("SELECT id, secret FROM webhooks WHERE deleted_at IS NULL AND secret LIKE 'sealed:%'"
+                              " LIMIT 1")
+        if r is not None:
+            try:
+                self._open(r["id"], r["secret"])
+            except SealError as e:
+                from ..errors import ConfigError
+
+                raise ConfigError("keys.secrets_key_file", f"{e}: is it the key file this database was used "
+                                                           "with?") from None
+
+    def seal_all(self) -> int:
+        """Seal the secrets stored before they were sealed, and erase those of deleted endpoints
+        (run when the store opens); returns how many rows changed."""
+        changed = 0
+        with self.store.db.transaction() as conn:
+            changed += conn.execute("UPDATE webhooks SET secret = '', old_secret = NULL, old_secret_until = NULL"
+                                    " WHERE deleted_at IS NOT NULL AND (secret != '' OR old_secret IS NOT NULL)"
+                                    ).rowcount
+            for r in conn.execute("SELECT id, secret, old_secret FROM webhooks WHERE deleted_at IS NULL").fetchall():
+                plain = [v for v in (r["secret"], r["old_secret"]) if v and not is_sealed(v)]
+                if plain:
+                    conn.execute("UPDATE webhooks SET secret = ?, old_secret = ? WHERE id = ?",
+                                 (self._seal(r["id"], self._open(r["id"], r["secret"])),
+                                  self._seal(r["id"], self._open(r["id"], r["old_secret"])) if r["old_secret"]
+                                  else None, r["id"]))
+                    changed += 1
+        return changed
 
     def _raw(self, webhook_id: str) -> sqlite3.Row | None:
         return self.store.db.one("SELECT * FROM webhooks WHERE id = ? AND deleted_at IS NULL", (webhook_id,))
@@ -127,6 +170,13 @@ class Webhooks:
     def rows(self) -> list[WebhookRow]:
         return [WebhookRow.from_row(r) for r in self.store.db.query(
             "SELECT * FROM webhooks WHERE deleted_at IS NULL ORDER BY id")]
+
+    def page(self, *, after: str | None, limit: int) -> tuple[list[WebhookRow], str | None]:
+        return page(self.store, "webhooks", {}, after=after, limit=limit, row=WebhookRow.from_row,
+                    select="SELECT * FROM (SELECT * FROM webhooks WHERE deleted_at IS NULL)")
+
+    def count(self) -> int:
+        return self.store.db.scalar("SELECT COUNT(*) FROM webhooks WHERE deleted_at IS NULL") or 0
 
     def delivery_counts(self, webhook_id: str) -> dict[str, int]:
         return {r[0]: r[1] for r in self.store.db.query(
@@ -157,8 +207,10 @@ class Webhooks:
         self._row(webhook_id)
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
+            # the secrets go with it: nothing can be signed for a deleted endpoint again
             conn.execute("UPDATE webhooks SET deleted_at = ?, status = 'disabled', disabled_reason = 'deleted',"
-                         " updated_at = ? WHERE id = ?", (now, now, webhook_id))
+                         " secret = '', old_secret = NULL, old_secret_until = NULL, updated_at = ? WHERE id = ?",
+                         (now, now, webhook_id))
             conn.execute("UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?"
                          " WHERE webhook_id = ? AND status = 'pending'", (now, webhook_id))
 
@@ -171,19 +223,19 @@ class Webhooks:
         grace = self.store.config.webhooks.rotation_grace * 1000
         with self.store.db.transaction() as conn:
             conn.execute("UPDATE webhooks SET secret = ?, old_secret = ?, old_secret_until = ?, updated_at = ?"
-                         " WHERE id = ?", (secret, row["secret"] if grace else None, now + grace if grace else None,
-                                           now, webhook_id))
+                         " WHERE id = ?", (self._seal(webhook_id, secret), row["secret"] if grace else None,
+                                           now + grace if grace else None, now, webhook_id))
         return self._row(webhook_id), secret
 
     def secrets(self, webhook_id: str) -> list[str]:
         """The secrets to sign with now: the current one, then the previous one during rotation."""
-        row = self.store.db.one("SELECT secret, old_secret, old_secret_until FROM webhooks WHERE id = ?",
-                                (webhook_id,))
-        if row is None:
+        row = self.store.db.one("SELECT secret, old_secret, old_secret_until FROM webhooks WHERE id = ?"
+                                " AND deleted_at IS NULL", (webhook_id,))
+        if row is None or not row["secret"]:
             return []
-        out = [row["secret"]]
+        out = [self._open(webhook_id, row["secret"])]
         if row["old_secret"] and (row["old_secret_until"] or 0) > self.store.clock.now_ms():
-            out.append(row["old_secret"])
+            out.append(self._open(webhook_id, row["old_secret"]))
         return out
 
     # --- fan-out (inside the event's transaction) -----------------------------------------
@@ -193,8 +245,10 @@ class Webhooks:
         if only is not None:
             targets = [only]
         else:
-            # disabled endpoints still queue (they are paused, not forgotten); deleted ones do not
-            targets = [r["id"] for r in conn.execute("SELECT id, events FROM webhooks WHERE deleted_at IS NULL")
+            # only active endpoints: a disabled one would collect deliveries nobody sends (an app
+            # back from being disabled catches up with GET /v1/events)
+            targets = [r["id"] for r in conn.execute("SELECT id, events FROM webhooks WHERE deleted_at IS NULL"
+                                                     " AND status = 'active'")
                        if any(fnmatchcase(event.type, p) for p in json.loads(r["events"]))]
         now = event.created_at
         for wid in targets:
