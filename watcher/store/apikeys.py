@@ -5,6 +5,7 @@ signatures already used within the signature window."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -149,8 +150,11 @@ class ApiKeys:
         if now - self._touched.get(key_id, -TOUCH_EVERY_MS) < TOUCH_EVERY_MS:
             return
         self._touched[key_id] = now
-        with self.store.db.transaction() as conn:
-            conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+        try:
+            with self.store.db.transaction() as conn:
+                conn.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))
+        except sqlite3.DatabaseError:  # best effort: a read must not fail because this write did
+            self._touched.pop(key_id, None)
 
     def use_signature(self, signature: str, keep_until_ms: int) -> bool:
         """Record a signature as used; False if it already was (a replay)."""
