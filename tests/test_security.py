@@ -561,3 +561,49 @@ def test_burn_addresses_per_family():
     evm = EvmFamily().configure(ConfigTable({}, "e"))
     assert evm.is_burn_address(evm.validate_address("0x" + "0" * 40))
     assert not evm.is_burn_address(evm.validate_address(PAYOUT_TO))
+
+
+# --- the documented clients work, and keys expire ----------------------------------------------
+
+
+def _doc_block(marker: str, lang: str) -> str:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    after = docs[docs.index(marker):]
+    start = after.index(f"```{lang}\n") + len(lang) + 4
+    return after[start:after.index("```", start)]
+
+
+async def test_the_documented_signing_clients_work_and_keys_expire(tmp_path):
+    port = free_port()
+    cfg = config(tmp_path, port)
+    body = '{"chain":"devnet","asset":"USDT","amount":"0.5"}'
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                   trust_env=False, timeout=10) as http:
+            key = await make_key(http, "docs", ["invoices"], signed=True)
+            shell = _doc_block("And in shell", "sh")
+            shell = shell.replace("KEY_ID=key_0123456789abcdef KEY=wk_...", f"KEY_ID={key['id']} KEY={key['key']}")
+            shell = shell.replace("""BODY='{"chain":"ltc","asset":"LTC","amount":"0.5"}'""", f"BODY='{body}'")
+            shell = shell.replace("127.0.0.1:8420", f"127.0.0.1:{port}")
+            done = await trio.run_process(["bash", "-c", shell], capture_stdout=True, capture_stderr=True, check=False)
+            answer = json.loads(done.stdout)
+            assert answer.get("status") == "awaiting_payment", (done.stdout, done.stderr)
+
+            python = _doc_block("A client in Python", "python")
+            namespace: dict[str, Any] = {}
+            exec(python.split("\nsigned(")[0], namespace)  # the function, not the example call
+            r = await trio.to_thread.run_sync(lambda: namespace["signed"](
+                "POST", f"http://127.0.0.1:{port}/v1/invoices", key["id"], key["key"],
+                body.replace("0.5", "0.6").encode()))  # the same request in the same second would be a replay
+            assert r.status_code == 201, r.text
+
+            # expiry: the key stops working once its expires_at has passed (no restart)
+            short = await make_key(http, "short", ["read"], expires_in_days=1)
+            assert (await http.get("/v1/chains", headers=bearer(short["key"]))).status_code == 200
+            d.store.db.conn.execute("UPDATE api_keys SET expires_at = ? WHERE id = ?",
+                                    (d.store.clock.now_ms() - 1, short["id"]))
+            r = await http.get("/v1/chains", headers=bearer(short["key"]))
+            assert r.status_code == 401
+            listed = {k["id"]: k for k in (await http.get("/v1/keys", headers=ADMIN)).json()["items"]}
+            assert listed[short["id"]]["status"] == "expired" and listed[key["id"]]["status"] == "active"
+            assert all("key" not in k for k in listed.values())

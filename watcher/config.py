@@ -328,6 +328,15 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True)
+class RatesConfig:
+    reference: str = "USD"  # the currency transfers' values are reported in
+    max_age: int = 3600  # seconds: an older rate is never used
+    refresh: float = 30.0  # seconds a source's answer is reused
+    quote_ttl: int = 900  # seconds a quote holds its amount
+    sources: tuple[Mapping[str, Any], ...] = ()  # [[rates.sources]], read by their kind (watcher.rates)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     storage: StorageConfig
@@ -338,6 +347,7 @@ class Config:
     invoices: InvoicesConfig = field(default_factory=InvoicesConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     paused: frozenset[str] = frozenset()  # [admin] paused: scopes held by config
+    rates: RatesConfig = field(default_factory=RatesConfig)
 
     def chain(self, chain_id: str) -> ChainConfig | None:
         for c in self.chains:
@@ -402,6 +412,7 @@ def parse_config(
     invoices = _parse_invoices(top.table("invoices"))
     paused = parse_paused(top.table("admin"))
     webhooks = _parse_webhooks(top.table("webhooks"))
+    rates = _parse_rates(top.table("rates"))
 
     tables = top.array_of_tables("chains")
     if not tables:
@@ -416,7 +427,7 @@ def parse_config(
         chains.append(chain)
     top.done()
     return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains),
-                  invoices=invoices, webhooks=webhooks, paused=paused)
+                  invoices=invoices, webhooks=webhooks, paused=paused, rates=rates)
 
 
 def _storage_path_problem(path: Path) -> str | None:
@@ -516,6 +527,22 @@ def _split_listen(v: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range")
     return host, port
+
+
+def _parse_rates(t: ConfigTable) -> RatesConfig:
+    """``[rates]``; each ``[[rates.sources]]`` table is checked by its kind when the rate kinds
+    are known (``watcher.rates.Rates.from_config``, at every command's start)."""
+    reference = t.take("reference", str, "USD", check=lambda v: None if 1 <= len(v) <= 16 and v.isascii()
+                       and v.isalnum() else "must be a currency code such as \"USD\"").upper()
+    cfg = RatesConfig(
+        reference=reference,
+        max_age=t.take("max_age", int, 3600, check=between(1, 30 * 86400)),
+        refresh=t.take("refresh", float, 30.0, check=between(0, 3600)),
+        quote_ttl=t.take("quote_ttl", int, 900, check=between(10, 86400)),
+        sources=tuple(s.raw for s in t.array_of_tables("sources")),
+    )
+    t.done()
+    return cfg
 
 
 def _parse_api(t: ConfigTable) -> ApiConfig:

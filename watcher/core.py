@@ -22,7 +22,8 @@ from .clock import Clock
 from .config import Config, load_config
 from .keys import Keyring
 from .metrics import Metrics
-from .plugins import chain_families, make_plugin_manager
+from .plugins import chain_families, make_plugin_manager, rate_kinds
+from .rates import Rates
 from .store import Store
 from .views import Views
 
@@ -37,6 +38,7 @@ class Core:
     metrics: Metrics
     clock: Clock
     views: Views
+    rates: Rates
 
     @classmethod
     def open(cls, config: Config | str | Path, *, pm: pluggy.PluginManager | None = None,
@@ -45,13 +47,14 @@ class Core:
         families = chain_families(pm)
         if not isinstance(config, Config):
             config = load_config(config, families)
+        rates = Rates.from_config(config, rate_kinds(pm))  # a bad [[rates.sources]] stops any command
         keyring = Keyring.from_config(config.keys)
         metrics = Metrics(registry)
         clock = clock or Clock()
         store = Store.open(config, keyring=keyring, metrics=metrics, clock=clock)
         metrics.watch_store(store)
         return cls(config=config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics,
-                   clock=clock, views=Views(store))
+                   clock=clock, views=Views(store), rates=rates)
 
     def close(self) -> None:
         self.store.close()

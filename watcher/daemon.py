@@ -29,6 +29,7 @@ from .errors import NodeError
 from .keys import ChainKeyring, Keyring
 from .metrics import Metrics
 from .plugins import await_me_maybe, implementations
+from .rates import Rates
 from .scanner import ChainWatcher, check_same_chain
 from .sender import Sender
 from .sinks import EventSinks
@@ -85,6 +86,10 @@ class Daemon:
     @property
     def views(self) -> Views:
         return self.core.views
+
+    @property
+    def rates(self) -> Rates:
+        return self.core.rates
 
     @classmethod
     def open(

@@ -38,6 +38,20 @@ def watcher_chain_families() -> list[ChainFamily]:
     """
 
 
+@hookspec
+def watcher_rate_kinds() -> list[Any]:
+    """Return the exchange-rate source kinds this plugin provides (``watcher.rates.RateKind``:
+    a ``name``, the ``kind`` a ``[[rates.sources]]`` table names, and ``configure(table, config)``
+    returning a source with the ``pairs`` it gives and ``async read(daemon)``). Built in:
+    ``fixed`` (the core) and ``chainlink`` (the EVM plugin).
+
+    Called once when a command opens its configuration. Not firstresult; a kind name may be
+    provided once (start-up fails naming both plugins otherwise), and an implementation that
+    raises stops start-up with the plugin's name. A source's ``read`` that raises makes its
+    pairs unavailable (``503 rate_unavailable``, logged); it never stops the daemon.
+    """
+
+
 # --- lifecycle -------------------------------------------------------------------------------
 
 

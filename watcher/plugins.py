@@ -94,6 +94,28 @@ def chain_families(pm: pluggy.PluginManager) -> Mapping[str, ChainFamily]:
     return families
 
 
+def rate_kinds(pm: pluggy.PluginManager) -> Mapping[str, Any]:
+    """The built-in rate kinds and every plugin's ``watcher_rate_kinds``; a name once."""
+    from .rates import BUILTIN_KINDS
+
+    kinds: dict[str, Any] = {k.name: k for k in BUILTIN_KINDS}
+    owners = dict.fromkeys(kinds, "watcher")
+    for impl in implementations(pm, "watcher_rate_kinds"):
+        try:
+            provided = impl() or []
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name!r}: watcher_rate_kinds raised {type(e).__name__}: {e}") from e
+        for kind in provided:
+            name = getattr(kind, "name", None)
+            if not isinstance(name, str) or not callable(getattr(kind, "configure", None)):
+                raise PluginError(f"plugin {impl.plugin_name!r} returned {kind!r}, not a rate kind")
+            if name in kinds:
+                raise PluginError(f"rate kind {name!r} is provided by both {owners[name]!r} and {impl.plugin_name!r}")
+            kinds[name] = kind
+            owners[name] = impl.plugin_name
+    return kinds
+
+
 async def await_me_maybe(value: Any) -> Any:
     """Await ``value`` if a hook implementation returned an awaitable."""
     if inspect.isawaitable(value):

@@ -94,6 +94,9 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
         "received": format_amount(inv.received, decimals), "confirmed": format_amount(inv.confirmed, decimals),
         "due": format_amount(max(0, terms.required - inv.received) if inv.amount is not None else 0, decimals),
         "required_confirmations": cfg.confirmations, "order_id": inv.order_id, "metadata": inv.metadata,
+        # priced in a currency: the price and the rate locked at creation (null in asset units)
+        "price": inv.pricing["price"] if inv.pricing else None,
+        "rate": inv.pricing["rate"] if inv.pricing else None,
         "payments": [{
             "transfer_id": p.id, "txid": p.txid, "index": p.index, "amount": format_amount(p.amount, decimals),
             "status": p.status, "block_number": p.block_number,

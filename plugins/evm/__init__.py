@@ -7,6 +7,7 @@ from __future__ import annotations
 from watcher.hookspecs import hookimpl
 
 from .family import EvmFamily, EvmOptions
+from .rates import ChainlinkKind
 
 __all__ = ["EvmFamily", "EvmOptions"]
 
@@ -14,3 +15,8 @@ __all__ = ["EvmFamily", "EvmOptions"]
 @hookimpl
 def watcher_chain_families() -> list[EvmFamily]:
     return [EvmFamily()]
+
+
+@hookimpl
+def watcher_rate_kinds() -> list[ChainlinkKind]:
+    return [ChainlinkKind()]

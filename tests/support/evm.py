@@ -202,8 +202,9 @@ class Artifact:
 
 
 def compile_contracts() -> dict[str, Artifact]:
-    """Compile every tests/contracts/*.sol with the pinned solcjs (cached by source hash)."""
-    sources = {p.name: p.read_text() for p in sorted(CONTRACTS.glob("*.sol"))}
+    """Compile every .sol under tests/contracts (named by their path there, so vendored
+    packages' relative imports resolve) with the pinned solcjs (cached by source hash)."""
+    sources = {p.relative_to(CONTRACTS).as_posix(): p.read_text() for p in sorted(CONTRACTS.rglob("*.sol"))}
     solc = BIN / "solcjs"
     key = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()
                          + (ROOT / "package-lock.json").read_bytes()).hexdigest()[:16]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 from typing import Any
 
 from starlette.responses import JSONResponse
 
 from ..errors import BadRequest, InvalidAmount, NodeError, WatcherError
 from ..invoicing import MODES, STATUSES
-from .core_routes import api_amount, chain_param, reject_unknown_fields
+from ..rates import amount_for_price, decimal_text, split_pair
+from .core_routes import PLAIN_DECIMAL_RE, api_amount, chain_param, reject_unknown_fields
 from .routing import ApiRequest, Endpoints
 
 endpoints = Endpoints()
@@ -27,6 +29,22 @@ class NodeUnavailable(WatcherError):
 
     status = 503
     code = "node_unavailable"
+
+
+def check_price(price: Any) -> tuple[Fraction, str]:
+    """``{"amount": "50", "currency": "USD"}`` -> (50, "USD")."""
+    if not isinstance(price, dict) or set(price) != {"amount", "currency"}:
+        raise BadRequest("price must be {\"amount\": \"50\", \"currency\": \"USD\"}", code="invalid_price")
+    amount, currency = price["amount"], price["currency"]
+    if not isinstance(amount, str) or not PLAIN_DECIMAL_RE.fullmatch(amount) or len(amount) > 40:
+        raise BadRequest("price.amount must be a plain decimal string such as \"49.90\"", code="invalid_price")
+    value = Fraction(amount)
+    if value <= 0:
+        raise BadRequest("price.amount must be above zero", code="invalid_price")
+    if not isinstance(currency, str) or not 1 <= len(currency) <= 16 or not currency.isascii() \
+            or not currency.isalnum():
+        raise BadRequest("price.currency must be a currency code such as \"USD\"", code="invalid_price")
+    return value, currency.upper()
 
 
 def check_metadata(metadata: Any) -> dict[str, Any]:
@@ -50,11 +68,16 @@ def _depth(value: Any, level: int = 0) -> int:
 
 @endpoints.add(
     "POST", "/v1/invoices", scope="invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
-    errors=(400,),
+    errors=(400, 503),
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
         "asset": {"$ref": "#/components/schemas/AssetSymbol"},
-        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "in asset units, e.g. \"12.5\"; required in sale mode"},
+        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "in asset units, e.g. \"12.5\"; in sale mode, this or price"},
+        "price": {"type": "object", "required": ["amount", "currency"], "additionalProperties": False,
+                  "description": "the price in a currency (e.g. USD): the amount is computed at the current rate, "
+                                 "rounded up, and locked",
+                  "properties": {"amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+                                 "currency": {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}$"}}},
         "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
         "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
         "tolerance": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
@@ -64,7 +87,8 @@ def _depth(value: Any, level: int = 0) -> int:
     responses={201: _invoice})
 async def create_invoice(req: ApiRequest) -> Any:
     body = await req.json()
-    reject_unknown_fields(body, {"chain", "asset", "amount", "mode", "expires_in", "tolerance", "order_id", "metadata"})
+    reject_unknown_fields(body, {"chain", "asset", "amount", "price", "mode", "expires_in", "tolerance", "order_id",
+                                 "metadata"})
     daemon = req.daemon
     cfg = chain_param(req, body.get("chain"))
     asset_name = body.get("asset")
@@ -77,10 +101,14 @@ async def create_invoice(req: ApiRequest) -> Any:
     if mode not in MODES:
         raise BadRequest(f"mode must be one of {', '.join(MODES)}", code="invalid_mode")
     amount = None
+    price = check_price(body["price"]) if "price" in body else None
+    if price is not None and (body.get("amount") is not None or mode != "sale"):
+        raise BadRequest("price is for a sale-mode invoice without an amount (give one or the other)",
+                         code="invalid_price")
     if body.get("amount") is not None:
         amount = api_amount(body["amount"], asset.decimals)
-    elif mode == "sale":
-        raise InvalidAmount("amount is required in sale mode")
+    elif mode == "sale" and price is None:
+        raise InvalidAmount("amount (or price) is required in sale mode")
     inv_cfg = daemon.config.invoices
     expires_in = body.get("expires_in", inv_cfg.default_expires_in)
     if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not 60 <= expires_in <= inv_cfg.max_expires_in:
@@ -98,11 +126,19 @@ async def create_invoice(req: ApiRequest) -> Any:
     if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.fullmatch(order_id)):
         raise BadRequest("order_id must be a string of 1-128 printable characters", code="invalid_order_id")
     metadata = check_metadata(body.get("metadata", {}))
+    pricing = None
+    if price is not None:  # no rate, no invoice: RateUnavailable is a 503 before anything is written
+        value, currency = price
+        rate = await daemon.rates.get(daemon, asset.symbol, currency)
+        amount = amount_for_price(value, rate, asset.decimals)
+        if amount <= 0:
+            raise BadRequest("the price is worth less than the asset's smallest unit", code="invalid_price")
+        pricing = {"price": {"amount": decimal_text(value), "currency": currency}, "rate": rate.locked()}
     store = daemon.store
     with store.db.transaction():
         row = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
                                      tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor.name,
-                                     node_info=daemon.watchers[cfg.id].status.node_info)
+                                     node_info=daemon.watchers[cfg.id].status.node_info, pricing=pricing)
         view = store.invoices.render(row)
         store.audit.record(req.actor, "invoice.create", row.id,
                            {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "order_id": order_id})
@@ -177,3 +213,23 @@ async def submit_tx(req: ApiRequest) -> Any:
     status = "included" if recorded else "pending"
     return JSONResponse({"tx": {"txid": txid, "status": status, "block_number": found.block.number},
                          "invoice": req.daemon.views.invoice(invoice["id"])}, status_code=200 if recorded else 202)
+
+
+@endpoints.add("GET", "/v1/rates", summary="The rate of a pair (1 BASE in QUOTE) from the configured sources; "
+               "without pair, the reference currency and the configured pairs.", tag="rates", errors=(400, 503),
+               query=({"name": "pair", "in": "query", "required": False,
+                       "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}/[A-Za-z0-9]{1,16}$"},
+                       "description": "e.g. ETH/USD; derived through the reference currency if not configured"},),
+               responses={200: {"type": "object", "properties": {
+                   "pair": {"type": "string"}, "rate": {"type": "string"}, "source": {"type": "string"},
+                   "updated_at": {"type": "string", "format": "date-time"}}}})
+async def get_rate(req: ApiRequest) -> Any:
+    rates = req.daemon.rates
+    pair = req.query("pair")
+    if pair is None:
+        return {"reference": rates.reference, "pairs": rates.pairs()}
+    try:
+        base, quote = split_pair(pair)
+    except ValueError as e:
+        raise BadRequest(str(e), code="invalid_pair") from None
+    return (await rates.get(req.daemon, base, quote)).view()

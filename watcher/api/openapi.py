@@ -60,6 +60,11 @@ SCHEMAS: dict[str, Any] = {
             "partial": {"type": "boolean"}, "overpaid": {"type": "boolean"}, "late": {"type": "boolean"},
             "received": {"type": "string"}, "confirmed": {"type": "string"}, "due": {"type": "string"},
             "required_confirmations": {"type": "integer"}, "order_id": _nullable_str, "metadata": {"type": "object"},
+            "price": {"type": ["object", "null"], "properties": {"amount": {"type": "string"},
+                                                                  "currency": {"type": "string"}}},
+            "rate": {"type": ["object", "null"], "properties": {
+                "pair": {"type": "string"}, "value": {"type": "string"}, "source": {"type": "string"},
+                "updated_at": {"type": "string", "format": "date-time"}}},
             "payments": {"type": "array", "items": {"type": "object"}},
             "created_at": _time, "expires_at": _time, "monitor_until": _time, "paid_at": _time, "completed_at": _time,
         },

@@ -54,6 +54,7 @@ class InvoiceRow:
     completed_at: int | None
     created_by: str | None
     terms: InvoiceTerms
+    pricing: dict[str, Any] | None  # a fiat-priced invoice's price and locked rate
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> InvoiceRow:
@@ -64,7 +65,7 @@ class InvoiceRow:
                    order_id=r["order_id"], metadata=json.loads(r["metadata"]), payment_uri=r["payment_uri"],
                    created_at=r["created_at"], expires_at=r["expires_at"], monitor_until=r["monitor_until"],
                    paid_at=r["paid_at"], completed_at=r["completed_at"], created_by=r["created_by"],
-                   terms=_terms(r))
+                   terms=_terms(r), pricing=json.loads(r["pricing"]) if r["pricing"] else None)
 
 
 class Invoices:
@@ -75,7 +76,7 @@ class Invoices:
 
     def create(self, *, chain: str, asset: str, amount: int | None, mode: str, expires_in: int,
                tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
-               node_info: dict[str, Any] | None = None) -> InvoiceRow:
+               node_info: dict[str, Any] | None = None, pricing: dict[str, Any] | None = None) -> InvoiceRow:
         cfg = self.store.chain_config(chain)
         spec = cfg.spec
         now = self.store.clock.now_ms()
@@ -89,11 +90,12 @@ class Invoices:
                 if amount and asset_cfg is not None else None
             conn.execute(
                 "INSERT INTO invoices (id, chain, asset, mode, amount, tolerance_ppm, address, status, order_id,"
-                " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'awaiting_payment', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by, pricing)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'awaiting_payment', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (invoice_id, chain, asset, mode, None if amount is None else str(amount), tolerance_ppm,
                  addr.address, order_id, json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), uri,
-                 now, expires_at, monitor_until, now, actor),
+                 now, expires_at, monitor_until, now, actor,
+                 json.dumps(pricing, separators=(",", ":")) if pricing else None),
             )
             row = self.row(invoice_id)
             assert row is not None

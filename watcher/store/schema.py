@@ -530,3 +530,11 @@ def m009_api_keys(db: Database) -> None:
         UPDATE payouts SET owner = 'config:' || created_by WHERE created_by IS NOT NULL;
         """
     )
+
+
+@migrations()
+def m010_invoice_pricing(db: Database) -> None:
+    """An invoice priced in a currency (``price``) keeps what priced it: the price, and the
+    rate locked at creation (JSON: ``{"price": {"amount", "currency"}, "rate": {"pair",
+    "value", "source", "updated_at"}}``); NULL for an invoice in asset units."""
+    db.executescript("ALTER TABLE invoices ADD COLUMN pricing TEXT;")

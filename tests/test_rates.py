@@ -1,0 +1,173 @@
+"""Exchange rates: exact arithmetic, cross rates through the reference currency, staleness,
+and fiat-priced invoices quoted from Chainlink's own MockV3Aggregator deployed on anvil."""
+
+from __future__ import annotations
+
+import math
+import time
+from fractions import Fraction
+
+import httpx
+import pytest
+import trio
+
+from tests.support.daemon import (
+    API_TOKEN,
+    chain_entry,
+    free_port,
+    running,
+    wait_until,
+    write_config,
+)
+from tests.support.evm import Anvil, calldata, compile_contracts, deploy
+from watcher.errors import ConfigError
+from watcher.rates import FixedSource, Rate, Rates, RateUnavailable, amount_for_price, decimal_text
+
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}
+
+
+def test_decimal_text_and_rounding_up():
+    assert decimal_text(Fraction(300012345678, 10**8)) == "3000.12345678"
+    assert decimal_text(Fraction(1, 3)) == "0.333333333333333333"  # 18 places, half-even
+    assert decimal_text(Fraction(2, 3)) == "0.666666666666666667"
+    assert decimal_text(Fraction(5)) == "5" and decimal_text(Fraction(1, 8)) == "0.125"
+    rate = Rate("ETH", "USD", Fraction(300012345678, 10**8), "t", 0)
+    wei = amount_for_price(Fraction(50), rate, 18)
+    assert wei == math.ceil(Fraction(50 * 10**18) / Fraction(300012345678, 10**8))
+    assert Fraction(wei, 10**18) * rate.value >= 50 > Fraction(wei - 1, 10**18) * rate.value  # never underpaid
+    exact = Rate("USDT", "USD", Fraction(1), "t", 0)
+    assert amount_for_price(Fraction("49.90"), exact, 6) == 49_900_000  # exact stays exact
+
+
+async def test_cross_rates_through_the_reference_and_staleness():
+    now = time.time()
+    rates = Rates(reference="USD", max_age=3600, refresh=0, sources=[
+        FixedSource(("ETH", "USD"), Fraction("3000")), FixedSource(("EUR", "USD"), Fraction("1.25")),
+        FixedSource(("USDT", "USD"), Fraction(1))], wall=lambda: now)
+    eth_eur = await rates.get(None, "ETH", "EUR")  # type: ignore[arg-type]
+    assert eth_eur.value == Fraction(2400) and eth_eur.source == "fixed+fixed"
+    usd_eth = await rates.get(None, "USD", "ETH")  # type: ignore[arg-type]
+    assert usd_eth.value == Fraction(1, 3000)
+    assert (await rates.get(None, "ETH", "USDT")).value == 3000  # type: ignore[arg-type]
+    with pytest.raises(RateUnavailable, match="no source gives BTC/USD"):
+        await rates.get(None, "BTC", "EUR")  # type: ignore[arg-type]
+
+    class Old:
+        name = "old"
+        pairs = (("ETH", "USD"),)
+
+        async def read(self, daemon):
+            return [Rate("ETH", "USD", Fraction(2000), "old", int(now) - 3601)]
+
+    stale = Rates(reference="USD", max_age=3600, refresh=0, sources=[Old()], wall=lambda: now)
+    with pytest.raises(RateUnavailable, match=r"ETH/USD from old is 3601 s old"):
+        await stale.get(None, "ETH", "USD")  # type: ignore[arg-type]
+
+
+def test_rate_sources_are_checked_with_their_key(tmp_path):
+    from tests.test_config import base, load
+    from watcher.plugins import chain_families, make_plugin_manager, rate_kinds
+
+    pm = make_plugin_manager()
+    families, kinds = chain_families(pm), rate_kinds(pm)
+    assert {"fixed", "chainlink"} <= set(kinds)
+    for source, message in (
+        ({"kind": "oracle"}, "rates.sources[0].kind: unknown rate source kind 'oracle'"),
+        ({"kind": "fixed", "pair": "USDTUSD", "rate": "1"}, "rates.sources[0].pair: 'USDTUSD' is not a pair"),
+        ({"kind": "fixed", "pair": "USDT/USD", "rate": "-1"}, "rates.sources[0].rate: rate must be a positive"),
+        ({"kind": "chainlink", "chain": "nope", "pair": "ETH/USD", "feed": "0x" + "11" * 20},
+         "rates.sources[0].chain: 'nope' is not an EVM chain"),
+        ({"kind": "chainlink", "chain": "devnet", "pair": "ETH/USD", "feed": "0x12"}, "rates.sources[0].feed"),
+        ({"kind": "fixed", "pair": "USDT/USD", "rate": "1", "extra": 1}, "rates.sources[0].extra: unknown key"),
+    ):
+        raw = base()
+        raw["rates"] = {"sources": [source]}
+        cfg = load(tmp_path, raw, families)
+        with pytest.raises(ConfigError) as e:
+            Rates.from_config(cfg, kinds)
+        assert message in str(e.value), (source, str(e.value))
+
+
+@pytest.fixture
+def feed(anvil: Anvil) -> str:
+    """Chainlink's MockV3Aggregator (tests/contracts/chainlink, from @chainlink/contracts
+    1.5.0): 8 decimals, ETH/USD = 3000.12345678."""
+    art = compile_contracts()["MockV3Aggregator"]
+    return deploy(anvil, art, ["uint8", "int256"], [8, 300012345678])
+
+
+async def test_a_usd_priced_invoice_is_quoted_from_chainlink_and_a_stale_feed_refuses_new_ones(tmp_path, anvil, feed):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=port, extra={"rates": {
+        "reference": "USD", "max_age": 3600, "refresh": 0,
+        "sources": [{"kind": "chainlink", "chain": "devnet", "pair": "ETH/USD", "feed": feed},
+                    {"kind": "fixed", "pair": "EUR/USD", "rate": "1.25"}]}})
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                                                                   trust_env=False, timeout=10) as http:
+            await wait_until(lambda: d.watchers["devnet"].status.node_up)
+            r = await http.get("/v1/rates", params={"pair": "ETH/USD"})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert (got["pair"], got["rate"], got["source"]) == ("ETH/USD", "3000.12345678", "chainlink:devnet")
+            eur = (await http.get("/v1/rates", params={"pair": "ETH/EUR"})).json()
+            assert eur["rate"] == decimal_text(Fraction(300012345678, 10**8) / Fraction("1.25"))
+            assert eur["source"] == "chainlink:devnet+fixed"
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH",
+                                                      "price": {"amount": "50", "currency": "USD"}})
+            assert r.status_code == 201, r.text
+            inv = r.json()
+            wei = math.ceil(Fraction(50 * 10**18) / Fraction(300012345678, 10**8))
+            assert inv["base_units"] == str(wei) and inv["price"] == {"amount": "50", "currency": "USD"}
+            assert inv["rate"]["pair"] == "ETH/USD" and inv["rate"]["value"] == "3000.12345678"
+            assert inv["rate"]["source"] == "chainlink:devnet"
+            # paid in full: completes like any invoice
+            anvil.send(anvil.accounts[1], inv["address"], wei)
+            anvil.mine(3)
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="completed")
+            assert d.views.invoice(inv["id"])["price"] == {"amount": "50", "currency": "USD"}  # locked, as created
+
+            # the feed goes stale (its last round two hours old): no new fiat invoice, nothing written
+            head = anvil.rpc("eth_getBlockByNumber", "latest", False)
+            old = int(head["timestamp"], 16) - 7200
+            anvil.send(anvil.accounts[0], feed, 0, calldata("updateRoundData(uint80,int256,uint256,uint256)",
+                                                            7, 310000000000, old, old))
+            anvil.mine(1)
+            before = d.store.db.scalar("SELECT COUNT(*) FROM invoices")
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH",
+                                                      "price": {"amount": "50", "currency": "USD"}})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "rate_unavailable", r.text
+            assert "ETH/USD" in r.json()["error"]["message"] and "old" in r.json()["error"]["message"]
+            assert d.store.db.scalar("SELECT COUNT(*) FROM invoices") == before
+            r = await http.get("/v1/rates", params={"pair": "ETH/USD"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "rate_unavailable"
+            # invoices in asset units work exactly as before, and bad prices are 400s
+            assert (await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH",
+                                                          "amount": "0.01"})).status_code == 201
+            for bad in ({"amount": "-1", "currency": "USD"}, {"amount": "1"}, {"amount": "1e3", "currency": "USD"},
+                        {"amount": "0", "currency": "USD"}, {"amount": "1", "currency": "US D"}, "50 USD"):
+                r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "price": bad})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_price", (bad, r.text)
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "1",
+                                                      "price": {"amount": "1", "currency": "USD"}})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_price"
+            listed = (await http.get("/v1/rates")).json()
+            assert listed == {"reference": "USD", "pairs": ["ETH/USD", "EUR/USD"]}
+
+
+def test_the_example_configs_rates_block_loads(tmp_path):
+    from tests.test_config import example_with_tokens
+    from watcher.config import load_config
+    from watcher.plugins import chain_families, make_plugin_manager, rate_kinds
+
+    text = example_with_tokens()
+    start = text.index("# [rates]")
+    block = text[start:text.index("\n\n", start)]
+    text = text.replace(block, "\n".join(line[2:] if line.startswith("# ") and not line.startswith("#  ")
+                                         else line for line in block.splitlines()))
+    (tmp_path / "watcher.toml").write_text(text)
+    pm = make_plugin_manager()
+    cfg = load_config(tmp_path / "watcher.toml", chain_families(pm))
+    rates = Rates.from_config(cfg, rate_kinds(pm))
+    assert rates.reference == "USD" and rates.pairs() == ["ETH/USD", "USDT/USD"]
+    assert [s.name for s in rates.sources] == ["chainlink:devnet", "fixed"]
