@@ -125,7 +125,20 @@ async def test_a_usd_priced_invoice_is_quoted_from_chainlink_and_a_stale_feed_re
             anvil.send(anvil.accounts[1], inv["address"], wei)
             anvil.mine(3)
             await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="completed")
-            assert d.views.invoice(inv["id"])["price"] == {"amount": "50", "currency": "USD"}  # locked, as created
+            done = d.views.invoice(inv["id"])
+            assert done["price"] == {"amount": "50", "currency": "USD"}  # locked, as created
+            # the payment, its events and the invoice carry the USD value at the rate of detection
+            usd = decimal_text(Fraction(wei, 10**18) * Fraction(300012345678, 10**8), 8)
+            assert usd == "50"  # the amount was rounded up by less than a wei's worth
+            want = {"currency": "USD", "amount": usd, "rate": "3000.12345678", "source": "chainlink:devnet"}
+            assert done["payments"][0]["value"] == want and done["received_value"] == {"currency": "USD",
+                                                                                       "amount": usd}
+            events = [e for e in d.store.events.list(after_seq=0, types=("transfer.detected", "transfer.confirmed"),
+                                                     limit=100)]
+            assert {e.type for e in events} == {"transfer.detected", "transfer.confirmed"}
+            assert all(e.data["value"] == want for e in events), [e.data["value"] for e in events]
+            # an asset without a rate gets no value, never a guess
+            assert d.rates.value_of("DOGE", 10**8, 8) is None
 
             # the feed goes stale (its last round two hours old): no new fiat invoice, nothing written
             head = anvil.rpc("eth_getBlockByNumber", "latest", False)
@@ -171,3 +184,44 @@ def test_the_example_configs_rates_block_loads(tmp_path):
     rates = Rates.from_config(cfg, rate_kinds(pm))
     assert rates.reference == "USD" and rates.pairs() == ["ETH/USD", "USDT/USD"]
     assert [s.name for s in rates.sources] == ["chainlink:devnet", "fixed"]
+
+
+async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=port, extra={"rates": {
+        "refresh": 0, "quote_ttl": 900,
+        "sources": [{"kind": "chainlink", "chain": "devnet", "pair": "ETH/USD", "feed": feed}]}})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                                                                   trust_env=False, timeout=10) as http:
+            r = await http.post("/v1/quotes", json={"chain": "devnet", "asset": "ETH",
+                                                    "price": {"amount": "19.99", "currency": "USD"}})
+            assert r.status_code == 201, r.text
+            quote = r.json()
+            wei = math.ceil(Fraction("19.99") * 10**18 / Fraction(300012345678, 10**8))
+            assert quote["base_units"] == str(wei) and quote["rate"]["value"] == "3000.12345678"
+            # the feed moves; the quote's amount does not
+            anvil.send(anvil.accounts[0], feed, 0, calldata("updateAnswer(int256)", 200000000000))
+            anvil.mine(1)
+            assert (await http.get("/v1/rates", params={"pair": "ETH/USD"})).json()["rate"] == "2000"
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": quote["id"]})
+            assert r.status_code == 201, r.text
+            inv = r.json()
+            assert inv["base_units"] == str(wei) and inv["price"] == {"amount": "19.99", "currency": "USD"}
+            assert inv["rate"] == quote["rate"]
+            again = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": quote["id"]})
+            assert again.status_code == 409 and again.json()["error"]["code"] == "quote_used"
+            other = (await http.post("/v1/quotes", json={"chain": "devnet", "asset": "ETH",
+                                                         "price": {"amount": "5", "currency": "USD"}})).json()
+            assert other["base_units"] == str(math.ceil(Fraction(5 * 10**18, 2000)))  # today's rate
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": other["id"],
+                                                      "amount": "1"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_quote"
+            d.store.db.conn.execute("UPDATE quotes SET expires_at = ? WHERE id = ?",
+                                    (d.store.clock.now_ms() - 1, other["id"]))
+            before = d.store.db.scalar("SELECT COUNT(*) FROM invoices")
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": other["id"]})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "quote_expired"
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": "quo_nope"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_quote"
+            assert d.store.db.scalar("SELECT COUNT(*) FROM invoices") == before

@@ -43,7 +43,9 @@ def config(tmp_path, port: int, node: str = DEAD_NODE, token: str = TOKEN_ADDR, 
                                                payouts={"approval_above": {"USDT": "100"}},
                                                sweep={"to": PAYOUT_TO, "min_amount": {"USDT": "1"}})],
                         api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN, **api},
-                                              "webhooks": {"allowed_hosts": ["127.0.0.1"]}})
+                                              "webhooks": {"allowed_hosts": ["127.0.0.1"]},
+                                              "rates": {"sources": [{"kind": "fixed", "pair": "USDT/USD",
+                                                                     "rate": "1"}]}})
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -131,6 +133,7 @@ def _request_for(method: str, path: str, fx: dict[str, str], victim_key: str) ->
         ("POST", "/v1/webhooks"): {"url": "http://127.0.0.1:9/other", "events": ["invoice.*"]},
         ("PATCH", "/v1/webhooks/{id}"): {"description": "changed"},
         ("POST", "/v1/keys"): {"name": "made", "scopes": ["read"]},
+        ("POST", "/v1/quotes"): {"chain": "devnet", "asset": "USDT", "price": {"amount": "3", "currency": "USD"}},
     }
     return url, bodies.get((method, path))
 

@@ -52,6 +52,8 @@ class Core:
         metrics = Metrics(registry)
         clock = clock or Clock()
         store = Store.open(config, keyring=keyring, metrics=metrics, clock=clock)
+        if rates.sources:
+            store.valuer = rates.value_of  # each transfer's worth in [rates] reference, when detected
         metrics.watch_store(store)
         return cls(config=config, pm=pm, families=families, keyring=keyring, store=store, metrics=metrics,
                    clock=clock, views=Views(store), rates=rates)

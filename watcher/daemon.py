@@ -142,6 +142,8 @@ class Daemon:
                 await await_me_maybe(result)
             try:
                 async with trio.open_nursery() as nursery:
+                    if self.rates.sources:  # read once before scanning: the first transfers get values
+                        await nursery.start(lambda task_status: self.rates.run(self, task_status=task_status))
                     for cid, w in self.watchers.items():
                         await nursery.start(w.run, opened[cid])
                     await nursery.start(self.deadlines.run)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHOWN_DECIMALS = 18  # a derived rate (a quotient) is shown to this many places, half-even
+VALUE_DECIMALS = 8  # reference values (a transfer's worth in USD) are shown to 8 places, half-even
 
 
 class RateUnavailable(WatcherError):
@@ -221,10 +222,11 @@ class Rates:
                 return rate if rate.base == base else rate.inverse()
         return None
 
-    async def _read(self, daemon: Daemon, i: int, source: RateSource, pair: tuple[str, str]) -> Rate:
+    async def _read(self, daemon: Daemon, i: int, source: RateSource, pair: tuple[str, str], *,
+                    force: bool = False) -> Rate:
         now = time.monotonic()
         hit = self._reads.get(i)
-        if hit is None or now - hit.at > self.refresh:
+        if force or hit is None or now - hit.at > self.refresh:
             try:
                 got = await source.read(daemon)
             except Exception as e:
@@ -240,6 +242,66 @@ class Rates:
             raise RateUnavailable(f"the rate for {pair[0]}/{pair[1]} from {source.name} is {int(age)} s old "
                                   f"(rates.max_age is {self.max_age} s): not used")
         return rate
+
+    async def run(self, daemon: Daemon, *, task_status: Any = None) -> None:
+        """Keep every source's answer fresh (every ``refresh`` seconds, at least one), so a
+        transfer's value can be taken at the moment it is detected without waiting for a
+        source. The first round is read before ``started``: the scan's first transfers get
+        values. A source that fails is logged and tried again next round."""
+        import trio
+
+        period = max(self.refresh, 1.0)
+        first = True
+        while True:
+            for i, s in enumerate(self.sources):
+                if not s.pairs:
+                    continue
+                try:  # one read gives all of a source's pairs
+                    await self._read(daemon, i, s, s.pairs[0], force=True)
+                except RateUnavailable as e:
+                    log.warning("%s", e.message)
+            if first:
+                first = False
+                if task_status is not None:
+                    task_status.started()
+            await trio.sleep(period)
+
+    def cached(self, base: str, quote: str) -> Rate | None:
+        """The rate from the sources' last answers (no read), derived through the reference
+        if need be; None when a leg is missing or older than ``max_age``."""
+        base, quote = base.upper(), quote.upper()
+        if base == quote:
+            return Rate(base, quote, Fraction(1), "identity", int(self.wall()))
+
+        def leg(b: str, q: str) -> Rate | None:
+            for read in self._reads.values():
+                for (rb, rq), rate in read.rates.items():
+                    if {rb, rq} == {b, q} and self.wall() - rate.updated_at <= self.max_age:
+                        return rate if rb == b else rate.inverse()
+            return None
+
+        direct = leg(base, quote)
+        if direct is not None:
+            return direct
+        ref = self.reference
+        legs = [None if s == ref else leg(s, ref) for s in (base, quote)]
+        if any(x is None for s, x in zip((base, quote), legs, strict=True) if s != ref):
+            return None
+        b_leg, q_leg = legs
+        used = [x for x in legs if x is not None]
+        value = (b_leg.value if b_leg else Fraction(1)) / (q_leg.value if q_leg else Fraction(1))
+        return Rate(base, quote, value, "+".join(x.source for x in used), min(x.updated_at for x in used))
+
+    def value_of(self, symbol: str, base_units: int, decimals: int) -> dict[str, Any] | None:
+        """What ``base_units`` of ``symbol`` are worth in the reference currency at the cached
+        rate: ``{"currency", "amount", "rate", "source"}`` (amount half-even to 8 places), or
+        None when there is no fresh rate (never a guess)."""
+        rate = self.cached(symbol, self.reference)
+        if rate is None:
+            return None
+        worth = Fraction(base_units, 10**decimals) * rate.value
+        return {"currency": self.reference, "amount": decimal_text(worth, VALUE_DECIMALS),
+                "rate": decimal_text(rate.value), "source": rate.source}
 
     async def get(self, daemon: Daemon, base: str, quote: str) -> Rate:
         """1 ``base`` in ``quote``: a configured pair, its inverse, or derived through the

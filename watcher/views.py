@@ -77,7 +77,25 @@ def transfer(cfg: ChainConfig | None, t: TransferRow, *, tip: int) -> Json:
         "required_confirmations": max(cfg.confirmations, t.min_depth) if cfg else None,
         "detected_at": iso_ms(t.detected_at), "confirmed_at": iso_ms(t.confirmed_at),
         "orphaned_at": iso_ms(t.orphaned_at),
+        # its worth in [rates] reference at the rate of its detection; null: no rate then
+        "value": t.value,
     }
+
+
+def _received_value(inv: InvoiceRow, payments: Sequence[TransferRow]) -> Json | None:
+    """What the live payments were worth in the reference currency when each arrived (the sum
+    of their values); null when there are none, or one of them had no rate."""
+    from decimal import Decimal
+
+    live = [p for p in payments if p.status != "orphaned" and p.detected_at <= inv.monitor_until]
+    if not live or any(p.value is None for p in live):
+        return None
+    currencies = {p.value["currency"] for p in live if p.value}
+    if len(currencies) != 1:
+        return None
+    total = sum((Decimal(p.value["amount"]) for p in live if p.value), Decimal(0))
+    text = format(total, "f")
+    return {"currency": currencies.pop(), "amount": text.rstrip("0").rstrip(".") if "." in text else text}
 
 
 def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], *, tip: int) -> Json:
@@ -97,9 +115,10 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
         # priced in a currency: the price and the rate locked at creation (null in asset units)
         "price": inv.pricing["price"] if inv.pricing else None,
         "rate": inv.pricing["rate"] if inv.pricing else None,
+        "received_value": _received_value(inv, payments),
         "payments": [{
             "transfer_id": p.id, "txid": p.txid, "index": p.index, "amount": format_amount(p.amount, decimals),
-            "status": p.status, "block_number": p.block_number,
+            "status": p.status, "block_number": p.block_number, "value": p.value,
             "confirmations": _confirmations(p.status, p.block_number, tip),
             "counted": p.status != "orphaned" and p.detected_at <= inv.monitor_until,
             "detected_at": iso_ms(p.detected_at)} for p in payments],

@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from ..errors import BadRequest, InvalidAmount, NodeError, WatcherError
+from ..errors import BadRequest, Conflict, InvalidAmount, NodeError, NotFound, WatcherError
 from ..invoicing import MODES, STATUSES
 from ..rates import amount_for_price, decimal_text, split_pair
 from .core_routes import PLAIN_DECIMAL_RE, api_amount, chain_param, reject_unknown_fields
@@ -29,6 +29,30 @@ class NodeUnavailable(WatcherError):
 
     status = 503
     code = "node_unavailable"
+
+
+async def _priced(req: ApiRequest, chain: str, symbol: str, decimals: int, price: tuple[Fraction, str]
+                  ) -> tuple[int, dict[str, Any]]:
+    """Base units for the price at the current rate (rounded up), and the pricing to keep."""
+    value, currency = price
+    rate = await req.daemon.rates.get(req.daemon, symbol, currency)
+    amount = amount_for_price(value, rate, decimals)
+    if amount <= 0:
+        raise BadRequest("the price is worth less than the asset's smallest unit", code="invalid_price")
+    return amount, {"price": {"amount": decimal_text(value), "currency": currency}, "rate": rate.locked()}
+
+
+def _usable_quote(req: ApiRequest, quote_id: Any, chain: str, asset: str) -> dict[str, Any]:
+    quote = req.daemon.store.invoices.quote(quote_id) if isinstance(quote_id, str) and len(quote_id) < 80 else None
+    if quote is None:
+        raise NotFound(f"no quote {str(quote_id)[:64]!r}", code="unknown_quote")
+    if (quote["chain"], quote["asset"]) != (chain, asset):
+        raise BadRequest(f"quote {quote['id']} is for {quote['asset']} on {quote['chain']}", code="invalid_quote")
+    if quote["used_by"] is not None:
+        raise Conflict(f"quote {quote['id']} was already used by invoice {quote['used_by']}", code="quote_used")
+    if quote["expires_at"] <= req.daemon.store.clock.now_ms():
+        raise Conflict(f"quote {quote['id']} expired; ask for a new one", code="quote_expired")
+    return quote
 
 
 def check_price(price: Any) -> tuple[Fraction, str]:
@@ -78,6 +102,7 @@ def _depth(value: Any, level: int = 0) -> int:
                                  "rounded up, and locked",
                   "properties": {"amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
                                  "currency": {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}$"}}},
+        "quote_id": {"type": "string", "description": "a quote from POST /v1/quotes: its locked amount, once"},
         "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
         "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
         "tolerance": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
@@ -87,8 +112,8 @@ def _depth(value: Any, level: int = 0) -> int:
     responses={201: _invoice})
 async def create_invoice(req: ApiRequest) -> Any:
     body = await req.json()
-    reject_unknown_fields(body, {"chain", "asset", "amount", "price", "mode", "expires_in", "tolerance", "order_id",
-                                 "metadata"})
+    reject_unknown_fields(body, {"chain", "asset", "amount", "price", "quote_id", "mode", "expires_in", "tolerance",
+                                 "order_id", "metadata"})
     daemon = req.daemon
     cfg = chain_param(req, body.get("chain"))
     asset_name = body.get("asset")
@@ -105,10 +130,16 @@ async def create_invoice(req: ApiRequest) -> Any:
     if price is not None and (body.get("amount") is not None or mode != "sale"):
         raise BadRequest("price is for a sale-mode invoice without an amount (give one or the other)",
                          code="invalid_price")
+    quote = None
+    if "quote_id" in body:
+        if price is not None or body.get("amount") is not None or mode != "sale":
+            raise BadRequest("quote_id is for a sale-mode invoice without amount or price (the quote has them)",
+                             code="invalid_quote")
+        quote = _usable_quote(req, body["quote_id"], cfg.id, asset.symbol)
     if body.get("amount") is not None:
         amount = api_amount(body["amount"], asset.decimals)
-    elif mode == "sale" and price is None:
-        raise InvalidAmount("amount (or price) is required in sale mode")
+    elif mode == "sale" and price is None and quote is None:
+        raise InvalidAmount("amount (or price, or quote_id) is required in sale mode")
     inv_cfg = daemon.config.invoices
     expires_in = body.get("expires_in", inv_cfg.default_expires_in)
     if isinstance(expires_in, bool) or not isinstance(expires_in, int) or not 60 <= expires_in <= inv_cfg.max_expires_in:
@@ -128,17 +159,15 @@ async def create_invoice(req: ApiRequest) -> Any:
     metadata = check_metadata(body.get("metadata", {}))
     pricing = None
     if price is not None:  # no rate, no invoice: RateUnavailable is a 503 before anything is written
-        value, currency = price
-        rate = await daemon.rates.get(daemon, asset.symbol, currency)
-        amount = amount_for_price(value, rate, asset.decimals)
-        if amount <= 0:
-            raise BadRequest("the price is worth less than the asset's smallest unit", code="invalid_price")
-        pricing = {"price": {"amount": decimal_text(value), "currency": currency}, "rate": rate.locked()}
+        amount, pricing = await _priced(req, cfg.id, asset.symbol, asset.decimals, price)
+    if quote is not None:
+        amount, pricing = quote["amount"], quote["pricing"]
     store = daemon.store
     with store.db.transaction():
         row = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
                                      tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor.name,
-                                     node_info=daemon.watchers[cfg.id].status.node_info, pricing=pricing)
+                                     node_info=daemon.watchers[cfg.id].status.node_info, pricing=pricing,
+                                     quote_id=quote["id"] if quote else None)
         view = store.invoices.render(row)
         store.audit.record(req.actor, "invoice.create", row.id,
                            {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "order_id": order_id})
@@ -233,3 +262,39 @@ async def get_rate(req: ApiRequest) -> Any:
     except ValueError as e:
         raise BadRequest(str(e), code="invalid_pair") from None
     return (await rates.get(req.daemon, base, quote)).view()
+
+
+@endpoints.add("POST", "/v1/quotes", scope="invoices", tag="rates", errors=(400, 503),
+               summary="Quote an amount of an asset for a price in a currency, locked for [rates] quote_ttl; an "
+                       "invoice created with its quote_id uses that amount, once.",
+               body={"type": "object", "required": ["chain", "asset", "price"], "additionalProperties": False,
+                     "properties": {"chain": {"$ref": "#/components/schemas/ChainId"},
+                                    "asset": {"$ref": "#/components/schemas/AssetSymbol"},
+                                    "price": {"type": "object", "required": ["amount", "currency"],
+                                              "properties": {"amount": {"type": "string"},
+                                                             "currency": {"type": "string"}}}}},
+               responses={201: {"type": "object", "properties": {
+                   "id": {"type": "string"}, "chain": {"type": "string"}, "asset": {"type": "string"},
+                   "amount": {"type": "string"}, "base_units": {"type": "string"}, "price": {"type": "object"},
+                   "rate": {"type": "object"}, "expires_at": {"type": "string", "format": "date-time"}}}})
+async def create_quote(req: ApiRequest) -> Any:
+    from ..money import format_amount
+    from ..views import iso_ms
+
+    body = await req.json()
+    reject_unknown_fields(body, {"chain", "asset", "price"})
+    cfg = chain_param(req, body.get("chain"))
+    asset_name = body.get("asset")
+    asset = cfg.asset(asset_name) if isinstance(asset_name, str) else None
+    if asset is None:
+        raise BadRequest(f"unknown asset on chain {cfg.id!r} (configured: {', '.join(a.symbol for a in cfg.assets)})",
+                         code="unknown_asset")
+    if "price" not in body:
+        raise BadRequest("price is required: {\"amount\": \"50\", \"currency\": \"USD\"}", code="invalid_price")
+    amount, pricing = await _priced(req, cfg.id, asset.symbol, asset.decimals, check_price(body["price"]))
+    store = req.daemon.store
+    quote = store.invoices.create_quote(chain=cfg.id, asset=asset.symbol, amount=amount, pricing=pricing,
+                                        ttl_s=req.daemon.config.rates.quote_ttl, owner=req.actor.id)
+    return 201, {"id": quote["id"], "chain": cfg.id, "asset": asset.symbol,
+                 "amount": format_amount(amount, asset.decimals), "base_units": str(amount), **pricing,
+                 "expires_at": iso_ms(quote["expires_at"])}

@@ -45,6 +45,10 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["detected", "confirmed", "orphaned"]},
             "confirmations": {"type": "integer"}, "required_confirmations": {"type": ["integer", "null"]},
             "detected_at": _time, "confirmed_at": _time, "orphaned_at": _time,
+            "value": {"type": ["object", "null"], "description": "worth in [rates] reference at the rate of its "
+                      "detection; null when there was no rate", "properties": {
+                          "currency": {"type": "string"}, "amount": {"type": "string"}, "rate": {"type": "string"},
+                          "source": {"type": "string"}}},
         },
     },
     "Invoice": {
@@ -65,6 +69,8 @@ SCHEMAS: dict[str, Any] = {
             "rate": {"type": ["object", "null"], "properties": {
                 "pair": {"type": "string"}, "value": {"type": "string"}, "source": {"type": "string"},
                 "updated_at": {"type": "string", "format": "date-time"}}},
+            "received_value": {"type": ["object", "null"], "description": "what the live payments were worth in "
+                               "[rates] reference when each arrived"},
             "payments": {"type": "array", "items": {"type": "object"}},
             "created_at": _time, "expires_at": _time, "monitor_until": _time, "paid_at": _time, "completed_at": _time,
         },

@@ -9,7 +9,7 @@ one object per table group: ``chains``, ``addresses``, ``transfers``, ``invoices
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..errors import NotFound
@@ -73,6 +73,9 @@ class Store:
         self.payouts = Payouts(self)
         self.sweeps = Sweeps(self)
         self.apikeys = ApiKeys(self)
+        # (symbol, base units, decimals) -> {"currency", "amount", "rate", "source"} or None:
+        # a transfer's reference value when it is first seen (watcher.rates.Rates.value_of)
+        self.valuer: Callable[[str, int, int], dict[str, Any] | None] | None = None
         self._hot: dict[str, str | None] = {}
 
     def on_wake(self, topic: str, fn: Callable[[], None]) -> None:

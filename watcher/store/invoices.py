@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import views
+from ..errors import Conflict
 from ..ids import new_id
 from ..invoicing import InvoiceTerms, Outcome, Payment, decide, timed_status
 from .common import page
@@ -76,7 +77,8 @@ class Invoices:
 
     def create(self, *, chain: str, asset: str, amount: int | None, mode: str, expires_in: int,
                tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
-               node_info: dict[str, Any] | None = None, pricing: dict[str, Any] | None = None) -> InvoiceRow:
+               node_info: dict[str, Any] | None = None, pricing: dict[str, Any] | None = None,
+               quote_id: str | None = None) -> InvoiceRow:
         cfg = self.store.chain_config(chain)
         spec = cfg.spec
         now = self.store.clock.now_ms()
@@ -97,11 +99,43 @@ class Invoices:
                  now, expires_at, monitor_until, now, actor,
                  json.dumps(pricing, separators=(",", ":")) if pricing else None),
             )
+            if quote_id is not None and not self.use_quote(quote_id, invoice_id):
+                raise Conflict(f"quote {quote_id} was already used by another invoice", code="quote_used")
             row = self.row(invoice_id)
             assert row is not None
             self.store.events.emit("invoice.created", self.render(row), chain=chain, subject=invoice_id)
             self.store.wake_after_commit("invoices")
         return row
+
+    # --- quotes -----------------------------------------------------------------------------
+
+    def create_quote(self, *, chain: str, asset: str, amount: int, pricing: dict[str, Any], ttl_s: int,
+                     owner: str | None) -> dict[str, Any]:
+        now = self.store.clock.now_ms()
+        quote_id = new_id("quo", now_ms=now)
+        with self.store.db.transaction() as conn:
+            conn.execute("INSERT INTO quotes (id, chain, asset, amount, pricing, created_at, expires_at, owner)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (quote_id, chain, asset, str(amount), json.dumps(pricing, separators=(",", ":")), now,
+                          now + ttl_s * 1000, owner))
+        quote = self.quote(quote_id)
+        assert quote is not None
+        return quote
+
+    def quote(self, quote_id: str) -> dict[str, Any] | None:
+        r = self.store.db.one("SELECT * FROM quotes WHERE id = ?", (quote_id,))
+        if r is None:
+            return None
+        return {"id": r["id"], "chain": r["chain"], "asset": r["asset"], "amount": int(r["amount"]),
+                "pricing": json.loads(r["pricing"]), "created_at": r["created_at"], "expires_at": r["expires_at"],
+                "used_by": r["used_by"], "owner": r["owner"]}
+
+    def use_quote(self, quote_id: str, invoice_id: str) -> bool:
+        """Mark the quote used by ``invoice_id`` (inside the invoice's transaction); False if
+        another invoice used it first."""
+        cur = self.store.db.conn.execute("UPDATE quotes SET used_by = ? WHERE id = ? AND used_by IS NULL",
+                                         (invoice_id, quote_id))
+        return cur.rowcount == 1
 
     def recompute(self, invoice_id: str) -> str | None:
         """Re-derive status and totals from the invoice's payments (inside a transaction)."""

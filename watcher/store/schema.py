@@ -538,3 +538,31 @@ def m010_invoice_pricing(db: Database) -> None:
     rate locked at creation (JSON: ``{"price": {"amount", "currency"}, "rate": {"pair",
     "value", "source", "updated_at"}}``); NULL for an invoice in asset units."""
     db.executescript("ALTER TABLE invoices ADD COLUMN pricing TEXT;")
+
+
+@migrations()
+def m011_transfer_values(db: Database) -> None:
+    """A transfer's worth in ``[rates] reference`` at the rate of its detection (JSON:
+    ``{"currency", "amount", "rate", "source"}``), NULL when no rate existed then."""
+    db.executescript("ALTER TABLE transfers ADD COLUMN value TEXT;")
+
+
+@migrations()
+def m012_quotes(db: Database) -> None:
+    """Quotes: an amount for a price, locked for ``[rates] quote_ttl``; an invoice created
+    with one uses its amount (``used_by``: once)."""
+    db.executescript(
+        """
+        CREATE TABLE quotes (
+            id TEXT PRIMARY KEY,
+            chain TEXT NOT NULL,
+            asset TEXT NOT NULL,
+            amount TEXT NOT NULL,                 -- base units
+            pricing TEXT NOT NULL,                -- JSON: price and rate, as invoices.pricing
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            used_by TEXT,                         -- the invoice that used it
+            owner TEXT                            -- the principal id that asked
+        );
+        """
+    )

@@ -9,10 +9,11 @@ Every status change writes its event in the same transaction.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import views
 from ..chains import Block, Deposit, Transfer
@@ -54,6 +55,7 @@ class TransferRow:
     label: str | None = None
     invoice_id: str | None = None
     order_id: str | None = None
+    value: dict[str, Any] | None = None  # its worth in [rates] reference when detected
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> TransferRow:
@@ -66,7 +68,8 @@ class TransferRow:
                    address_kind=r["address_kind"] if "address_kind" in keys else None,
                    label=r["label"] if "label" in keys else None,
                    invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
-                   order_id=r["order_id"] if "order_id" in keys else None)
+                   order_id=r["order_id"] if "order_id" in keys else None,
+                   value=json.loads(r["value"]) if "value" in keys and r["value"] else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,14 @@ class Transfers:
     # Each returns the changes it made; the caller (the scan's transaction, see chainstate)
     # applies what they mean for invoices and sweeps.
 
+    def _value(self, chain: ChainConfig, t: Transfer) -> str | None:
+        """The transfer's worth in the reference currency now (JSON), or None: no rate."""
+        asset = chain.asset(t.asset)
+        if self.store.valuer is None or asset is None:
+            return None
+        value = self.store.valuer(t.asset, t.amount, asset.decimals)
+        return json.dumps(value, separators=(",", ":")) if value else None
+
     def record(self, chain: ChainConfig, block: Block, t: Transfer, tip: int) -> TransferChange | None:
         """Store a transfer seen in ``block``; returns the change if its status changed.
         Money from the chain's own hot wallet (top-ups for sweeps) is housekeeping, not a
@@ -111,10 +122,10 @@ class Transfers:
             tid = new_id("tr", now_ms=now)
             conn.execute(
                 "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
-                " block_number, block_hash, block_time, status, detected_at, updated_at, min_depth)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?)",
+                " block_number, block_hash, block_time, status, detected_at, updated_at, min_depth, value)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?, ?)",
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount),
-                 block.number, block.hash, block.timestamp, now, now, t.min_depth or None),
+                 block.number, block.hash, block.timestamp, now, now, t.min_depth or None, self._value(chain, t)),
             )
             change = self._changed(chain, tid, None, "detected", tip)
             lag = max(0.0, now / 1000 - block.timestamp)
@@ -146,9 +157,10 @@ class Transfers:
             tid = new_id("tr", now_ms=now)
             conn.execute(
                 "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
-                " status, detected_at, updated_at, min_depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?)",
+                " status, detected_at, updated_at, min_depth, value)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?, ?)",
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount), now, now,
-                 t.min_depth or None))
+                 t.min_depth or None, self._value(chain, t)))
             return self._changed(chain, tid, None, "detected", tip)
         if row["status"] == "orphaned":  # back in the mempool (after a reorg, or sent again)
             conn.execute("UPDATE transfers SET block_number = NULL, block_hash = NULL, block_time = NULL,"
