@@ -486,3 +486,64 @@ async def test_the_finality_guard_asks_the_status_of_all_its_transactions_in_one
                     seen = [r for r in proxy.recent if "eth_getTransactionReceipt" in r]
                     assert all(r.count("eth_getTransactionReceipt") == 3 for r in seen), seen
                     proxy.recent.clear()
+
+
+async def test_refunds_pay_back_the_excess_to_the_wei_and_the_invoice_says_so(tmp_path, anvil: Anvil, token: Token):
+    """An overpaid invoice refunds just the excess (amount omitted), to the exact base unit;
+    the invoice shows refunded_amount, partially_refunded and its refunds, with
+    invoice.refund_requested then invoice.refunded; more than was received is refused; a
+    cancelled refund leaves the invoice as it was; a full refund moves it to refunded."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, payouts={"approval_above": {"ETH": "5"}})
+    carol = anvil.accounts[6]
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, client(port) as http:
+            fund(anvil, token, d.store.hot_wallet("devnet"), eth=20 * 10**18)
+            inv = (await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "1"})).json()
+            paid = 10**18 + 300_000_000_000_000_123  # 1.300000000000000123 ETH
+            anvil.send(anvil.accounts[1], inv["address"], paid)
+            anvil.mine(2)
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="completed")
+            assert d.views.invoice(inv["id"])["overpaid"]
+            before = anvil.balance(carol)
+            r = await http.post(f"/v1/invoices/{inv['id']}/refund", json={"to": carol, "idempotency_key": "rf-1"})
+            assert r.status_code == 202, r.text
+            refund = r.json()
+            assert refund["base_units"] == str(paid - 10**18) and refund["invoice_id"] == inv["id"]
+            await until_status(d, refund["id"], "completed")
+            assert anvil.balance(carol) - before == paid - 10**18  # the excess, to the wei
+            await wait_until(lambda: d.views.invoice(inv["id"])["refunded_amount"] != "0", what="refund recorded")
+            view = d.views.invoice(inv["id"])
+            assert view["refunded_amount"] == "0.300000000000000123" and view["partially_refunded"]
+            assert view["status"] == "completed" and [x["payout_id"] for x in view["refunds"]] == [refund["id"]]
+            types = [e.type for e in d.store.events.list(after_seq=0, types=("invoice.refund_requested",
+                                                                              "invoice.refunded"), limit=50)]
+            assert types == ["invoice.refund_requested", "invoice.refunded"]
+            # more than is left is refused, nothing written
+            count = d.store.db.scalar("SELECT COUNT(*) FROM payouts")
+            r = await http.post(f"/v1/invoices/{inv['id']}/refund",
+                                json={"to": carol, "amount": "1.000000000000000001", "idempotency_key": "rf-2"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "refund_exceeds_received", r.text
+            assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == count
+            # a refund that waits for approval and is cancelled leaves the invoice as it was
+            big = (await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "6"})).json()
+            anvil.send(anvil.accounts[1], big["address"], 6 * 10**18)
+            anvil.mine(2)
+            await wait_until(lambda: d.views.invoice(big["id"])["status"] == "completed", what="big completed")
+            r = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-3"})
+            assert r.status_code == 202 and r.json()["status"] == "awaiting_approval", r.text
+            cancelled = await http.post(f"/v1/payouts/{r.json()['id']}/cancel")
+            assert cancelled.status_code == 200
+            after = d.views.invoice(big["id"])
+            assert after["status"] == "completed" and after["refunded_amount"] == "0" and not after["partially_refunded"]
+            # a full refund (approved by another key) moves the invoice to refunded
+            r = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-4"})
+            assert r.json()["base_units"] == str(6 * 10**18)
+            ok = await http.post(f"/v1/payouts/{r.json()['id']}/approve", headers=ADMIN)
+            assert ok.status_code == 200, ok.text
+            await until_status(d, r.json()["id"], "completed")
+            await wait_until(lambda: d.views.invoice(big["id"])["status"] == "refunded", what="refunded")
+            assert d.views.invoice(big["id"])["refunded_amount"] == "6"
+            assert not d.views.invoice(big["id"])["partially_refunded"]
+            r = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-5"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_refund"

@@ -134,6 +134,7 @@ def _request_for(method: str, path: str, fx: dict[str, str], victim_key: str) ->
         ("PATCH", "/v1/webhooks/{id}"): {"description": "changed"},
         ("POST", "/v1/keys"): {"name": "made", "scopes": ["read"]},
         ("POST", "/v1/quotes"): {"chain": "devnet", "asset": "USDT", "price": {"amount": "3", "currency": "USD"}},
+        ("POST", "/v1/invoices/{id}/refund"): {"to": PAYOUT_TO, "idempotency_key": "refund-1"},
     }
     return url, bodies.get((method, path))
 
@@ -180,6 +181,8 @@ async def test_every_route_with_every_scope(tmp_path, anvil: Anvil, token: Token
                     assert r.status_code != 401, (e.method, e.path, r.text)
                     if (e.method, e.path) == ("POST", "/v1/invoices/{id}/submit-tx"):  # a txid the node lacks
                         assert r.status_code == 404 or r.status_code < 300, r.text
+                    elif (e.method, e.path) == ("POST", "/v1/invoices/{id}/refund"):  # an unpaid invoice
+                        assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_refund", r.text
                     else:
                         assert r.status_code < 300, (e.method, e.path, r.status_code, r.text)
             # the audit log names the key of every change

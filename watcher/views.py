@@ -98,7 +98,8 @@ def _received_value(inv: InvoiceRow, payments: Sequence[TransferRow]) -> Json | 
     return {"currency": currencies.pop(), "amount": text.rstrip("0").rstrip(".") if "." in text else text}
 
 
-def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], *, tip: int) -> Json:
+def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], *, tip: int,
+            refunds: Sequence[PayoutRow] = ()) -> Json:
     decimals = _decimals(cfg, inv.asset)
     terms = inv.terms
     return {
@@ -116,6 +117,11 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
         "price": inv.pricing["price"] if inv.pricing else None,
         "rate": inv.pricing["rate"] if inv.pricing else None,
         "received_value": _received_value(inv, payments),
+        # refunds: payouts linked to the invoice; refunded_amount is what the completed ones paid
+        "refunded_amount": format_amount(inv.refunded, decimals),
+        "partially_refunded": 0 < inv.refunded < inv.confirmed,
+        "refunds": [{"payout_id": r.id, "amount": format_amount(r.amount, decimals), "to": cfg.spec.display_address(
+            r.to_address), "status": r.status, "txid": r.txid} for r in refunds],
         "payments": [{
             "transfer_id": p.id, "txid": p.txid, "index": p.index, "amount": format_amount(p.amount, decimals),
             "status": p.status, "block_number": p.block_number, "value": p.value,
@@ -146,7 +152,7 @@ def payout(cfg: ChainConfig, p: PayoutRow, txs: Sequence[StoredTx]) -> Json:
         "block_number": p.block_number,
         "fee_paid": None if p.fee_paid is None else format_amount(p.fee_paid, cfg.native_decimals),
         "transactions": [tx(spec, t) for t in txs],
-        "created_by": p.created_by, "approved_by": p.approved_by,
+        "created_by": p.created_by, "approved_by": p.approved_by, "invoice_id": p.invoice_id,
         "created_at": iso_ms(p.created_at), "approved_at": iso_ms(p.approved_at),
         "broadcast_at": iso_ms(p.broadcast_at), "completed_at": iso_ms(p.completed_at),
     }

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
 from ..checks import DailyLimits, PayoutRequest, Veto
-from ..errors import BadRequest, Forbidden, NotFound, WatcherError, WatchOnlyError
+from ..errors import BadRequest, Conflict, Forbidden, NotFound, WatcherError, WatchOnlyError
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
 from ..store.sweeps import STATUSES as SWEEP_STATUSES
@@ -22,6 +23,9 @@ from .core_routes import (
 )
 from .invoice_routes import MAX_METADATA_BYTES, check_metadata
 from .routing import ApiRequest, Endpoints
+
+if TYPE_CHECKING:
+    from ..config import AssetConfig, ChainConfig
 
 log = logging.getLogger(__name__)
 endpoints = Endpoints()
@@ -65,8 +69,6 @@ class PayoutCheckFailed(WatcherError):
 async def create_payout(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"chain", "asset", "amount", "to", "idempotency_key", "label", "metadata"})
-    daemon = req.daemon
-    store = daemon.store
     cfg = chain_param(req, body.get("chain"))
     asset_name = body.get("asset")
     asset = cfg.asset(asset_name) if isinstance(asset_name, str) else None
@@ -75,12 +77,20 @@ async def create_payout(req: ApiRequest) -> Any:
         raise BadRequest(f"unknown asset {shown} on chain {cfg.id!r}", code="unknown_asset")
     amount = api_amount(body.get("amount"), asset.decimals)
     to = canonical_address(req, cfg.id, body.get("to"))
-    key = body.get("idempotency_key")
+    label = optional_label(body.get("label"))
+    metadata = check_metadata(body.get("metadata", {}))
+    return await make_payout(req, cfg, asset, amount, to, body.get("idempotency_key"), label, metadata)
+
+
+async def make_payout(req: ApiRequest, cfg: ChainConfig, asset: AssetConfig, amount: int, to: str, key: Any,
+                      label: str | None, metadata: dict[str, Any], *, invoice_id: str | None = None,
+                      before_write: Callable[[], None] | None = None) -> Any:
+    """A payout (or a refund: ``invoice_id``) through every check, limit, approval rule and
+    the kill switch; ``before_write`` runs inside the transaction before it is written."""
+    store = req.daemon.store
     if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise BadRequest("idempotency_key must be 1-128 printable ASCII characters without spaces",
                          code="invalid_idempotency_key")
-    label = optional_label(body.get("label"))
-    metadata = check_metadata(body.get("metadata", {}))
     if store.hot_wallet(cfg.id) is None:
         raise WatchOnlyError("watcher runs watch-only (keys.xpub): payouts need the seed")
     if not cfg.spec.sends:
@@ -95,15 +105,63 @@ async def create_payout(req: ApiRequest) -> Any:
             raise PayoutRejected(veto.reason, code=veto.code if veto.code != "payout_rejected" else None)
     threshold = cfg.payouts.approval_above.get(asset.symbol)
     with store.db.transaction():
+        if existing is None and before_write is not None:
+            before_write()
         row, created = store.payouts.create(chain=cfg.id, asset=asset.symbol, amount=amount, to=to,
                                             idempotency_key=key, label=label, metadata=metadata, actor=req.actor,
-                                            needs_approval=threshold is not None and amount > threshold)
+                                            needs_approval=threshold is not None and amount > threshold,
+                                            invoice_id=invoice_id)
         view = store.payouts.render(row)
         if created:
-            store.audit.record(req.actor, "payout.create", row.id, {"chain": cfg.id, "asset": asset.symbol,
-                                                                    "amount": view["amount"], "to": view["to"]})
+            store.audit.record(req.actor, "invoice.refund" if invoice_id else "payout.create", invoice_id or row.id,
+                               {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "to": view["to"],
+                                **({"payout_id": row.id} if invoice_id else {})})
     headers = {} if created else {"idempotent-replayed": "true"}
     return JSONResponse(view, status_code=202, headers=headers)
+
+
+@endpoints.add(
+    "POST", "/v1/invoices/{id}/refund", scope="payouts", moves_money=True, tag="invoices", errors=(400, 404, 409, 422, 503),
+    summary="Refund an invoice: a payout linked to it (every payout check, limit, approval rule and the kill switch "
+            "apply); amount omitted: an overpaid invoice's excess, else everything confirmed not yet refunded.",
+    body={"type": "object", "required": ["to", "idempotency_key"], "additionalProperties": False, "properties": {
+        "to": {"type": "string", "minLength": 1},
+        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+        "idempotency_key": {"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"},
+        "metadata": {"type": "object"}}},
+    responses={202: _payout})
+async def refund_invoice(req: ApiRequest) -> Any:
+    body = await req.json()
+    reject_unknown_fields(body, {"to", "amount", "idempotency_key", "metadata"})
+    store = req.daemon.store
+    inv = store.invoices.row(req.path_params["id"])
+    if inv is None:
+        raise NotFound(f"no invoice {req.path_params['id'][:64]!r}", code="unknown_invoice")
+    cfg = store.chain_config(inv.chain)
+    asset = cfg.asset(inv.asset)
+    assert asset is not None
+    to = canonical_address(req, cfg.id, body.get("to"))
+    metadata = check_metadata(body.get("metadata", {}))
+    if body.get("amount") is not None:
+        amount = api_amount(body["amount"], asset.decimals)
+    elif inv.overpaid and inv.amount is not None:
+        amount = inv.confirmed - inv.amount  # the excess, to the base unit
+    else:
+        amount = store.invoices.refundable(inv)
+    if amount <= 0:
+        raise Conflict(f"invoice {inv.id} has nothing confirmed left to refund", code="nothing_to_refund")
+
+    def within_what_was_received() -> None:  # checked again where it is written
+        fresh = store.invoices.row(inv.id)
+        assert fresh is not None
+        left = store.invoices.refundable(fresh)
+        if amount > left:
+            raise Conflict(f"a refund of {asset.symbol} base units {amount} is more than invoice {inv.id} received "
+                           f"and has not refunded yet ({left})", code="refund_exceeds_received")
+
+    within_what_was_received()
+    return await make_payout(req, cfg, asset, amount, to, body.get("idempotency_key"), None,
+                             {**metadata, "refund_of": inv.id}, invoice_id=inv.id, before_write=within_what_was_received)
 
 
 async def run_checks(req: ApiRequest, request: PayoutRequest) -> Veto | None:

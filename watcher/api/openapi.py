@@ -71,6 +71,8 @@ SCHEMAS: dict[str, Any] = {
                 "updated_at": {"type": "string", "format": "date-time"}}},
             "received_value": {"type": ["object", "null"], "description": "what the live payments were worth in "
                                "[rates] reference when each arrived"},
+            "refunded_amount": {"type": "string"}, "partially_refunded": {"type": "boolean"},
+            "refunds": {"type": "array", "items": {"type": "object"}},
             "payments": {"type": "array", "items": {"type": "object"}},
             "created_at": _time, "expires_at": _time, "monitor_until": _time, "paid_at": _time, "completed_at": _time,
         },
@@ -99,6 +101,7 @@ SCHEMAS: dict[str, Any] = {
             "block_number": {"type": ["integer", "null"]}, "fee_paid": _nullable_str,
             "transactions": {"type": "array", "items": {"$ref": "#/components/schemas/Transaction"}},
             "created_by": _nullable_str, "approved_by": _nullable_str,
+            "invoice_id": {"type": ["string", "null"], "description": "a refund: the invoice it pays back"},
             "created_at": _time, "approved_at": _time, "broadcast_at": _time, "completed_at": _time,
         },
     },

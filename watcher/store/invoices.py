@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import views
@@ -56,6 +56,7 @@ class InvoiceRow:
     created_by: str | None
     terms: InvoiceTerms
     pricing: dict[str, Any] | None  # a fiat-priced invoice's price and locked rate
+    refunded: int  # base units its completed refunds paid back
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> InvoiceRow:
@@ -66,7 +67,8 @@ class InvoiceRow:
                    order_id=r["order_id"], metadata=json.loads(r["metadata"]), payment_uri=r["payment_uri"],
                    created_at=r["created_at"], expires_at=r["expires_at"], monitor_until=r["monitor_until"],
                    paid_at=r["paid_at"], completed_at=r["completed_at"], created_by=r["created_by"],
-                   terms=_terms(r), pricing=json.loads(r["pricing"]) if r["pricing"] else None)
+                   terms=_terms(r), pricing=json.loads(r["pricing"]) if r["pricing"] else None,
+                   refunded=int(r["refunded"]))
 
 
 class Invoices:
@@ -138,13 +140,48 @@ class Invoices:
         return cur.rowcount == 1
 
     def recompute(self, invoice_id: str) -> str | None:
-        """Re-derive status and totals from the invoice's payments (inside a transaction)."""
+        """Re-derive status and totals from the invoice's payments and refunds (inside a
+        transaction): fully refunded (completed refunds cover what was confirmed) is
+        ``refunded``; a refund undone (a reorg took its transaction) re-derives the status
+        from the payments."""
         row = self.store.db.one("SELECT * FROM invoices WHERE id = ?", (invoice_id,))
         if row is None:
             return None
         now = self.store.clock.now_ms()
-        outcome = decide(_terms(row), row["status"], self._payments(row), now)
+        current = "awaiting_payment" if row["status"] == "refunded" else row["status"]
+        outcome = decide(_terms(row), current, self._payments(row), now)
+        refunded = int(row["refunded"])
+        if refunded > 0 and refunded >= outcome.confirmed:
+            outcome = replace(outcome, status="refunded")
         return self._apply(row, outcome, now)
+
+    # --- refunds (inside the payout's transaction) --------------------------------------------
+
+    def refund_requested(self, invoice_id: str) -> None:
+        self._emit(invoice_id, "refund_requested", log_it=False)
+
+    def refunds_changed(self, invoice_id: str) -> None:
+        """A refund payout changed status: ``refunded`` is what the completed ones paid back;
+        ``invoice.refunded`` when it grows (the status moves to ``refunded`` once it covers
+        what was confirmed)."""
+        row = self.store.db.one("SELECT refunded FROM invoices WHERE id = ?", (invoice_id,))
+        if row is None:
+            return
+        total = sum(p.amount for p in self.store.payouts.refunds(invoice_id) if p.status == "completed")
+        before = int(row["refunded"])
+        if total == before:
+            return
+        self.store.db.conn.execute("UPDATE invoices SET refunded = ?, updated_at = ? WHERE id = ?",
+                                   (str(total), self.store.clock.now_ms(), invoice_id))
+        moved = self.recompute(invoice_id)
+        if total > before and moved != "refunded":  # a partial refund: the status stays, the event says so
+            self._emit(invoice_id, "refunded", log_it=False)
+
+    def refundable(self, inv: InvoiceRow) -> int:
+        """Base units that may still be refunded: what was confirmed, less every refund that
+        is not cancelled or failed."""
+        asked = sum(p.amount for p in self.store.payouts.refunds(inv.id) if p.status not in ("cancelled", "failed"))
+        return max(0, inv.confirmed - asked)
 
     def apply_deadlines(self) -> int:
         """Expire unpaid invoices past ``expires_at`` and fail paid, unconfirmed ones past
@@ -199,16 +236,18 @@ class Invoices:
             return o.status
         return None
 
-    def _emit(self, invoice_id: str, status: str) -> None:
+    def _emit(self, invoice_id: str, status: str, *, log_it: bool = True) -> None:
         row = self.row(invoice_id)
         assert row is not None
         view = self.render(row)
         self.store.events.emit(f"invoice.{status}", view, chain=view["chain"], subject=invoice_id)
+        self.store.wake_after_commit("invoices")
+        if not log_it:
+            return
         self.store.db.after_commit(lambda: log.info(
             "invoice %s %s: received %s of %s %s", invoice_id, status, view["received"], view["amount"] or "any",
             view["asset"], extra={"chain": view["chain"], "invoice_id": invoice_id, "order_id": view["order_id"],
                                   "status": status}))
-        self.store.wake_after_commit("invoices")
 
     # --- reading ------------------------------------------------------------------------
 
@@ -223,7 +262,8 @@ class Invoices:
     def render(self, inv: InvoiceRow) -> dict[str, Any]:
         """The invoice as the API and its events show it (``watcher.views``)."""
         return views.invoice(self.store.chain_config(inv.chain), inv, self.payments(inv),
-                             tip=self.store.chains.scanned_number(inv.chain))
+                             tip=self.store.chains.scanned_number(inv.chain),
+                             refunds=self.store.payouts.refunds(inv.id))
 
     def page(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
              after: str | None = None, limit: int = 100) -> tuple[list[InvoiceRow], str | None]:

@@ -51,6 +51,7 @@ class PayoutRow:
     fee_paid: int | None
     created_by: str | None  # the name of the key that created it
     owner: str | None  # its id (key_... or config:<name>)
+    invoice_id: str | None  # a refund: the invoice it pays back
     approved_by: str | None
     created_at: int
     approved_at: int | None
@@ -63,7 +64,8 @@ class PayoutRow:
                    idempotency_key=r["idempotency_key"], request_hash=r["request_hash"], label=r["label"],
                    metadata=json.loads(r["metadata"]), status=r["status"], reason=r["reason"], txid=r["txid"],
                    block_number=r["block_number"], fee_paid=None if r["fee_paid"] is None else int(r["fee_paid"]),
-                   created_by=r["created_by"], owner=r["owner"], approved_by=r["approved_by"], created_at=r["created_at"],
+                   created_by=r["created_by"], owner=r["owner"], invoice_id=r["invoice_id"],
+                   approved_by=r["approved_by"], created_at=r["created_at"],
                    approved_at=r["approved_at"], broadcast_at=r["broadcast_at"], completed_at=r["completed_at"])
 
 
@@ -88,10 +90,12 @@ class Payouts:
         return views.payout(self.store.chain_config(row.chain), row, self.store.chaintxs.for_ref(row.id, "payout"))
 
     def create(self, *, chain: str, asset: str, amount: int, to: str, idempotency_key: str, label: str | None,
-               metadata: dict[str, Any], actor: Principal | str, needs_approval: bool) -> tuple[PayoutRow, bool]:
+               metadata: dict[str, Any], actor: Principal | str, needs_approval: bool,
+               invoice_id: str | None = None) -> tuple[PayoutRow, bool]:
         """``(payout, created)``; an existing payout for the key is returned as it is (to the
         key that created it: another key's idempotency key is a conflict)."""
-        digest = request_hash(chain=chain, asset=asset, amount=str(amount), to=to, label=label, metadata=metadata)
+        digest = request_hash(chain=chain, asset=asset, amount=str(amount), to=to, label=label, metadata=metadata,
+                              **({"invoice_id": invoice_id} if invoice_id else {}))
         name, owner = (actor.name, actor.id) if isinstance(actor, Principal) else (actor, None)
         existing = self.by_key(idempotency_key)
         if existing is not None:
@@ -106,11 +110,14 @@ class Payouts:
         with self.store.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO payouts (id, chain, asset, amount, to_address, idempotency_key, request_hash, label,"
-                " metadata, status, created_by, owner, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metadata, status, created_by, owner, created_at, updated_at, invoice_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (pid, chain, asset, str(amount), to, idempotency_key, digest, label,
-                 json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), status, name, owner, now, now))
+                 json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), status, name, owner, now, now,
+                 invoice_id))
             self._emit(pid)
+            if invoice_id is not None:
+                self.store.invoices.refund_requested(invoice_id)
             self.store.wake_after_commit("sender")
         return self._row(pid), True
 
@@ -181,8 +188,16 @@ class Payouts:
         return row
 
     def _set(self, payout_id: str, status: str, **fields: Any) -> None:
-        set_status(self.store, "payouts", "payout", payout_id, status, lambda pid: self.render(self._row(pid)),
-                   **fields)
+        with self.store.db.transaction():
+            set_status(self.store, "payouts", "payout", payout_id, status, lambda pid: self.render(self._row(pid)),
+                       **fields)
+            row = self._row(payout_id)
+            if row.invoice_id is not None:  # a refund settled, failed or was undone: its invoice follows
+                self.store.invoices.refunds_changed(row.invoice_id)
+
+    def refunds(self, invoice_id: str) -> list[PayoutRow]:
+        return [PayoutRow.from_row(r) for r in self.store.db.query(
+            "SELECT * FROM payouts WHERE invoice_id = ? ORDER BY created_at, id", (invoice_id,))]
 
     def _emit(self, payout_id: str) -> None:
         row = self._row(payout_id)

@@ -566,3 +566,16 @@ def m012_quotes(db: Database) -> None:
         );
         """
     )
+
+
+@migrations()
+def m013_refunds(db: Database) -> None:
+    """A refund is a payout linked to its invoice (``payouts.invoice_id``); the invoice keeps
+    the base units its completed refunds paid back (``refunded``)."""
+    db.executescript(
+        """
+        ALTER TABLE payouts ADD COLUMN invoice_id TEXT;
+        CREATE INDEX payouts_invoice ON payouts (invoice_id) WHERE invoice_id IS NOT NULL;
+        ALTER TABLE invoices ADD COLUMN refunded TEXT NOT NULL DEFAULT '0';
+        """
+    )

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 EVENT_TYPES = (
     "transfer.detected", "transfer.confirmed", "transfer.orphaned",
     "invoice.created", "invoice.awaiting_payment", "invoice.awaiting_confirmation", "invoice.completed",
-    "invoice.expired", "invoice.failed", "invoice.refunded",
+    "invoice.expired", "invoice.failed", "invoice.refund_requested", "invoice.refunded",
     "payout.pending", "payout.awaiting_approval", "payout.broadcast", "payout.completed", "payout.failed",
     "payout.cancelled",
     "sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed", "sweep.failed",
