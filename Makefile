@@ -41,7 +41,8 @@ lint: deps
 # hook, so it finds the package through this link (build/ is not committed).
 typecheck: deps
 	@mkdir -p build/mypy-path && ln -sfn ../../plugins/evm build/mypy-path/watcher_evm \
-	  && ln -sfn ../../plugins/bitcoin build/mypy-path/watcher_bitcoin
+	  && ln -sfn ../../plugins/bitcoin build/mypy-path/watcher_bitcoin \
+	  && ln -sfn ../../plugins/rates_http build/mypy-path/watcher_rates_http
 	$(BIN)/mypy
 
 test: deps lint typecheck

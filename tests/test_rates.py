@@ -182,8 +182,8 @@ def test_the_example_configs_rates_block_loads(tmp_path):
     pm = make_plugin_manager()
     cfg = load_config(tmp_path / "watcher.toml", chain_families(pm))
     rates = Rates.from_config(cfg, rate_kinds(pm))
-    assert rates.reference == "USD" and rates.pairs() == ["ETH/USD", "USDT/USD"]
-    assert [s.name for s in rates.sources] == ["chainlink:devnet", "fixed"]
+    assert rates.reference == "USD" and rates.pairs() == ["BTC/USD", "ETH/USD", "USDT/USD"]
+    assert [s.name for s in rates.sources] == ["chainlink:devnet", "fixed", "http:api.coingecko.com"]
 
 
 async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
@@ -225,3 +225,57 @@ async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
             r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": "quo_nope"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_quote"
             assert d.store.db.scalar("SELECT COUNT(*) FROM invoices") == before
+
+
+# CoinGecko's documented /simple/price answer (include_last_updated_at=true), replayed
+COINGECKO = (b'{"bitcoin":{"usd":97321.12345678,"last_updated_at":%d},'
+             b'"tether":{"usd":0.99981,"last_updated_at":%d},"dogecoin":{"usd":-1}}')
+
+
+async def test_the_http_kind_reads_coingeckos_format_from_a_local_replay(tmp_path):
+    from hypercorn.config import Config as HyperConfig
+    from hypercorn.trio import serve
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    seen: list[dict] = []
+    now = int(time.time())
+    stamps = {"fresh": now - 30}
+
+    async def simple_price(request: Request) -> Response:
+        seen.append({"query": dict(request.query_params), "key": request.headers.get("x-cg-demo-api-key")})
+        t = stamps["fresh"]
+        return Response(COINGECKO % (t, t), media_type="application/json")
+
+    port, api_port = free_port(), free_port()
+    (tmp_path / "cg.key").write_text("demo-key-123\n")
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")], api_port=api_port,
+                       extra={"rates": {"refresh": 0, "max_age": 600, "sources": [{
+                           "kind": "http", "url": f"http://127.0.0.1:{port}/api/v3/simple/price",
+                           "ids": {"BTC": "bitcoin", "USDT": "tether", "DOGE": "dogecoin"}, "vs": "USD",
+                           "api_key_header": "x-cg-demo-api-key", "api_key_file": "cg.key"}]}})
+    hc = HyperConfig()
+    hc.bind = [f"127.0.0.1:{port}"]
+    hc.accesslog = None
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: serve(Starlette(routes=[Route("/api/v3/simple/price", simple_price)]), hc,
+                                             shutdown_trigger=stop.wait))
+            async with running(cfg, api=True), httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}",
+                                                                 headers=AUTH, trust_env=False) as http:
+                got = (await http.get("/v1/rates", params={"pair": "BTC/USD"})).json()
+                assert got["rate"] == "97321.12345678" and got["source"] == "http:127.0.0.1"  # exact, no float
+                assert seen[-1] == {"query": {"ids": "bitcoin,tether,dogecoin", "vs_currencies": "usd",
+                                              "include_last_updated_at": "true"}, "key": "demo-key-123"}
+                cross = (await http.get("/v1/rates", params={"pair": "BTC/USDT"})).json()
+                assert cross["rate"] == decimal_text(Fraction("97321.12345678") / Fraction("0.99981"))
+                r = await http.get("/v1/rates", params={"pair": "DOGE/USD"})  # a negative price: none
+                assert r.status_code == 503 and r.json()["error"]["code"] == "rate_unavailable"
+                stamps["fresh"] = now - 601  # the API's own timestamp says it is old: never used
+                r = await http.get("/v1/rates", params={"pair": "BTC/USD"})
+                assert r.status_code == 503 and "old" in r.json()["error"]["message"]
+                assert "demo-key-123" not in r.text
+            stop.set()
