@@ -156,6 +156,41 @@ async def test_a_sweep_the_node_refused_is_planned_again_by_the_next_run(tmp_pat
                 assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1
 
 
+async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil: Anvil, token: Token):
+    """A token sweep past its funding (its transfer sent) whose top-up a reorg takes off the
+    chain, and the node then forgets: the top-up is sent again (the settled transactions of a
+    reorged block are followed again), mined, and the sweep completes once, the treasury paid
+    exactly. (The EVM soak's seed 3 once left such a sweep broadcast for ever; this is the
+    shape that works, see docs/reliability.md.)"""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                  headers=ADMIN, trust_env=False) as http:
+            hot = d.store.hot_wallet("devnet")
+            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
+            bob, _ = d.store.addresses.deposit_address("devnet", "bob")
+            anvil.wait_receipt(token.mint(bob.address, 100_000_000))
+            await mine_until(anvil, lambda: d.views.transfers(status="confirmed")[0], what="the deposit")
+            anvil.automine(False)
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            sweep = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast"
+                                     and s[0], what="the token transfer sent")
+            topup = anvil.receipt(sweep["topup_txid"])
+            assert topup is not None and anvil.balance(bob.address) > 0
+            # the blocks from the top-up's on are replaced by empty ones: no gas at bob's any more
+            anvil.reorg(anvil.head() - int(topup["blockNumber"], 16) + 1)
+            # and the node forgets it (anvil puts a reorged transaction back in its pool; a real
+            # node may drop it, or a rival of the hot wallet's nonce may win)
+            anvil.rpc("anvil_dropTransaction", sweep["topup_txid"])
+            assert anvil.balance(bob.address) == 0 and anvil.receipt(sweep["topup_txid"]) is None
+            done = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "confirmed"
+                                    and s[0], what="the sweep completed after the top-up came back")
+            assert anvil.receipt(sweep["topup_txid"]) is not None  # the same top-up, mined again
+            assert token.balance(TREASURY) == 100_000_000 == int(done["base_units"])
+            assert len(d.views.sweeps()[0]) == 1 and len(transfer_logs_from(anvil, token, bob.address)) == 1
+
+
 def sweep_status(db) -> str | None:
     with sqlite3.connect(db) as c:
         row = c.execute("SELECT status FROM sweeps").fetchone()
