@@ -21,7 +21,15 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil, calldata, compile_contracts, deploy
 from watcher.errors import ConfigError
-from watcher.rates import FixedSource, Rate, Rates, RateUnavailable, amount_for_price, decimal_text
+from watcher.rates import (
+    FixedSource,
+    Rate,
+    Rates,
+    RateUnavailable,
+    UnknownPair,
+    amount_for_price,
+    decimal_text,
+)
 
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
@@ -49,7 +57,7 @@ async def test_cross_rates_through_the_reference_and_staleness():
     usd_eth = await rates.get(None, "USD", "ETH")  # type: ignore[arg-type]
     assert usd_eth.value == Fraction(1, 3000)
     assert (await rates.get(None, "ETH", "USDT")).value == 3000  # type: ignore[arg-type]
-    with pytest.raises(RateUnavailable, match="no source gives BTC/USD"):
+    with pytest.raises(UnknownPair, match="no source gives BTC/USD"):  # a 422: asking again will not help
         await rates.get(None, "BTC", "EUR")  # type: ignore[arg-type]
 
     class Old:

@@ -274,11 +274,18 @@ async def soak(h: LitecoinHarness, tmp_path: Path) -> None:
                     await trio.sleep(0.01)
             assert done_kills == len(kills)
             worked = time.monotonic()
-            # let everything settle: payouts, confirmations, deliveries, and two last sweep runs
-            # (the second for what the first left or what confirmed meanwhile)
-            for _ in range(2):
+            # let everything settle: payouts, confirmations, deliveries, and the last sweep runs:
+            # at least two (the second for what the first left or what confirmed meanwhile), and
+            # more while a sweep that failed during the previous one (the node refused it, a
+            # rival took its place) left its addresses planned again (bounded: five runs)
+            last_run_ms = int(time.time() * 1000)
+            for run in range(5):
                 await work.sweep()
                 await settle(lambda: h.mine(1), db, proc, FINALITY)
+                if run >= 1 and not db_rows(db, "SELECT 1 FROM sweeps WHERE chain = ? AND status = 'failed'"
+                                                " AND updated_at > ?", (CHAIN, last_run_ms)):
+                    break
+                last_run_ms = int(time.time() * 1000)
             await trio.sleep(1)
             received = rx.unique()
             settled = time.monotonic()

@@ -12,6 +12,7 @@ as a decimal string.
 Failure policy: a source that raises or answers nothing usable makes its pairs unavailable
 (``RateUnavailable``, ``503 rate_unavailable`` naming the pair) and is logged; it never stops
 the daemon, and a fiat invoice is then refused rather than priced from an old or made-up rate.
+A pair no source gives at all is ``422 unknown_pair`` (asking again will not help).
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ VALUE_DECIMALS = 8  # reference values (a transfer's worth in USD) are shown to 
 
 
 class RateUnavailable(WatcherError):
-    """No rate, or only a stale one, for a pair."""
+    """The sources that give a pair failed, gave nothing, or only a stale rate: try later."""
 
     status = 503
     code = "rate_unavailable"
+
+
+class UnknownPair(WatcherError):
+    """No configured source gives the pair, directly or through the reference currency: a
+    request for it cannot succeed until the configuration changes."""
+
+    status = 422
+    code = "unknown_pair"
 
 
 @dataclass(frozen=True)
@@ -317,8 +326,8 @@ class Rates:
         for sym in (base, quote):
             leg = None if sym == ref else await self._direct(daemon, sym, ref)
             if leg is None and sym != ref:
-                raise RateUnavailable(f"no rate for {base}/{quote}: no source gives {sym}/{ref} "
-                                      f"(configured pairs: {', '.join(self.pairs()) or 'none'})")
+                raise UnknownPair(f"no rate for {base}/{quote}: no source gives {sym}/{ref} "
+                                  f"(configured pairs: {', '.join(self.pairs()) or 'none'})")
             legs.append(leg)
         b_leg, q_leg = legs
         value = (b_leg.value if b_leg else Fraction(1)) / (q_leg.value if q_leg else Fraction(1))

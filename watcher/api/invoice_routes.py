@@ -92,7 +92,7 @@ def _depth(value: Any, level: int = 0) -> int:
 
 @endpoints.add(
     "POST", "/v1/invoices", scope="invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
-    errors=(400, 503),
+    errors=(400, 422, 503),
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
         "asset": {"$ref": "#/components/schemas/AssetSymbol"},
@@ -245,7 +245,7 @@ async def submit_tx(req: ApiRequest) -> Any:
 
 
 @endpoints.add("GET", "/v1/rates", summary="The rate of a pair (1 BASE in QUOTE) from the configured sources; "
-               "without pair, the reference currency and the configured pairs.", tag="rates", errors=(400, 503),
+               "without pair, the reference currency and the configured pairs.", tag="rates", errors=(400, 422, 503),
                query=({"name": "pair", "in": "query", "required": False,
                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}/[A-Za-z0-9]{1,16}$"},
                        "description": "e.g. ETH/USD; derived through the reference currency if not configured"},),
@@ -264,7 +264,7 @@ async def get_rate(req: ApiRequest) -> Any:
     return (await rates.get(req.daemon, base, quote)).view()
 
 
-@endpoints.add("POST", "/v1/quotes", scope="invoices", tag="rates", errors=(400, 503),
+@endpoints.add("POST", "/v1/quotes", scope="invoices", tag="rates", errors=(400, 422, 503),
                summary="Quote an amount of an asset for a price in a currency, locked for [rates] quote_ttl; an "
                        "invoice created with its quote_id uses that amount, once.",
                body={"type": "object", "required": ["chain", "asset", "price"], "additionalProperties": False,
