@@ -190,12 +190,14 @@ def test_schemathesis_finds_no_server_errors(tmp_path, anvil: Anvil, who: str):
                                "read,addresses,invoices", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
         assert made.returncode == 0, made.stderr
         token = json.loads(made.stdout.strip().splitlines()[-1])["key"]
+    # the shop key gets 403 on most routes: a third of the examples cover it (the soak runs more)
+    examples = SCHEMATHESIS_EXAMPLES if who == "app_token" else max(20, SCHEMATHESIS_EXAMPLES // 3)
     proc = DaemonProcess(cfg).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         r = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"http://127.0.0.1:{port}/openapi.json",
-             "-H", f"Authorization: Bearer {token}", "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--seed", "1",
+             "-H", f"Authorization: Bearer {token}", "--max-examples", str(examples), "--seed", "1",
              "--exclude-checks", "positive_data_acceptance", "--generation-database", "none", "--no-color",
              "--request-timeout", "20"],
             capture_output=True, text=True, timeout=max(600, SCHEMATHESIS_EXAMPLES * 20), cwd=tmp_path)
@@ -206,4 +208,4 @@ def test_schemathesis_finds_no_server_errors(tmp_path, anvil: Anvil, who: str):
     assert "Traceback" not in proc.log()
     summary = re.search(r"\d+ generated, \d+ passed.*", r.stdout)
     assert summary, r.stdout[-2000:]
-    print(f"schemathesis ({who}), {SCHEMATHESIS_EXAMPLES} examples per operation: {summary.group(0)}")
+    print(f"schemathesis ({who}), {examples} examples per operation: {summary.group(0)}")

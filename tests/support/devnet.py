@@ -66,6 +66,9 @@ def main() -> int:
             "keys": {"mnemonic_file": "seed.txt"},
             "api": {"listen": f"127.0.0.1:{port}", "token": token},
             "log": {"level": "info", "format": "text"},
+            # the demo shop's webhook receiver runs on this machine: a private address, refused
+            # unless its host is listed (docs/security.md)
+            "webhooks": {"allowed_hosts": ["127.0.0.1"]},
             "chains": [{
                 "id": "devnet", "family": "evm", "rpc_url": node.url, "native_symbol": "ETH",
                 "confirmations": 2, "start_block": 0, "poll_interval": 0.5, "chain_id": 31337,
