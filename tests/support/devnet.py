@@ -38,6 +38,11 @@ def main() -> int:
     from watcher.keys import new_mnemonic, write_secret_file
 
     DIR.mkdir(exist_ok=True)
+
+    def stop(signum: int, frame: object) -> None:  # `kill`, or a supervisor, like Ctrl-C: clean up
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     node = Anvil(chain_id=31337, block_time=1, port=8545 if _port_free(8545) else 0)
     node.start()
     ltc = Litecoind()
