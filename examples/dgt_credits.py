@@ -10,7 +10,8 @@ at the rate of its detection). The app:
 - credits the label (the player) on ``transfer.confirmed``, **once per transfer id** (its own
   SQLite file: a redelivered or repeated event changes nothing);
 - takes the credit back on ``transfer.orphaned`` (a reorg), and gives it again if the same
-  transfer is confirmed again later;
+  transfer is confirmed again later; deliveries may arrive out of order, so an event older
+  (by ``watcher-sequence``) than the last one applied to a transfer changes nothing;
 - shows balances at ``GET /balances``.
 
 Run it: ``WEBHOOK_SECRET=whsec_... python examples/dgt_credits.py --port 8500 --db dgt.db``,
@@ -42,21 +43,20 @@ class Ledger:
     def __init__(self, path: str):
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode = WAL")
+        # seq: the webhook's watcher-sequence (per endpoint, one per event): deliveries can arrive
+        # out of order (retries, redeliveries), so only a newer event changes a transfer's credit
         self.db.execute("CREATE TABLE IF NOT EXISTS credits (transfer_id TEXT PRIMARY KEY, label TEXT NOT NULL,"
-                        " dgt TEXT NOT NULL, live INTEGER NOT NULL)")
+                        " dgt TEXT NOT NULL, live INTEGER NOT NULL, seq INTEGER NOT NULL)")
 
-    def credit(self, transfer: dict[str, Any]) -> bool:
+    def apply(self, transfer: dict[str, Any], *, live: bool, seq: int) -> bool:
+        """Credit (``live``) or take back the transfer's DGT, unless a newer event already did."""
         value, label = transfer.get("value"), transfer.get("label")
         if not value or value.get("currency") != "USD" or not label:
             return False  # no rate when it arrived (never guess one), or not a player's address
         dgt = Decimal(value["amount"]) * DGT_PER_USDT
-        cur = self.db.execute("INSERT INTO credits (transfer_id, label, dgt, live) VALUES (?, ?, ?, 1)"
-                              " ON CONFLICT (transfer_id) DO UPDATE SET live = 1 WHERE live = 0",
-                              (transfer["id"], label, str(dgt)))
-        return cur.rowcount == 1
-
-    def reverse(self, transfer_id: str) -> bool:
-        cur = self.db.execute("UPDATE credits SET live = 0 WHERE transfer_id = ? AND live = 1", (transfer_id,))
+        cur = self.db.execute("INSERT INTO credits (transfer_id, label, dgt, live, seq) VALUES (?, ?, ?, ?, ?)"
+                              " ON CONFLICT (transfer_id) DO UPDATE SET live = excluded.live, seq = excluded.seq"
+                              " WHERE excluded.seq > credits.seq", (transfer["id"], label, str(dgt), int(live), seq))
         return cur.rowcount == 1
 
     def balances(self) -> dict[str, str]:
@@ -76,10 +76,11 @@ def create_app(secret: str, db_path: str) -> Starlette:
             event = webhook.verify(body, dict(request.headers))
         except WebhookVerificationError:
             return Response(status_code=400)  # not from watcher (or stale): ignore it
+        seq = int(request.headers.get("watcher-sequence", "0"))
         if event["type"] == "transfer.confirmed":
-            ledger.credit(event["data"])
+            ledger.apply(event["data"], live=True, seq=seq)
         elif event["type"] == "transfer.orphaned":
-            ledger.reverse(event["data"]["id"])
+            ledger.apply(event["data"], live=False, seq=seq)
         return Response(status_code=204)  # any 2xx: watcher stops retrying
 
     async def balances(request: Request) -> Response:

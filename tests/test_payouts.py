@@ -305,6 +305,12 @@ async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvi
             assert second["nonce"] == first["nonce"] and int(second["max_fee_per_gas"]) > 500 * GWEI
             anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
             anvil.mine(2)
+            # under load the replacement may reach the node after those blocks: keep mining
+            for _ in range(80):
+                if d.views.payout(p["id"])["status"] == "completed":
+                    break
+                anvil.mine(1)
+                await trio.sleep(0.5)
             v = await until_status(d, p["id"], "completed")
             mined = [t for t in v["transactions"] if t["status"] == "mined"]
             assert len(mined) == 1 and v["txid"] == mined[0]["txid"]

@@ -211,7 +211,7 @@ async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
             # the feed moves; the quote's amount does not
             anvil.send(anvil.accounts[0], feed, 0, calldata("updateAnswer(int256)", 200000000000))
             anvil.mine(1)
-            assert (await http.get("/v1/rates", params={"pair": "ETH/USD"})).json()["rate"] == "2000"
+            await wait_until_async_rate(http, "2000")
             r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": quote["id"]})
             assert r.status_code == 201, r.text
             inv = r.json()
@@ -287,3 +287,16 @@ async def test_the_http_kind_reads_coingeckos_format_from_a_local_replay(tmp_pat
                 assert r.status_code == 503 and "old" in r.json()["error"]["message"]
                 assert "demo-key-123" not in r.text
             stop.set()
+
+
+async def wait_until_async_rate(http: httpx.AsyncClient, want: str, timeout: float = 10.0) -> None:
+    """GET /v1/rates until ETH/USD reads ``want`` (a source read already in flight when the
+    feed moved may answer the old round once)."""
+    deadline = trio.current_time() + timeout
+    got = None
+    while trio.current_time() < deadline:
+        got = (await http.get("/v1/rates", params={"pair": "ETH/USD"})).json().get("rate")
+        if got == want:
+            return
+        await trio.sleep(0.1)
+    raise AssertionError(f"ETH/USD is {got}, wanted {want}")
