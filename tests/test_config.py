@@ -167,7 +167,7 @@ CASES = [
     ("payout bad amount", lambda r: r["chains"][0].update(payouts={"max_amount": {"USDT": "1.0000001"}}),
      "chains[0].payouts.max_amount.USDT: USDT '1.0000001' has more than 6 decimal places"),
     ("payout bad rate", lambda r: r["chains"][0].update(payouts={"label_rate": "ten per hour"}),
-     "chains[0].payouts.label_rate: 'ten per hour' is not N/s"),
+     "chains[0].payouts.label_rate: 'ten per hour' is not a rate: write N/s, N/min, N/h or N/d"),
     ("payout small bump", lambda r: r["chains"][0].update(payouts={"fee_bump": "0.05"}),
      "chains[0].payouts.fee_bump: must be between 0.1 and 10"),
     ("payout deny typo", lambda r: r["chains"][0].update(payouts={"deny": ["0x12"]}),

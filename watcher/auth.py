@@ -185,10 +185,3 @@ class RateLimiter:
         retry = 0 if allowed else math.ceil((cost - b.tokens) * per_token)
         return Verdict(allowed=allowed, limit=rate.count, remaining=int(b.tokens),
                        reset=math.ceil((rate.count - b.tokens) * per_token), retry_after=max(retry, 0 if allowed else 1))
-
-    def peek(self, name: str, rate: Rate, now: float) -> float:
-        """Tokens left in ``name``'s bucket now (a full bucket if it has none)."""
-        b = self._buckets.get(name)
-        if b is None:
-            return float(rate.count)
-        return min(float(rate.count), b.tokens + max(0.0, now - b.at) * rate.count / rate.period)

@@ -4,10 +4,10 @@ in base units here."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .auth import parse_rate
 from .errors import ConfigError, InvalidAddress, InvalidAmount
 from .money import parse_amount
 
@@ -88,11 +88,12 @@ def parse_payouts(t: ConfigTable, spec: ChainSpec, assets: tuple[AssetConfig, ..
 
     rate = t.take("label_rate", str, None)
     label_rate = None
-    if rate is not None:
-        m = re.match(r"^(\d+)/(s|m|h|d)$", rate.strip())
-        if not m or int(m.group(1)) == 0:
-            raise ConfigError(t.key("label_rate"), f"{rate!r} is not N/s, N/m, N/h or N/d (e.g. \"10/h\")")
-        label_rate = (int(m.group(1)), {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+    if rate is not None:  # the one rate syntax, as [api] rate_limit
+        try:
+            parsed = parse_rate(rate)
+        except ValueError as e:
+            raise ConfigError(t.key("label_rate"), str(e)) from None
+        label_rate = (parsed.count, parsed.period)
     deny_raw = t.take("deny", list, [], check=lambda v: None if all(isinstance(x, str) for x in v)
                       else "must be a list of addresses")
     policy = PayoutPolicy(

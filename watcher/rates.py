@@ -296,10 +296,7 @@ class Rates:
         legs = [None if s == ref else leg(s, ref) for s in (base, quote)]
         if any(x is None for s, x in zip((base, quote), legs, strict=True) if s != ref):
             return None
-        b_leg, q_leg = legs
-        used = [x for x in legs if x is not None]
-        value = (b_leg.value if b_leg else Fraction(1)) / (q_leg.value if q_leg else Fraction(1))
-        return Rate(base, quote, value, "+".join(x.source for x in used), min(x.updated_at for x in used))
+        return _cross(base, quote, legs[0], legs[1])
 
     def value_of(self, symbol: str, base_units: int, decimals: int) -> dict[str, Any] | None:
         """What ``base_units`` of ``symbol`` are worth in the reference currency at the cached
@@ -329,10 +326,14 @@ class Rates:
                 raise UnknownPair(f"no rate for {base}/{quote}: no source gives {sym}/{ref} "
                                   f"(configured pairs: {', '.join(self.pairs()) or 'none'})")
             legs.append(leg)
-        b_leg, q_leg = legs
-        value = (b_leg.value if b_leg else Fraction(1)) / (q_leg.value if q_leg else Fraction(1))
-        used = [x for x in legs if x is not None]
-        return Rate(base, quote, value, "+".join(x.source for x in used), min(x.updated_at for x in used))
+        return _cross(base, quote, legs[0], legs[1])
+
+
+def _cross(base: str, quote: str, b_leg: Rate | None, q_leg: Rate | None) -> Rate:
+    """base/quote from base/ref and quote/ref (None: that side is the reference itself)."""
+    used = [x for x in (b_leg, q_leg) if x is not None]
+    value = (b_leg.value if b_leg else Fraction(1)) / (q_leg.value if q_leg else Fraction(1))
+    return Rate(base, quote, value, "+".join(x.source for x in used), min(x.updated_at for x in used))
 
 
 def amount_for_price(price: Fraction, rate: Rate, decimals: int) -> int:

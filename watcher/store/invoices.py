@@ -263,7 +263,10 @@ class Invoices:
         """The invoice as the API and its events show it (``watcher.views``)."""
         return views.invoice(self.store.chain_config(inv.chain), inv, self.payments(inv),
                              tip=self.store.chains.scanned_number(inv.chain),
-                             refunds=self.store.payouts.refunds(inv.id))
+                             # only an invoice that received money can have refunds: no query for
+                             # the unpaid ones (most renders: lists, invoice.created events)
+                             refunds=self.store.payouts.refunds(inv.id)
+                             if inv.received or inv.confirmed or inv.refunded else ())
 
     def page(self, *, status: str | None = None, order_id: str | None = None, chain: str | None = None,
              after: str | None = None, limit: int = 100) -> tuple[list[InvoiceRow], str | None]:
