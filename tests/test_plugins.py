@@ -244,3 +244,131 @@ async def test_startup_hook_can_use_the_chain_clients(tmp_path, anvil: Anvil):
                 nursery.cancel_scope.cancel()
     finally:
         d.close()
+
+
+class Greeter:
+    """A plugin with a config table of its own, an API route (scoped) and a public listener."""
+
+    def __init__(self, public_port: int = 0):
+        self.public_port = public_port
+
+    @hookimpl
+    def watcher_config_sections(self):
+        from watcher.config import ConfigSection
+
+        def parse(t, resolve):
+            return {"greeting": t.take("greeting", str, "hello")}
+
+        return [ConfigSection("greeter", parse)]
+
+    @hookimpl
+    def watcher_routes(self, config):
+        from watcher.api import Endpoints, Listener, RouteSet
+
+        greeting = config.sections.get("greeter", {}).get("greeting", "hello")
+        api, public = Endpoints(), Endpoints()
+
+        @api.add("GET", "/v1/greeter/greeting", summary="The greeting.", tag="greeter",
+                 responses={200: {"type": "object"}})
+        async def get_greeting(req):
+            return {"greeting": greeting, "by": req.actor.name}
+
+        @api.add("POST", "/v1/greeter/greetings", summary="Greet someone.", tag="greeter", scope="admin",
+                 responses={200: {"type": "object"}})
+        async def post_greeting(req):
+            return {"greeted": (await req.json()).get("name")}
+
+        @public.add("GET", "/hello", summary="A public greeting.", auth=False)
+        async def hello(req):
+            from starlette.responses import PlainTextResponse
+
+            return PlainTextResponse(greeting)
+
+        return [RouteSet(api.items), RouteSet(public.items, Listener("greeter", "127.0.0.1", self.public_port,
+                                                                      frozenset({f"127.0.0.1:{self.public_port}"})))]
+
+
+async def test_plugin_routes_join_the_api_with_their_scopes_and_openapi(tmp_path, anvil: Anvil):
+    import httpx
+
+    from tests.support.daemon import API_TOKEN, free_port, running
+
+    api_port, public_port = free_port(), free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=api_port,
+                       extra={"greeter": {"greeting": "moin"}})
+    pm = make_plugin_manager(extra=(Greeter(public_port),))
+    async with running(cfg, api=True, pm=pm) as d, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{api_port}", trust_env=False) as http:
+        assert d.config.sections["greeter"] == {"greeting": "moin"}
+        auth = {"authorization": f"Bearer {API_TOKEN}"}
+        assert (await http.get("/v1/greeter/greeting")).status_code == 401
+        r = await http.get("/v1/greeter/greeting", headers=auth)
+        assert r.status_code == 200 and r.json()["greeting"] == "moin"
+        r = await http.post("/v1/greeter/greetings", headers=auth, json={"name": "x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+        doc = (await http.get("/openapi.json")).json()
+        op = doc["paths"]["/v1/greeter/greetings"]["post"]
+        assert op["x-watcher-scope"] == "admin" and op["security"][0]["bearer"] == ["admin"]
+        assert "/hello" not in doc["paths"] and (await http.get("/hello")).status_code == 404
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public_port}", trust_env=False) as pub:
+            r = await pub.get("/hello")
+            assert r.status_code == 200 and r.text == "moin"
+            assert (await pub.get("/v1/greeter/greeting", headers=auth)).status_code == 404
+            assert (await pub.get("/openapi.json")).status_code == 404
+        assert d.listener_urls["greeter"] == [f"http://127.0.0.1:{public_port}"]
+
+
+def test_plugin_route_and_section_mistakes_stop_start_up_naming_the_plugin(tmp_path, anvil: Anvil):
+    from watcher.api import Endpoints, Listener, RouteSet, plugin_routes
+    from watcher.config import ConfigSection
+    from watcher.plugins import config_sections
+
+    class ClaimsApi:
+        @hookimpl
+        def watcher_config_sections(self):
+            return [ConfigSection("api", lambda t, r: None)]
+
+    with pytest.raises(PluginError, match=r"claims \[api\]"):
+        config_sections(make_plugin_manager(extra=(ClaimsApi(),)))
+
+    def routes_of(*endpoints_and_listener):
+        class Routes:
+            @hookimpl
+            def watcher_routes(self):
+                return [RouteSet(list(e.items), lst) for e, lst in endpoints_and_listener]
+        return Routes()
+
+    core = Endpoints()
+
+    @core.add("GET", "/v1/invoices", summary="Mine.")
+    async def mine(req):
+        return {}
+
+    with pytest.raises(PluginError, match="GET /v1/invoices is the core's"):
+        plugin_routes(make_plugin_manager(extra=(routes_of((core, None)),)), None)
+
+    twice = Endpoints()
+
+    @twice.add("GET", "/v1/twice", summary="Twice.")
+    async def t(req):
+        return {}
+
+    with pytest.raises(PluginError, match="already served"):
+        plugin_routes(make_plugin_manager(extra=(routes_of((twice, None), (twice, None)),)), None)
+
+    authed = Endpoints()
+
+    @authed.add("GET", "/secret", summary="Needs a token.")
+    async def s(req):
+        return {}
+
+    with pytest.raises(PluginError, match="asks for auth"):
+        plugin_routes(make_plugin_manager(extra=(routes_of((authed, Listener("pub", "127.0.0.1", 0))),)), None)
+
+    class Raises:
+        @hookimpl
+        def watcher_routes(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(PluginError, match="watcher_routes raised RuntimeError: boom"):
+        plugin_routes(make_plugin_manager(extra=(Raises(),)), None)

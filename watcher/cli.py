@@ -129,10 +129,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
     from .keys import Keyring
-    from .plugins import chain_families, make_plugin_manager
+    from .plugins import chain_families, config_sections, invoice_links, make_plugin_manager
 
-    config = load_config(_config_path(args), chain_families(make_plugin_manager()))
+    pm = make_plugin_manager()
+    config = load_config(_config_path(args), chain_families(pm), config_sections(pm))
     Keyring.from_config(config.keys)
+    invoice_links(pm, config)
     print(f"{_config_path(args)}: OK ({len(config.chains)} chain(s): {', '.join(c.id for c in config.chains)})")
     return 0
 
@@ -227,9 +229,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from .backup import backup
     from .config import load_config
-    from .plugins import chain_families, make_plugin_manager
+    from .plugins import chain_families, config_sections, make_plugin_manager
 
-    config = load_config(_config_path(args), chain_families(make_plugin_manager()))
+    pm = make_plugin_manager()
+    config = load_config(_config_path(args), chain_families(pm), config_sections(pm))
     size = backup(config.storage.path, Path(args.path), force=args.force)
     print(f"backed up {config.storage.path} to {args.path} ({size} bytes, integrity ok)")
     return 0

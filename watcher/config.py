@@ -337,6 +337,20 @@ class RatesConfig:
 
 
 @dataclass(frozen=True)
+class ConfigSection:
+    """A top-level table a plugin reads (hook ``watcher_config_sections``): ``parse(table,
+    resolve)`` takes its keys from the :class:`ConfigTable` (``resolve`` turns a relative path
+    into one next to the config file) and returns what ``config.sections[name]`` holds."""
+
+    name: str
+    parse: Callable[[ConfigTable, Callable[[str], Path]], Any]
+
+
+#: The top-level tables the core reads; no plugin may claim one.
+CORE_TABLES = frozenset({"storage", "keys", "api", "log", "invoices", "admin", "webhooks", "rates", "chains"})
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     storage: StorageConfig
@@ -348,6 +362,9 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     paused: frozenset[str] = frozenset()  # [admin] paused: scopes held by config
     rates: RatesConfig = field(default_factory=RatesConfig)
+    sections: Mapping[str, Any] = field(default_factory=dict)  # plugin tables present, parsed
+    # links every invoice shows (hook watcher_invoice_links): field name -> URL template with {id}
+    invoice_links: Mapping[str, str] = field(default_factory=dict)
 
     def chain(self, chain_id: str) -> ChainConfig | None:
         for c in self.chains:
@@ -356,9 +373,10 @@ class Config:
         return None
 
 
-def load_config(path: str | Path, families: Mapping[str, ChainFamily]) -> Config:
+def load_config(path: str | Path, families: Mapping[str, ChainFamily],
+                sections: Mapping[str, ConfigSection] | None = None) -> Config:
     """Read and check the TOML file at ``path``. ``families`` maps family names to the chain
-    families the loaded plugins provide."""
+    families the loaded plugins provide, ``sections`` table names to the plugins' tables."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -373,7 +391,7 @@ def load_config(path: str | Path, families: Mapping[str, ChainFamily]) -> Config
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{path}: not valid TOML: {e}") from None
-    return parse_config(raw, families, base_dir=path.resolve().parent, path=path)
+    return parse_config(raw, families, base_dir=path.resolve().parent, path=path, sections=sections)
 
 
 def parse_config(
@@ -382,6 +400,7 @@ def parse_config(
     *,
     base_dir: Path,
     path: Path | None = None,
+    sections: Mapping[str, ConfigSection] | None = None,
 ) -> Config:
     top = ConfigTable(raw, "")
 
@@ -425,9 +444,15 @@ def parse_config(
             raise ConfigError(t.key("id"), f"duplicate chain id {chain.id!r}")
         seen.add(chain.id)
         chains.append(chain)
+    parsed: dict[str, Any] = {}
+    for name, section in (sections or {}).items():
+        if top.has(name):
+            t = top.table(name)
+            parsed[name] = section.parse(t, resolve)
+            t.done()
     top.done()
     return Config(path=path, storage=storage, keys=keys, api=api, log=log, chains=tuple(chains),
-                  invoices=invoices, webhooks=webhooks, paused=paused, rates=rates)
+                  invoices=invoices, webhooks=webhooks, paused=paused, rates=rates, sections=parsed)
 
 
 def _storage_path_problem(path: Path) -> str | None:

@@ -9,6 +9,7 @@ database, migrations, the seed check), so a mistake stops any command before it 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from .clock import Clock
 from .config import Config, load_config
 from .keys import Keyring
 from .metrics import Metrics
-from .plugins import chain_families, make_plugin_manager, rate_kinds
+from .plugins import chain_families, config_sections, invoice_links, make_plugin_manager, rate_kinds
 from .rates import Rates
 from .store import Store
 from .views import Views
@@ -46,7 +47,8 @@ class Core:
         pm = pm or make_plugin_manager()
         families = chain_families(pm)
         if not isinstance(config, Config):
-            config = load_config(config, families)
+            config = load_config(config, families, config_sections(pm))
+        config = dataclasses.replace(config, invoice_links=invoice_links(pm, config))
         rates = Rates.from_config(config, rate_kinds(pm))  # a bad [[rates.sources]] stops any command
         keyring = Keyring.from_config(config.keys)
         metrics = Metrics(registry)

@@ -54,8 +54,11 @@ class Daemon:
             cid: Sender(w, store, self.keys[cid], metrics) for cid, w in self.watchers.items()}
         self.payout_checks = implementations(pm, "watcher_payout_check")  # see api.money_routes.run_checks
         self.api_urls: list[str] = []
+        self.listener_urls: dict[str, list[str]] = {}  # each plugin listener's (watcher_routes)
         self.started = trio.Event()
-        self._api_stop = trio.Event()  # set: the API stops accepting connections and drains
+        # set: the API and every plugin listener stop accepting connections and drain; a long
+        # response (an event stream) waits on it to end itself
+        self.stopping = trio.Event()
         self._api_done: trio.Event | None = None  # while the API runs: set once it has returned
 
     # what plugins and the API reach through the daemon (hooks get ``daemon``)
@@ -171,7 +174,7 @@ class Daemon:
 
         assert self._api_done is not None
         try:
-            await api_module.serve(self, shutdown_trigger=self._api_stop.wait, task_status=task_status)
+            await api_module.serve(self, shutdown_trigger=self.stopping.wait, task_status=task_status)
         finally:
             self._api_done.set()
 
@@ -180,7 +183,7 @@ class Daemon:
         in flight get ``api.GRACEFUL_TIMEOUT`` seconds to finish, while every other task still
         runs (a request may need them). Returns once the API has stopped; the caller then
         cancels the rest."""
-        self._api_stop.set()
+        self.stopping.set()
         if self._api_done is not None:
             from .api import GRACEFUL_TIMEOUT
 

@@ -52,6 +52,49 @@ def watcher_rate_kinds() -> list[Any]:
     """
 
 
+@hookspec
+def watcher_config_sections() -> list[Any]:
+    """Return the top-level config tables this plugin reads (``watcher.config.ConfigSection``:
+    a table ``name`` such as ``"checkout"`` and ``parse(table, resolve)`` returning the parsed
+    value, raising ``ConfigError`` for a bad key). The parsed value is ``config.sections[name]``
+    when the table is present (absent table: no entry; a plugin is usually off then).
+
+    Called when any command loads its configuration. Not firstresult; a table name may be
+    claimed once, and never one the core reads (start-up fails naming the plugin). A key the
+    parser did not ``take`` is an unknown key, as everywhere else.
+    """
+
+
+@hookspec
+def watcher_routes(config: Any) -> list[Any]:
+    """Return the HTTP routes this plugin serves (``watcher.api.RouteSet``s). A set without a
+    ``listener`` joins the control API: its endpoints (``watcher.api.Endpoint``, each declaring
+    ``auth`` and ``scope`` like the core's) are authenticated, rate limited and listed in
+    ``/openapi.json`` exactly like the core's. A set with a ``listener`` (``watcher.api.Listener``:
+    a name, an address to bind, the ``Host`` values it answers) is served on a listener of its
+    own, next to the control API: nothing else is reachable there, its endpoints take no token
+    (``auth=False``), each client address is rate limited, and unknown paths are a plain 404.
+
+    Called once when the daemon starts serving. Not firstresult. A route that clashes with
+    another (same method and path on the same listener), an API route under a path the core
+    owns, a public route that asks for auth, or an implementation that raises stops start-up
+    with the plugin's name. A handler that raises while serving is a 500 (logged with the
+    route and counted as ``watcher_errors_total{kind="api"}``); the daemon keeps serving.
+    On shutdown every listener drains together (``Daemon.stopping`` is set first: a long
+    response such as an event stream ends itself then).
+    """
+
+
+@hookspec
+def watcher_invoice_links(config: Any) -> dict[str, str]:
+    """Return links every invoice gains, as URL templates with ``{id}`` (the invoice id), by
+    field name; the known field is ``checkout_url`` (the checkout plugin's page). An invoice
+    shows each known link field, null when no plugin provides it. Called once when the
+    daemon or a command opens its configuration; a field provided twice, an unknown field or
+    an implementation that raises stops start-up with the plugin's name.
+    """
+
+
 # --- lifecycle -------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import pluggy
 
 from . import hookspecs
 from .chains import ChainFamily
+from .config import CORE_TABLES, ConfigSection
 from .errors import WatcherError
 
 ENTRY_POINT_GROUP = "watcher.plugins"
@@ -114,6 +115,52 @@ def rate_kinds(pm: pluggy.PluginManager) -> Mapping[str, Any]:
             kinds[name] = kind
             owners[name] = impl.plugin_name
     return kinds
+
+
+def config_sections(pm: pluggy.PluginManager) -> Mapping[str, ConfigSection]:
+    """Every plugin's ``watcher_config_sections``: a table name once, never a core one."""
+    sections: dict[str, ConfigSection] = {}
+    owners: dict[str, str] = {}
+    for impl in implementations(pm, "watcher_config_sections"):
+        try:
+            provided = impl() or []
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name!r}: watcher_config_sections raised {type(e).__name__}: {e}") from e
+        for section in provided:
+            if not isinstance(section, ConfigSection):
+                raise PluginError(f"plugin {impl.plugin_name!r} returned {section!r}, not a ConfigSection")
+            if section.name in CORE_TABLES:
+                raise PluginError(f"plugin {impl.plugin_name!r} claims [{section.name}], a table the core reads")
+            if section.name in sections:
+                raise PluginError(f"config table [{section.name}] is claimed by both {owners[section.name]!r} "
+                                  f"and {impl.plugin_name!r}")
+            sections[section.name] = section
+            owners[section.name] = impl.plugin_name
+    return sections
+
+
+def invoice_links(pm: pluggy.PluginManager, config: Any) -> dict[str, str]:
+    """Every plugin's ``watcher_invoice_links`` for this configuration: a known field
+    (``views.INVOICE_LINKS``) once."""
+    from .views import INVOICE_LINKS
+
+    links: dict[str, str] = {}
+    for impl in implementations(pm, "watcher_invoice_links"):
+        try:
+            provided = impl(config=config) or {}
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name!r}: watcher_invoice_links raised {type(e).__name__}: {e}") from e
+        for name, template in dict(provided).items():
+            if name not in INVOICE_LINKS:
+                raise PluginError(f"plugin {impl.plugin_name!r}: unknown invoice link {name!r} "
+                                  f"(known: {', '.join(INVOICE_LINKS)})")
+            if name in links:
+                raise PluginError(f"invoice link {name!r} is provided twice (again by {impl.plugin_name!r})")
+            if not isinstance(template, str) or "{id}" not in template:
+                raise PluginError(f"plugin {impl.plugin_name!r}: invoice link {name!r} must be a URL template "
+                                  "with {id}")
+            links[name] = template
+    return links
 
 
 async def await_me_maybe(value: Any) -> Any:

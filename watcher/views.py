@@ -98,8 +98,12 @@ def _received_value(inv: InvoiceRow, payments: Sequence[TransferRow]) -> Json | 
     return {"currency": currencies.pop(), "amount": text.rstrip("0").rstrip(".") if "." in text else text}
 
 
+#: The link fields every invoice shows (null unless a plugin provides it: watcher_invoice_links).
+INVOICE_LINKS = ("checkout_url",)
+
+
 def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], *, tip: int,
-            refunds: Sequence[PayoutRow] = ()) -> Json:
+            refunds: Sequence[PayoutRow] = (), links: Mapping[str, str] | None = None) -> Json:
     decimals = _decimals(cfg, inv.asset)
     terms = inv.terms
     return {
@@ -130,7 +134,9 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
             "detected_at": iso_ms(p.detected_at)} for p in payments],
         "created_at": iso_ms(inv.created_at), "expires_at": iso_ms(inv.expires_at),
         "monitor_until": iso_ms(inv.monitor_until), "paid_at": iso_ms(inv.paid_at),
-        "completed_at": iso_ms(inv.completed_at),
+        "completed_at": iso_ms(inv.completed_at), "redirect_url": inv.redirect_url,
+        **{name: (links or {})[name].replace("{id}", inv.id) if name in (links or {}) else None
+           for name in INVOICE_LINKS},
     }
 
 

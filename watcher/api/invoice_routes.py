@@ -6,6 +6,7 @@ import json
 import re
 from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
@@ -20,6 +21,7 @@ endpoints = Endpoints()
 ORDER_ID_RE = re.compile(r"[^\x00-\x1f\x7f]{1,128}")  # fullmatch
 MAX_METADATA_BYTES = 8192
 MAX_METADATA_DEPTH = 8
+MAX_REDIRECT_URL = 2048
 
 _invoice = {"$ref": "#/components/schemas/Invoice"}
 
@@ -53,6 +55,23 @@ def _usable_quote(req: ApiRequest, quote_id: Any, chain: str, asset: str) -> dic
     if quote["expires_at"] <= req.daemon.store.clock.now_ms():
         raise Conflict(f"quote {quote['id']} expired; ask for a new one", code="quote_expired")
     return quote
+
+
+def check_redirect_url(value: Any) -> str | None:
+    """An absolute http(s) URL without credentials, spaces or control characters: the checkout
+    page shows it as a link, so ``javascript:`` and friends never get there."""
+    if value is None:
+        return None
+    problem = "redirect_url must be an absolute http or https URL of at most 2048 characters"
+    if not isinstance(value, str) or len(value) > MAX_REDIRECT_URL or re.search(r"[\x00-\x20\x7f]", value):
+        raise BadRequest(problem, code="invalid_redirect_url")
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # "http://[::1" and the like
+        raise BadRequest(problem, code="invalid_redirect_url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        raise BadRequest(problem + " (with a host and no user:password@)", code="invalid_redirect_url")
+    return value
 
 
 def check_price(price: Any) -> tuple[Fraction, str]:
@@ -108,12 +127,14 @@ def _depth(value: Any, level: int = 0) -> int:
         "tolerance": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
         "order_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
         "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"},
+        "redirect_url": {"type": "string", "maxLength": MAX_REDIRECT_URL, "pattern": "^https?://[^\\x00-\\x20\\x7f]+$",
+                         "description": "where the checkout page links the customer once paid (http or https)"},
     }},
     responses={201: _invoice})
 async def create_invoice(req: ApiRequest) -> Any:
     body = await req.json()
     reject_unknown_fields(body, {"chain", "asset", "amount", "price", "quote_id", "mode", "expires_in", "tolerance",
-                                 "order_id", "metadata"})
+                                 "order_id", "metadata", "redirect_url"})
     daemon = req.daemon
     cfg = chain_param(req, body.get("chain"))
     asset_name = body.get("asset")
@@ -157,6 +178,7 @@ async def create_invoice(req: ApiRequest) -> Any:
     if order_id is not None and (not isinstance(order_id, str) or not ORDER_ID_RE.fullmatch(order_id)):
         raise BadRequest("order_id must be a string of 1-128 printable characters", code="invalid_order_id")
     metadata = check_metadata(body.get("metadata", {}))
+    redirect_url = check_redirect_url(body.get("redirect_url"))
     pricing = None
     if price is not None:  # no rate, no invoice: RateUnavailable is a 503 before anything is written
         amount, pricing = await _priced(req, cfg.id, asset.symbol, asset.decimals, price)
@@ -167,7 +189,7 @@ async def create_invoice(req: ApiRequest) -> Any:
         row = store.invoices.create(chain=cfg.id, asset=asset.symbol, amount=amount, mode=mode, expires_in=expires_in,
                                      tolerance_ppm=tolerance, order_id=order_id, metadata=metadata, actor=req.actor.name,
                                      node_info=daemon.watchers[cfg.id].status.node_info, pricing=pricing,
-                                     quote_id=quote["id"] if quote else None)
+                                     quote_id=quote["id"] if quote else None, redirect_url=redirect_url)
         view = store.invoices.render(row)
         store.audit.record(req.actor, "invoice.create", row.id,
                            {"chain": cfg.id, "asset": asset.symbol, "amount": view["amount"], "order_id": order_id})

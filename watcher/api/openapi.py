@@ -75,6 +75,9 @@ SCHEMAS: dict[str, Any] = {
             "refunds": {"type": "array", "items": {"type": "object"}},
             "payments": {"type": "array", "items": {"type": "object"}},
             "created_at": _time, "expires_at": _time, "monitor_until": _time, "paid_at": _time, "completed_at": _time,
+            "redirect_url": _nullable_str,
+            "checkout_url": {"type": ["string", "null"], "description": "the customer's payment page (null unless "
+                             "the checkout plugin is on: [checkout])"},
         },
     },
     "Webhook": {

@@ -24,7 +24,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..auth import SCOPES, Principal
+from ..auth import SCOPES, Principal, Rate
 from ..errors import BadRequest, TooManyRequests, Unauthorized, WatcherError
 from ..tasks import record_storage_trouble
 
@@ -278,6 +278,28 @@ class Endpoints:
                                        responses or {}, errors))
             return fn
         return deco
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listener of a plugin's own (hook ``watcher_routes``), served next to the control API:
+    ``host``/``port`` to bind (port 0: any free one), the ``Host`` header values it answers
+    (``"name"`` or ``"name:port"``; empty: any), and the requests each client address may make."""
+
+    name: str
+    host: str
+    port: int
+    hosts: frozenset[str] = frozenset()
+    rate_limit: Rate = field(default_factory=lambda: Rate(300, 60))
+
+
+@dataclass
+class RouteSet:
+    """What a plugin's ``watcher_routes`` returns: endpoints for the control API
+    (``listener=None``) or for a listener of its own."""
+
+    endpoints: list[Endpoint]
+    listener: Listener | None = None
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:

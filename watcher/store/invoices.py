@@ -57,6 +57,7 @@ class InvoiceRow:
     terms: InvoiceTerms
     pricing: dict[str, Any] | None  # a fiat-priced invoice's price and locked rate
     refunded: int  # base units its completed refunds paid back
+    redirect_url: str | None  # where the checkout page sends the customer once paid
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> InvoiceRow:
@@ -68,7 +69,7 @@ class InvoiceRow:
                    created_at=r["created_at"], expires_at=r["expires_at"], monitor_until=r["monitor_until"],
                    paid_at=r["paid_at"], completed_at=r["completed_at"], created_by=r["created_by"],
                    terms=_terms(r), pricing=json.loads(r["pricing"]) if r["pricing"] else None,
-                   refunded=int(r["refunded"]))
+                   refunded=int(r["refunded"]), redirect_url=r["redirect_url"])
 
 
 class Invoices:
@@ -80,7 +81,7 @@ class Invoices:
     def create(self, *, chain: str, asset: str, amount: int | None, mode: str, expires_in: int,
                tolerance_ppm: int, order_id: str | None, metadata: dict[str, Any], actor: str | None,
                node_info: dict[str, Any] | None = None, pricing: dict[str, Any] | None = None,
-               quote_id: str | None = None) -> InvoiceRow:
+               quote_id: str | None = None, redirect_url: str | None = None) -> InvoiceRow:
         cfg = self.store.chain_config(chain)
         spec = cfg.spec
         now = self.store.clock.now_ms()
@@ -94,12 +95,12 @@ class Invoices:
                 if amount and asset_cfg is not None else None
             conn.execute(
                 "INSERT INTO invoices (id, chain, asset, mode, amount, tolerance_ppm, address, status, order_id,"
-                " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by, pricing)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'awaiting_payment', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " metadata, payment_uri, created_at, expires_at, monitor_until, updated_at, created_by, pricing,"
+                " redirect_url) VALUES (?, ?, ?, ?, ?, ?, ?, 'awaiting_payment', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (invoice_id, chain, asset, mode, None if amount is None else str(amount), tolerance_ppm,
                  addr.address, order_id, json.dumps(metadata, separators=(",", ":"), ensure_ascii=False), uri,
                  now, expires_at, monitor_until, now, actor,
-                 json.dumps(pricing, separators=(",", ":")) if pricing else None),
+                 json.dumps(pricing, separators=(",", ":")) if pricing else None, redirect_url),
             )
             if quote_id is not None and not self.use_quote(quote_id, invoice_id):
                 raise Conflict(f"quote {quote_id} was already used by another invoice", code="quote_used")
@@ -262,7 +263,7 @@ class Invoices:
     def render(self, inv: InvoiceRow) -> dict[str, Any]:
         """The invoice as the API and its events show it (``watcher.views``)."""
         return views.invoice(self.store.chain_config(inv.chain), inv, self.payments(inv),
-                             tip=self.store.chains.scanned_number(inv.chain),
+                             tip=self.store.chains.scanned_number(inv.chain), links=self.store.config.invoice_links,
                              # only an invoice that received money can have refunds: no query for
                              # the unpaid ones (most renders: lists, invoice.created events)
                              refunds=self.store.payouts.refunds(inv.id)

@@ -579,3 +579,9 @@ def m013_refunds(db: Database) -> None:
         ALTER TABLE invoices ADD COLUMN refunded TEXT NOT NULL DEFAULT '0';
         """
     )
+
+
+@migrations()
+def m014_invoice_redirect(db: Database) -> None:
+    """Where the checkout page sends the customer back once paid (``invoices.redirect_url``)."""
+    db.executescript("ALTER TABLE invoices ADD COLUMN redirect_url TEXT;")
