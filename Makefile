@@ -7,17 +7,20 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps system-deps run test conformance lint typecheck bench soak clean
+.PHONY: deps system-deps run test conformance lint typecheck bench soak screenshots clean
 
 deps: $(VENV)/.installed node_modules/.installed system-deps
 
-# Debian packages the tests run for real: prometheus (the metrics tests scrape the daemon) and
-# litecoind (Litecoin Core 0.21, the Bitcoin family's node, in -regtest).
+# Debian packages the tests run for real: prometheus (the metrics tests scrape the daemon),
+# litecoind (Litecoin Core 0.21, the Bitcoin family's node, in -regtest), and chromium,
+# chromium-driver and zbar-tools (the checkout page in a real browser, its QR code decoded).
+SYSTEM_PACKAGES := prometheus litecoind chromium chromium-driver zbar-tools
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v litecoind >/dev/null || { \
-	  echo "installing prometheus and litecoind (Debian packages) for the tests"; \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v litecoind >/dev/null \
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v zbarimg >/dev/null || { \
+	  echo "installing $(SYSTEM_PACKAGES) (Debian packages) for the tests"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus litecoind >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "watcher needs Python 3.11+"'
@@ -42,11 +45,18 @@ lint: deps
 typecheck: deps
 	@mkdir -p build/mypy-path && ln -sfn ../../plugins/evm build/mypy-path/watcher_evm \
 	  && ln -sfn ../../plugins/bitcoin build/mypy-path/watcher_bitcoin \
-	  && ln -sfn ../../plugins/rates_http build/mypy-path/watcher_rates_http
+	  && ln -sfn ../../plugins/rates_http build/mypy-path/watcher_rates_http \
+	  && ln -sfn ../../plugins/checkout build/mypy-path/watcher_checkout
 	$(BIN)/mypy
 
 test: deps lint typecheck
-	WATCHER_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	WATCHER_REQUIRE_PROMETHEUS=1 WATCHER_REQUIRE_BROWSER=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The checkout page's screenshots under docs/screenshots (the README shows them), taken by the
+# browser tests in headless Chromium.
+screenshots: deps
+	WATCHER_REQUIRE_BROWSER=1 WATCHER_SCREENSHOTS=$(CURDIR)/docs/screenshots \
+	  $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_checkout_browser.py
 
 # The chain-family conformance suite alone (it is part of `make test` too): every family's
 # harness in tests/conformance/conftest.py, or one with FAMILY=evm.

@@ -66,6 +66,7 @@ def main() -> int:
             p.unlink(missing_ok=True)  # a new anvil is a new chain: start from an empty database
         port = 8420 if _port_free(8420) else free_port()
         token = "devnet-token-" + os.urandom(6).hex()
+        pay_port = 8421 if _port_free(8421) else free_port()
         config = {
             "storage": {"path": "watcher.db"},
             "keys": {"mnemonic_file": "seed.txt"},
@@ -74,6 +75,9 @@ def main() -> int:
             # the demo shop's webhook receiver runs on this machine: a private address, refused
             # unless its host is listed (docs/security.md)
             "webhooks": {"allowed_hosts": ["127.0.0.1"]},
+            # the checkout page customers pay on (docs/checkout.md), on its own listener
+            "checkout": {"listen": f"127.0.0.1:{pay_port}", "public_url": f"http://127.0.0.1:{pay_port}",
+                         "title": "watcher devnet shop"},
             "chains": [{
                 "id": "devnet", "family": "evm", "rpc_url": node.url, "native_symbol": "ETH",
                 "confirmations": 2, "start_block": 0, "poll_interval": 0.5, "chain_id": 31337,
@@ -151,8 +155,16 @@ def main() -> int:
             time.sleep(0.3)
         inv_id = inv["id"]
         say(f"GET /v1/invoices/{inv_id} -> {http.get(f'/v1/invoices/{inv_id}').json()['status']}")
+        say(f"  its checkout page (paid): {inv['checkout_url']}")
+        open_inv = http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "0.05",
+                                                   "order_id": "demo-order-2", "expires_in": 86400}).json()
         say("")
         say("watcher is running. Try it yourself:")
+        pay_call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_sendTransaction", "params": [
+            {"from": payer, "to": open_inv["address"], "value": hex(5 * 10**16)}]})
+        say(f"  open {open_inv['checkout_url']} in a browser: a 0.05 ETH invoice waiting for payment;")
+        say("  pay it from an anvil account and watch the page turn to paid without a reload:")
+        say(f"  curl -s {node.url} -H 'content-type: application/json' -d '{pay_call}'")
         say(f"  curl -s -H 'Authorization: Bearer {token}' {api}/v1/chains")
         say(f"  curl -s -H 'Authorization: Bearer {token}' -X POST {api}/v1/addresses -d '{{\"chain\":\"devnet\",\"label\":\"bob\"}}'")
         say(f"  curl -s -H 'Authorization: Bearer {token}' '{api}/v1/transfers?chain=devnet'")
