@@ -17,7 +17,14 @@ import httpx
 import trio
 
 from tests.support import browser as br
-from tests.support.daemon import API_TOKEN, DaemonProcess, chain_entry, free_port, wait_http, write_config
+from tests.support.daemon import (
+    API_TOKEN,
+    DaemonProcess,
+    chain_entry,
+    free_port,
+    wait_http,
+    write_config,
+)
 from tests.support.evm import Anvil
 from tests.support.receiver import receiving
 
