@@ -42,9 +42,11 @@ def clients(api_port: int, pay_port: int) -> tuple[httpx.AsyncClient, httpx.Asyn
             httpx.AsyncClient(base_url=f"http://127.0.0.1:{pay_port}", trust_env=False, timeout=10))
 
 
-async def sse_states(response: httpx.Response, until, *, timeout: float = 30.0):
+async def sse_states(response: httpx.Response, until, *, timeout: float = 8.0):
     """The ``state`` messages of a live stream, until ``until(states)`` holds or it ends
-    (True: it ended with ``event: end``). Read it again for the next ones."""
+    (True: it ended with ``event: end``). Read it again for the next ones. The bound is
+    generous (the page follows in ~10 ms, bench 9) yet below the stream's 15 s keep-alive,
+    so a change that did not wake the stream fails the test."""
     if not hasattr(response, "_lines"):
         response._lines = response.aiter_lines()  # type: ignore[attr-defined]
     states: list[dict] = []
@@ -230,3 +232,84 @@ def test_bad_checkout_config_is_refused(tmp_path, anvil: Anvil, bad):
     with pytest.raises(ConfigError) as e:
         Core.open(cfg)
     assert str(e.value).startswith("checkout.")
+
+
+async def test_litecoin_invoice_page_bip21_and_payment_seen_in_the_mempool(tmp_path, litecoind):
+    from tests.support.litecoin import COIN, ltc_entry, mine
+
+    node = litecoind
+    node.payer  # noqa: B018 - a wallet with mature coins
+    api_port, pay_port = free_port(), free_port()
+    cfg = write_config(tmp_path, [ltc_entry(node)], api_port=api_port,
+                       extra={"checkout": {"listen": f"127.0.0.1:{pay_port}",
+                                           "public_url": f"http://127.0.0.1:{pay_port}"}})
+    api, pay = clients(api_port, pay_port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, api, pay:
+            inv = (await api.post("/v1/invoices", json={"chain": "ltc", "asset": "LTC", "amount": "0.5"})).json()
+            assert inv["payment_uri"] == f"litecoin:{inv['address']}?amount=0.5"
+            page = (await pay.get(f"/pay/{inv['id']}")).text
+            assert f'data-field="payment-uri" href="{inv["payment_uri"]}"' in page
+            assert f'data-field="address">{inv["address"]}<' in page
+            async with pay.stream("GET", f"/pay/{inv['id']}/events") as stream:
+                await sse_states(stream, lambda s: len(s) >= 1)
+                node.send(inv["address"], COIN // 2)  # no block: seen in the mempool, 0 confirmations
+                seen, _ = await sse_states(stream, lambda s: s[-1]["state"] != "awaiting")
+                assert seen[-1]["state"] == "seen" and seen[-1]["confirmations"] == 0
+                assert seen[-1]["label"] == "Payment seen, waiting for confirmation" and not seen[-1]["payable"]
+                await mine(node, 1)
+                conf, _ = await sse_states(stream, lambda s: s[-1]["state"] != "seen")
+                assert conf[-1]["state"] == "confirming" and conf[-1]["label"] == "Payment seen: 1 of 2 confirmations"
+                await mine(node, 1)
+                rest, ended = await sse_states(stream, lambda s: False)
+                assert rest[-1]["state"] == "paid" and ended
+            assert d.views.invoice(inv["id"])["status"] == "completed"
+
+
+async def test_priced_invoice_shows_its_price_and_a_page_without_javascript_refreshes(tmp_path, anvil: Anvil):
+    cfg, api_port, pay_port = checkout_config(tmp_path, anvil)
+    text = cfg.read_text() + '\n[rates]\nreference = "USD"\n[[rates.sources]]\nkind = "fixed"\npair = "ETH/USD"\nrate = "2000"\n'
+    cfg.write_text(text)
+    api, pay = clients(api_port, pay_port)
+    async with running(cfg, api=True), api, pay:
+        r = await api.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH",
+                                                 "price": {"amount": "50", "currency": "USD"}})
+        assert r.status_code == 201, r.text
+        inv = r.json()
+        assert inv["amount"] == "0.025"
+        page = (await pay.get(f"/pay/{inv['id']}")).text
+        assert 'data-field="price">Price: 50 USD<' in page and 'data-field="amount">0.025<' in page
+        assert '<noscript><meta http-equiv="refresh" content="15"></noscript>' in page
+
+
+def _inv(**over):
+    base = {"id": "inv_X", "chain": "devnet", "asset": "USDT", "status": "awaiting_payment", "partial": False,
+            "payments": [], "required_confirmations": 3, "monitor_until": "2999-01-01T00:00:00.000Z", "due": "10",
+            "received": "0", "amount": "10", "refunds": [], "refunded_amount": "0", "redirect_url": "https://s/x"}
+    return {**base, **over}
+
+
+@pytest.mark.parametrize(("over", "state", "label", "final"), [
+    ({}, "awaiting", "Awaiting payment", False),
+    ({"partial": True, "due": "4", "received": "6"}, "partial", "Partially paid: send the remaining 4 USDT", False),
+    ({"status": "awaiting_confirmation", "payments": [{"counted": True, "confirmations": 0}]}, "seen",
+     "Payment seen, waiting for confirmation", False),
+    ({"status": "awaiting_confirmation", "payments": [{"counted": True, "confirmations": 2},
+                                                      {"counted": False, "confirmations": 0}]},
+     "confirming", "Payment seen: 2 of 3 confirmations", False),
+    ({"status": "completed"}, "paid", "Paid. Thank you!", True),
+    ({"status": "expired"}, "expired", "This payment request has expired", False),
+    ({"status": "expired", "monitor_until": "2000-01-01T00:00:00.000Z"}, "expired",
+     "This payment request has expired", True),
+    ({"status": "failed"}, "failed", "The payment was not confirmed in time; please contact the shop", True),
+    ({"status": "refunded"}, "refunded", "Refunded", True),
+    ({"status": "completed", "refunds": [{"status": "completed"}], "refunded_amount": "10"}, "refunded",
+     "Refunded", True),
+])
+def test_page_state_for_every_invoice_state(over, state, label, final):
+    from watcher_checkout.page import page_state
+
+    st = page_state(_inv(**over), "en", 1_800_000_000_000, "uri")
+    assert (st["state"], st["label"], st["final"]) == (state, label, final)
+    assert st["payable"] == (state in ("awaiting", "partial")) and (st["qr"] is not None) == st["payable"]
+    assert st["redirect_url"] == ("https://s/x" if state == "paid" else None)
