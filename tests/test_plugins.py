@@ -40,7 +40,9 @@ def test_every_hookspec_has_a_docstring_saying_what_happens_on_error():
 
 def test_core_never_imports_a_plugin():
     for path in (ROOT / "watcher").rglob("*.py"):
-        assert "watcher_evm" not in path.read_text(), f"{path} imports the EVM plugin"
+        text = path.read_text()
+        for plugin in ("watcher_evm", "watcher_bitcoin", "watcher_checkout", "watcher_rates_http"):
+            assert plugin not in text, f"{path} imports the plugin {plugin}"
 
 
 def test_evm_family_comes_from_the_entry_point(monkeypatch):
