@@ -115,7 +115,8 @@ def _depth(value: Any, level: int = 0) -> int:
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
         "asset": {"$ref": "#/components/schemas/AssetSymbol"},
-        "amount": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "in asset units, e.g. \"12.5\"; in sale mode, this or price"},
+        "amount": {"type": ["string", "null"], "pattern": r"^[0-9]+(\.[0-9]+)?$",
+                   "description": "in asset units, e.g. \"12.5\"; in sale mode, this or price (null: none)"},
         "price": {"type": "object", "required": ["amount", "currency"], "additionalProperties": False,
                   "description": "the price in a currency (e.g. USD): the amount is computed at the current rate, "
                                  "rounded up, and locked",
@@ -125,9 +126,9 @@ def _depth(value: Any, level: int = 0) -> int:
         "mode": {"type": "string", "enum": list(MODES), "default": "sale"},
         "expires_in": {"type": "integer", "minimum": 60, "description": "seconds until it expires unpaid"},
         "tolerance": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$", "description": "accepted underpayment as a fraction, e.g. \"0.01\""},
-        "order_id": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
+        "order_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
         "metadata": {"type": "object", "description": f"any JSON object up to {MAX_METADATA_BYTES} bytes"},
-        "redirect_url": {"type": "string", "maxLength": MAX_REDIRECT_URL, "pattern": "^https?://[^\\x00-\\x20\\x7f]+$",
+        "redirect_url": {"type": ["string", "null"], "maxLength": MAX_REDIRECT_URL, "pattern": "^https?://[^\\x00-\\x20\\x7f]+$",
                          "description": "where the checkout page links the customer once paid (http or https)"},
     }},
     responses={201: _invoice})
