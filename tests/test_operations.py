@@ -104,6 +104,11 @@ async def test_reconcile_matches_after_deposits_and_sweeps_then_finds_a_gap(tmp_
             anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 3 * 10**17))
             anvil.wait_receipt(token.mint(bob.address, 50_000_000))
             anvil.wait_receipt(token.mint(alice.address, 2_000_000))
+            # interval 0: sweeps run only when asked, so ask once the deposits are confirmed
+            # (a run before that finds no candidates, and none would follow)
+            while len([t for t in d.views.transfers(chain="devnet")[0] if t["status"] == "confirmed"]) < 3:
+                anvil.mine(1)
+                await trio.sleep(0.15)
             d.senders["devnet"].sweeper.request()
             deadline = trio.current_time() + 60
             while not ((s := d.views.sweeps()[0]) and len(s) == 3 and all(x["status"] == "confirmed" for x in s)):
