@@ -136,7 +136,8 @@ async def test_a_node_of_another_network_is_refused(litecoind: Litecoind):
     for network, ok in (("ltc-regtest", True), ("btc-regtest", False), ("ltc", False)):
         spec = BitcoinFamily().configure(ConfigTable({"network": network}, "chains[0]"))
         cfg = type("Cfg", (), {"id": "x", "node": "http://127.0.0.1", "native": type("A", (), {"symbol": "LTC"})})()
-        ctx = ChainContext(config=cfg, jsonrpc=lambda **kw: JsonRpc(litecoind.url, chain="x", metrics=metrics, **kw))
+        ctx = ChainContext(config=cfg, jsonrpc=lambda head_call=None, **kw: JsonRpc(  # one node, no pool
+            litecoind.url, chain="x", metrics=metrics, **kw))
         client = BitcoinClient(ctx, spec.options)
         try:
             if ok:

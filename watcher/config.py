@@ -157,6 +157,13 @@ def http_url(v: str) -> str | None:
     return None
 
 
+def ws_url(v: str) -> str | None:
+    problem = http_url(v.replace("ws://", "http://", 1).replace("wss://", "https://", 1))
+    if problem or not v.startswith(("ws://", "wss://")):
+        return f"{v!r} is not a ws(s):// URL with a host"
+    return None
+
+
 def redacted_url(url: str) -> str:
     """``scheme://host[:port]`` of a URL: what may be shown of a node's address."""
     parts = urlsplit(url)
@@ -200,10 +207,24 @@ class AssetConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """One node of a chain: its JSON-RPC ``url`` and, where the family can be pushed new
+    heads, its ``ws_url``."""
+
+    url: str
+    ws_url: str | None = None
+
+    @property
+    def name(self) -> str:
+        """As logs, metrics and the API name it: scheme, host and port (never credentials)."""
+        return redacted_url(self.url)
+
+
+@dataclass(frozen=True)
 class ChainConfig:
     id: str
     family: str
-    rpc_url: str
+    rpc_url: str  # the first node's
     native_symbol: str
     native_decimals: int
     confirmations: int
@@ -217,6 +238,11 @@ class ChainConfig:
     spec: ChainSpec  # what the family made of the entry (its address format, keys, options)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     payouts: PayoutPolicy = field(default_factory=PayoutPolicy)
+    nodes: tuple[NodeConfig, ...] = ()  # every node, in order of preference (rpc_url's first)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:  # made in code with rpc_url only
+            object.__setattr__(self, "nodes", (NodeConfig(self.rpc_url),))
 
     def asset(self, symbol: str) -> AssetConfig | None:
         for a in self.assets:
@@ -659,9 +685,13 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
     if family is None:
         available = ", ".join(sorted(families)) or "none: no chain plugin is loaded"
         raise ConfigError(t.key("family"), f"unknown chain family {fam_name!r} (available: {available})")
-    rpc_url = t.take("rpc_url", str, check=http_url)
+    nodes = _parse_nodes(t)
+    rpc_url = nodes[0].url
     # the family's own keys first: its network decides the defaults and the address format
     spec = family.configure(t)
+    if any(n.ws_url for n in nodes) and not spec.push:
+        raise ConfigError(t.key("ws_url" if len(nodes) == 1 and t.has("ws_url") else "nodes"),
+                          f"the {fam_name} family cannot be pushed new heads yet: no ws_url on this chain")
     native_symbol = t.take("native_symbol", str, spec.native_symbol,
                            check=lambda v: None if SYMBOL_RE.match(v) else f"{v!r} is not a valid symbol")
     native_decimals = t.take("native_decimals", int, spec.native_decimals, check=between(0, 77))
@@ -702,5 +732,41 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
         native_decimals=native_decimals, confirmations=confirmations, finality_depth=finality,
         start_block=start_block, poll_interval=poll_interval, batch_size=batch_size,
         max_lag=max_lag, rpc_timeout=rpc_timeout, assets=tuple(assets), spec=spec,
-        sweep=sweep, payouts=payouts,
+        sweep=sweep, payouts=payouts, nodes=nodes,
     )
+
+
+def _parse_nodes(t: ConfigTable) -> tuple[NodeConfig, ...]:
+    """``rpc_url`` (one node, ``ws_url`` beside it), ``rpc_urls`` (several, in order of
+    preference), or ``[[chains.nodes]]`` tables (``url`` and ``ws_url`` each): exactly one of
+    the three."""
+    given = [k for k in ("rpc_url", "rpc_urls", "nodes") if t.has(k)]
+    if len(given) != 1:
+        raise ConfigError(t.key("rpc_url"), "is required (or rpc_urls = [...], or [[chains.nodes]] tables)"
+                          if not given else f"give one of rpc_url, rpc_urls and [[chains.nodes]], not {given}")
+    if given == ["rpc_url"]:
+        url = t.take("rpc_url", str, check=http_url)
+        return (NodeConfig(url, t.take("ws_url", str, None, check=ws_url)),)
+    if t.has("ws_url"):
+        raise ConfigError(t.key("ws_url"), "applies to a single node (rpc_url); with several, give each "
+                                           "[[chains.nodes]] table its own ws_url")
+    if given == ["rpc_urls"]:
+        urls = t.take("rpc_urls", list, check=lambda v: None if 1 <= len(v) <= 16 and all(
+            isinstance(u, str) for u in v) else "must be 1-16 URLs")
+        for i, u in enumerate(urls):
+            problem = http_url(u)
+            if problem:
+                raise ConfigError(f"{t.key('rpc_urls')}[{i}]", problem)
+        nodes = tuple(NodeConfig(u) for u in urls)
+    else:
+        tables = t.array_of_tables("nodes")
+        if not 1 <= len(tables) <= 16:
+            raise ConfigError(t.key("nodes"), "must be 1-16 [[chains.nodes]] tables")
+        out = []
+        for nt in tables:
+            out.append(NodeConfig(nt.take("url", str, check=http_url), nt.take("ws_url", str, None, check=ws_url)))
+            nt.done()
+        nodes = tuple(out)
+    if len({n.url for n in nodes}) != len(nodes):
+        raise ConfigError(t.key("rpc_urls" if given == ["rpc_urls"] else "nodes"), "a node is listed twice")
+    return nodes

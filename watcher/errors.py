@@ -119,11 +119,12 @@ class NodeError(WatcherError):
     code = "node_error"
 
     def __init__(self, message: str, *, retryable: bool = True, rpc_code: int | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, timed_out: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.rpc_code = rpc_code
         self.retry_after = retry_after
+        self.timed_out = timed_out  # the node did not answer in time (a hung node)
 
 
 class RpcError(NodeError):

@@ -40,6 +40,8 @@ MAX_RETRY_AFTER = 60.0  # a node's Retry-After is honoured up to this many secon
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4  # tries per call before the error reaches the caller
+    # tries of a call that timed out: a hung node shows as down after about 2 x rpc_timeout
+    timeout_attempts: int = 2
     base_delay: float = 0.2
     max_delay: float = 5.0
 
@@ -101,6 +103,18 @@ class JsonRpc:
             raise result
         return result
 
+    async def probe(self, method: str, *params: Any) -> Any:
+        """One call, tried once (no retry): how a node's health is checked."""
+        (result,) = await self._send([(method, params)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def broadcast(self, method: str, *params: Any) -> Any:
+        """A call every node should see (a signed transaction): with one node, :meth:`call`
+        (a :class:`~watcher.nodes.NodePool` sends it to all of its nodes)."""
+        return await self.call(method, *params)
+
     async def call(self, method: str, *params: Any) -> Any:
         """One call; returns its ``result`` or raises :class:`RpcError` / :class:`NodeError`."""
         (result,) = await self.batch([(method, params)])
@@ -140,7 +154,7 @@ class JsonRpc:
             try:
                 results = await self._send(calls, exact=exact)
             except NodeError as e:
-                if not e.retryable or attempt >= self.retry.attempts:
+                if not e.retryable or attempt >= (self.retry.timeout_attempts if e.timed_out else self.retry.attempts):
                     raise
                 delay = e.retry_after or self.retry.delay(attempt)
                 await trio.sleep(delay)
@@ -172,7 +186,7 @@ class JsonRpc:
                     resp = await self._post(body)
             except (httpx.TimeoutException, trio.TooSlowError):
                 self._error(label, "timeout")
-                raise NodeError(f"{self.chain}: {label} timed out after {self.timeout}s") from None
+                raise NodeError(f"{self.chain}: {label} timed out after {self.timeout}s", timed_out=True) from None
             except httpx.TransportError as e:
                 self._error(label, "connect")
                 raise NodeError(f"{self.chain}: cannot reach node: {type(e).__name__}") from None

@@ -17,15 +17,17 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .chains import Block, ChainClient, ChainContext
-from .config import ChainConfig
+from .config import ChainConfig, NodeConfig, redacted_url
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
-from .jsonrpc import JsonRpc
+from .jsonrpc import Call, JsonRpc, RetryPolicy
 from .metrics import Metrics
+from .nodes import NodePool
 from .tasks import StorageRetry, fan_out
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ class ChainWatcher:
         self._storage = StorageRetry(store.db, metrics, f"chain {config.id}")
         self.status = ChainStatus(chain=config.id, family=config.family)
         self.client: ChainClient | None = None
+        self.pool: NodePool | None = None  # the nodes of the last client opened (the daemon's)
         self._poke = trio.Event()
         self._on_blocks: list[Callable[[], None]] = []
         self._backoff = 0
@@ -123,10 +126,21 @@ class ChainWatcher:
         self._m_up.set(0)
 
     def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50, final_codes: frozenset[int] = frozenset(),
-                     credentials: Callable[[], tuple[str, str]] | None = None) -> JsonRpc:
-        return JsonRpc(self.config.rpc_url, chain=self.config.id, metrics=self.metrics,
-                       timeout=self.config.rpc_timeout, concurrency=concurrency, max_batch=max_batch,
-                       final_codes=final_codes, credentials=credentials)
+                     credentials: Callable[[], tuple[str, str]] | None = None,
+                     head_call: Call | None = None) -> NodePool:
+        """The transport to the chain's nodes (``ChainContext.jsonrpc``): one :class:`JsonRpc`
+        per node behind a :class:`NodePool`. With several nodes a failed request moves to the
+        next node at once instead of being retried on the same one. ``head_call``: how the
+        pool asks a node for its head (e.g. ``("eth_blockNumber", ())``)."""
+        cfg = self.config
+        several = len(cfg.nodes) > 1
+        retry = RetryPolicy(attempts=1, timeout_attempts=1) if several else None
+        members = [(node, JsonRpc(node.url, chain=cfg.id, metrics=self.metrics, timeout=cfg.rpc_timeout,
+                                  concurrency=concurrency, max_batch=max_batch, final_codes=final_codes,
+                                  credentials=credentials, retry=retry)) for node in cfg.nodes]
+        self.pool = NodePool(cfg.id, members, self.metrics, max_lag=cfg.max_lag, head_call=head_call,
+                             probe_interval=min(max(cfg.poll_interval, 1.0), cfg.rpc_timeout))
+        return self.pool
 
     def open_client(self) -> ChainClient:
         return self.spec.open_client(ChainContext(config=self.config, jsonrpc=self.make_jsonrpc))
@@ -153,13 +167,56 @@ class ChainWatcher:
             if client is None:
                 client = await stack.enter_async_context(self.open_client())
             self.client = client
+            pool = self.pool
             task_status.started()
+            async with trio.open_nursery() as nursery:
+                if pool is not None:
+                    nursery.start_soon(pool.monitor)
+                    for node in self.config.nodes:
+                        if node.ws_url:
+                            nursery.start_soon(self._push, client, node)
+                try:
+                    await self._connect(client)
+                    await self._follow(client)
+                except (ChainMismatch, DeepReorg) as e:
+                    self._halt(e)
+                    await trio.sleep_forever()
+
+    async def _push(self, client: ChainClient, node: NodeConfig) -> None:
+        """Keep the node's head subscription (``ws_url``) up: every pushed head starts a scan
+        step at once. Polling goes on beside it, so a dropped subscription or a lost message
+        costs at most a poll interval, never a block (the hash chain decides). Reconnects with
+        backoff (1 s doubling to 30 s; back to 1 s once a head arrived)."""
+        cid = self.config.id
+        assert node.ws_url is not None
+        url = node.ws_url
+        connected = self.metrics.push_connected.labels(cid, node.name)
+        heads = self.metrics.push_heads.labels(cid, node.name)
+        delay = 1.0
+
+        def on_head(number: int) -> None:
+            nonlocal delay
+            delay = 1.0
+            heads.inc()
+            self.poke()
+
+        while True:
+            problem = "the subscription ended"
             try:
-                await self._connect(client)
-                await self._follow(client)
-            except (ChainMismatch, DeepReorg) as e:
-                self._halt(e)
-                await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(partial(client.subscribe_heads, url, on_head))
+                    connected.set(1)
+                    log.info("%s: subscribed to new heads at %s", cid, redacted_url(url),
+                             extra={"chain": cid})
+            except* NodeError as group:
+                problem = "; ".join(getattr(e, "message", str(e)) for e in group.exceptions)
+            connected.set(0)
+            log.warning("%s: head subscription at %s: %s; polling every %gs meanwhile, reconnecting in %.0fs", cid,
+                        redacted_url(url), problem, self.config.poll_interval, delay,
+                        extra={"chain": cid})
+            self.poke()  # what the subscription may have missed
+            await trio.sleep(delay)
+            delay = min(30.0, delay * 2)
 
     def _halt(self, e: Exception) -> None:
         self.status.halted = str(e)

@@ -20,10 +20,16 @@ if TYPE_CHECKING:
 
 async def _node_facts(core: Core, cfg: ChainConfig) -> dict[str, Any]:
     store = core.store
-    facts: dict[str, Any] = {"head": None, "node": "down", "hot_wallet_balances": {}}
+    from .scanner import ChainWatcher
+
+    facts: dict[str, Any] = {"head": None, "node": "down", "hot_wallet_balances": {}, "nodes": []}
+    w = ChainWatcher(store.chain_config(cfg.id), store, core.metrics)
     try:
         with trio.fail_after(min(cfg.rpc_timeout, 5)):
-            async with core.open_client(cfg.id) as client:
+            async with w.open_client() as client:
+                assert w.pool is not None
+                await w.pool.probe()  # every node's head, and which one requests go to
+                facts["nodes"] = w.pool.view()
                 facts["head"] = await client.head()
                 facts["node"] = "up"
                 hot = store.hot_wallet(cfg.id)
@@ -65,7 +71,7 @@ def status_report(core: Core) -> dict[str, Any]:
         hot = store.hot_wallet(cid)
 
         report["chains"][cid] = {
-            "node": f["node"], "error": f.get("error"), "head": f["head"],
+            "node": f["node"], "error": f.get("error"), "head": f["head"], "nodes": f["nodes"],
             "scanned": scanned if scanned >= 0 else None,
             "lag": None if f["head"] is None or scanned < 0 else max(0, f["head"] - scanned),
             "watched_addresses": store.addresses.count(cid),
@@ -86,6 +92,10 @@ def print_report(report: dict[str, Any]) -> None:
         lag = "?" if c["lag"] is None else c["lag"]
         print(f"\n{cid}: node {c['node']}" + (f" ({c['error']})" if c["error"] else "")
               + f"  head {c['head']}  scanned {c['scanned']}  lag {lag}")
+        if len(c["nodes"]) > 1:
+            for n in c["nodes"]:
+                print(f"  node {n['node']}: {n['state']}{' (in use)' if n['active'] else ''}  head {n['head']}"
+                      + (f"  ({n['error']})" if n["error"] else ""))
         print(f"  watched addresses {c['watched_addresses']}  unconfirmed transfers {c['unconfirmed_transfers']}"
               f"  open invoices {c['open_invoices']}")
         print(f"  payouts waiting {c['payouts_waiting']}  in flight {c['payouts_in_flight']}"

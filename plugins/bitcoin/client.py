@@ -83,7 +83,8 @@ class BitcoinClient(ChainClient):
         self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
         cookie = options.rpc_cookie_file
         self.rpc = ctx.jsonrpc(concurrency=4, max_batch=50, final_codes=FINAL_CODES,
-                               credentials=None if cookie is None else lambda: read_cookie(cookie))
+                               credentials=None if cookie is None else lambda: read_cookie(cookie),
+                               head_call=("getblockcount", ()))
 
     async def aclose(self) -> None:
         await self.rpc.aclose()

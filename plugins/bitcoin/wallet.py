@@ -541,7 +541,7 @@ class BitcoinWallet(Wallet):
         spent since), else permanent; fee floors and a replacement paying too little are
         transient; every other policy or consensus refusal is permanent."""
         try:
-            await self.rpc.call("sendrawtransaction", signed.raw)
+            await self.rpc.broadcast("sendrawtransaction", signed.raw)
         except RpcError as e:
             kind = refusal(e.message)
             if kind == "known" or e.rpc_code == ALREADY_IN_CHAIN:

@@ -13,9 +13,11 @@ What is credited:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar
 
+import orjson
+import trio
 from eth_utils import keccak
 
 from watcher.chains import (
@@ -83,7 +85,8 @@ class EvmClient(ChainClient):
         self.ctx = ctx
         self.cfg = ctx.config
         self.opts = options
-        self.rpc = ctx.jsonrpc(concurrency=self.opts.rpc_concurrency, max_batch=self.opts.rpc_batch_size)
+        self.rpc = ctx.jsonrpc(concurrency=self.opts.rpc_concurrency, max_batch=self.opts.rpc_batch_size,
+                               head_call=("eth_blockNumber", ()))
         self.tokens = {a.contract: a for a in self.cfg.tokens if a.contract is not None}
         self._token_bits = [_bloom_bits(bytes.fromhex(c[2:])) for c in self.tokens]
         self.native = self.cfg.native.symbol
@@ -93,6 +96,37 @@ class EvmClient(ChainClient):
 
     async def aclose(self) -> None:
         await self.rpc.aclose()
+
+    async def subscribe_heads(self, ws_url: str, on_head: Callable[[int], None], *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """``eth_subscribe("newHeads")`` over a WebSocket (trio-websocket): ``on_head(number)``
+        for every head the node pushes, until the connection drops (then ``NodeError``)."""
+        from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+        cid = self.cfg.id
+        timeout = self.cfg.rpc_timeout
+        try:
+            async with open_websocket_url(ws_url, connect_timeout=timeout, disconnect_timeout=1.0,
+                                          max_message_size=1 << 20) as ws:
+                await ws.send_message(orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe",
+                                                    "params": ["newHeads"]}).decode())
+                with trio.fail_after(timeout):
+                    reply = orjson.loads(await ws.get_message())
+                subscription = reply.get("result") if isinstance(reply, dict) else None
+                if not isinstance(subscription, str):
+                    raise NodeError(f"{cid}: eth_subscribe newHeads was refused: {str(reply)[:200]}")
+                task_status.started()
+                while True:
+                    msg = orjson.loads(await ws.get_message())
+                    params = msg.get("params") if isinstance(msg, dict) else None
+                    if isinstance(params, dict) and params.get("subscription") == subscription:
+                        head = params.get("result")
+                        if isinstance(head, dict) and isinstance(head.get("number"), str):
+                            on_head(int(head["number"], 16))
+        except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError) as e:
+            raise NodeError(f"{cid}: head subscription: {type(e).__name__}") from None
+        except (orjson.JSONDecodeError, ValueError) as e:
+            raise NodeError(f"{cid}: head subscription: the node sent something that is not JSON-RPC ({e})") from None
 
     @node_data
     async def check(self) -> dict[str, Any]:
@@ -403,7 +437,7 @@ class EvmClient(ChainClient):
         """eth_sendRawTransaction; a node that already has exactly this transaction, or
         mined it, is a success; a refusal raises :class:`BroadcastRejected`."""
         try:
-            await self.rpc.call("eth_sendRawTransaction", tx.raw)
+            await self.rpc.broadcast("eth_sendRawTransaction", tx.raw)  # every healthy node
         except RpcError as e:
             msg = e.message.lower()
             if any(k in msg for k in _ALREADY_KNOWN):

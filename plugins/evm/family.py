@@ -59,6 +59,7 @@ _BURN = frozenset({"0x" + "0" * 40, "0x000000000000000000000000000000000000dead"
 
 
 class EvmSpec(ChainSpec):
+    push = True  # eth_subscribe("newHeads") at a node's ws_url
     family = "evm"
     keys = EVM_KEYS
     native_symbol = "ETH"

@@ -100,6 +100,9 @@ async def readyz(req: ApiRequest) -> Any:
         problem = None
         if s.halted:
             problem = "halted"
+        elif w.pool is not None and all(n.state == "down" for n in w.pool.nodes):
+            # found by the pool's probes too: a hung node is noticed while the scanner waits
+            problem = "node unreachable" if len(w.pool.nodes) == 1 else "every node is unreachable"
         elif not s.node_up:
             problem = "node unreachable" if s.error else "starting"
         elif s.lag is not None and s.lag > w.config.max_lag:
@@ -154,8 +157,11 @@ async def list_chains(req: ApiRequest) -> Any:
                 "status": "halted" if s.halted else ("up" if s.node_up else "down"),
                 "error": s.halted or s.error,
                 "last_ok_seconds_ago": None if s.last_ok is None else round(time.monotonic() - s.last_ok, 1),
+                "url": w.pool.active.name if w.pool is not None else cfg.node,  # the node in use
                 **s.node_info,
             },
+            # every configured node, in order of preference; "node" above is the chain's view
+            "nodes": w.pool.view() if w.pool is not None else [],
             "head": s.head,
             "scanned": s.scanned if s.scanned is not None else req.daemon.store.chains.scanned_number(cid),
             "lag": s.lag,

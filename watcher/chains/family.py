@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     from ..config import AssetConfig, ChainConfig, ConfigTable
-    from ..jsonrpc import JsonRpc
+    from ..nodes import NodePool
     from .scan import ChainClient
     from .wallet import StoredTx, Wallet, WalletContext
 
@@ -82,8 +82,10 @@ class ChainContext:
     """What the core gives a family when it opens a client for one configured chain."""
 
     config: ChainConfig
-    # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=): a transport to config.rpc_url
-    jsonrpc: Callable[..., JsonRpc]
+    # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=, head_call=): the transport to
+    # the chain's nodes (a NodePool: used like one JsonRpc; head_call is how it asks a node for
+    # its head, e.g. ("eth_blockNumber", ()))
+    jsonrpc: Callable[..., NodePool]
 
 
 class ChainSpec:
@@ -131,6 +133,8 @@ class ChainSpec:
 
     #: False for a family that only reads (no wallet yet): payouts and sweeps are refused
     sends: ClassVar[bool] = True
+    # the family's client can be pushed new heads (ChainClient.subscribe_heads; a node's ws_url)
+    push: ClassVar[bool] = False
 
     #: True when the wallet finds its coins among transfers to the hot wallet's address (a
     #: UTXO family): the core watches that address (kind ``hot``: not swept, not an invoice)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
+import trio
+
 from ..errors import NodeError
 
 if TYPE_CHECKING:
@@ -129,6 +131,14 @@ class ChainClient:
 
     async def aclose(self) -> None:
         """Release connections."""
+
+    async def subscribe_heads(self, ws_url: str, on_head: Callable[[int], None], *,
+                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """For a family with ``ChainSpec.push``: subscribe to new heads at a node's ``ws_url``,
+        call ``task_status.started()`` once subscribed, then ``on_head(number)`` for every head
+        pushed, until the subscription drops (return, or raise ``NodeError``; the core
+        reconnects with backoff and keeps polling meanwhile)."""
+        raise NodeError(f"this family cannot subscribe to new heads ({ws_url})")
 
     async def check(self) -> dict[str, Any]:
         """Called when the chain starts: verify the node serves the configured chain (raise
