@@ -111,7 +111,7 @@ def _depth(value: Any, level: int = 0) -> int:
 
 @endpoints.add(
     "POST", "/v1/invoices", scope="invoices", summary="Create an invoice (pay order) with its own fresh address.", tag="invoices",
-    errors=(400, 422, 503),
+    errors=(400, 404, 409, 422, 503),  # 404 unknown_quote, 409 quote_used / quote_expired
     body={"type": "object", "required": ["chain", "asset"], "additionalProperties": False, "properties": {
         "chain": {"$ref": "#/components/schemas/ChainId"},
         "asset": {"$ref": "#/components/schemas/AssetSymbol"},
