@@ -53,6 +53,7 @@ class Daemon:
         self.senders: dict[str, Sender] = {
             cid: Sender(w, store, self.keys[cid], metrics) for cid, w in self.watchers.items()}
         self.payout_checks = implementations(pm, "watcher_payout_check")  # see api.money_routes.run_checks
+        self.ready_checks = implementations(pm, "watcher_ready")  # /readyz asks each
         self.api_urls: list[str] = []
         self.listener_urls: dict[str, list[str]] = {}  # each plugin listener's (watcher_routes)
         self.started = trio.Event()

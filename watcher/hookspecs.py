@@ -134,6 +134,30 @@ def watcher_event(event: Event, daemon: Daemon) -> Any:
     """
 
 
+@hookspec
+def watcher_event_batch(events: list[Event], daemon: Daemon) -> Any:
+    """Like ``watcher_event``, for a plugin that handles events in batches (e.g. publishing
+    to a broker with one acknowledgement wait per batch): called with up to 500 events in
+    outbox order; the plugin's durable cursor moves past all of them once the hook returned
+    (one SQLite commit a batch). At least once: after a crash the last batch may come again
+    (dedupe on ``event.id``). A plugin seen for the first time starts at the end of the outbox,
+    unless it set its cursor itself in ``watcher_startup`` (``store.events.init_sink``). A
+    plugin object with ``event_sink_enabled(daemon)`` returning False (e.g. its config table is
+    absent) gets no cursor and no task.
+    If the hook raises, the error is logged with the plugin's name and counted
+    (``watcher_errors_total{kind="plugin_event"}``), and the same batch is retried with
+    backoff (1 s doubling to 60 s); nothing else waits. Not firstresult.
+    """
+
+
+@hookspec
+def watcher_ready(daemon: Daemon) -> str | None:
+    """Return a problem that should make ``/readyz`` unready (e.g. "1,204 events behind"), or
+    None. Called on every ``/readyz``; keep it cheap. ``/readyz`` lists each plugin's answer
+    under ``plugins``. An implementation that raises counts as a problem (its error, named).
+    """
+
+
 # --- payouts ---------------------------------------------------------------------------------
 
 

@@ -114,6 +114,15 @@ async def readyz(req: ApiRequest) -> Any:
         chains[cid] = {"ready": problem is None, "problem": problem, "lag": s.lag}
         ready = ready and problem is None
     body: dict[str, Any] = {"status": "ready" if ready else "unready", "chains": chains}
+    plugins: dict[str, str | None] = {}
+    for impl in req.daemon.ready_checks:
+        try:
+            plugins[impl.plugin_name] = await impl.call(daemon=req.daemon)
+        except Exception as e:
+            plugins[impl.plugin_name] = f"readiness check failed: {type(e).__name__}: {e}"[:300]
+    if plugins:
+        body["plugins"] = plugins
+        ready = ready and not any(plugins.values())
     trouble = req.daemon.store.db.trouble  # a write failed (locked, disk full) and is being retried
     body["storage"] = {"ready": trouble is None, "problem": trouble}
     ready = ready and trouble is None

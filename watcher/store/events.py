@@ -95,6 +95,14 @@ class Outbox:
                              (name, seq, self.store.clock.now_ms()))
         return int(seq)
 
+    def init_sink(self, name: str, seq: int = 0) -> bool:
+        """Start plugin ``name``'s cursor at ``seq`` (0: the whole outbox) if it has none yet;
+        True if this created it."""
+        with self.store.db.transaction() as conn:
+            cur = conn.execute("INSERT OR IGNORE INTO sink_cursors (name, last_seq, updated_at) VALUES (?, ?, ?)",
+                               (name, seq, self.store.clock.now_ms()))
+            return cur.rowcount == 1
+
     def advance_sink(self, name: str, seq: int) -> None:
         with self.store.db.transaction() as conn:
             conn.execute("UPDATE sink_cursors SET last_seq = ?, updated_at = ? WHERE name = ?",
