@@ -13,11 +13,13 @@ deps: $(VENV)/.installed node_modules/.installed system-deps
 
 # Debian packages the tests run for real: prometheus (the metrics tests scrape the daemon),
 # litecoind (Litecoin Core 0.21, the Bitcoin family's node, in -regtest), and chromium,
-# chromium-driver and zbar-tools (the checkout page in a real browser, its QR code decoded).
-SYSTEM_PACKAGES := prometheus litecoind chromium chromium-driver zbar-tools
+# chromium-driver and zbar-tools (the checkout page in a real browser, its QR code decoded),
+# nats-server (the nats plugin publishes into a real JetStream).
+SYSTEM_PACKAGES := prometheus litecoind chromium chromium-driver zbar-tools nats-server
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v litecoind >/dev/null \
-	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v zbarimg >/dev/null || { \
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v zbarimg >/dev/null \
+	  && command -v nats-server >/dev/null || { \
 	  echo "installing $(SYSTEM_PACKAGES) (Debian packages) for the tests"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }
@@ -46,7 +48,8 @@ typecheck: deps
 	@mkdir -p build/mypy-path && ln -sfn ../../plugins/evm build/mypy-path/watcher_evm \
 	  && ln -sfn ../../plugins/bitcoin build/mypy-path/watcher_bitcoin \
 	  && ln -sfn ../../plugins/rates_http build/mypy-path/watcher_rates_http \
-	  && ln -sfn ../../plugins/checkout build/mypy-path/watcher_checkout
+	  && ln -sfn ../../plugins/checkout build/mypy-path/watcher_checkout \
+	  && ln -sfn ../../plugins/nats build/mypy-path/watcher_nats
 	$(BIN)/mypy
 
 test: deps lint typecheck
