@@ -11,8 +11,6 @@ import re
 import httpx
 import pytest
 import trio
-from watcher_checkout import CSP, CheckoutConfig, parse_listen
-from watcher_checkout.catalog import CATALOG, pick_language
 
 from tests.support.daemon import (
     API_TOKEN,
@@ -23,6 +21,8 @@ from tests.support.daemon import (
     write_config,
 )
 from tests.support.evm import Anvil, Token
+from watcher_checkout import CSP, CheckoutConfig, parse_listen
+from watcher_checkout.catalog import CATALOG, pick_language
 
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 

@@ -15,7 +15,6 @@ from collections import Counter
 import httpx
 import pytest
 import trio
-from watcher_nats import NatsConfig, parse_duration
 
 from tests.support.daemon import (
     API_TOKEN,
@@ -24,10 +23,12 @@ from tests.support.daemon import (
     free_port,
     running,
     wait_http,
+    wait_until,
     write_config,
 )
 from tests.support.evm import Anvil
 from tests.support.natsserver import nats_server, read_stream
+from watcher_nats import NatsConfig, parse_duration
 
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
@@ -187,3 +188,46 @@ async def test_two_watchers_one_stream_a_durable_consumer_with_two_workers(tmp_p
         assert set(ids) == expected and all(c == 1 for c in ids.values()), "every event exactly once"
         assert {n for n, _, _ in seen} == {1, 2}  # both workers took part
         assert {c for _, _, c in seen} >= {"alpha", "beta"}
+
+
+async def test_nats_down_holds_up_only_the_plugin_and_readyz_says_so(tmp_path, anvil: Anvil):
+    port = free_port()
+    nats_port = free_port()  # nothing listens there yet
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=port,
+                       extra=nats_table(f"nats://127.0.0.1:{nats_port}", max_behind=5, timeout=1.0))
+    async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                              headers=AUTH, trust_env=False) as http:
+        for _ in range(10):
+            assert (await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "1"})
+                    ).status_code == 201  # the API does not wait for NATS
+        with trio.fail_after(20):
+            while (r := await http.get("/readyz")).status_code == 200:
+                await trio.sleep(0.1)
+        body = r.json()
+        assert body["plugins"]["nats"] == "10 events not yet in JetStream (max_behind 5)"
+        assert body["chains"]["devnet"]["ready"]  # scanning goes on
+        reg = d.metrics.registry
+        await wait_until(lambda: reg.get_sample_value("watcher_nats_failures_total") >= 1, what="a failed batch")
+        assert reg.get_sample_value("watcher_nats_connected") == 0
+        with nats_server(port=nats_port) as server:  # NATS comes: the backlog goes out
+            with trio.fail_after(40):
+                while (await http.get("/readyz")).status_code != 200:
+                    await trio.sleep(0.2)
+            stream = await trio.to_thread.run_sync(read_stream, server.url, "WATCHER")
+            assert len(stream) == 10 and d.sinks.behind("nats") == 0
+            assert reg.get_sample_value("watcher_nats_connected") == 1
+
+
+async def test_tls_with_a_ca_file(tmp_path, anvil: Anvil):
+    with nats_server(tls=True) as server:
+        cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)],
+                           extra=nats_table(server.url, tls_ca_file=str(server.ca_file)))
+        async with running(cfg) as d:
+            for _ in range(5):
+                d.store.invoices.create(chain="devnet", asset="ETH", amount=1, mode="sale", expires_in=600,
+                                        tolerance_ppm=0, order_id=None, metadata={}, actor="t")
+            with trio.fail_after(20):
+                while d.sinks.behind("nats"):
+                    await trio.sleep(0.1)
+        stream = await trio.to_thread.run_sync(lambda: read_stream(server.url, "WATCHER", ca_file=server.ca_file))
+        assert [m["body"]["type"] for m in stream] == ["invoice.created"] * 5

@@ -8,7 +8,8 @@ stream = "WATCHER"                # created if missing, subjects "<subject_prefi
 subject_prefix = "watcher"        # <prefix>.<chain>.<event type>; "_" for events without a chain
 duplicate_window = "10m"          # JetStream de-duplication window of the stream it creates
 start = "new"                     # "new": events from the plugin's first run on; "all": the whole outbox once
-# credentials_file = "/etc/watcher/nats.creds"
+# credentials_file = "/etc/watcher/nats.creds"   # NATS user JWT + seed
+# tls_ca_file = "/etc/watcher/nats-ca.pem"      # with tls:// URLs; tls_cert_file + tls_key_file for mTLS
 # max_behind = 10000              # /readyz is unready while more events than this wait
 # timeout = 5.0                   # seconds for a batch's acknowledgements
 ```
@@ -65,6 +66,9 @@ class NatsConfig:
     duplicate_window: float = 600.0  # seconds
     start: str = "new"
     credentials_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signed the servers' certificates (tls:// URLs)
+    tls_cert_file: Path | None = None  # a client certificate, if the servers ask for one
+    tls_key_file: Path | None = None
     max_behind: int = 10_000
     timeout: float = 5.0
 
@@ -92,11 +96,15 @@ def parse_nats(t: ConfigTable, resolve: Callable[[str], Path]) -> NatsConfig:
         raise ConfigError(t.key("duplicate_window"), "must be a duration such as \"10m\", \"90s\" or \"2h\" (1 s to 7 days)")
     start = t.take("start", str, "new", check=lambda v: None if v in ("new", "all") else "must be \"new\" or \"all\"")
     creds = t.take("credentials_file", str, None)
+    tls = {k: t.take(k, str, None) for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")}
+    if (tls["tls_cert_file"] is None) != (tls["tls_key_file"] is None):
+        raise ConfigError(t.key("tls_cert_file"), "tls_cert_file and tls_key_file go together")
     max_behind = t.take("max_behind", int, 10_000, check=lambda v: None if 1 <= v <= 100_000_000 else
                         "must be between 1 and 100000000")
     timeout = t.take("timeout", float, 5.0, check=lambda v: None if 0.1 <= v <= 300 else "must be 0.1-300 seconds")
     return NatsConfig(servers=servers, stream=stream, subject_prefix=prefix, duplicate_window=window, start=start,
-                      credentials_file=resolve(creds) if creds else None, max_behind=max_behind, timeout=timeout)
+                      credentials_file=resolve(creds) if creds else None, max_behind=max_behind, timeout=timeout,
+                      **{k: resolve(v) if v else None for k, v in tls.items()})
 
 
 def subject_for(cfg: NatsConfig, event: Event) -> str:
@@ -167,11 +175,26 @@ class Publisher:
         from nats.js.errors import NotFoundError
 
         cfg = self.cfg
+        async def quiet(e: Exception) -> None:  # the failed batch is logged (once) by the sink
+            log.debug("nats: %s", e)
+
         options: dict[str, Any] = {"servers": list(cfg.servers), "connect_timeout": cfg.timeout,
-                                   "max_reconnect_attempts": 0, "allow_reconnect": False, "name": "watcher"}
+                                   "max_reconnect_attempts": 0, "allow_reconnect": False, "name": "watcher",
+                                   "error_cb": quiet}
         if cfg.credentials_file is not None:
             options["user_credentials"] = str(cfg.credentials_file)
-        nc = await nats.connect(**options)
+        if cfg.tls_ca_file or cfg.tls_cert_file or any(s.startswith("tls://") for s in cfg.servers):
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None)
+            if cfg.tls_cert_file and cfg.tls_key_file:
+                ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
+            options["tls"] = ctx
+        # nats-py retries a first connection that is refused for ever: bound it ourselves
+        try:
+            nc = await asyncio.wait_for(nats.connect(**options), timeout=cfg.timeout * 2)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"cannot connect to {', '.join(cfg.servers)} within {cfg.timeout * 2:g} s") from None
         js = nc.jetstream(timeout=cfg.timeout)
         try:
             await js.stream_info(cfg.stream)

@@ -22,18 +22,28 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsServer:
-    def __init__(self) -> None:
-        self.port = free_port()
+    """``tls``: serve TLS with a fresh self-signed certificate for 127.0.0.1 (``ca_file``)."""
+
+    def __init__(self, *, port: int | None = None, tls: bool = False) -> None:
+        self.port = port or free_port()
         self.store = Path(tempfile.mkdtemp(prefix="watcher-nats-"))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.ca_file = self.store / "cert.pem"
+        if tls:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", str(self.store / "key.pem"), "-out", str(self.ca_file), "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True, timeout=30)
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def start(self) -> NatsServer:
+        tls = ["--tls", "--tlscert", str(self.ca_file), "--tlskey", str(self.store / "key.pem")] if self.tls else []
         self.proc = subprocess.Popen([NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                                      "-sd", str(self.store), "--http_port", "0"],
+                                      "-sd", str(self.store / "js"), *tls],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
@@ -63,22 +73,27 @@ class NatsServer:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[NatsServer]:
-    server = NatsServer().start()
+def nats_server(*, port: int | None = None, tls: bool = False) -> Iterator[NatsServer]:
+    server = NatsServer(port=port, tls=tls).start()
     try:
         yield server
     finally:
         server.close()
 
 
-def read_stream(url: str, stream: str, subject: str = ">") -> list[dict[str, Any]]:
+def read_stream(url: str, stream: str, subject: str = ">", *, ca_file: Path | None = None) -> list[dict[str, Any]]:
     """Every message of ``stream`` in stream order: ``{"seq", "subject", "msg_id", "body"}``.
     Blocking (run it in a thread from Trio)."""
 
     async def main() -> list[dict[str, Any]]:
         import nats
 
-        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False)
+        tls = None
+        if ca_file is not None:
+            import ssl
+
+            tls = ssl.create_default_context(cafile=str(ca_file))
+        nc = await nats.connect(url, connect_timeout=5, allow_reconnect=False, tls=tls)
         try:
             js = nc.jetstream()
             info = await js.stream_info(stream)
