@@ -193,7 +193,7 @@ class Publisher:
         # nats-py retries a first connection that is refused for ever: bound it ourselves
         try:
             nc = await asyncio.wait_for(nats.connect(**options), timeout=cfg.timeout * 2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionError(f"cannot connect to {', '.join(cfg.servers)} within {cfg.timeout * 2:g} s") from None
         js = nc.jetstream(timeout=cfg.timeout)
         try:
