@@ -231,3 +231,36 @@ async def test_tls_with_a_ca_file(tmp_path, anvil: Anvil):
                     await trio.sleep(0.1)
         stream = await trio.to_thread.run_sync(lambda: read_stream(server.url, "WATCHER", ca_file=server.ca_file))
         assert [m["body"]["type"] for m in stream] == ["invoice.created"] * 5
+
+
+async def test_start_all_backfills_the_outbox_once_and_new_does_not(tmp_path, anvil: Anvil):
+    def make(d, n):
+        for _ in range(n):
+            d.store.invoices.create(chain="devnet", asset="ETH", amount=1, mode="sale", expires_in=600,
+                                    tolerance_ppm=0, order_id=None, metadata={}, actor="t")
+
+    with nats_server() as server:
+        plain = write_config(tmp_path / "a", [chain_entry("devnet", anvil.url)])
+        async with running(plain) as d:  # no [nats] yet: no cursor is made for it
+            make(d, 7)
+            assert d.sinks.behind("nats") is None
+        backfill = write_config(tmp_path / "a", [chain_entry("devnet", anvil.url)],
+                                extra=nats_table(server.url, start="all"))
+        for _ in range(2):  # "all" backfills once: the second start does not publish again
+            async with running(backfill) as d:
+                make(d, 1)
+                with trio.fail_after(20):
+                    while d.sinks.behind("nats"):
+                        await trio.sleep(0.1)
+        stream = await trio.to_thread.run_sync(read_stream, server.url, "WATCHER")
+        assert len(stream) == 9 and len({m["msg_id"] for m in stream}) == 9
+        async with running(write_config(tmp_path / "c", [chain_entry("devnet", anvil.url)])) as d:
+            make(d, 3)  # written before [nats] is on, with start = "new": never published
+        async with running(write_config(tmp_path / "c", [chain_entry("devnet", anvil.url)],
+                                        extra=nats_table(server.url, stream="NEW", subject_prefix="fresh"))) as d:
+            make(d, 2)
+            with trio.fail_after(20):
+                while d.sinks.behind("nats"):
+                    await trio.sleep(0.1)
+        stream = await trio.to_thread.run_sync(read_stream, server.url, "NEW")
+        assert len(stream) == 2 and all(m["subject"] == "fresh.devnet.invoice.created" for m in stream)
