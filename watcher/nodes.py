@@ -7,7 +7,8 @@ reported), ``lagging``, ``down`` (a transport error or a timeout: it did not ans
 ``unknown`` (not asked yet). A request that fails on the node in use for a transport reason
 moves at once to the next one (a JSON-RPC error is the node's answer and is returned as
 such); traffic moves back to an earlier node as soon as it is up again. ``monitor`` asks every
-node for its head each ``probe_interval`` (one try, ``rpc_timeout``): that is how a lagging
+node for its head each ``probe_interval`` (the chain's poll interval, at least 1 s; one try,
+``rpc_timeout``): that is how a lagging
 node, a recovered one, and a hung one that nobody was asking are found. Nodes that disagree
 about a block are not a special case: the scanner's hash chain decides, as for any reorg.
 Broadcasts (:meth:`NodePool.broadcast`: a signed transaction) go to every node that is not

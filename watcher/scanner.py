@@ -139,7 +139,8 @@ class ChainWatcher:
                                   concurrency=concurrency, max_batch=max_batch, final_codes=final_codes,
                                   credentials=credentials, retry=retry)) for node in cfg.nodes]
         self.pool = NodePool(cfg.id, members, self.metrics, max_lag=cfg.max_lag, head_call=head_call,
-                             probe_interval=min(max(cfg.poll_interval, 1.0), cfg.rpc_timeout))
+                             # with the polls: a chain polled hourly is not asked every second
+                             probe_interval=max(cfg.poll_interval, 1.0))
         return self.pool
 
     def open_client(self) -> ChainClient:
