@@ -470,3 +470,51 @@ async def test_a_sweep_covers_exactly_what_it_spends_when_a_reorg_unconfirms_a_d
                 assert h.balance(a, "LTC") == h.balance(b, "LTC") == 0
     finally:
         h.stop()
+
+
+async def test_a_sweep_run_during_a_reorg_on_the_node_keeps_the_deposits_it_cannot_see(tmp_path, litecoind):
+    """The Litecoin soak's lost sweep candidates (docs/reliability.md): a sweep run while the
+    node is in the middle of a reorg that the scan has not seen (the deposit's block is
+    disconnected, its transaction back in the mempool) must not drop the address; when the
+    node goes back to the same block, the scan confirms nothing new, so a dropped candidate
+    would leave the deposit unswept for good."""
+    node = litecoind
+    node.payer  # noqa: B018
+    treasury = str(node.rpc("getnewaddress", "", "bech32", wallet="payer"))
+    port = free_port()
+    # polled hourly: the scan only runs when poked, so it does not see the reorg in between
+    cfg = config(tmp_path, node, port, poll_interval=3600,
+                 sweep={"to": treasury, "min_amount": {"LTC": "0.01"}, "interval": 0})
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, client(port) as http:
+            w, sweeper = d.watchers["ltc"], d.senders["ltc"].sweeper
+            runs: list[tuple[int, int]] = []  # what each sweep run planned and deferred
+            plan = sweeper.plan
+
+            async def counted() -> tuple[int, int]:
+                runs.append(await plan())
+                return runs[-1]
+
+            sweeper.plan = counted  # type: ignore[method-assign]
+            a = d.store.addresses.deposit_address("ltc", "a")[0].address
+            txid = node.send(a, 20_000_000)
+            await mine(node, 2)
+            w.poke()
+            await wait_until(lambda: d.views.transfers(chain="ltc", status="confirmed")[0], what="the deposit confirmed")
+            block = node.rpc("gettransaction", txid, wallet="payer")["blockhash"]
+            node.rpc("invalidateblock", block)  # the node reorgs; its transaction is back in the mempool
+            vout = d.views.transfers(chain="ltc")[0][0]["index"]
+            assert node.rpc("gettxout", txid, vout, True)["confirmations"] == 0
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            await wait_until(lambda: runs, what="a sweep run")
+            assert runs[0] == (0, 1)  # nothing it can see to sweep, and the address deferred, not dropped
+            assert d.store.db.query("SELECT 1 FROM sweep_candidates WHERE address = ?", (a,))  # still a candidate
+            node.rpc("reconsiderblock", block)  # back to the same chain: nothing new for the scan to confirm
+
+            def swept() -> Any:
+                node.mine(1)
+                w.poke()
+                return (s := d.views.sweeps(chain="ltc")[0]) and s[0]["status"] == "confirmed" and s
+
+            sweeps = await wait_until(swept, interval=0.3, what="the deposit swept")
+            assert sweeps[0]["addresses"] == [a] and len(sweeps[0]["deposits"]) == 1

@@ -426,7 +426,9 @@ class BitcoinWallet(Wallet):
         """One consolidating sweep of whole addresses, up to ``max_inputs`` outputs worth more
         than their fee (an address with more: its first ``max_inputs``); the addresses left
         out for room come back as :class:`Later`. Outputs not worth their fee are covered by
-        the plan and stay (the sweep's dust)."""
+        the plan and stay (the sweep's dust). An address with a deposit we hold confirmed that
+        the node has in no block right now (a reorg on the node our scan has not seen yet)
+        comes back as :class:`Later` too, so that its candidate is not dropped."""
         symbol = self.native.symbol
         native = [c for c in candidates if c.asset.contract is None and c.asset.symbol == symbol]
         if not native or self.cfg.sweep.to is None:
@@ -443,9 +445,17 @@ class BitcoinWallet(Wallet):
         covered: list[str] = []
         addresses: list[str] = []
         later: list[str] = []
+        waiting: list[str] = []  # addresses with a deposit the node has in no block now
         for c in native:
             # in a block of the node's chain now (a reorg may have put one back in the mempool)
             live = [o for o in outputs[c.address] if unspent.get(o.outpoint, 0) >= 1]
+            # confirmed to us, not in a block of the node's chain now: a reorg under way on the
+            # node that our scan has not seen yet (or a deposit about to be orphaned). Not "not
+            # worth it": the address comes back next run, or its candidate would be dropped and
+            # its deposits never swept (the scan may find the same block again and confirm nothing)
+            unseen = any(o.outpoint not in held and unspent.get(o.outpoint, 0) < 1 for o in outputs[c.address])
+            if unseen:
+                waiting.append(c.address)
             worth = [o for o in live if o.value > cost]
             if not worth:
                 continue
@@ -458,16 +468,18 @@ class BitcoinWallet(Wallet):
             taken += worth
             addresses.append(c.address)
             covered += [ids[o.outpoint] for o in (*worth, *(o for o in live if o.value <= cost))]
+        # an address with unseen deposits stays a candidate, also when planned with what it has
+        keep = [Later(asset=symbol, addresses=tuple(waiting))] if waiting else []
         if not taken:
-            return []
+            return keep
         total = sum(o.value for o in taken)
         fee = tx.fee_for(tx.tx_vsize(len(taken), [self._script(self.cfg.sweep.to)]), fees.rate)
         if total - fee < max(1, min_amount.get(symbol, 0)):
-            return []
+            return keep
         plan: list[SweepPlan | Later] = [SweepPlan(asset=symbol, addresses=tuple(addresses), amount=total,
                                                    deposits=tuple(covered))]
-        if later:
-            plan.append(Later(asset=symbol, addresses=tuple(later)))
+        if later or waiting:
+            plan.append(Later(asset=symbol, addresses=tuple(dict.fromkeys([*later, *waiting]))))
         return plan
 
     async def sweep_step(self, intent: SweepIntent, state: WalletState) -> Wait | Fail | Send | Done:
