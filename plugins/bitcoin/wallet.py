@@ -469,7 +469,7 @@ class BitcoinWallet(Wallet):
             addresses.append(c.address)
             covered += [ids[o.outpoint] for o in (*worth, *(o for o in live if o.value <= cost))]
         # an address with unseen deposits stays a candidate, also when planned with what it has
-        keep = [Later(asset=symbol, addresses=tuple(waiting))] if waiting else []
+        keep: list[SweepPlan | Later] = [Later(asset=symbol, addresses=tuple(waiting))] if waiting else []
         if not taken:
             return keep
         total = sum(o.value for o in taken)
