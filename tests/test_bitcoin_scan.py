@@ -64,8 +64,10 @@ async def test_deposits_confirm_and_survive_reorgs_of_depth_1_3_and_6(tmp_path, 
                 # a payment in the newest block, then the last `depth` blocks dropped
                 pay = node.send(alice["address"], 10_000_000 + depth)
                 await mine(node, depth)
+                # (depth 1: seen in its block, not only in the mempool, or the reorg orphans nothing)
                 await wait_until(lambda pay=pay, depth=depth: any(t["txid"] == pay and t["status"] == "confirmed" if depth > 1
-                                                     else t["txid"] == pay for t in transfers(d)),
+                                                     else t["txid"] == pay and t["block_number"] is not None
+                                                     for t in transfers(d)),
                                  what=f"payment before the reorg of {depth}")
                 node.invalidate(depth)
                 # as many blocks again without it (it waits in the mempool): the node's chain
