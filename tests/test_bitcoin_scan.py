@@ -138,7 +138,7 @@ async def test_a_node_of_another_network_is_refused(litecoind: Litecoind):
     for network, ok in (("ltc-regtest", True), ("btc-regtest", False), ("ltc", False)):
         spec = BitcoinFamily().configure(ConfigTable({"network": network}, "chains[0]"))
         cfg = type("Cfg", (), {"id": "x", "node": "http://127.0.0.1", "native": type("A", (), {"symbol": "LTC"})})()
-        ctx = ChainContext(config=cfg, jsonrpc=lambda head_call=None, **kw: JsonRpc(  # one node, no pool
+        ctx = ChainContext(config=cfg, jsonrpc=lambda head_call=None, credentials=None, **kw: JsonRpc(  # one node
             litecoind.url, chain="x", metrics=metrics, **kw))
         client = BitcoinClient(ctx, spec.options)
         try:
@@ -176,3 +176,46 @@ async def test_cookie_authentication_survives_a_node_restart(tmp_path):
                                  what="confirmed after the restart")
     finally:
         node.close()
+
+
+async def test_each_node_of_a_chain_reads_its_own_cookie_file(tmp_path):
+    """[[chains.nodes]] tables with a cookie file each (every node writes its own): each
+    node of the pool authenticates with its own, the chain's rpc_cookie_file is the default,
+    and the wrong cookie is refused by the node (so the per-node file is what made it work)."""
+    from watcher.core import Core
+    from watcher.errors import NodeError
+
+    a, b = Litecoind(cookie=True), Litecoind(cookie=True)
+    a.start()
+    try:
+        b.start()
+        try:
+            assert a.cookie_file.read_text() != b.cookie_file.read_text()
+            entry = ltc_entry(a)
+            del entry["rpc_url"]
+            entry["nodes"] = [{"url": a.url, "rpc_cookie_file": str(a.cookie_file)},
+                              {"url": b.url, "rpc_cookie_file": str(b.cookie_file)}]
+            core = Core.open(write_config(tmp_path / "own", [entry]))
+            try:
+                assert [n.options for n in core.config.chains[0].nodes] == [
+                    {"rpc_cookie_file": a.cookie_file}, {"rpc_cookie_file": b.cookie_file}]
+                async with core.open_client("ltc") as client:
+                    heads = [await n.rpc.probe("getblockcount") for n in client.rpc.nodes]
+                    assert heads == [a.head(), b.head()]
+            finally:
+                core.close()
+            # the chain's cookie for a node without its own: node b then presents a's cookie
+            entry["rpc_cookie_file"] = str(a.cookie_file)
+            entry["nodes"] = [{"url": a.url}, {"url": b.url}]
+            core = Core.open(write_config(tmp_path / "chain", [entry]))
+            try:
+                async with core.open_client("ltc") as client:
+                    assert await client.rpc.nodes[0].rpc.probe("getblockcount") == a.head()
+                    with pytest.raises(NodeError, match="HTTP 401"):
+                        await client.rpc.nodes[1].rpc.probe("getblockcount")
+            finally:
+                core.close()
+        finally:
+            b.close()
+    finally:
+        a.close()

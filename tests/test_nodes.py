@@ -175,6 +175,8 @@ async def test_pushed_heads_drive_the_scan_and_a_dropped_socket_misses_no_block(
 
 
 def test_node_config_forms_and_mistakes(tmp_path):
+    from pathlib import Path
+
     import pytest
 
     from watcher.config import load_config
@@ -205,6 +207,17 @@ def test_node_config_forms_and_mistakes(tmp_path):
         with pytest.raises(ConfigError) as e:
             chain(**keys)
         assert str(e.value).startswith(where), (keys, str(e.value))
+    # the family's own per-node keys: a bitcoin node's rpc_cookie_file (absolute); evm has none
+    def ltc(nodes):
+        return load_config(write_config(tmp_path, [{"id": "l", "family": "bitcoin", "network": "ltc-regtest",
+                                                    "nodes": nodes}]), families).chains[0]
+
+    both = ltc([{"url": "http://a:1", "rpc_cookie_file": "/srv/a/.cookie"}, {"url": "http://b:1"}])
+    assert [n.options for n in both.nodes] == [{"rpc_cookie_file": Path("/srv/a/.cookie")}, {}]
+    with pytest.raises(ConfigError, match=r"^chains\[0\]\.nodes\[0\]\.rpc_cookie_file: must be an absolute path"):
+        ltc([{"url": "http://a:1", "rpc_cookie_file": "a/.cookie"}])
+    with pytest.raises(ConfigError, match=r"^chains\[0\]\.nodes\[0\]\.rpc_cookie_file: unknown key"):
+        chain(nodes=[{"url": "http://a:8545", "rpc_cookie_file": "/srv/a/.cookie"}])
     # a family that cannot be pushed heads refuses ws_url
     with pytest.raises(ConfigError, match="cannot be pushed new heads"):
         load_config(write_config(tmp_path, [{"id": "l", "family": "bitcoin", "network": "ltc-regtest",

@@ -208,11 +208,14 @@ class AssetConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """One node of a chain: its JSON-RPC ``url`` and, where the family can be pushed new
-    heads, its ``ws_url``."""
+    """One node of a chain: its JSON-RPC ``url``, where the family can be pushed new heads
+    its ``ws_url``, and the family's own keys for it (``options``)."""
 
     url: str
     ws_url: str | None = None
+    # the family's own keys of this node's [[chains.nodes]] table (ChainFamily.node_options),
+    # e.g. the bitcoin family's rpc_cookie_file
+    options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def name(self) -> str:
@@ -685,7 +688,7 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
     if family is None:
         available = ", ".join(sorted(families)) or "none: no chain plugin is loaded"
         raise ConfigError(t.key("family"), f"unknown chain family {fam_name!r} (available: {available})")
-    nodes = _parse_nodes(t)
+    nodes = _parse_nodes(t, family)
     rpc_url = nodes[0].url
     # the family's own keys first: its network decides the defaults and the address format
     spec = family.configure(t)
@@ -736,10 +739,10 @@ def _parse_chain(t: ConfigTable, families: Mapping[str, ChainFamily]) -> ChainCo
     )
 
 
-def _parse_nodes(t: ConfigTable) -> tuple[NodeConfig, ...]:
+def _parse_nodes(t: ConfigTable, family: ChainFamily) -> tuple[NodeConfig, ...]:
     """``rpc_url`` (one node, ``ws_url`` beside it), ``rpc_urls`` (several, in order of
-    preference), or ``[[chains.nodes]]`` tables (``url`` and ``ws_url`` each): exactly one of
-    the three."""
+    preference), or ``[[chains.nodes]]`` tables (``url``, ``ws_url`` and the family's own
+    per-node keys each): exactly one of the three."""
     given = [k for k in ("rpc_url", "rpc_urls", "nodes") if t.has(k)]
     if len(given) != 1:
         raise ConfigError(t.key("rpc_url"), "is required (or rpc_urls = [...], or [[chains.nodes]] tables)"
@@ -764,7 +767,8 @@ def _parse_nodes(t: ConfigTable) -> tuple[NodeConfig, ...]:
             raise ConfigError(t.key("nodes"), "must be 1-16 [[chains.nodes]] tables")
         out = []
         for nt in tables:
-            out.append(NodeConfig(nt.take("url", str, check=http_url), nt.take("ws_url", str, None, check=ws_url)))
+            url = nt.take("url", str, check=http_url)
+            out.append(NodeConfig(url, nt.take("ws_url", str, None, check=ws_url), dict(family.node_options(nt))))
             nt.done()
         nodes = tuple(out)
     if len({n.url for n in nodes}) != len(nodes):

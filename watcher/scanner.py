@@ -126,18 +126,20 @@ class ChainWatcher:
         self._m_up.set(0)
 
     def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50, final_codes: frozenset[int] = frozenset(),
-                     credentials: Callable[[], tuple[str, str]] | None = None,
+                     credentials: Callable[[NodeConfig], Callable[[], tuple[str, str]] | None] | None = None,
                      head_call: Call | None = None) -> NodePool:
         """The transport to the chain's nodes (``ChainContext.jsonrpc``): one :class:`JsonRpc`
         per node behind a :class:`NodePool`. With several nodes a failed request moves to the
         next node at once instead of being retried on the same one. ``head_call``: how the
-        pool asks a node for its head (e.g. ``("eth_blockNumber", ())``)."""
+        pool asks a node for its head (e.g. ``("eth_blockNumber", ())``); ``credentials``: per
+        node, where its HTTP basic-auth credentials come from (or None)."""
         cfg = self.config
         several = len(cfg.nodes) > 1
         retry = RetryPolicy(attempts=1, timeout_attempts=1) if several else None
         members = [(node, JsonRpc(node.url, chain=cfg.id, metrics=self.metrics, timeout=cfg.rpc_timeout,
                                   concurrency=concurrency, max_batch=max_batch, final_codes=final_codes,
-                                  credentials=credentials, retry=retry)) for node in cfg.nodes]
+                                  credentials=credentials(node) if credentials else None, retry=retry))
+                   for node in cfg.nodes]
         self.pool = NodePool(cfg.id, members, self.metrics, max_lag=cfg.max_lag, head_call=head_call,
                              # with the polls: a chain polled hourly is not asked every second
                              probe_interval=max(cfg.poll_interval, 1.0))

@@ -12,7 +12,7 @@ transaction the parser does not know), amounts are parsed as exact decimals.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -29,7 +29,7 @@ from watcher.chains import (
     Unspent,
     node_data,
 )
-from watcher.config import AssetConfig
+from watcher.config import AssetConfig, NodeConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
 from watcher.tasks import fan_out
 
@@ -81,10 +81,14 @@ class BitcoinClient(ChainClient):
         self.network = options.network
         self.native = ctx.config.native.symbol
         self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
-        cookie = options.rpc_cookie_file
-        self.rpc = ctx.jsonrpc(concurrency=4, max_batch=50, final_codes=FINAL_CODES,
-                               credentials=None if cookie is None else lambda: read_cookie(cookie),
+        self.rpc = ctx.jsonrpc(concurrency=4, max_batch=50, final_codes=FINAL_CODES, credentials=self._credentials,
                                head_call=("getblockcount", ()))
+
+    def _credentials(self, node: NodeConfig) -> Callable[[], tuple[str, str]] | None:
+        """A node's own ``rpc_cookie_file`` ([[chains.nodes]]), else the chain's, else none
+        (credentials in the URL, or none at all)."""
+        cookie = node.options.get("rpc_cookie_file") or self.opts.rpc_cookie_file
+        return None if cookie is None else lambda: read_cookie(cookie)
 
     async def aclose(self) -> None:
         await self.rpc.aclose()

@@ -49,17 +49,29 @@ def _fee_rate(t: ConfigTable, name: str, default: str) -> int:
     return int(value * 1000)
 
 
+def _cookie_file(table: ConfigTable) -> Path | None:
+    """``rpc_cookie_file``: the ``.cookie`` Bitcoin Core writes at each start (an absolute path)."""
+    cookie = table.take("rpc_cookie_file", str, None,
+                        check=lambda v: None if Path(v).expanduser().is_absolute()
+                        else "must be an absolute path (the node's datadir/.cookie)")
+    return Path(cookie).expanduser() if cookie else None
+
+
 class BitcoinFamily(ChainFamily):
     name = "bitcoin"
+
+    def node_options(self, table: ConfigTable) -> dict[str, Any]:
+        """A ``[[chains.nodes]]`` table may name that node's own ``rpc_cookie_file`` (each
+        node writes its own cookie); without one, the chain's applies."""
+        cookie = _cookie_file(table)
+        return {"rpc_cookie_file": cookie} if cookie else {}
 
     def configure(self, table: ConfigTable) -> BitcoinSpec:
         name = table.take("network", str, check=one_of(*NETWORKS))
         network = NETWORKS[name]
         if table.has("assets"):
             raise ConfigError(table.key("assets"), "the bitcoin family has no tokens: only its native coin is watched")
-        cookie = table.take("rpc_cookie_file", str, None,
-                            check=lambda v: None if Path(v).expanduser().is_absolute()
-                            else "must be an absolute path (the node's datadir/.cookie)")
+        cookie = _cookie_file(table)
         sweep = table.table("sweep")
         fee_min = _fee_rate(table, "fee_rate_min", "1")
         fee_max = _fee_rate(table, "fee_rate_max", "500")
@@ -67,7 +79,7 @@ class BitcoinFamily(ChainFamily):
             raise ConfigError(table.key("fee_rate_max"), "must be at least fee_rate_min")
         options = BitcoinOptions(
             network=network,
-            rpc_cookie_file=Path(cookie).expanduser() if cookie else None,
+            rpc_cookie_file=cookie,
             mempool=table.take("mempool", bool, True),
             fee_rate_min=fee_min,
             fee_rate_max=fee_max,

@@ -84,7 +84,8 @@ class ChainContext:
     config: ChainConfig
     # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=, head_call=): the transport to
     # the chain's nodes (a NodePool: used like one JsonRpc; head_call is how it asks a node for
-    # its head, e.g. ("eth_blockNumber", ()))
+    # its head, e.g. ("eth_blockNumber", ())); credentials(node) gives, per NodeConfig, where
+    # that node's HTTP basic-auth credentials are read from (or None)
     jsonrpc: Callable[..., NodePool]
 
 
@@ -187,3 +188,9 @@ class ChainFamily:
         Raise :class:`watcher.errors.ConfigError` (with ``table.key(name)``) on bad values.
         Keys taken by neither the family nor the core are reported as unknown."""
         raise NotImplementedError
+
+    def node_options(self, table: ConfigTable) -> Mapping[str, Any]:
+        """Read this family's own keys of one ``[[chains.nodes]]`` table (beside the core's
+        ``url`` and ``ws_url``), e.g. a node's credentials file; they reach the client as
+        ``NodeConfig.options``. The default takes none, so any other key is unknown."""
+        return {}
