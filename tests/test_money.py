@@ -42,3 +42,14 @@ def test_format():
     assert format_amount(-5, 2) == "-0.05"
     with pytest.raises(TypeError):
         format_amount(1.5, 6)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ms", [0, 1, 999, 1000, 59_999, 951_782_399_999, 1_764_000_000_123, 4_102_444_799_999])
+def test_iso_ms_is_rfc3339_utc_with_milliseconds(ms):
+    import datetime
+
+    from watcher.views import iso_ms
+
+    expected = datetime.datetime.fromtimestamp(ms // 1000, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    assert iso_ms(ms) == f"{expected}.{ms % 1000:03d}Z"
+    assert iso_ms(None) is None

@@ -10,7 +10,7 @@ raises the "not found" and "bad filter" errors the API answers with.
 
 from __future__ import annotations
 
-import datetime
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,8 +37,10 @@ def iso_ms(ms: int | None) -> str | None:
     """Milliseconds since the epoch to RFC 3339 UTC (``2026-11-22T02:40:35.123Z``)."""
     if ms is None:
         return None
-    t = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    seconds, frac = divmod(ms, 1000)
+    t = time.gmtime(seconds)  # (half the cost of datetime + strftime; a few per event)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            f".{frac:03d}Z")
 
 
 def _decimals(cfg: ChainConfig | None, symbol: str) -> int:
