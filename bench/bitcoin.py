@@ -25,7 +25,7 @@ from tests.support.daemon import write_config
 from tests.support.litecoin import COIN, Litecoind
 from watcher.daemon import Daemon
 
-from .catchup import raw_fetch
+from .catchup import raw_fetch, run_until_scanned
 from .chain import BENCH_MNEMONIC
 
 ROUNDS = 3
@@ -106,13 +106,7 @@ async def scan_once(node: Litecoind, workdir: Path, first: int, last: int, label
     daemon.close()
     daemon = Daemon.open(cfg, registry=CollectorRegistry())
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: daemon.run(api=False, task_status=task_status))
-            t0 = time.perf_counter()
-            while daemon.store.chains.scanned_number("ltc") < last:
-                await trio.sleep(0.002)
-            took = time.perf_counter() - t0
-            nursery.cancel_scope.cancel()
+        _, took = await run_until_scanned(daemon, "ltc", last, time.perf_counter())
         found = len(daemon.views.transfers(chain="ltc", limit=1000)[0])
     finally:
         daemon.close()

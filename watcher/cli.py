@@ -142,11 +142,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from .daemon import Daemon, run_until_signal
+    from .daemon import Daemon, run_until_signal, tune_gc
     from .log import setup_logging
 
     daemon = Daemon.open(_config_path(args))
     setup_logging(args.log_level or daemon.config.log.level, daemon.config.log.format)
+    tune_gc()
     try:
         trio.run(run_until_signal, daemon)
     finally:
