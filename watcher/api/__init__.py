@@ -26,7 +26,16 @@ from starlette.routing import Route
 
 from ..plugins import PluginError, implementations
 from . import core_routes, invoice_routes, key_routes, money_routes, openapi, webhook_routes
-from .routing import ApiRequest, Endpoint, Endpoints, Listener, RouteSet, error_response, wrap
+from .routing import (
+    ApiRequest,
+    Endpoint,
+    Endpoints,
+    Listener,
+    RouteSet,
+    by_method,
+    error_response,
+    wrap,
+)
 from .security import Authenticator
 
 if TYPE_CHECKING:
@@ -101,7 +110,7 @@ def create_app(daemon: Daemon, extra: Sequence[Endpoint] = ()) -> Starlette:
     for e in endpoints:
         by_path.setdefault(e.path, {})[e.method] = wrap(e, daemon, auth)
     # one Route per path, so a 405 names every method the path has in its Allow header
-    routes = [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
+    routes = [Route(path, by_method(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -111,14 +120,6 @@ def create_app(daemon: Daemon, extra: Sequence[Endpoint] = ()) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.endpoints = endpoints
     return app
-
-
-def _by_method(handlers: dict[str, Any]) -> Any:
-    async def endpoint(request: Request) -> Response:
-        method = "GET" if request.method == "HEAD" else request.method
-        return await handlers[method](request)
-
-    return endpoint
 
 
 def _hypercorn_config(host: str, port: int, name: str) -> HypercornConfig:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from ..auth import RateLimiter
 from ..errors import WatcherError
-from .routing import ApiRequest, Endpoint, Listener, RouteSet
+from .routing import ApiRequest, Endpoint, Listener, RouteSet, by_method
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -93,11 +93,6 @@ def create_public_app(daemon: Daemon, routes: RouteSet) -> Starlette:
     by_path: dict[str, dict[str, Any]] = {}
     for e in routes.endpoints:
         by_path.setdefault(e.path, {})[e.method] = wrap(e)
-
-    def by_method(handlers: dict[str, Any]) -> Any:
-        async def endpoint(request: Request) -> Response:
-            return await handlers["GET" if request.method == "HEAD" else request.method](request)
-        return endpoint
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

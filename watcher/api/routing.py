@@ -395,3 +395,14 @@ def wrap(endpoint: Endpoint, daemon: Daemon, auth: Authenticator) -> Callable[[R
             return error_response(500, "internal_error", "internal error; see the daemon's log")
 
     return asgi_endpoint
+
+
+def by_method(handlers: Mapping[str, Callable[[Request], Awaitable[Response]]]
+              ) -> Callable[[Request], Awaitable[Response]]:
+    """One Starlette endpoint for a path's handlers by HTTP method (HEAD is answered as GET),
+    so that one Route per path names every method in a 405's Allow header."""
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
