@@ -133,12 +133,13 @@ class NodePool:
         raise outcomes[0]
 
     async def _use(self, fn: Callable[[JsonRpc], Awaitable[Any]]) -> Any:
-        tried: set[int] = set()
+        untried = list(self.nodes)
         last: NodeError | None = None
-        while len(tried) < len(self.nodes):
-            n = self.active if id(self.active) not in tried else min(
-                (m for m in self.nodes if id(m) not in tried), key=lambda m: _RANK[m.state])
-            tried.add(id(n))
+        while untried:
+            # the best node not tried yet, judged afresh each time (a failure here, or another
+            # task's, may have changed the states); the first is the active node
+            n = min(untried, key=lambda m: _RANK[m.state])  # min keeps the configured order on ties
+            untried.remove(n)
             try:
                 result = await fn(n.rpc)
             except RpcError:
