@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -101,7 +102,7 @@ def read_stream(url: str, stream: str, subject: str = ">", *, ca_file: Path | No
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 msg = await js.get_msg(stream, seq)
                 out.append({"seq": msg.seq, "subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
-                            "body": __import__("json").loads(msg.data)})
+                            "body": json.loads(msg.data)})
             return out
         finally:
             await nc.close()
