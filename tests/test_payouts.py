@@ -353,6 +353,54 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
             assert errors == 1
 
 
+async def test_a_status_read_before_a_reorg_does_not_settle_a_payout_in_a_dead_block(tmp_path, anvil: Anvil,
+                                                                                     token: Token):
+    """The soak's stuck hot wallet: the sender read "mined in block N" just before a reorg
+    dropped block N, and settled the transaction after the scan had followed the reorg. The
+    finality guard then saw a block long passed and never looked again: the nonce was never
+    sent again and every later payout stalled. A status naming a block our scan does not hold
+    is pending now; the fresh one (the node no longer knows it) sends the same bytes again."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                              confirmations=1, finality_depth=6, chain_id=31337)],
+                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    carol = anvil.accounts[7]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            anvil.automine(False)
+            before = token.balance(carol)
+            p = (await http.post("/v1/payouts", json=payout_body(carol, "stale", "3"))).json()
+            sent = await wait_until(lambda: ((v := d.views.payout(p["id"]))["transactions"] and
+                                             anvil.rpc("eth_getTransactionByHash", v["transactions"][0]["txid"])
+                                             and v), what="the payout with the node")
+            txid = sent["transactions"][0]["txid"]
+            tracker = d.senders["devnet"].tracker
+            group = [t for t in d.store.chaintxs.for_ref(p["id"], "payout") if t.txid == txid]
+            anvil.mine(1)
+            stale = await tracker.statuses(group)
+            n, old_hash = stale[txid].block_number, stale[txid].block_hash
+            assert stale[txid].state == "mined" and n is not None and old_hash is not None
+            anvil.mine(1)
+            anvil.reorg(2)  # blocks n and n + 1 replaced by empty ones: the payout is off the chain
+            assert anvil.receipt(txid) is None
+            new_hash = anvil.rpc("eth_getBlockByNumber", hex(n), False)["hash"]
+            d.watchers["devnet"].poke()
+            await wait_until(lambda: d.store.chains.holds_block("devnet", n, new_hash), what="the scan on the new fork")
+            t = await tracker.follow(group, stale, head=anvil.head(), what="test", replace=None)
+            assert t.state == "pending"  # not "mined in block n": our chain has another block n
+            assert d.store.chaintxs.get(txid).block_number != n or d.store.chaintxs.get(txid).status == "open"
+            d.senders["devnet"].wake()
+            await wait_until(lambda: anvil.receipt(txid) is not None or anvil.mine(1), timeout=30,
+                             what="the same transaction mined again")
+            done = await until_status(d, p["id"], "completed")
+            assert token.balance(carol) - before == 3_000_000  # paid once
+            assert done["txid"] == txid and int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+            mined = d.store.chaintxs.get(txid)
+            assert d.store.chains.holds_block("devnet", mined.block_number, anvil.receipt(txid)["blockHash"])
+
+
 async def test_watch_only_refuses_payouts_and_sweeps(tmp_path, anvil: Anvil, token: Token):
     from tests.support.daemon import TEST_MNEMONIC
     from watcher.keys import Keyring

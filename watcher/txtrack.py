@@ -71,6 +71,18 @@ class Tracker:
         wanted = live(txs)
         return await self.wallet.statuses(wanted) if wanted else {}
 
+    def _ours(self, s: TxStatus) -> TxStatus:
+        """A status that says mined in a block our scan does not hold (read before a reorg the
+        scan has since followed, a node answering from another fork, or a block the scan has
+        not reached yet) counts as pending: the transaction is settled only in a block of
+        our own chain. Settled in a block of a dead fork, it would never be looked at again
+        once that height passed finality: an EVM nonce left unsent, every later payout stuck."""
+        if s.state != "mined" or s.block_number is None or s.block_hash is None:
+            return s
+        if self.store.chains.holds_block(self.chain, s.block_number, s.block_hash):
+            return s
+        return TxStatus(txid=s.txid, state="pending")
+
     async def broadcast(self, tx: SignedTx, what: str, purpose: str) -> bool:
         """Send stored bytes; a transient refusal is logged and False returned (they are sent
         again, or replaced, in a later round); a permanent one raises."""
@@ -94,7 +106,7 @@ class Tracker:
         alive = live(group)
         if not alive:
             return Tracked("dead", error=next((t.error for t in reversed(group) if t.error), None))
-        seen = [statuses.get(t.txid) or TxStatus(txid=t.txid, state="unknown") for t in alive]
+        seen = [self._ours(statuses.get(t.txid) or TxStatus(txid=t.txid, state="unknown")) for t in alive]
         mined = next((s for s in seen if s.state == "mined"), None)
         if mined is not None:
             row = next(t for t in alive if t.txid == mined.txid)

@@ -49,6 +49,18 @@ class ChainState:
         value = self.store.db.scalar("SELECT scanned_number FROM chains WHERE id = ?", (chain,))
         return -1 if value is None else value
 
+    def holds_block(self, chain: str, number: int, block_hash: str) -> bool:
+        """Does our scanned chain have block ``block_hash`` at height ``number``? False for a
+        height the scan has not reached yet or holds another block at; True below the window
+        of kept block hashes (final, as far as our chain can tell)."""
+        cur = self.cursor(chain)
+        if cur is None or number > cur.number:
+            return False
+        if number == cur.number:
+            return cur.hash is None or cur.hash == block_hash
+        ours = self.store.db.scalar("SELECT hash FROM blocks WHERE chain = ? AND number = ?", (chain, number))
+        return ours is None or ours == block_hash
+
     def pending_work(self, chain: str) -> dict[str, int]:
         """What is waiting on ``chain`` (``watcher status``)."""
         row = self.store.db.one(
