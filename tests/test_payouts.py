@@ -401,6 +401,29 @@ async def test_a_status_read_before_a_reorg_does_not_settle_a_payout_in_a_dead_b
             assert d.store.chains.holds_block("devnet", mined.block_number, anvil.receipt(txid)["blockHash"])
 
 
+async def test_a_receipt_the_senders_nonce_contradicts_is_not_mined(tmp_path, anvil: Anvil, token: Token):
+    """A node that answers a receipt for a transaction its state does not hold (the soak's
+    anvil after two quick reorgs: nonces 9-12 "mined" while nonce 8 was not): the sender's
+    mined nonce count decides. Here the count is set back under the mined payout's nonce with
+    anvil_setNonce: its receipt still says mined, the wallet says pending."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                              confirmations=1, chain_id=31337)],
+                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            p = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[7], "nonce", "2"))).json()
+            done = await until_status(d, p["id"], "completed")
+            group = [t for t in d.store.chaintxs.for_ref(p["id"], "payout") if t.txid == done["txid"]]
+            wallet = d.senders["devnet"].wallet
+            assert (await wallet.statuses(group))[done["txid"]].state == "mined"
+            anvil.rpc("anvil_setNonce", hot, hex(int(group[0].details["nonce"])))
+            assert anvil.receipt(done["txid"]) is not None  # the node still answers the receipt
+            assert (await wallet.statuses(group))[done["txid"]].state == "pending"
+
+
 async def test_watch_only_refuses_payouts_and_sweeps(tmp_path, anvil: Anvil, token: Token):
     from tests.support.daemon import TEST_MNEMONIC
     from watcher.keys import Keyring

@@ -422,6 +422,12 @@ class EvmClient(ChainClient):
         return _int(await self.rpc.call("eth_getTransactionCount", address, "pending" if pending else "latest"))
 
     @node_data
+    async def mined_nonces(self, addresses: list[str]) -> dict[str, int]:
+        """Each account's count of mined transactions (its next nonce at ``latest``), one batch."""
+        results = await self.rpc.batch([("eth_getTransactionCount", (a, "latest")) for a in addresses])
+        return {a: _int(r) for a, r in zip(addresses, results, strict=True)}
+
+    @node_data
     async def estimate_gas(self, sender: str, to: str, asset: AssetConfig, amount: int) -> int:
         """Gas a transfer of ``amount`` of ``asset`` from ``sender`` to ``to`` needs."""
         if asset.contract is None:

@@ -190,7 +190,22 @@ class EvmWallet(Wallet):
         return Send((tx,), state={**state, "next_nonce": nonce + 1}, phase="funding")
 
     async def statuses(self, txs: Sequence[StoredTx]) -> dict[str, TxStatus]:
-        return await self.client.tx_statuses([t.txid for t in txs])
+        """Receipts, checked against each sender's nonce: a transaction whose receipt says
+        mined while its sender's mined nonce count (read after the receipts) does not pass
+        its nonce is not in the node's state, whatever the receipt said (a receipt of a block
+        a reorg dropped, as anvil has answered in the soak). It counts as pending; the next
+        round decides again."""
+        out = await self.client.tx_statuses([t.txid for t in txs])
+        senders = sorted({t.sender for t in txs if out.get(t.txid) and out[t.txid].state == "mined"
+                          and t.sender and "nonce" in t.details})
+        if not senders:
+            return out
+        counts = await self.client.mined_nonces(senders)
+        for t in txs:
+            s = out.get(t.txid)
+            if s is not None and s.state == "mined" and t.sender in counts and int(t.details["nonce"]) >= counts[t.sender]:
+                out[t.txid] = TxStatus(txid=t.txid, state="pending")
+        return out
 
     async def broadcast(self, tx: SignedTx) -> None:
         await self.client.send_raw(tx)
