@@ -33,9 +33,11 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 GWEI = 10**9
 
 
-def config(tmp_path, anvil: Anvil, token: Token, port: int, *, payouts=None, confirmations=1, **extra):
+def config(tmp_path, anvil: Anvil, token: Token, port: int, *, payouts=None, confirmations=1, finality_depth=None,
+           **extra):
+    depth = {} if finality_depth is None else {"finality_depth": finality_depth}
     return write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
-                                               confirmations=confirmations, chain_id=31337,
+                                               confirmations=confirmations, chain_id=31337, **depth,
                                                payouts={"stuck_after": 2.0, **(payouts or {})})],
                         api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}, **extra})
 
@@ -324,9 +326,7 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
     """confirmations = 1, finality 6: a reorg of 3 blocks after the payout completed drops its
     transaction. The same signed bytes go out again and land once; nothing is signed anew."""
     port = free_port()
-    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
-                                              confirmations=1, finality_depth=6, chain_id=31337)],
-                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 600})
     carol = anvil.accounts[7]
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, client(port) as http:
@@ -361,9 +361,7 @@ async def test_a_status_read_before_a_reorg_does_not_settle_a_payout_in_a_dead_b
     sent again and every later payout stalled. A status naming a block our scan does not hold
     is pending now; the fresh one (the node no longer knows it) sends the same bytes again."""
     port = free_port()
-    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
-                                              confirmations=1, finality_depth=6, chain_id=31337)],
-                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 600})
     carol = anvil.accounts[7]
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, client(port) as http:
@@ -407,9 +405,7 @@ async def test_a_receipt_the_senders_nonce_contradicts_is_not_mined(tmp_path, an
     mined nonce count decides. Here the count is set back under the mined payout's nonce with
     anvil_setNonce: its receipt still says mined, the wallet says pending."""
     port = free_port()
-    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
-                                              confirmations=1, chain_id=31337)],
-                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    cfg = config(tmp_path, anvil, token, port, payouts={"stuck_after": 600})
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, client(port) as http:
             hot = d.store.hot_wallet("devnet")
