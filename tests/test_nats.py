@@ -264,3 +264,33 @@ async def test_start_all_backfills_the_outbox_once_and_new_does_not(tmp_path, an
                     await trio.sleep(0.1)
         stream = await trio.to_thread.run_sync(read_stream, server.url, "NEW")
         assert len(stream) == 2 and all(m["subject"] == "fresh.devnet.invoice.created" for m in stream)
+
+
+def test_a_message_is_the_event_as_listed_with_its_stored_data_spliced_in(tmp_path):
+    """The plugin publishes ``views.event_json``: the stored data text is spliced in, not parsed
+    and rendered again. Its bytes must be exactly those of rendering ``GET /v1/events``'s view,
+    for what a label or a note can hold (quotes, backslashes, non-ASCII, control characters)
+    and for amounts beyond 64 bits; the event as emitted splices the same text."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher import views
+    from watcher.daemon import Daemon
+
+    data = {"z": "last", "label": 'a "quoted" \\ label \u00e9\u4e2d\U0001f600\n\t\x01', "amount": str(2**255 + 1),
+            "n": 2**70, "nested": {"b": [1, None, True], "a": {}}, "empty": ""}
+    # opened, never run: no node is asked anything
+    daemon = Daemon.open(write_config(tmp_path, [chain_entry("c1", f"http://127.0.0.1:{free_port()}")]),
+                         registry=CollectorRegistry())
+    try:
+        with daemon.store.db.transaction():
+            emitted = daemon.store.events.emit("test.spliced", data, chain="c1", subject='sub "x"')
+        (listed,) = daemon.store.events.list(types=("test.spliced",))
+    finally:
+        daemon.close()
+    # read back (what the sink publishes), the data's keys come in stored (sorted) order
+    assert views.event_json(listed) == json.dumps(views.event(listed), separators=(",", ":")).encode()
+    for e in (emitted, listed):
+        text = views.event_json(e)
+        assert json.loads(text) == {"id": emitted.id, "seq": emitted.seq, "type": "test.spliced",
+                                    "timestamp": views.iso_ms(emitted.created_at), "data": data}
+    assert listed.data == data and listed == emitted

@@ -10,6 +10,7 @@ raises the "not found" and "bad filter" errors the API answers with.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -234,6 +235,15 @@ def event(e: Event) -> Json:
     """An event as ``GET /v1/events`` lists it: its id and sequence number, then the body a
     webhook carries (``type``, ``timestamp``, ``data``)."""
     return {"id": e.id, "seq": e.seq, "type": e.type, "timestamp": iso_ms(e.created_at), "data": e.data}
+
+
+def event_json(e: Event) -> bytes:
+    """:func:`event` as compact JSON (ASCII, the data's keys sorted), with the data's stored
+    text spliced in instead of parsed and rendered again: the same bytes as
+    ``json.dumps(event(e), separators=(",", ":"))``, at a fraction of the cost."""
+    head = json.dumps({"id": e.id, "seq": e.seq, "type": e.type, "timestamp": iso_ms(e.created_at)},
+                      separators=(",", ":"))
+    return f'{head[:-1]},"data":{e.data_json}}}'.encode()
 
 
 def audit_entry(e: AuditEntry) -> Json:

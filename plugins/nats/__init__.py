@@ -28,7 +28,6 @@ nats-py is asyncio-only: it runs on an asyncio loop in a thread of its own
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
@@ -221,8 +220,7 @@ class Publisher:
                 pass
 
     async def publish(self, events: list[Event]) -> None:
-        messages = [(subject_for(self.cfg, e), json.dumps(views.event(e), separators=(",", ":")).encode(), e.id)
-                    for e in events]
+        messages = [(subject_for(self.cfg, e), views.event_json(e), e.id) for e in events]
         try:
             acked, dups = await self.thread.run(lambda: self._publish(messages))
         except BaseException as e:

@@ -3,15 +3,21 @@ transaction; the webhook dispatcher and plugin sinks read them from here afterwa
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..ids import new_id
 
 if TYPE_CHECKING:
     from . import Store
+
+
+def data_text(data: dict[str, Any]) -> str:
+    """How an event's data is stored: compact JSON, keys sorted, ASCII."""
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -22,12 +28,19 @@ class Event:
     created_at: int  # ms
     chain: str | None
     subject: str | None
-    data: dict[str, Any]
+    # the data as stored (:func:`data_text`): a sink that forwards events splices it into its
+    # message instead of parsing and rendering it again; ``data`` parses it when first asked
+    data_json: str = field(repr=False)
+
+    @functools.cached_property
+    def data(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.data_json)
+        return parsed
 
     @classmethod
     def from_row(cls, row: Any) -> Event:
         return cls(seq=row["seq"], id=row["id"], type=row["type"], created_at=row["created_at"],
-                   chain=row["chain"], subject=row["subject"], data=json.loads(row["data"]))
+                   chain=row["chain"], subject=row["subject"], data_json=row["data"])
 
 
 class Outbox:
@@ -47,14 +60,15 @@ class Outbox:
         assert db.in_transaction, "events are written in the transaction of the change they report"
         now = self.store.clock.now_ms()
         event_id = new_id("evt", now_ms=now)
-        body = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        body = data_text(data)
         cur = db.conn.execute(
             "INSERT INTO events (id, type, created_at, chain, subject, data) VALUES (?, ?, ?, ?, ?, ?)",
             (event_id, type, now, chain, subject, body),
         )
         assert cur.lastrowid is not None
         event = Event(seq=cur.lastrowid, id=event_id, type=type, created_at=now, chain=chain,
-                      subject=subject, data=data)
+                      subject=subject, data_json=body)
+        event.__dict__["data"] = data  # already parsed: the caller's own dict
         self.store.webhooks.fan_out(event, only=webhooks_only)
 
         def committed() -> None:
