@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ async def raw_fetch(url: str, calls: list[tuple[str, list[Any]]], *, concurrency
             for chunk in chunks:
                 nursery.start_soon(one, chunk)
         return time.perf_counter() - t0
+
+
+def paired_median(raws: list[float], scans: list[float]) -> float:
+    """The median of each round's watcher / raw (a round's two runs are seconds apart)."""
+    return statistics.median(w / r for r, w in zip(raws, scans, strict=True))
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (like ``taskset -a -p``)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def scanner_calls(chain: BenchChain, first: int, last: int, *, logs_range: int, full_blocks: bool = True
