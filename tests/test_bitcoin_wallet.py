@@ -360,6 +360,20 @@ async def test_killed_while_pulling_a_payout_along_sends_one_child(tmp_path, poi
         node.close()
 
 
+def sweep_runs(d) -> list[tuple[int, int]]:
+    """What each sweep run of the daemon's ``ltc`` sweeper planned and deferred, as it runs."""
+    sweeper = d.senders["ltc"].sweeper
+    runs: list[tuple[int, int]] = []
+    plan = sweeper.plan
+
+    async def counted() -> tuple[int, int]:
+        runs.append(await plan())
+        return runs[-1]
+
+    sweeper.plan = counted
+    return runs
+
+
 async def wait_http_up(http: httpx.AsyncClient) -> None:
     for _ in range(300):
         try:
@@ -487,15 +501,7 @@ async def test_a_sweep_run_during_a_reorg_on_the_node_keeps_the_deposits_it_cann
                  sweep={"to": treasury, "min_amount": {"LTC": "0.01"}, "interval": 0})
     with trio.fail_after(90):
         async with running(cfg, api=True) as d, client(port) as http:
-            w, sweeper = d.watchers["ltc"], d.senders["ltc"].sweeper
-            runs: list[tuple[int, int]] = []  # what each sweep run planned and deferred
-            plan = sweeper.plan
-
-            async def counted() -> tuple[int, int]:
-                runs.append(await plan())
-                return runs[-1]
-
-            sweeper.plan = counted  # type: ignore[method-assign]
+            w, runs = d.watchers["ltc"], sweep_runs(d)
             a = d.store.addresses.deposit_address("ltc", "a")[0].address
             txid = node.send(a, 20_000_000)
             await mine(node, 2)
@@ -518,3 +524,60 @@ async def test_a_sweep_run_during_a_reorg_on_the_node_keeps_the_deposits_it_cann
 
             sweeps = await wait_until(swept, interval=0.3, what="the deposit swept")
             assert sweeps[0]["addresses"] == [a] and len(sweeps[0]["deposits"]) == 1
+
+
+async def test_a_sweep_run_while_a_reorg_left_a_deposit_too_shallow_keeps_its_address(tmp_path, litecoind):
+    """The Litecoin soak's unswept deposit (docs/reliability.md): a reorg of the block above a
+    confirmed deposit rolls the scan back under the sweeps' depth without orphaning the deposit
+    (its own block stays). A sweep run then may not take it (too shallow), and must not read
+    that as "not worth a sweep": a dropped candidate never comes back, because the deposit is
+    already confirmed, so once deep enough again it would stay at its address for good."""
+    node = litecoind
+    node.payer  # noqa: B018
+    treasury = str(node.rpc("getnewaddress", "", "bech32", wallet="payer"))
+    port = free_port()
+    cfg = write_config(tmp_path, [ltc_entry(node, confirmations=2, poll_interval=3600,
+                                            sweep={"to": treasury, "min_amount": {"LTC": "0.01"}, "interval": 0})],
+                       api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, client(port) as http:
+            w, runs = d.watchers["ltc"], sweep_runs(d)
+            # the scanner is held right after it rolls back (before it scans the new block),
+            # the moment the soak's sweep run fell into
+            rolled_back, release = trio.Event(), trio.Event()
+            reorg = w._reorg
+
+            async def held(*args: Any) -> None:
+                await reorg(*args)
+                rolled_back.set()
+                await release.wait()
+
+            w._reorg = held  # type: ignore[method-assign]
+            a = d.store.addresses.deposit_address("ltc", "a")[0].address
+            node.send(a, 20_000_000)
+            deposit_block = (await trio.to_thread.run_sync(node.mine, 1))[0]
+            above = (await trio.to_thread.run_sync(node.mine, 1))[0]
+            w.poke()
+            await wait_until(lambda: d.views.transfers(chain="ltc", status="confirmed")[0], what="the deposit confirmed")
+            node.rpc("invalidateblock", above)  # a reorg of depth 1: the deposit's block stays
+            # its replacement pays another address, or it would be the same block
+            await trio.to_thread.run_sync(node.rpc, "generatetoaddress", 1, payee(node))
+            w.poke()
+            with trio.fail_after(20):
+                await rolled_back.wait()
+            assert d.store.chains.cursor("ltc").hash == deposit_block
+            assert d.views.transfers(chain="ltc", status="confirmed")[0]  # its own block stayed: not orphaned
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            await wait_until(lambda: runs, what="a sweep run")
+            assert runs[0] == (0, 1)  # too shallow to take now: deferred, not dropped
+            assert d.store.db.query("SELECT 1 FROM sweep_candidates WHERE address = ?", (a,))
+            release.set()
+
+            def swept() -> Any:
+                node.mine(1)  # a new block above: the deposit is deep enough again
+                w.poke()
+                return (s := d.views.sweeps(chain="ltc")[0]) and s[0]["status"] == "confirmed" and s
+
+            sweeps = await wait_until(swept, interval=0.3, what="the deposit swept")
+            assert sweeps[0]["addresses"] == [a] and len(sweeps[0]["deposits"]) == 1
+            assert received(node, treasury) == int(sweeps[0]["base_units"])

@@ -126,7 +126,14 @@ class Sweeper:
                 self.store.sweeps.uncovered(self.chain, c.address, c.asset)))
         if not chosen:
             return 0, deferred
-        plans = await self.s.wallet.plan_sweeps(list(chosen.values()), confirmed_block=max(0, confirmed_block),
+        confirmed_block = max(0, confirmed_block)
+        # a deposit confirmed above the depth sweeps may take (a reorg rolled the scan back
+        # under it; it was not orphaned): the wallet leaves it out of this run, which must not
+        # read as "not worth a sweep", or the candidate is dropped and the deposit, already
+        # confirmed, never makes it a candidate again
+        shallow = [a for a, c in chosen.items() if any(d.block_number > confirmed_block for d in c.deposits)]
+        deferred += len(shallow)
+        plans = await self.s.wallet.plan_sweeps(list(chosen.values()), confirmed_block=confirmed_block,
                                                 min_amount=sweep.min_amount)
         covered: set[tuple[str, str]] = set()
         for p in plans:
@@ -144,8 +151,10 @@ class Sweeper:
             if isinstance(p, Later):
                 for address in p.addresses:
                     self.store.sweeps.keep_candidate(self.chain, address, p.asset)
+        for address in shallow:  # kept, also when a plan took what it has deep enough
+            self.store.sweeps.keep_candidate(self.chain, address, chosen[address].asset.symbol)
         for chose in chosen.values():  # not worth a sweep (yet): forgotten until the next deposit
-            if (chose.address, chose.asset.symbol) not in covered:
+            if (chose.address, chose.asset.symbol) not in covered and chose.address not in shallow:
                 self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol, read_at=read_at)
         return sum(not isinstance(p, Later) for p in plans), deferred
 
