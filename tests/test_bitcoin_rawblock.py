@@ -5,6 +5,7 @@ fallback for a serialization the parser does not know."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 
 import pytest
@@ -53,6 +54,11 @@ def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Liteco
     standard = {e[3] for e in expected if not e[3].startswith("6a")}
     assert standard <= rawblock.candidate_scripts(raw)
     assert {to_script(LTC, a).hex() for a in to} <= standard
+    # or only those of the shapes asked for
+    for shape in rawblock.FINDERS:
+        of_shape = rawblock.candidate_scripts(raw, {shape})
+        assert {k for k in standard if k.startswith(shape)} <= of_shape
+        assert all(k.startswith(shape) for k in of_shape)
 
     for n, tx in enumerate(verbose["tx"]):
         tx_raw = bytes.fromhex(node.rpc("getrawtransaction", tx["txid"], False, block_hash))
@@ -120,6 +126,8 @@ def test_watched_addresses_are_looked_up_by_script_and_old_rows_get_theirs(tmp_p
         scripts = {to_script(LTC, a).hex(): a for a in (alice, legacy)}
         assert core.store.addresses.watched("ltc", [*scripts, "0014" + "00" * 20]) == set(scripts)
         assert core.store.addresses.watched("ltc", [alice, legacy]) == set()  # addresses are not keys
+        # the kinds of script watched: the scan looks only for their shapes
+        assert core.store.addresses.key_prefixes("ltc", rawblock.FINDERS) == {"0014", "76a914"}
         with core.store.db.transaction() as conn:
             conn.execute("UPDATE addresses SET match_key = NULL")
     finally:
@@ -161,3 +169,39 @@ def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
     assert found.txid == Transaction.parse(txs[-1]).txid().hex()
     assert [o.vout for o in rawblock.tx_outputs(txs[-1])][-1] == 260
     assert watched.hex() in rawblock.candidate_scripts(block)
+
+
+async def test_a_kind_of_script_first_watched_while_blocks_download_is_looked_for_in_them(tmp_path,
+                                                                                          litecoind: Litecoind):
+    """The scan searches a block only for the shapes of script it watches, asked when a fetch
+    starts; one first watched before the fetch ends (as the watched set itself is read then) is
+    looked for in the blocks already downloaded."""
+    node = litecoind
+    node.payer  # noqa: B018
+    legacy = node.rpc("getnewaddress", "", "legacy", wallet="payer")  # P2PKH
+    key = to_script(LTC, legacy).hex()
+    txid = node.send(legacy, 1_000_000)
+    node.mine(1)
+    head = node.head()
+
+    class Watched:  # the core's filter, with a P2PKH address watched between its two answers
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def __call__(self, candidates: Iterable[str]) -> set[str]:
+            return {k for k in candidates if k == key}
+
+        def prefixes(self, prefixes: Iterable[str]) -> set[str]:
+            self.asked += 1
+            return {"0014"} if self.asked == 1 else {"0014", "76a914"}
+
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url}
+    core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
+    try:
+        async with core.open_client("ltc") as client:
+            watched = Watched()
+            blocks = await client.fetch_blocks(head, head, watched)
+            assert watched.asked == 2
+            assert [(t.txid, t.to) for b in blocks for t in b.transfers] == [(txid, legacy)]
+    finally:
+        core.close()

@@ -98,6 +98,20 @@ class _Pending:
         return self._value
 
 
+class _Watched:
+    """The chain's ``AddressFilter``, answered from the addresses index: which candidates are
+    watched, and which kinds of match key are (``chains.key_prefixes``)."""
+
+    def __init__(self, store: Store, chain: str):
+        self.store, self.chain = store, chain
+
+    def __call__(self, candidates: Iterable[str]) -> set[str]:
+        return self.store.addresses.watched(self.chain, candidates)
+
+    def prefixes(self, prefixes: Iterable[str]) -> set[str]:
+        return self.store.addresses.key_prefixes(self.chain, prefixes)
+
+
 class ChainWatcher:
     prefetch = 2  # batches fetched ahead while catching up
 
@@ -111,6 +125,7 @@ class ChainWatcher:
         self.client: ChainClient | None = None
         self.pool: NodePool | None = None  # the nodes of the last client opened (the daemon's)
         self._poke = trio.Event()
+        self._watched = _Watched(store, config.id)
         self._on_blocks: list[Callable[[], None]] = []
         self._backoff = 0
         self._meter = ProgressMeter()
@@ -359,9 +374,6 @@ class ChainWatcher:
         self._ok(head, result.tip)
         self._progress(len(blocks), time.monotonic() - t0, head, result.tip)
         return result.tip
-
-    def _watched(self, candidates: Iterable[str]) -> set[str]:
-        return self.store.addresses.watched(self.config.id, candidates)
 
     async def _reorg(self, client: ChainClient, cur: Cursor) -> None:
         cid = self.config.id

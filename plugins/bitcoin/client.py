@@ -27,6 +27,7 @@ from watcher.chains import (
     Transfer,
     TxLookup,
     Unspent,
+    key_prefixes,
     node_data,
 )
 from watcher.config import AssetConfig, NodeConfig
@@ -133,9 +134,12 @@ class BitcoinClient(ChainClient):
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
         parts = [(lo, min(lo + PART - 1, end)) for lo in range(start, end + 1, PART)]
         got: list[list[_RawBlock]] = [[] for _ in parts]
+        # only the shapes of script watched (one range probe of the index each), asked again
+        # below once the blocks are here: the watched set is read when the fetch ends, as before
+        shapes = key_prefixes(watched, rawblock.FINDERS)
         async with fan_out() as nursery:  # each part is parsed as it arrives, while the rest download
             for k, (lo, hi) in enumerate(parts):
-                nursery.start_soon(self._fetch_part, lo, hi, got[k])
+                nursery.start_soon(self._fetch_part, lo, hi, shapes, got[k])
         blocks: list[_RawBlock] = []
         for (lo, hi), part in zip(parts, got, strict=True):  # up to the first block the node lacks
             blocks.extend(part)
@@ -144,6 +148,10 @@ class BitcoinClient(ChainClient):
         for prev, b in itertools.pairwise(blocks):
             if b.head.parent_hash != prev.head.hash:
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
+        late = key_prefixes(watched, rawblock.FINDERS) - shapes  # a kind first watched meanwhile
+        if late:
+            for b in blocks:
+                b.candidates.update(rawblock.candidate_scripts(b.data, late))
         keys = set().union(*(b.candidates for b in blocks))
         hits = watched(keys) if keys else set()
         out = []
@@ -154,7 +162,7 @@ class BitcoinClient(ChainClient):
                              timestamp=b.head.timestamp, transfers=transfers))
         return out
 
-    async def _fetch_part(self, lo: int, hi: int, into: list[_RawBlock]) -> None:
+    async def _fetch_part(self, lo: int, hi: int, shapes: set[str], into: list[_RawBlock]) -> None:
         """Blocks ``lo..hi`` (up to the first the node lacks), serialized, with the candidate
         scripts each holds."""
         hashes = await self._hashes(list(range(lo, hi + 1)))
@@ -167,7 +175,7 @@ class BitcoinClient(ChainClient):
             head = rawblock.header(data)
             if head.hash != hashes[n]:
                 raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
-            into.append(_RawBlock(n, data, head, rawblock.candidate_scripts(data)))
+            into.append(_RawBlock(n, data, head, rawblock.candidate_scripts(data, shapes)))
 
     async def _transfers(self, data: bytes, block_hash: str, keys: set[str]) -> tuple[Transfer, ...]:
         """The transfers of one raw block to the watched scripts ``keys`` (hex)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # (prefix: the script's length byte and its first opcodes, length of the script after the
@@ -61,16 +62,20 @@ def header(block: bytes) -> Header:
 
 
 # one pattern a shape: it consumes the length byte and captures the script in a lookahead,
-# so findall gives every occurrence (no prefix can overlap itself) in one C loop
-_FINDERS = tuple(re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(prefix[1:])
-                            + b"[\\x00-\\xff]{%d}))" % (length + 1 - len(prefix))) for prefix, length in _SHAPES)
+# so findall gives every occurrence (no prefix can overlap itself) in one C loop. Keyed by the
+# hex every script of the shape starts with (the start of its match key)
+FINDERS = {prefix[1:].hex(): re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(prefix[1:])
+                                        + b"[\\x00-\\xff]{%d}))" % (length + 1 - len(prefix)))
+           for prefix, length in _SHAPES}
 
 
-def candidate_scripts(data: bytes) -> set[str]:
-    """Hex of every standard output script that may appear in ``data`` (a superset)."""
+def candidate_scripts(data: bytes, shapes: Iterable[str] = FINDERS) -> set[str]:
+    """Hex of every standard output script of ``shapes`` (keys of :data:`FINDERS`; all of
+    them by default) that may appear in ``data`` (a superset). Each shape is a pass over the
+    block: a scan looks only for the shapes of the scripts it watches."""
     found: set[str] = set()
-    for finder in _FINDERS:
-        found.update(map(bytes.hex, finder.findall(data)))
+    for shape in shapes:
+        found.update(map(bytes.hex, FINDERS[shape].findall(data)))
     return found
 
 

@@ -17,6 +17,7 @@ from .scan import (
     TransferKind,
     TxLookup,
     Unspent,
+    key_prefixes,
     node_data,
 )
 from .wallet import (
@@ -47,5 +48,5 @@ __all__ = [
     "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
     "ChainKeys", "ChainSpec", "Child", "Deposit", "Done", "Fail", "KeyScheme", "Later", "Mempool", "PayoutIntent", "Purpose", "Release",
     "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
-    "TxLookup", "TxState", "TxStatus", "Unspent", "Wait", "Wallet", "WalletContext", "WalletState", "node_data",
+    "TxLookup", "TxState", "TxStatus", "Unspent", "Wait", "Wallet", "WalletContext", "WalletState", "key_prefixes", "node_data",
 ]

@@ -28,6 +28,16 @@ AddressFilter = Callable[[Iterable[str]], set[str]]
 return the subset watched on this chain. Cheap, synchronous, safe to call with thousands of
 candidates at once (the core answers it from an index)."""
 
+
+def key_prefixes(watched: AddressFilter, prefixes: Iterable[str]) -> set[str]:
+    """Which of ``prefixes`` begin at least one watched match key, for a family that matches
+    by key and only needs to look for the kinds of key that are watched (e.g. the Bitcoin
+    family's script shapes). The core's filter answers it from its index (a ``prefixes``
+    method); any other callable is taken to watch every kind."""
+    ask: Callable[[Iterable[str]], set[str]] | None = getattr(watched, "prefixes", None)
+    wanted = set(prefixes)
+    return wanted if ask is None else ask(wanted) & wanted
+
 TransferKind = Literal["native", "token", "internal"]
 
 

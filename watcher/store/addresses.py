@@ -63,6 +63,17 @@ class Addresses:
             found.update(r[0] for r in rows)
         return found
 
+    def key_prefixes(self, chain: str, prefixes: Iterable[str]) -> set[str]:
+        """Which of ``prefixes`` begin at least one match key watched on ``chain`` (a family
+        that matches by key; none for one that does not): one range probe of the index each."""
+        if not self.store.spec(chain).matches_by_key:
+            return set()
+        conn = self.store.db.conn
+        # match keys are lowercase hex: "~" sorts after every hex digit
+        return {p for p in prefixes if conn.execute(
+            "SELECT 1 FROM addresses WHERE chain = ? AND match_key >= ? AND match_key < ? LIMIT 1",
+            (chain, p, p + "~")).fetchone()}
+
     def _match_key(self, chain: str, address: str) -> str | None:
         spec = self.store.spec(chain)
         return spec.match_key(address) if spec.matches_by_key else None
