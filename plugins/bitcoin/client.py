@@ -132,19 +132,19 @@ class BitcoinClient(ChainClient):
 
     @node_data
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
-        parts = [(lo, min(lo + PART - 1, end)) for lo in range(start, end + 1, PART)]
-        got: list[list[_RawBlock]] = [[] for _ in parts]
         # only the shapes of script watched (one range probe of the index each), asked again
         # below once the blocks are here: the watched set is read when the fetch ends, as before
         shapes = key_prefixes(watched, rawblock.FINDERS)
-        async with fan_out() as nursery:  # each part is parsed as it arrives, while the rest download
-            for k, (lo, hi) in enumerate(parts):
-                nursery.start_soon(self._fetch_part, lo, hi, shapes, got[k])
-        blocks: list[_RawBlock] = []
-        for (lo, hi), part in zip(parts, got, strict=True):  # up to the first block the node lacks
-            blocks.extend(part)
-            if len(part) < hi - lo + 1:
-                break
+        # every hash first (small answers), then the blocks in parts, requested in order: the
+        # node answers the first parts first, which are parsed while it reads the later ones
+        hashes = await self._hashes(list(range(start, end + 1)))
+        have = list(itertools.takewhile(lambda n: n in hashes, range(start, end + 1)))  # up to the first it lacks
+        parts = [have[i:i + PART] for i in range(0, len(have), PART)]
+        got: list[list[_RawBlock]] = [[] for _ in parts]
+        async with fan_out() as nursery:
+            for k, numbers in enumerate(parts):
+                nursery.start_soon(self._fetch_part, numbers, hashes, shapes, got[k])
+        blocks = [b for part in got for b in part]
         for prev, b in itertools.pairwise(blocks):
             if b.head.parent_hash != prev.head.hash:
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
@@ -162,15 +162,11 @@ class BitcoinClient(ChainClient):
                              timestamp=b.head.timestamp, transfers=transfers))
         return out
 
-    async def _fetch_part(self, lo: int, hi: int, shapes: set[str], into: list[_RawBlock]) -> None:
-        """Blocks ``lo..hi`` (up to the first the node lacks), serialized, with the candidate
-        scripts each holds."""
-        hashes = await self._hashes(list(range(lo, hi + 1)))
-        have = list(itertools.takewhile(lambda n: n in hashes, range(lo, hi + 1)))
-        if not have:
-            return
-        raw: list[str] = await self.rpc.batch([("getblock", (hashes[n], 0)) for n in have])
-        for n, text in zip(have, raw, strict=True):
+    async def _fetch_part(self, numbers: list[int], hashes: dict[int, str], shapes: set[str],
+                          into: list[_RawBlock]) -> None:
+        """Blocks ``numbers`` (their ``hashes``), serialized, with the candidate scripts each holds."""
+        raw: list[str] = await self.rpc.batch([("getblock", (hashes[n], 0)) for n in numbers])
+        for n, text in zip(numbers, raw, strict=True):
             data = bytes.fromhex(text)
             head = rawblock.header(data)
             if head.hash != hashes[n]:
