@@ -128,6 +128,7 @@ def test_watched_addresses_are_looked_up_by_script_and_old_rows_get_theirs(tmp_p
         assert core.store.addresses.watched("ltc", [alice, legacy]) == set()  # addresses are not keys
         # the kinds of script watched: the scan looks only for their shapes
         assert core.store.addresses.key_prefixes("ltc", rawblock.FINDERS) == {"0014", "76a914"}
+        assert core.store.addresses.key_prefixes("ltc", ["00", "0013", "0015", "76a9", "76a915", "a9"]) == {"00", "76a9"}
         with core.store.db.transaction() as conn:
             conn.execute("UPDATE addresses SET match_key = NULL")
     finally:

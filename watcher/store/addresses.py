@@ -69,10 +69,11 @@ class Addresses:
         if not self.store.spec(chain).matches_by_key:
             return set()
         conn = self.store.db.conn
-        # match keys are lowercase hex: "~" sorts after every hex digit
-        return {p for p in prefixes if conn.execute(
+        # the keys from the prefix up to the prefix with its last character one higher: an
+        # index range (text compares by code point)
+        return {p for p in prefixes if p and conn.execute(
             "SELECT 1 FROM addresses WHERE chain = ? AND match_key >= ? AND match_key < ? LIMIT 1",
-            (chain, p, p + "~")).fetchone()}
+            (chain, p, p[:-1] + chr(ord(p[-1]) + 1))).fetchone()}
 
     def _match_key(self, chain: str, address: str) -> str | None:
         spec = self.store.spec(chain)
