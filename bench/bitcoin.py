@@ -142,7 +142,9 @@ def run(blocks: int = 1000, per_block: int = 120, labels: int = 10, hit_rate: fl
         t0 = time.monotonic()
         first, last, hits = build(node, blocks, per_block, watched, hit_rate)
         built = time.monotonic() - t0
-        raws, scans, how = [], [], {}
+        raws: list[float] = []
+        scans: list[float] = []
+        how: dict[str, int] = {}
         for i in range(ROUNDS):  # interleaved, so drift in the machine's speed hits both alike
             raw, how = trio.run(best_raw, node.url, first, last) if i == 0 else (
                 trio.run(_raw_at, node.url, first, last, how), how)
