@@ -581,3 +581,47 @@ async def test_a_sweep_run_while_a_reorg_left_a_deposit_too_shallow_keeps_its_ad
             sweeps = await wait_until(swept, interval=0.3, what="the deposit swept")
             assert sweeps[0]["addresses"] == [a] and len(sweeps[0]["deposits"]) == 1
             assert received(node, treasury) == int(sweeps[0]["base_units"])
+
+
+def test_a_replacement_made_again_after_the_node_refused_it_is_opened_again(tmp_path):
+    """Found by the Litecoin soak (the sender crashed on a duplicate txid and the daemon
+    stopped): a payout's replacement B was refused because its original A had just been mined
+    (B's inputs spent); a reorg then took A's block away, A was stuck again, and the same fee
+    bump of A made the same B. Storing B again opens the refused row (the tracker then sends
+    it); the same txid for another payout still raises."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.core import Core
+
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": "http://127.0.0.1:9"}
+    core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
+    try:
+        store = core.store
+        to = change_address(7)
+
+        def payout(key: str) -> str:
+            return store.payouts.create(chain="ltc", asset="LTC", amount=50_000, to=to, idempotency_key=key,
+                                        label=None, metadata={}, actor="test", needs_approval=False)[0].id
+
+        def tx(txid: str) -> SignedTx:
+            return SignedTx(txid=txid, raw="00", sender="", to=to, asset="LTC", amount=50_000, fee_limit=1_000,
+                            conflict="aa" * 32 + ":0")
+
+        pid = payout("k1")
+        a, b = tx("a" * 64), tx("b" * 64)
+        store.payouts.signed(pid, [a])
+        store.payouts.replaced(pid, b)
+        with store.db.transaction():
+            store.chaintxs.refused([store.chaintxs.get(b.txid)], "bad-txns-inputs-missingorspent")
+        assert store.chaintxs.get(b.txid).status == "failed"
+        store.payouts.replaced(pid, b)  # the same bytes again
+        again = store.chaintxs.get(b.txid)
+        assert (again.status, again.error) == ("open", None)
+        assert [t.txid for t in store.chaintxs.for_ref(pid)] == [a.txid, b.txid]
+        assert store.payouts.row(pid).txid == b.txid
+        with pytest.raises(ValueError, match="already stored"):  # in flight: not stored twice
+            store.payouts.replaced(pid, b)
+        with pytest.raises(ValueError, match="already stored"):  # another payout's txid
+            store.payouts.signed(payout("k2"), [a])
+    finally:
+        core.close()

@@ -620,3 +620,32 @@ async def test_refunds_pay_back_the_excess_to_the_wei_and_the_invoice_says_so(tm
             assert not d.views.invoice(big["id"])["partially_refunded"]
             r = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-5"})
             assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_refund"
+
+
+async def test_a_constraint_error_in_a_sender_round_is_a_bug_logged_not_a_stopped_daemon(tmp_path, anvil: Anvil,
+                                                                                         token: Token):
+    """The Litecoin soak's stopped daemon: a constraint error (an ``IntegrityError``, a
+    ``DatabaseError`` but no trouble with the file) in a sender round escaped the round's bug
+    handler and ended the daemon, so one payout's bug stopped every chain's scanning. It is a
+    bug like any other: logged, counted (``sender_bug``), the round tried again later, and
+    deposits are still detected meanwhile. A trigger makes the first round's write fail."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.core import Core
+
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    Core.open(cfg, registry=CollectorRegistry()).close()  # the database, migrated
+    with sqlite3.connect(cfg.parent / "watcher.db") as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON wallet_state BEGIN"
+                   " SELECT RAISE(ABORT, 'a constraint this test adds'); END")
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d:
+            bugs = d.metrics.errors.labels("sender_bug")
+            await wait_until(lambda: bugs._value.get() >= 1, what="the sender round's bug counted")
+            alice = d.store.addresses.deposit_address("devnet", "alice")[0].address
+            anvil.send(anvil.accounts[1], alice, 10**15)
+            anvil.mine(1)
+            await wait_until(lambda: d.views.transfers(chain="devnet")[0], what="a deposit detected meanwhile")
+            async with client(port) as http:
+                assert (await http.get("/healthz")).status_code == 200

@@ -33,6 +33,7 @@ from .chains import (
 from .errors import NodeError, WatcherError
 from .failpoints import failpoint
 from .store.chaintx import StaleWalletState
+from .store.db import storage_trouble
 from .sweeper import Sweeper
 from .tasks import StorageRetry
 from .txtrack import Tracker, groups
@@ -119,19 +120,25 @@ class Sender:
                 except StaleWalletState:
                     continue  # planned against an older state: plan again
                 except sqlite3.DatabaseError as e:
+                    if storage_trouble(e) is None:  # a constraint or bad SQL: a bug, as below
+                        await self._crashed()
+                        continue
                     # locked or full: what the round was writing rolled back; every step is
                     # stored before it acts, so the next round picks up where this one was
                     await self._storage.wait(e)
                     continue
                 except Exception:
-                    # A bug in one round must not stop deposits, webhooks or the other chains:
-                    # log it loudly, count it, and try again after a pause. Everything the
-                    # sender does is stored before it acts, so a retried round is safe.
-                    self.metrics.errors.labels("sender_bug").inc()
-                    log.exception("%s: sender round crashed; retrying in 30 s", self.chain, extra={"chain": self.chain})
-                    await trio.sleep(30)
+                    await self._crashed()
             with trio.move_on_after(wait):
                 await self._wake.wait()
+
+    async def _crashed(self) -> None:
+        """A bug in one round (called from its ``except``) must not stop deposits, webhooks or
+        the other chains: log it loudly, count it, and try again after a pause. Everything
+        the sender does is stored before it acts, so a retried round is safe."""
+        self.metrics.errors.labels("sender_bug").inc()
+        log.exception("%s: sender round crashed; retrying in 30 s", self.chain, extra={"chain": self.chain})
+        await trio.sleep(30)
 
     def busy(self) -> bool:
         """Is anything waiting to be sent or in flight (then rounds also run on a timer)?"""

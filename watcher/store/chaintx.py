@@ -63,14 +63,25 @@ class ChainTxs:
     # --- transactions ------------------------------------------------------------------------
 
     def add(self, chain: str, *, purpose: str, ref_id: str, tx: SignedTx) -> None:
+        """Store a signed transaction, ``open``. The same bytes made again for the same payout
+        or sweep after the node refused them unmined are opened again, not stored twice: a
+        fee bump is a fixed rule, so when the node refused a replacement because what it
+        replaces had just been mined, and a reorg then took that block away, bumping the same
+        transaction again makes the same replacement (found by the Litecoin soak: the sender
+        crashed on the duplicate txid). The same txid for anything else is a bug: it raises."""
         assert self.store.db.in_transaction
         now = self.store.clock.now_ms()
-        self.store.db.conn.execute(
+        cur = self.store.db.conn.execute(
             "INSERT INTO chain_txs (chain, purpose, ref_id, sender, to_address, conflict, txid, raw, amount, asset,"
             " fee_limit, details, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)"
+            " ON CONFLICT (txid) DO UPDATE SET status = 'open', error = NULL, updated_at = excluded.updated_at"
+            " WHERE chain_txs.chain = excluded.chain AND chain_txs.purpose = excluded.purpose"
+            " AND chain_txs.ref_id = excluded.ref_id AND chain_txs.status = 'failed' AND chain_txs.block_number IS NULL",
             (chain, purpose, ref_id, tx.sender, tx.to, tx.conflict, tx.txid, tx.raw, str(tx.amount), tx.asset,
              str(tx.fee_limit), json.dumps(dict(tx.details), separators=(",", ":"), sort_keys=True), now, now))
+        if cur.rowcount != 1:
+            raise ValueError(f"{chain}: transaction {tx.txid} is already stored for another purpose, or in flight")
 
     def get(self, txid: str) -> StoredTx | None:
         row = self.store.db.one("SELECT * FROM chain_txs WHERE txid = ?", (txid,))
