@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.daemon import (
     API_TOKEN,
+    AUTH,
     DaemonProcess,
     chain_entry,
     free_port,
@@ -29,7 +30,6 @@ from watcher.auth import SCOPES
 ROOT = Path(__file__).resolve().parents[1]
 DEAD_NODE = "http://127.0.0.1:9"
 TOKEN_ADDR = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 def test_openapi_document_matches_the_routes():

@@ -6,7 +6,7 @@ import httpx
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -14,8 +14,6 @@ from tests.support.daemon import (
     write_config,
 )
 from tests.support.evm import Anvil, Token
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 async def test_health_transfers_and_auth(tmp_path, anvil: Anvil, token: Token):

@@ -14,14 +14,13 @@ import coincurve
 import httpx
 import trio
 
-from tests.support.daemon import API_TOKEN, free_port, running, wait_until, write_config
+from tests.support.daemon import AUTH, free_port, running, wait_until, write_config
 from tests.support.litecoin import COIN, Litecoind, ltc_entry, mine
 from watcher_bitcoin import tx as btx
 from watcher_bitcoin.address import p2wpkh, to_script
 from watcher_bitcoin.networks import NETWORKS
 
 LTC = NETWORKS["ltc-regtest"]
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     TEST_MNEMONIC,
     free_port,
     running,
@@ -23,9 +23,6 @@ from tests.support.litecoin import COIN, Litecoind, ltc_entry, mine
 from watcher.keys import Keyring
 from watcher_bitcoin import BitcoinFamily
 from watcher_bitcoin.family import BitcoinSpec
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
-
 
 
 def transfers(d, **kw) -> list[dict]:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -23,8 +23,6 @@ from tests.support.daemon import (
 from tests.support.evm import Anvil, Token
 from watcher_checkout import CSP, CheckoutConfig, parse_listen
 from watcher_checkout.catalog import CATALOG, pick_language
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 def checkout_config(tmp_path, anvil: Anvil, token: Token | None = None, **checkout):

@@ -12,7 +12,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -23,8 +23,6 @@ from tests.support.evm import Anvil, Token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from dgt_credits import create_app
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 async def test_the_example_credits_dgt_once_and_takes_it_back_on_a_reorg(tmp_path, anvil: Anvil, token: Token):

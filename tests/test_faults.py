@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from trio.testing import MockClock
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -33,7 +33,6 @@ from watcher.errors import NodeError
 from watcher.jsonrpc import JsonRpc, RetryPolicy
 
 NATIVE = "ETH"
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
 
 

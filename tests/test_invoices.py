@@ -8,7 +8,7 @@ import trio
 from standardwebhooks import Webhook
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -17,8 +17,6 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil, Token
 from tests.support.receiver import receiving
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 async def api_client(port: int) -> httpx.AsyncClient:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     DaemonProcess,
     chain_entry,
     free_port,
@@ -29,8 +29,6 @@ from tests.support.daemon import (
 from tests.support.evm import Anvil
 from tests.support.natsserver import nats_server, read_stream
 from watcher_nats import NatsConfig, parse_duration
-
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 def nats_table(url: str, **extra) -> dict:

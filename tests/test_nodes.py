@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -25,7 +25,6 @@ from tests.support.evm import Anvil
 from tests.support.faultproxy import fault_proxy
 from tests.support.tcpproxy import TcpProxyProcess, tcp_proxy
 
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 ETH = 10**18
 
 

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -31,7 +31,6 @@ from watcher.rates import (
     decimal_text,
 )
 
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 # anvil's gas estimate for the mock's round updates can come out exactly at the cost, and the
 # mined transaction then runs out of gas (status 0, the feed unchanged): give them room
 FEED_GAS = 300_000

@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 import trio
 
-from tests.support.daemon import chain_entry, free_port, running, wait_until, write_config
+from tests.support.daemon import (
+    AUTH,
+    chain_entry,
+    free_port,
+    running,
+    wait_until,
+    write_config,
+)
 from tests.support.evm import Anvil, Token
 from tests.support.receiver import receiving
 
@@ -123,3 +130,36 @@ async def test_disk_full_is_retried_and_nothing_is_half_applied(tmp_path, anvil:
             conn.execute("PRAGMA max_page_count = 1073741823")
         await check_end_state(d, rx, expected, anvil)
         assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_a_scan_step_failing_for_a_bug_is_retried_and_shown_not_a_stopped_daemon(tmp_path, anvil: Anvil,
+                                                                                        token: Token):
+    """A scan step that fails for a bug rather than the file (here a constraint a trigger
+    adds: an ``IntegrityError``; in life a family's parser meeting a block it does not
+    expect) ended the daemon: every chain's scanning, the API and webhooks stopped with one
+    chain's bug. It is retried with backoff instead, counted (``scanner_bug``), and shown:
+    /readyz is unready for that chain and /v1/chains names the error. Once the cause is gone
+    the same blocks are applied, exactly once."""
+    async with daemon_with_receiver(tmp_path, anvil, token) as (d, rx, http):
+        await wait_until(lambda: d.store.chains.scanned_number("devnet") >= anvil.head(), what="scanned")
+        other = sqlite3.connect(tmp_path / "watcher.db", isolation_level=None)
+        try:
+            other.execute("CREATE TRIGGER refuse BEFORE INSERT ON transfers BEGIN"
+                          " SELECT RAISE(ABORT, 'a constraint this test adds'); END")
+            expected = await deposits(anvil, token, new_addresses(d, 2, "bug"))
+            bugs = d.metrics.errors.labels("scanner_bug")
+            await wait_until(lambda: bugs._value.get() >= 2, timeout=30, what="the failing scan step retried")
+            assert confirmed(d) == {} and d.store.events.list() == []  # nothing half-applied
+            r = await http.get("/readyz")
+            assert r.status_code == 503, r.text
+            assert "IntegrityError" in r.json()["chains"]["devnet"]["problem"]
+            chains = (await http.get("/v1/chains", headers=AUTH)).json()["items"]
+            assert chains[0]["scan_error"] == "IntegrityError"
+            assert (await http.get("/healthz")).status_code == 200  # the daemon is alive
+            other.execute("DROP TRIGGER refuse")
+        finally:
+            other.close()
+        d.watchers["devnet"].poke()
+        await check_end_state(d, rx, expected, anvil)
+        assert (await http.get("/readyz")).status_code == 200
+        assert (await http.get("/v1/chains", headers=AUTH)).json()["items"][0]["scan_error"] is None

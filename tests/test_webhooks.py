@@ -15,7 +15,7 @@ from standardwebhooks import Webhook
 from trio.testing import MockClock
 
 from tests.support.daemon import (
-    API_TOKEN,
+    AUTH,
     chain_entry,
     free_port,
     running,
@@ -26,7 +26,6 @@ from tests.support.receiver import receiving
 from watcher.clock import TrioClock
 from watcher.dispatch import next_delay, parse_retry_after, sign
 
-AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 DEAD_NODE = "http://127.0.0.1:9"  # these tests need no chain: events come from invoices and test sends
 
 

@@ -6,7 +6,6 @@ woken when an invoice is created or changes status."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,7 +24,7 @@ class InvoiceDeadlines:
     def __init__(self, store: Store, clock: Clock, metrics: Metrics):
         self.store = store
         self.clock = clock
-        self._storage = StorageRetry(store.db, metrics, "invoice deadlines")
+        self._storage = StorageRetry(store.db, metrics, "invoice deadlines", "deadlines_bug")
         self._wake = trio.Event()
         store.on_wake("invoices", self.wake)
 
@@ -38,7 +37,7 @@ class InvoiceDeadlines:
             self._wake = trio.Event()
             try:
                 changed = self.store.invoices.apply_deadlines()
-            except sqlite3.DatabaseError as e:
+            except Exception as e:  # locked, full, or a bug: nothing was written, try again later
                 await self._storage.wait(e)
                 continue
             self._storage.ok()

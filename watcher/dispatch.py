@@ -112,7 +112,7 @@ class Dispatcher:
         self.store = store
         self.config = config
         self.metrics = metrics
-        self._storage = StorageRetry(store.db, metrics, "webhook dispatcher")
+        self._storage = StorageRetry(store.db, metrics, "webhook dispatcher", "dispatcher_bug")
         self.clock = clock
         self.rng = rng or random.Random()
         self._wake = trio.Event()

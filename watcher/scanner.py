@@ -120,7 +120,7 @@ class ChainWatcher:
         self.spec = config.spec
         self.store = store
         self.metrics = metrics
-        self._storage = StorageRetry(store.db, metrics, f"chain {config.id}")
+        self._storage = StorageRetry(store.db, metrics, f"chain {config.id}", "scanner_bug")
         self.status = ChainStatus(chain=config.id, family=config.family)
         self.client: ChainClient | None = None
         self.pool: NodePool | None = None  # the nodes of the last client opened (the daemon's)
@@ -139,6 +139,12 @@ class ChainWatcher:
         self._m_blocks = m.blocks_scanned.labels(cid)
         self._m_halted.set(0)
         self._m_up.set(0)
+
+    @property
+    def failing(self) -> str | None:
+        """The exception type of a scan step that keeps failing for a bug (it is retried),
+        or None."""
+        return self._storage.bug
 
     def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50, final_codes: frozenset[int] = frozenset(),
                      credentials: Callable[[NodeConfig], Callable[[], tuple[str, str]] | None] | None = None,
@@ -281,7 +287,11 @@ class ChainWatcher:
             except NodeError as e:
                 await self._node_down(e)
                 continue
-            except sqlite3.DatabaseError as e:  # locked, full: the batch rolled back, do it again
+            except (ChainMismatch, DeepReorg):
+                raise  # for an operator: scanning halts
+            except Exception as e:
+                # locked, full, or a bug (a constraint, a family's parser): the batch rolled
+                # back; this chain does it again later and the rest of the daemon goes on
                 await self._storage.wait(e)
                 continue
             self._storage.ok()

@@ -12,7 +12,6 @@ broadcast; after a crash the stored bytes are sent again, so a payout can never 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -33,7 +32,6 @@ from .chains import (
 from .errors import NodeError, WatcherError
 from .failpoints import failpoint
 from .store.chaintx import StaleWalletState
-from .store.db import storage_trouble
 from .sweeper import Sweeper
 from .tasks import StorageRetry
 from .txtrack import Tracker, groups
@@ -69,7 +67,7 @@ class Sender:
         self.store = store
         self.keys = keys
         self.metrics = metrics
-        self._storage = StorageRetry(store.db, metrics, f"sender {self.chain}")
+        self._storage = StorageRetry(store.db, metrics, f"sender {self.chain}", "sender_bug")
         self.hot = keys.hot_address
         # rounds run when woken (a new block, a new or approved payout, a sweep request, a
         # pause change) and at least every tick (stuck transactions are a matter of time)
@@ -119,26 +117,15 @@ class Sender:
                                 extra={"chain": self.chain})
                 except StaleWalletState:
                     continue  # planned against an older state: plan again
-                except sqlite3.DatabaseError as e:
-                    if storage_trouble(e) is None:  # a constraint or bad SQL: a bug, as below
-                        await self._crashed()
-                        continue
-                    # locked or full: what the round was writing rolled back; every step is
-                    # stored before it acts, so the next round picks up where this one was
+                except Exception as e:
+                    # locked, full, or a bug: what the round was writing rolled back; every
+                    # step is stored before it acts, so the next round picks up where this
+                    # one was. A bug in one round must not stop deposits, webhooks or the
+                    # other chains: logged, counted (sender_bug) and tried again later.
                     await self._storage.wait(e)
                     continue
-                except Exception:
-                    await self._crashed()
             with trio.move_on_after(wait):
                 await self._wake.wait()
-
-    async def _crashed(self) -> None:
-        """A bug in one round (called from its ``except``) must not stop deposits, webhooks or
-        the other chains: log it loudly, count it, and try again after a pause. Everything
-        the sender does is stored before it acts, so a retried round is safe."""
-        self.metrics.errors.labels("sender_bug").inc()
-        log.exception("%s: sender round crashed; retrying in 30 s", self.chain, extra={"chain": self.chain})
-        await trio.sleep(30)
 
     def busy(self) -> bool:
         """Is anything waiting to be sent or in flight (then rounds also run on a timer)?"""

@@ -36,7 +36,7 @@ class EventSinks:
         self.daemon = daemon
         self.store = store
         self.metrics = metrics
-        self._storage = StorageRetry(store.db, metrics, "event plugins")
+        self._storage = StorageRetry(store.db, metrics, "event plugins", "sinks_bug")
         self.impls = implementations(pm, "watcher_event")
         # a plugin object may say it is off (e.g. its config table is absent): no cursor, no task
         self.batch_impls = [i for i in implementations(pm, "watcher_event_batch")

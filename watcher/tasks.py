@@ -59,28 +59,43 @@ def record_storage_trouble(db: Database, metrics: Metrics, e: BaseException) -> 
 
 
 class StorageRetry:
-    """Backoff for a background task whose database write failed for a storage reason
-    (locked by another process, disk full, I/O error: see
-    :func:`watcher.store.db.storage_trouble`). The failed transaction has rolled back, so
-    the task only has to wait and do the same step again; ``wait`` re-raises errors that
-    are bugs rather than conditions of the file. The wait doubles from 0.5 s to 30 s and
-    starts over once a step gets through (:meth:`ok`)."""
+    """Backoff for a background task whose step failed. The failed transaction has rolled
+    back (every step is stored before it acts), so the task only has to wait and do the
+    same step again:
 
-    def __init__(self, db: Database, metrics: Metrics, where: str):
+    - storage trouble (locked by another process, disk full, I/O error: see
+      :func:`watcher.store.db.storage_trouble`) is a condition of the file: a warning,
+      ``storage_errors`` and /readyz say so;
+    - anything else (a constraint, bad SQL, a plugin's bug) is a bug of that step: logged
+      with its traceback and counted as ``errors{type="<bug_label>"}``, and ``bug`` names
+      it until a step gets through. It must not stop the rest of the daemon (the other
+      chains, deposits, webhooks), so it is retried like the rest.
+
+    The wait doubles from 0.5 s to 30 s and starts over once a step gets through
+    (:meth:`ok`)."""
+
+    def __init__(self, db: Database, metrics: Metrics, where: str, bug_label: str):
         self.db = db
         self.metrics = metrics
         self.where = where
+        self.bug_label = bug_label
         self.failures = 0
+        self.bug: str | None = None  # the exception type of the last failed step, while failing
 
     def ok(self) -> None:
         self.failures = 0
+        self.bug = None
 
-    async def wait(self, e: BaseException) -> None:
-        kind = record_storage_trouble(self.db, self.metrics, e)
-        if kind is None:
-            raise e
+    async def wait(self, e: Exception) -> None:
         self.failures += 1
         delay = min(30.0, 0.5 * 2 ** (self.failures - 1))
-        log.warning("%s: database %s (%s); nothing was written, retrying in %.1f s", self.where, kind, e, delay,
-                    extra={"storage_error": kind})
+        kind = record_storage_trouble(self.db, self.metrics, e)
+        if kind is not None:
+            log.warning("%s: database %s (%s); nothing was written, retrying in %.1f s", self.where, kind, e,
+                        delay, extra={"storage_error": kind})
+        else:
+            self.bug = type(e).__name__
+            self.metrics.errors.labels(self.bug_label).inc()
+            log.error("%s: a step failed (a bug: %s); nothing was written, retrying in %.1f s", self.where,
+                      self.bug, delay, exc_info=e)
         await trio.sleep(delay)

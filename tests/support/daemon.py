@@ -26,6 +26,7 @@ from watcher.daemon import Daemon
 ROOT = Path(__file__).resolve().parents[2]
 TEST_MNEMONIC = "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about"
 API_TOKEN = "test-token-0123456789"
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}  # the API token's header
 
 
 def free_port() -> int:

@@ -103,6 +103,8 @@ async def readyz(req: ApiRequest) -> Any:
         elif w.pool is not None and all(n.state == "down" for n in w.pool.nodes):
             # found by the pool's probes too: a hung node is noticed while the scanner waits
             problem = "node unreachable" if len(w.pool.nodes) == 1 else "every node is unreachable"
+        elif w.failing:
+            problem = f"scanning fails ({w.failing}: a bug, see the log); retrying"
         elif not s.node_up:
             problem = "node unreachable" if s.error else "starting"
         elif s.lag is not None and s.lag > w.config.max_lag:
@@ -175,6 +177,7 @@ async def list_chains(req: ApiRequest) -> Any:
             "scanned": s.scanned if s.scanned is not None else req.daemon.store.chains.scanned_number(cid),
             "lag": s.lag,
             "catching_up": s.catching_up,
+            "scan_error": w.failing,  # a scan step that keeps failing for a bug (see the log)
             "confirmations": cfg.confirmations,
             "assets": [{"symbol": a.symbol, "decimals": a.decimals,
                         "contract": cfg.spec.display_address(a.contract) if a.contract else None}
