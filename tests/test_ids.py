@@ -1,0 +1,43 @@
+"""Object ids: the time part sorts, the random part is 80 bits in Crockford base32."""
+
+from __future__ import annotations
+
+import os
+
+from watcher import ids
+
+
+def test_an_id_is_the_time_then_80_random_bits_in_crockford_base32(monkeypatch):
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(range(1, n + 1)))
+    made = ids.new_id("tr", now_ms=1_700_000_000_123)
+    prefix, body = made.split("_")
+    assert prefix == "tr" and len(body) == 26
+    assert body[:10] == ids._b32(1_700_000_000_123, 10)
+    # the same 80 bits, digit by digit (the slow, obvious way)
+    assert body[10:] == ids._b32(int.from_bytes(bytes(range(1, 11)), "big"), 16)
+    monkeypatch.setattr(os, "urandom", lambda n: b"\xff" * n)
+    assert ids.new_id("tr", now_ms=1)[13:] == "Z" * 16
+
+
+def test_ids_sort_by_time_and_do_not_repeat():
+    made = [ids.new_id("evt", now_ms=ms) for ms in (5, 5, 6, 1_000, 2**47)]
+    assert sorted(made[2:]) == made[2:] and made[0] < made[2]
+    assert len({ids.new_id("evt", now_ms=7) for _ in range(1000)}) == 1000
+
+
+def test_event_data_is_stored_as_json_dumps_writes_it():
+    """orjson writes the common case; the text must be exactly json.dumps's (compact, keys
+    sorted, ASCII), non-ASCII labels, control characters and huge integers included."""
+    import json
+
+    from watcher.store.events import data_text
+
+    cases = [
+        {"b": 1, "a": [None, True, False, -3], "c": {"z": "x", "y": ""}},
+        {"label": "café ☕ 𝄞", "order_id": "Ω-1"},
+        {"memo": "tab\tnew\nline\r\x00\x01\x1f\x7f quote\" back\\ slash/ <>&"},
+        {"amount": 2**64 + 1, "neg": -(2**70)},
+        {"nested": [{"k": [1, [2, [3, {"deep": "\u2028"}]]]}], "empty": {}, "list": []},
+    ]
+    for data in cases:
+        assert data_text(data) == json.dumps(data, separators=(",", ":"), sort_keys=True), data
