@@ -135,8 +135,8 @@ async def test_disk_full_is_retried_and_nothing_is_half_applied(tmp_path, anvil:
 async def test_a_scan_step_failing_for_a_bug_is_retried_and_shown_not_a_stopped_daemon(tmp_path, anvil: Anvil,
                                                                                         token: Token):
     """A scan step that fails for a bug rather than the file (here a constraint a trigger
-    adds: an ``IntegrityError``; in life a family's parser meeting a block it does not
-    expect) ended the daemon: every chain's scanning, the API and webhooks stopped with one
+    adds: an ``IntegrityError``; in life also an assertion in a family plugin; a malformed
+    node answer is a node error already) ended the daemon: every chain's scanning, the API and webhooks stopped with one
     chain's bug. It is retried with backoff instead, counted (``scanner_bug``), and shown:
     /readyz is unready for that chain and /v1/chains names the error. Once the cause is gone
     the same blocks are applied, exactly once."""

@@ -290,7 +290,7 @@ class ChainWatcher:
             except (ChainMismatch, DeepReorg):
                 raise  # for an operator: scanning halts
             except Exception as e:
-                # locked, full, or a bug (a constraint, a family's parser): the batch rolled
+                # locked, full, or a bug (a constraint, a family plugin's assertion): the batch rolled
                 # back; this chain does it again later and the rest of the daemon goes on
                 await self._storage.wait(e)
                 continue
