@@ -450,11 +450,20 @@ async def test_node_gone_for_minutes(tmp_path, anvil: Anvil, token: Token, clock
                 assert refused < 500, refused
                 assert scanned(d) < anvil.head()
 
+                # back right after the scanner's latest failure: its backoff (22-30 s by now)
+                # has only begun, and the pool's probe (every poll interval, 1 s) cuts it short
+                node_errors = d.metrics.errors.labels("node")
+                failures = node_errors._value.get()
+                await wait_until(lambda: node_errors._value.get() > failures, timeout=60, interval=0.05,
+                                 what="the scanner's next failed attempt")
                 proxy.come_up()
-                await wait_until(lambda: metric(d, "watcher_chain_node_up") == 1, timeout=60, interval=0.5,
+                back = trio.current_time()
+                await wait_until(lambda: metric(d, "watcher_chain_node_up") == 1, timeout=60, interval=0.1,
                                  what="node back up")
+                resumed = trio.current_time() - back
+                assert resumed < 5, f"the scanner waited out its backoff: {resumed:.1f} mock s"
                 await ends_exactly(d, anvil, ledger, timeout=60)
                 r = await http.get("/readyz")
                 assert r.status_code == 200 and r.json()["chains"]["devnet"]["ready"], r.json()
                 print(f"\nnode gone: {trio.current_time() - t0:.0f} mock seconds in {time.monotonic() - wall0:.1f} s, "
-                      f"{refused} refused attempts")
+                      f"{refused} refused attempts; scanning again {resumed:.1f} mock s after the node came back")

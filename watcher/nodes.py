@@ -62,6 +62,9 @@ class NodePool:
         self.head_call = head_call
         self.probe_interval = probe_interval
         self._active: NodeState | None = None
+        # called when a node that was down (or not yet known) answers again: the scanner,
+        # backing off after node errors, tries again at once instead of after its backoff
+        self.on_up: list[Callable[[], None]] = []
         for n in self.nodes:
             metrics.node_up.labels(chain, n.name).set(0)
             metrics.node_active.labels(chain, n.name).set(0)
@@ -169,10 +172,14 @@ class NodePool:
             self._set(n, "down")
 
     def _set(self, n: NodeState, state: str) -> None:
+        back = state == "up" and n.state in ("down", "unknown")
         n.state = state
         n.changed_at = time.monotonic()
         self.metrics.node_up.labels(self.chain, n.name).set(1 if state == "up" else 0)
         self.active  # noqa: B018 - moves traffic (and the metric) if the best node changed
+        if back:
+            for fn in self.on_up:
+                fn()
 
     @property
     def any_up(self) -> bool:

@@ -128,6 +128,7 @@ class ChainWatcher:
         self._watched = _Watched(store, config.id)
         self._on_blocks: list[Callable[[], None]] = []
         self._backoff = 0
+        self._node_back = trio.Event()  # set by the pool's probe when a node answers again
         self._meter = ProgressMeter()
         m = metrics
         cid = config.id
@@ -164,6 +165,7 @@ class ChainWatcher:
         self.pool = NodePool(cfg.id, members, self.metrics, max_lag=cfg.max_lag, head_call=head_call,
                              # with the polls: a chain polled hourly is not asked every second
                              probe_interval=max(cfg.poll_interval, 1.0))
+        self.pool.on_up.append(lambda: self._node_back.set())
         return self.pool
 
     def open_client(self) -> ChainClient:
@@ -444,7 +446,10 @@ class ChainWatcher:
         level = logging.WARNING if first else logging.DEBUG
         log.log(level, "%s: node error: %s; retrying in %.1fs", self.config.id, e.message, delay,
                 extra={"chain": self.config.id})
-        await trio.sleep(delay)
+        # or as soon as the pool's probe (every poll interval, at least 1 s) finds a node back
+        self._node_back = trio.Event()
+        with trio.move_on_after(delay):
+            await self._node_back.wait()
 
     def _progress(self, n: int, took: float, head: int, tip: int) -> None:
         line = self._meter.update(n, took, head, tip, far=head - tip > self.config.batch_size)
