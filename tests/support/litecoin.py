@@ -97,7 +97,11 @@ class Litecoind:
                 *auth, "-server=1", "-listen=0", "-dnsseed=0",
                 "-discover=0", "-fallbackfee=0.0001", "-vbparams=mweb:-2:0", "-printtoconsole=0",
                 f"-txindex={int(self.txindex)}", *(["-mempoolreplacement=1"] if self.replacement else []),
-                *self.extra]
+                # Litecoin Core 0.21 stopped while a client (a running watcher) has connected
+                # waits for its HTTP connections to time out: -rpcservertimeout, 30 s by default
+                # (docs/bitcoin.md). 2 s also has the node drop idle keep-alive connections
+                # under watcher, as a busy or restarted node does
+                "-rpcservertimeout=2", *self.extra]
         self._log = self.datadir / "stderr.log"
         with open(self._log, "wb") as err:
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
