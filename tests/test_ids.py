@@ -37,7 +37,19 @@ def test_event_data_is_stored_as_json_dumps_writes_it():
         {"label": "café ☕ 𝄞", "order_id": "Ω-1"},
         {"memo": "tab\tnew\nline\r\x00\x01\x1f\x7f quote\" back\\ slash/ <>&"},
         {"amount": 2**64 + 1, "neg": -(2**70)},
+        {1: "int keys", 10: "sorted as text"},
         {"nested": [{"k": [1, [2, [3, {"deep": "\u2028"}]]]}], "empty": {}, "list": []},
     ]
     for data in cases:
         assert data_text(data) == json.dumps(data, separators=(",", ":"), sort_keys=True), data
+
+
+def test_event_data_json_cannot_write_is_refused_as_json_refuses_it():
+    import datetime
+
+    import pytest
+
+    from watcher.store.events import data_text
+
+    with pytest.raises(TypeError):
+        data_text({"at": datetime.datetime(2026, 11, 27)})

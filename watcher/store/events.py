@@ -24,12 +24,16 @@ def data_text(data: dict[str, Any]) -> str:
     (non-ASCII text and DEL, which it does not escape; an integer beyond 64 bits, which it
     refuses) goes through ``json``."""
     try:
-        text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-    except TypeError:
-        text = b"\x80"
+        text = orjson.dumps(data, option=_ORJSON_AS_JSON)
+    except TypeError:  # json says what it cannot write, or writes it
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
     if text.isascii() and b"\x7f" not in text:
         return text.decode()
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+# keys sorted; what json cannot write (a dataclass, a datetime) is refused by orjson too
+_ORJSON_AS_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 @dataclass(frozen=True)
