@@ -128,15 +128,18 @@ def test_bip84_deposit_addresses_match_the_bip_and_other_wallets():
 def test_family_options_defaults_and_mistakes():
     btc, ltc = spec("btc"), spec("ltc-regtest")
     assert (btc.native_symbol, btc.native_decimals, btc.options.fee_bump) == ("BTC", 8, "rbf")
-    assert (ltc.native_symbol, ltc.options.fee_bump, ltc.options.mempool) == ("LTC", "cpfp", True)
-    s = spec("ltc", fee_rate_min=1.5, fee_rate_max="80", fee_bump="rbf", sweep={"max_inputs": 50}, mempool=False)
+    assert (ltc.native_symbol, ltc.options.fee_bump, ltc.options.mempool, ltc.options.rpc_concurrency) == (
+        "LTC", "cpfp", True, 8)
+    s = spec("ltc", fee_rate_min=1.5, fee_rate_max="80", fee_bump="rbf", sweep={"max_inputs": 50}, mempool=False,
+             rpc_concurrency=3)
     assert (s.options.fee_rate_min, s.options.fee_rate_max, s.options.fee_bump, s.options.max_inputs,
-            s.options.mempool) == (1_500, 80_000, "rbf", 50, False)
+            s.options.mempool, s.options.rpc_concurrency) == (1_500, 80_000, "rbf", 50, False, 3)
     for keys, message in [({"network": "doge"}, "must be one of"),
                           ({"network": "btc", "assets": [{"symbol": "X"}]}, "no tokens"),
                           ({"network": "btc", "fee_rate_min": "0.0001"}, "at most 3 decimals"),
                           ({"network": "btc", "fee_rate_min": 5, "fee_rate_max": 2}, "at least fee_rate_min"),
-                          ({"network": "btc", "fee_bump": "both"}, "must be one of")]:
+                          ({"network": "btc", "fee_bump": "both"}, "must be one of"),
+                          ({"network": "btc", "rpc_concurrency": 0}, "must be between 1 and 64")]:
         with pytest.raises(ConfigError, match=message):
             BitcoinFamily().configure(ConfigTable(keys, "chains[0]"))
 

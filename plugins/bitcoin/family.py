@@ -29,6 +29,10 @@ _HEX = frozenset("0123456789abcdef")
 class BitcoinOptions:
     network: Network
     rpc_cookie_file: Path | None = None  # the node's .cookie, instead of credentials in rpc_url
+    # HTTP requests in flight to the node: 8 keeps a node's 4 RPC threads (-rpcthreads) and two
+    # cores busy while watcher parses (4 left a fifth of a core idle in a catch-up,
+    # docs/performance.md), and stays well below its queue of 16 (-rpcworkqueue)
+    rpc_concurrency: int = 8
     mempool: bool = True  # report payments from the mempool (0 confirmations)
     fee_rate_min: int = 1_000  # sat per 1,000 vB (1 sat/vB)
     fee_rate_max: int = 500_000  # sat per 1,000 vB
@@ -80,6 +84,7 @@ class BitcoinFamily(ChainFamily):
         options = BitcoinOptions(
             network=network,
             rpc_cookie_file=cookie,
+            rpc_concurrency=table.take("rpc_concurrency", int, 8, check=between(1, 64)),
             mempool=table.take("mempool", bool, True),
             fee_rate_min=fee_min,
             fee_rate_max=fee_max,
