@@ -94,3 +94,64 @@ async def test_retry_after_seconds_or_http_date_capped_at_a_minute(anvil: Anvil)
         finally:
             await rpc.aclose()
     assert waits[0] == 7 and 28 < waits[1] <= 30 and waits[2] == 60 and waits[3] is None
+
+
+def test_hex_results_are_read_in_the_layouts_bitcoin_core_writes_and_nothing_else():
+    """``batch_hex`` reads Bitcoin Core's answers without a JSON parser: the 1.0 replies it
+    writes and the 2.0 ones of v28 and later, batches and single calls. Any other layout, an
+    error, or a result that is not hex gives None: the answer is then parsed as JSON, so the
+    shortcut can never read an answer differently from the parser."""
+    import orjson
+
+    from watcher.jsonrpc import _hex_results
+
+    def read(body: bytes) -> object:
+        got = _hex_results(body)
+        if got is not None:  # the same as parsing the JSON, with the hex as bytes
+            parsed = orjson.loads(body)
+            for item in parsed if isinstance(parsed, list) else [parsed]:
+                item["result"] = bytes.fromhex(item["result"])
+                item.setdefault("error", None)
+                item.pop("jsonrpc", None)
+            assert got == parsed
+        return got
+
+    one = b'{"result":"00ff10","error":null,"id":7}'
+    two = b'{"jsonrpc":"2.0","result":"abcd","id":8}'
+    assert read(b"[" + one + b"," + two + b"]\n") == [{"id": 7, "result": b"\x00\xff\x10", "error": None},
+                                                      {"id": 8, "result": b"\xab\xcd", "error": None}]
+    assert read(one + b"\n") == {"id": 7, "result": b"\x00\xff\x10", "error": None}
+    assert read(b'[{"result":"","error":null,"id":1}]') == [{"id": 1, "result": b"", "error": None}]
+    for other in [
+        b'[{"result":null,"error":{"code":-5,"message":"Block not found"},"id":1}]',  # an error
+        b'[' + one + b',{"result":null,"error":{"code":-8,"message":"x"},"id":2}]',  # one of them
+        b'[{"result":"0ff","error":null,"id":1}]',  # odd length
+        b'[{"result":"zz","error":null,"id":1}]',  # not hex
+        b'[{"result":"ab\\u0063d","error":null,"id":1}]',  # an escape: JSON reads "abcd"
+        b'[{"id":1,"result":"abcd","error":null}]',  # keys in another order
+        b'[{"result": "abcd", "error": null, "id": 1}]',  # spaces
+        b'[{"result":"abcd","error":null,"id":1}',  # cut short
+        b'[{"result":"abcd","error":null,"id":1}] x',  # something after
+        b'[{"result":"abcd","error":null,"id":1};{"result":"ab","error":null,"id":2}]',
+        b'[{"result":"abcd","error":null,"id":"1"}]',  # a string id
+        b"[]", b"", b"<html>",
+    ]:
+        assert read(other) is None, other
+
+
+async def test_batch_hex_matches_the_json_reading_on_a_real_node(litecoind):
+    """Serialized blocks from Litecoin Core: ``batch_hex`` gives the bytes the JSON answer
+    holds, in order, for a batch and for a single call; a call the node refuses raises its
+    RpcError as ``batch`` does."""
+    hashes = litecoind.mine(3)
+    m = Metrics()
+    rpc = JsonRpc(litecoind.url, chain="t", metrics=m, max_batch=2)
+    try:
+        calls = [("getblock", (h, 0)) for h in hashes]
+        as_json = await rpc.batch(calls)
+        assert await rpc.batch_hex(calls) == [bytes.fromhex(t) for t in as_json]
+        assert await rpc.batch_hex(calls[:1]) == [bytes.fromhex(as_json[0])]
+        with pytest.raises(RpcError, match="not found"):
+            await rpc.batch_hex([*calls, ("getblock", ("00" * 32, 0))])
+    finally:
+        await rpc.aclose()

@@ -110,6 +110,9 @@ class NodePool:
     async def batch_outcomes(self, calls: Sequence[Call]) -> list[Any]:
         return await self._use(lambda rpc: rpc.batch_outcomes(calls))
 
+    async def batch_hex(self, calls: Sequence[Call]) -> list[bytes]:
+        return await self._use(lambda rpc: rpc.batch_hex(calls))
+
     async def broadcast(self, method: str, *params: Any) -> Any:
         """Send to every node that is not down (all of them if every one is), concurrently:
         the first result wins; raises only when every node failed (the first node's error,

@@ -165,9 +165,8 @@ class BitcoinClient(ChainClient):
     async def _fetch_part(self, numbers: list[int], hashes: dict[int, str], shapes: set[str],
                           into: list[_RawBlock]) -> None:
         """Blocks ``numbers`` (their ``hashes``), serialized, with the candidate scripts each holds."""
-        raw: list[str] = await self.rpc.batch([("getblock", (hashes[n], 0)) for n in numbers])
-        for n, text in zip(numbers, raw, strict=True):
-            data = bytes.fromhex(text)
+        raw = await self.rpc.batch_hex([("getblock", (hashes[n], 0)) for n in numbers])
+        for n, data in zip(numbers, raw, strict=True):
             head = rawblock.header(data)
             if head.hash != hashes[n]:
                 raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
