@@ -17,18 +17,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
 from tests.support.daemon import chain_entry, write_config
+from watcher import jsonrpc
 from watcher.daemon import Daemon, tune_gc
 
 from .chain import BENCH_MNEMONIC, BenchChain
 
 
 async def raw_fetch(url: str, calls: list[tuple[str, list[Any]]], *, concurrency: int, batch: int) -> float:
-    """Seconds to send ``calls`` as JSON-RPC batches, ``concurrency`` requests in flight."""
+    """Seconds to send ``calls`` as JSON-RPC batches, ``concurrency`` requests in flight.
+    httpx reads the answers as watcher's client does, up to 1 MiB a read (``watcher.jsonrpc``
+    sets httpcore's read size for the process): the baseline gets the same cheaper receive."""
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == jsonrpc.READ_BYTES
     chunks = [calls[i:i + batch] for i in range(0, len(calls), batch)]
     limiter = trio.CapacityLimiter(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -155,3 +155,16 @@ async def test_batch_hex_matches_the_json_reading_on_a_real_node(litecoind):
             await rpc.batch_hex([*calls, ("getblock", ("00" * 32, 0))])
     finally:
         await rpc.aclose()
+
+
+
+def test_answers_are_read_a_mebibyte_at_a_time():
+    """watcher raises httpcore's reads from 64 KiB to 1 MiB through httpcore's class
+    attribute; an httpcore that renamed it would silently read 64 KiB again (and the scan
+    spend ~0.1 ms of CPU a block more): this says so."""
+    import httpcore
+
+    from watcher import jsonrpc
+
+    assert jsonrpc.READ_BYTES == 1 << 20
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == jsonrpc.READ_BYTES
