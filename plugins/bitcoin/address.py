@@ -9,6 +9,8 @@ Scanning matches outputs by script, so an address is also its ``scriptPubKey``.
 
 from __future__ import annotations
 
+import functools
+
 from bip_utils import (
     Base58Decoder,
     Base58Encoder,
@@ -58,9 +60,11 @@ def to_script(network: Network, text: str) -> bytes:
     raise InvalidAddress(f"an address of another network (version byte {version:#04x}), not {network.name}")
 
 
+@functools.lru_cache(maxsize=4096)
 def from_script(network: Network, script: bytes) -> str | None:
     """The canonical address of a standard output script, or None (OP_RETURN, bare
-    multisig, non-standard scripts)."""
+    multisig, non-standard scripts). Cached: every payment found in a block is named by its
+    script, mostly the same deposit addresses again, and bip_utils' bech32 takes ~40 µs."""
     n = len(script)
     if (n == 22 and script[0] == 0 and script[1] == 20) or (n == 34 and script[0] == 0 and script[1] == 32):
         return str(SegwitBech32Encoder.Encode(network.hrp, 0, script[2:]))

@@ -73,10 +73,10 @@ def candidate_scripts(data: bytes, shapes: Iterable[str] = FINDERS) -> set[str]:
     """Hex of every standard output script of ``shapes`` (keys of :data:`FINDERS`; all of
     them by default) that may appear in ``data`` (a superset). Each shape is a pass over the
     block: a scan looks only for the shapes of the scripts it watches."""
-    found: set[str] = set()
+    found: set[bytes] = set()
     for shape in shapes:
-        found.update(map(bytes.hex, FINDERS[shape].findall(data)))
-    return found
+        found.update(FINDERS[shape].findall(data))
+    return set(map(bytes.hex, found))  # each script once: a block pays many to the same few
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,11 @@ Every status change writes its event in the same transaction.
 
 from __future__ import annotations
 
+
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import views
@@ -196,17 +197,18 @@ class Transfers:
         its own ``min_depth``, if more: a coinbase output is credited once it matures)."""
         depth_block = tip - chain.confirmations + 1
         conn = self.store.db.conn
-        ids = [r[0] for r in conn.execute(
-            "SELECT id FROM transfers WHERE chain = ? AND status = 'detected' AND block_number <= ?"
-            " AND (min_depth IS NULL OR block_number + min_depth - 1 <= ?)"
-            " ORDER BY block_number, txid, idx", (chain.id, depth_block, tip))]
+        # the rows with their address's label and invoice in the same query: each confirmation
+        # is reported from the row as it is now updated, without reading it back
+        rows = [TransferRow.from_row(r) for r in conn.execute(
+            _SELECT + " WHERE t.chain = ? AND t.status = 'detected' AND t.block_number <= ?"
+            " AND (t.min_depth IS NULL OR t.block_number + t.min_depth - 1 <= ?)"
+            " ORDER BY t.block_number, t.txid, t.idx", (chain.id, depth_block, tip))]
         now = self.store.clock.now_ms()
-        changes = []
-        for tid in ids:
-            conn.execute("UPDATE transfers SET status = 'confirmed', confirmed_at = ?, updated_at = ? WHERE id = ?",
-                         (now, now, tid))
-            changes.append(self._changed(chain, tid, "detected", "confirmed", tip))
-        return changes
+        conn.executemany("UPDATE transfers SET status = 'confirmed', confirmed_at = ?, updated_at = ? WHERE id = ?",
+                         [(now, now, r.id) for r in rows])
+        return [self._changed(chain, r.id, "detected", "confirmed", tip,
+                              row=replace(r, status="confirmed", confirmed_at=now, updated_at=now))
+                for r in rows]
 
     def confirmed_deposits(self, chain: str, *, upto: int) -> list[tuple[str, str, int]]:
         """``(address, asset, amount)`` of every confirmed transfer to a derived address in a
@@ -270,8 +272,12 @@ class Transfers:
             changes.append(self._changed(chain, r["id"], r["status"], "orphaned", tip))
         return changes
 
-    def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int) -> TransferChange:
-        row = self.row(tid)
+    def _changed(self, chain: ChainConfig, tid: str, old: str | None, new: str, tip: int, *,
+                 row: TransferRow | None = None) -> TransferChange:
+        """The change's event and counts; ``row`` is the transfer as now stored (read here if
+        not given)."""
+        if row is None:
+            row = self.row(tid)
         assert row is not None
         change = TransferChange(id=tid, chain=chain.id, address=row.address, asset=row.asset,
                                 invoice_id=row.invoice_id, old=old, new=new)
