@@ -82,8 +82,8 @@ class BitcoinClient(ChainClient):
         self.network = options.network
         self.native = ctx.config.native.symbol
         self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
-        self.rpc = ctx.jsonrpc(concurrency=options.rpc_concurrency, max_batch=50, final_codes=FINAL_CODES, credentials=self._credentials,
-                               head_call=("getblockcount", ()))
+        self.rpc = ctx.jsonrpc(concurrency=options.rpc_concurrency, max_batch=50, final_codes=FINAL_CODES,
+                               credentials=self._credentials, head_call=("getblockcount", ()))
 
     def _credentials(self, node: NodeConfig) -> Callable[[], tuple[str, str]] | None:
         """A node's own ``rpc_cookie_file`` ([[chains.nodes]]), else the chain's, else none

@@ -9,7 +9,6 @@ Every status change writes its event in the same transaction.
 
 from __future__ import annotations
 
-
 import json
 import logging
 import sqlite3
