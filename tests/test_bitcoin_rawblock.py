@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from decimal import Decimal
+from typing import Any
 
 import pytest
+import trio
 from prometheus_client import CollectorRegistry
 
 from tests.support.daemon import running, wait_until, write_config
@@ -172,11 +174,11 @@ def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
     assert watched.hex() in rawblock.candidate_scripts(block)
 
 
-async def test_a_kind_of_script_first_watched_while_blocks_download_is_looked_for_in_them(tmp_path,
-                                                                                          litecoind: Litecoind):
-    """The scan searches a block only for the shapes of script it watches, asked when a fetch
-    starts; one first watched before the fetch ends (as the watched set itself is read then) is
-    looked for in the blocks already downloaded."""
+async def test_an_address_of_a_new_kind_watched_while_its_block_downloads_is_found_in_it(tmp_path,
+                                                                                         litecoind: Litecoind):
+    """The scan searches a block only for the shapes of script it watches. Both the shapes and
+    the watched scripts are read once a part of the fetch has arrived, so an address of a kind
+    first watched while the part was downloading is looked for in it."""
     node = litecoind
     node.payer  # noqa: B018
     legacy = node.rpc("getnewaddress", "", "legacy", wallet="payer")  # P2PKH
@@ -185,24 +187,62 @@ async def test_a_kind_of_script_first_watched_while_blocks_download_is_looked_fo
     node.mine(1)
     head = node.head()
 
-    class Watched:  # the core's filter, with a P2PKH address watched between its two answers
-        def __init__(self) -> None:
-            self.asked = 0
+    class Watched:  # the core's filter; the P2PKH address is watched once ``added``
+        added = False
 
         def __call__(self, candidates: Iterable[str]) -> set[str]:
-            return {k for k in candidates if k == key}
+            return {k for k in candidates if k == key and self.added}
 
         def prefixes(self, prefixes: Iterable[str]) -> set[str]:
-            self.asked += 1
-            return {"0014"} if self.asked == 1 else {"0014", "76a914"}
+            return {"0014", "76a914"} if self.added else {"0014"}
 
     entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url}
     core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
     try:
         async with core.open_client("ltc") as client:
             watched = Watched()
+            download = client.rpc.batch_hex
+
+            async def watched_meanwhile(calls: Any) -> list[bytes]:
+                raw = await download(calls)
+                watched.added = True  # the app watched the address while the node answered
+                return raw
+
+            client.rpc.batch_hex = watched_meanwhile  # type: ignore[method-assign]
             blocks = await client.fetch_blocks(head, head, watched)
-            assert watched.asked == 2
             assert [(t.txid, t.to) for b in blocks for t in b.transfers] == [(txid, legacy)]
+    finally:
+        core.close()
+
+
+async def test_heads_and_hashes_never_queue_behind_block_downloads(tmp_path, litecoind: Litecoind):
+    """A catch-up keeps ``rpc_concurrency`` block downloads in flight, and more wait for a slot.
+    The small calls (the head, the next batch's hashes) have requests of their own beside
+    them: queued behind the downloads, the next batch's hashes came back after the node had
+    served every block asked for, and it sat idle meanwhile."""
+    node = litecoind
+    node.mine(2)
+    head = node.head()
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url, "rpc_concurrency": 1}
+    core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
+    try:
+        async with core.open_client("ltc") as client:
+            got = []
+
+            async def fetch() -> None:
+                got.extend(await client.fetch_blocks(head - 1, head, lambda candidates: set()))
+
+            slots = client._parts
+            async with trio.open_nursery() as nursery:
+                await slots.acquire()  # the only download slot, as a download in flight holds it
+                nursery.start_soon(fetch)
+                with trio.fail_after(30):
+                    assert await client.head() == head
+                    assert (await client.block_hashes([head]))[head][0] == node.rpc("getblockhash", head)
+                    while slots.statistics().tasks_waiting == 0:  # the fetch has its hashes, waits for a slot
+                        await trio.sleep(0.01)
+                assert got == []
+                slots.release()
+            assert [(b.number, b.hash) for b in got] == [(n, node.rpc("getblockhash", n)) for n in (head - 1, head)]
     finally:
         core.close()

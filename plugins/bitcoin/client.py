@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from watcher.chains import (
     AddressFilter,
@@ -48,15 +49,8 @@ NO_BLOCK_YET = -8  # getblockhash above the tip
 NO_SUCH_TX = -5
 COINBASE_MATURITY = 100  # a coinbase output is spendable (and credited) 100 blocks deep
 PART = 50  # blocks a request: a fetch's parts are parsed while the later ones download
+SMALL_CALLS = 2  # requests in flight beside the block parts (see BitcoinClient.__init__)
 MEMPOOL_CHUNK = 500  # new mempool transactions read a batch
-
-
-@dataclass(frozen=True, slots=True)
-class _RawBlock:
-    number: int
-    data: bytes
-    head: rawblock.Header
-    candidates: set[str]
 
 
 def sats(value: Any) -> int:
@@ -82,8 +76,13 @@ class BitcoinClient(ChainClient):
         self.network = options.network
         self.native = ctx.config.native.symbol
         self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
-        self.rpc = ctx.jsonrpc(concurrency=options.rpc_concurrency, max_batch=50, final_codes=FINAL_CODES,
-                               credentials=self._credentials, head_call=("getblockcount", ()))
+        # the block parts take at most rpc_concurrency requests; the small calls (heads, hashes,
+        # headers, the mempool) have two more of their own, so the next batch's hashes never
+        # queue behind the parts already waiting (the node would run dry meanwhile)
+        self._parts = trio.CapacityLimiter(options.rpc_concurrency)
+        self.rpc = ctx.jsonrpc(concurrency=options.rpc_concurrency + SMALL_CALLS, max_batch=50,
+                               final_codes=FINAL_CODES, credentials=self._credentials,
+                               head_call=("getblockcount", ()))
 
     def _credentials(self, node: NodeConfig) -> Callable[[], tuple[str, str]] | None:
         """A node's own ``rpc_cookie_file`` ([[chains.nodes]]), else the chain's, else none
@@ -132,45 +131,44 @@ class BitcoinClient(ChainClient):
 
     @node_data
     async def fetch_blocks(self, start: int, end: int, watched: AddressFilter) -> list[Block]:
-        # only the shapes of script watched (one range probe of the index each), asked again
-        # below once the blocks are here: the watched set is read when the fetch ends, as before
-        shapes = key_prefixes(watched, rawblock.FINDERS)
         # every hash first (small answers), then the blocks in parts, requested in order: the
-        # node answers the first parts first, which are parsed while it reads the later ones
+        # node answers the first parts first, and each is read as it arrives (while the node
+        # serves the later ones), so only the last part's work is left when the fetch ends
         hashes = await self._hashes(list(range(start, end + 1)))
         have = list(itertools.takewhile(lambda n: n in hashes, range(start, end + 1)))  # up to the first it lacks
         parts = [have[i:i + PART] for i in range(0, len(have), PART)]
-        got: list[list[_RawBlock]] = [[] for _ in parts]
+        got: list[list[Block]] = [[] for _ in parts]
         async with fan_out() as nursery:
             for k, numbers in enumerate(parts):
-                nursery.start_soon(self._fetch_part, numbers, hashes, shapes, got[k])
+                nursery.start_soon(self._fetch_part, numbers, hashes, watched, got[k])
         blocks = [b for part in got for b in part]
         for prev, b in itertools.pairwise(blocks):
-            if b.head.parent_hash != prev.head.hash:
+            if b.parent_hash != prev.hash:
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
-        late = key_prefixes(watched, rawblock.FINDERS) - shapes  # a kind first watched meanwhile
-        if late:
-            for b in blocks:
-                b.candidates.update(rawblock.candidate_scripts(b.data, late))
-        keys = set().union(*(b.candidates for b in blocks))
-        hits = watched(keys) if keys else set()
-        out = []
-        for b in blocks:
-            mine = b.candidates & hits
-            transfers = await self._transfers(b.data, b.head.hash, mine) if mine else ()
-            out.append(Block(number=b.number, hash=b.head.hash, parent_hash=b.head.parent_hash,
-                             timestamp=b.head.timestamp, transfers=transfers))
-        return out
+        return blocks
 
-    async def _fetch_part(self, numbers: list[int], hashes: dict[int, str], shapes: set[str],
-                          into: list[_RawBlock]) -> None:
-        """Blocks ``numbers`` (their ``hashes``), serialized, with the candidate scripts each holds."""
-        raw = await self.rpc.batch_hex([("getblock", (hashes[n], 0)) for n in numbers])
+    async def _fetch_part(self, numbers: list[int], hashes: dict[int, str], watched: AddressFilter,
+                          into: list[Block]) -> None:
+        """Blocks ``numbers`` (their ``hashes``) with their transfers. The watched set is read
+        once the part is here: which shapes of script it holds (one range probe of the index
+        each), then which of the part's candidate scripts it holds (one lookup for the part)."""
+        async with self._parts:
+            raw = await self.rpc.batch_hex([("getblock", (hashes[n], 0)) for n in numbers])
+        shapes = key_prefixes(watched, rawblock.FINDERS)
+        heads = []
         for n, data in zip(numbers, raw, strict=True):
             head = rawblock.header(data)
             if head.hash != hashes[n]:
                 raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
-            into.append(_RawBlock(n, data, head, rawblock.candidate_scripts(data, shapes)))
+            heads.append(head)
+        candidates = [rawblock.candidate_scripts(data, shapes) for data in raw]
+        keys = set().union(*candidates)
+        hits = watched(keys) if keys else set()
+        for n, data, head, found in zip(numbers, raw, heads, candidates, strict=True):
+            mine = found & hits
+            transfers = await self._transfers(data, head.hash, mine) if mine else ()
+            into.append(Block(number=n, hash=head.hash, parent_hash=head.parent_hash, timestamp=head.timestamp,
+                              transfers=transfers))
 
     async def _transfers(self, data: bytes, block_hash: str, keys: set[str]) -> tuple[Transfer, ...]:
         """The transfers of one raw block to the watched scripts ``keys`` (hex)."""
