@@ -272,6 +272,9 @@ class ChainConfig:
 class StorageConfig:
     path: Path
     synchronous: str = "full"
+    # a chain watching at most this many addresses keeps them in memory for the scan's
+    # lookups (see Addresses.watched); 0: always the index
+    watched_in_memory: int = 250_000
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,7 @@ def parse_config(
     storage = StorageConfig(
         path=resolve(st.take("path", str, check=lambda v: None if v.strip() else "must not be empty")),
         synchronous=st.take("synchronous", str, "full", check=one_of("normal", "full", "extra")),
+        watched_in_memory=st.take("watched_in_memory", int, 250_000, check=between(0, 100_000_000)),
     )
     st.done()
     problem = _storage_path_problem(storage.path)
