@@ -19,6 +19,11 @@ def test_an_id_is_the_time_then_80_random_bits_in_crockford_base32(monkeypatch):
     assert ids.new_id("tr", now_ms=1)[13:] == "Z" * 16
 
 
+def test_the_random_part_is_every_bit_of_its_bytes():
+    for data in [bytes(10), b"\xff" * 10, *(os.urandom(10) for _ in range(2000))]:
+        assert ids._digits80(data) == ids._b32(int.from_bytes(data, "big"), 16)
+
+
 def test_ids_sort_by_time_and_do_not_repeat():
     made = [ids.new_id("evt", now_ms=ms) for ms in (5, 5, 6, 1_000, 2**47)]
     assert sorted(made[2:]) == made[2:] and made[0] < made[2]

@@ -3,13 +3,11 @@ Crockford base32, 26 chars), so ids sort by creation time and never collide."""
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# RFC 4648 base32 digits, in value order, to Crockford's: base64.b32encode does the encoding
-_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET)
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # two digits by their 10 bits
 
 
 def _b32(n: int, length: int) -> str:
@@ -29,5 +27,12 @@ def new_id(prefix: str, *, now_ms: int | None = None) -> str:
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     if _last_ms[0] != ms:
         _last_ms = (ms, _b32(ms, 10))
-    rand = base64.b32encode(os.urandom(10)).decode().translate(_FROM_RFC4648)  # 80 bits: 16 digits
-    return f"{prefix}_{_last_ms[1]}{rand}"
+    return f"{prefix}_{_last_ms[1]}{_digits80(os.urandom(10))}"
+
+
+def _digits80(data: bytes) -> str:
+    """10 bytes as 16 Crockford digits, most significant first (as ``base64.b32encode``
+    writes them, in Crockford's alphabet): two digits a lookup, half its time."""
+    n, p = int.from_bytes(data, "big"), _PAIRS
+    return (p[n >> 70] + p[(n >> 60) & 1023] + p[(n >> 50) & 1023] + p[(n >> 40) & 1023]
+            + p[(n >> 30) & 1023] + p[(n >> 20) & 1023] + p[(n >> 10) & 1023] + p[n & 1023])
