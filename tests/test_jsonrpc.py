@@ -142,7 +142,7 @@ def test_hex_results_are_read_in_the_layouts_bitcoin_core_writes_and_nothing_els
 async def test_batch_hex_matches_the_json_reading_on_a_real_node(litecoind):
     """Serialized blocks from Litecoin Core: ``batch_hex`` gives the bytes the JSON answer
     holds, in order, for a batch and for a single call; a call the node refuses raises its
-    RpcError as ``batch`` does."""
+    RpcError as ``batch`` does, or takes its place in ``batch_outcomes``."""
     hashes = litecoind.mine(3)
     m = Metrics()
     rpc = JsonRpc(litecoind.url, chain="t", metrics=m, max_batch=2)
@@ -153,6 +153,10 @@ async def test_batch_hex_matches_the_json_reading_on_a_real_node(litecoind):
         assert await rpc.batch_hex(calls[:1]) == [bytes.fromhex(as_json[0])]
         with pytest.raises(RpcError, match="not found"):
             await rpc.batch_hex([*calls, ("getblock", ("00" * 32, 0))])
+        # the outcomes, as the mempool poll reads new transactions: bytes, or the refusal
+        *blocks, refused = await rpc.batch_outcomes([*calls, ("getblock", ("00" * 32, 0))], decode="hex")
+        assert blocks == [bytes.fromhex(t) for t in as_json]
+        assert isinstance(refused, RpcError) and refused.rpc_code == -5
     finally:
         await rpc.aclose()
 

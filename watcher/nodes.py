@@ -26,7 +26,7 @@ import trio
 
 from .config import NodeConfig
 from .errors import NodeError, RpcError
-from .jsonrpc import Call, JsonRpc
+from .jsonrpc import Call, Decode, JsonRpc
 from .metrics import Metrics
 from .tasks import fan_out
 
@@ -107,8 +107,8 @@ class NodePool:
     async def batch(self, calls: Sequence[Call]) -> list[Any]:
         return await self._use(lambda rpc: rpc.batch(calls))
 
-    async def batch_outcomes(self, calls: Sequence[Call]) -> list[Any]:
-        return await self._use(lambda rpc: rpc.batch_outcomes(calls))
+    async def batch_outcomes(self, calls: Sequence[Call], *, decode: Decode = "json") -> list[Any]:
+        return await self._use(lambda rpc: rpc.batch_outcomes(calls, decode=decode))
 
     async def batch_hex(self, calls: Sequence[Call]) -> list[bytes]:
         return await self._use(lambda rpc: rpc.batch_hex(calls))

@@ -217,7 +217,7 @@ class BitcoinClient(ChainClient):
         new = [t for t in txids if t not in self._pool]
         for i in range(0, len(new), MEMPOOL_CHUNK):
             part = new[i:i + MEMPOOL_CHUNK]
-            answers = await self.rpc.batch_outcomes([("getrawtransaction", (t, False)) for t in part])
+            answers = await self.rpc.batch_outcomes([("getrawtransaction", (t, False)) for t in part], decode="hex")
             outputs: dict[str, list[rawblock.Output]] = {}
             for txid, r in zip(part, answers, strict=True):
                 if isinstance(r, RpcError) and r.rpc_code == NO_SUCH_TX:
@@ -225,7 +225,7 @@ class BitcoinClient(ChainClient):
                 if isinstance(r, Exception):
                     raise r
                 try:
-                    outputs[txid] = rawblock.tx_outputs(bytes.fromhex(r))
+                    outputs[txid] = rawblock.tx_outputs(r)
                 except rawblock.Unsupported:  # an MWEB transaction: nothing standard to us
                     outputs[txid] = []
             hits = watched({o.script.hex() for outs in outputs.values() for o in outs})
