@@ -295,7 +295,8 @@ def main() -> int:
             results["api"] = api.run(work / "api", node.url, concurrency=8)
         log("5: webhook deliveries")
         results["webhooks"] = webhooks.run(work / "webhooks")
-        log("8: bitcoin family catch-up (litecoind regtest, 1,000 blocks x 120 transactions, ~0.5 to watched addresses a block)")
+        log("8: bitcoin family catch-up (litecoind regtest, 1,000 blocks x 120 transactions paying fresh scripts,"
+            " ~0.5 to watched addresses a block)")
         results["bitcoin"] = bitcoin.run()
         log("10: events/s into NATS JetStream (nats-server -js)")
         results["nats"] = nats_bench.run(work / "nats")
