@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def bench_catchup(chain: BenchChain, work: Path) -> dict[str, Any]:
     for i in range(CATCHUP_ROUNDS):  # interleaved, so drift in the machine's speed hits both alike
         took = trio.run(lambda: raw_fetch(chain.anvil.url, calls, concurrency=how["concurrency"], batch=how["batch"]))
         raws.append(n / took)
-        r = trio.run(lambda i=i: scan_once(chain, work / f"scan{i}", first=first, last=last, options=opts))
+        r = trio.run(partial(scan_once, chain, work / f"scan{i}", first=first, last=last, options=opts))
         assert r["transfers"] == chain.hits, f"found {r['transfers']} transfers, sent {chain.hits}"
         scans.append(r["blocks_per_s"])
     raw, scan = max(raws), max(scans)
@@ -81,7 +82,7 @@ def bench_catchup_pinned(chain: BenchChain, work: Path, calls: list[Any], how: d
         for i in range(CATCHUP_ROUNDS):
             raws.append(n / trio.run(lambda: raw_fetch(chain.anvil.url, calls, concurrency=how["concurrency"],
                                                        batch=how["batch"])))
-            r = trio.run(lambda i=i: scan_once(chain, work / f"pinned{i}", first=first, last=last, options=opts))
+            r = trio.run(partial(scan_once, chain, work / f"pinned{i}", first=first, last=last, options=opts))
             scans.append(r["blocks_per_s"])
     finally:
         pin(chain.anvil.proc.pid, mine)
@@ -94,7 +95,7 @@ def bench_catchup_pinned(chain: BenchChain, work: Path, calls: list[Any], how: d
 
 def bench_scale(chain: BenchChain, work: Path) -> dict[str, Any]:
     first, last = chain.anvil.head() - chain.blocks + 1, chain.anvil.head()
-    small = max(trio.run(lambda i=i: scan_once(chain, work / f"s10-{i}", first=first, last=last, options={}))
+    small = max(trio.run(partial(scan_once, chain, work / f"s10-{i}", first=first, last=last, options={}))
                 ["blocks_per_s"] for i in range(2))
     big_dir = work / "s1m"
     t0 = time.monotonic()
@@ -111,7 +112,7 @@ def bench_scale(chain: BenchChain, work: Path) -> dict[str, Any]:
             c.execute("DELETE FROM transfers")
             c.execute("DELETE FROM events")
             c.execute("DELETE FROM blocks")
-        r = trio.run(lambda d=d: scan_once(chain, d, first=first, last=last, options={}))
+        r = trio.run(partial(scan_once, chain, d, first=first, last=last, options={}))
         assert r["transfers"] == chain.hits
         rates.append(r["blocks_per_s"])
     big = max(rates)
@@ -147,8 +148,8 @@ def bench_token_only(chain: BenchChain, work: Path) -> dict[str, Any]:
     rates = []
     tokens_sent = None
     for i in range(ROUNDS):
-        r = trio.run(lambda i=i: scan_once(chain, work / f"tok{i}", token_only=True, first=first, last=last,
-                                           options=opts))
+        r = trio.run(partial(scan_once, chain, work / f"tok{i}", token_only=True, first=first, last=last,
+                             options=opts))
         assert r["native_transfers"] == 0
         tokens_sent = r["transfers"]
         rates.append(r["blocks_per_s"])

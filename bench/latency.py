@@ -66,7 +66,7 @@ def run(workdir: Path, *, poll_interval: float = 0.5, samples: int = 40, push: b
     WebSocket (``ws_url``: anvil serves it on its HTTP port) and polling is the safety net."""
     with Anvil(block_time=1) as node:
         port = free_port()
-        extra_chain = {"ws_url": node.url.replace("http://", "ws://")} if push else {}
+        extra_chain: dict[str, Any] = {"ws_url": node.url.replace("http://", "ws://")} if push else {}
         cfg = write_config(workdir, [chain_entry("bench", node.url, confirmations=1, poll_interval=poll_interval,
                                                  **extra_chain)],
                            api_port=port, extra={"log": {"level": "warning"}})

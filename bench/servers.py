@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import socket
 import sys
+from functools import partial
 
 import trio
 
 RESPONSE = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
 
 
-async def handle(stream: trio.SocketStream, hang: bool) -> None:
+async def handle(stream: trio.abc.Stream, hang: bool) -> None:
     buf = b""
     try:
         while True:
@@ -45,7 +46,7 @@ async def handle(stream: trio.SocketStream, hang: bool) -> None:
 
 async def serve(mode: str, port: int) -> None:
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    await trio.serve_listeners(lambda s: handle(s, mode == "hang"), listeners)
+    await trio.serve_listeners(partial(handle, hang=mode == "hang"), listeners)
 
 
 def free_port() -> int:

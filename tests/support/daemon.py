@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chain_entry(name: str, url: str, *, tokens: list[tuple[str, str, int]] = (), **extra: Any) -> dict[str, Any]:
+def chain_entry(name: str, url: str, *, tokens: Sequence[tuple[str, str, int]] = (), **extra: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"id": name, "family": "evm", "rpc_url": url, "native_symbol": "ETH",
                              "confirmations": 2, "start_block": 0, "poll_interval": 0.1}
     entry.update(extra)

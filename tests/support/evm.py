@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class Anvil:
     def automine(self, on: bool) -> None:
         self.rpc("evm_setAutomine", on)
 
-    def reorg(self, depth: int, txs: list[tuple[str, int]] = ()) -> None:
+    def reorg(self, depth: int, txs: Sequence[tuple[str, int]] = ()) -> None:
         """Replace the last ``depth`` blocks; ``txs`` are (raw signed tx, offset in the new blocks)."""
         self.rpc("anvil_reorg", depth, [[raw, off] for raw, off in txs])
 

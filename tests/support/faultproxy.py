@@ -35,6 +35,7 @@ import random
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import h11
@@ -277,7 +278,7 @@ class FaultProxy:
             out = [fn(i) for i in items]
             return orjson.dumps(out if isinstance(data, list) else out[0])
 
-        makers: dict[str, Callable[[], bytes]] = {k: (lambda g=g: g) for k, g in _RAW_GARBAGE.items()}
+        makers: dict[str, Callable[[], bytes]] = {k: partial(bytes, g) for k, g in _RAW_GARBAGE.items()}
         if items and all(isinstance(i, dict) and "id" in i for i in items):
             makers.update({
                 # answers to other requests' ids

@@ -114,9 +114,9 @@ class Litecoind:
                 return
             except (httpx.HTTPError, RpcFailure, OSError):  # OSError: no cookie written yet
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    err = self._log.read_text(errors="replace")
+                    said = self._log.read_text(errors="replace")
                     self.close()
-                    raise RuntimeError(f"litecoind did not start: {err[-2000:]}") from None
+                    raise RuntimeError(f"litecoind did not start: {said[-2000:]}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -101,6 +101,7 @@ def read_stream(url: str, stream: str, subject: str = ">", *, ca_file: Path | No
             out = []
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 msg = await js.get_msg(stream, seq)
+                assert msg.data is not None
                 out.append({"seq": msg.seq, "subject": msg.subject, "msg_id": (msg.headers or {}).get("Nats-Msg-Id"),
                             "body": json.loads(msg.data)})
             return out

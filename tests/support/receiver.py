@@ -90,7 +90,8 @@ async def receiving(behavior: Behavior | None = None) -> AsyncIterator[Receiver]
     cfg.errorlog = None
     cfg.graceful_timeout = 0.1
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(lambda task_status: serve(rec.app, cfg, task_status=task_status))
+        app: Any = rec.app  # an ASGI app; hypercorn's types want its scope and events typed
+        binds = await nursery.start(lambda task_status: serve(app, cfg, task_status=task_status))
         rec.url = binds[0] + "/hook"
         yield rec
         nursery.cancel_scope.cancel()
