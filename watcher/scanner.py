@@ -99,8 +99,8 @@ class _Pending:
 
 
 class _Watched:
-    """The chain's ``AddressFilter``, answered from the addresses index: which candidates are
-    watched, and which kinds of match key are (``chains.key_prefixes``)."""
+    """The chain's ``AddressFilter``, answered by ``Addresses`` (from memory or the index):
+    which candidates are watched, and which kinds of match key are (``chains.key_prefixes``)."""
 
     def __init__(self, store: Store, chain: str):
         self.store, self.chain = store, chain

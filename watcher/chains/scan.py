@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 AddressFilter = Callable[[Iterable[str]], set[str]]
 """Given canonical addresses (or, for a family with ``ChainSpec.matches_by_key``, match keys),
 return the subset watched on this chain. Cheap, synchronous, safe to call with thousands of
-candidates at once (the core answers it from an index)."""
+candidates at once (the core answers it from memory, or from an index above ``[storage]
+watched_in_memory`` addresses)."""
 
 
 def key_prefixes(watched: AddressFilter, prefixes: Iterable[str]) -> set[str]:

@@ -95,7 +95,7 @@ class Addresses:
                     f"SELECT {column} FROM addresses WHERE chain = ? AND {column} IS NOT NULL", (chain,))}
         return self._memory[chain]
 
-    def forget(self, chain: str) -> None:
+    def _forget(self, chain: str) -> None:
         """Drop the chain's watched keys from memory (loaded again on next use)."""
         self._memory.pop(chain, None)
 
@@ -139,7 +139,7 @@ class Addresses:
         if keys:
             with self.store.db.transaction() as conn:
                 conn.executemany("UPDATE addresses SET match_key = ? WHERE chain = ? AND address = ?", keys)
-                self.store.db.after_commit(lambda: self.forget(chain))
+                self.store.db.after_commit(lambda: self._forget(chain))
         return len(keys)
 
     def watch_hot(self, chain: str, address: str) -> None:
