@@ -53,9 +53,9 @@ def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Liteco
     assert rawblock.outputs_to(raw, {to_script(LTC, node.rpc("getnewaddress", "", "bech32", wallet="payer"))}) == []
 
     # every standard output script is a candidate (the coinbase's witness commitment is not standard)
-    standard = {e[3] for e in expected if not e[3].startswith("6a")}
+    standard = {bytes.fromhex(e[3]) for e in expected if not e[3].startswith("6a")}
     assert standard <= rawblock.candidate_scripts(raw)
-    assert {to_script(LTC, a).hex() for a in to} <= standard
+    assert {to_script(LTC, a) for a in to} <= standard
     # or only those of the shapes asked for
     for shape in rawblock.FINDERS:
         of_shape = rawblock.candidate_scripts(raw, {shape})
@@ -85,7 +85,7 @@ def test_candidates_overlap_and_unknown_serializations_are_refused():
     program = b"\x16" + inner[:19]
     outer = b"\x16\x00\x14" + program
     found = rawblock.candidate_scripts(b"\xff" + outer + inner[19:] + b"\xff" * 30)
-    assert outer[1:].hex() in found and inner.hex() in found
+    assert outer[1:] in found and inner in found
     # Litecoin's MWEB transactions (flag 0x08) are not read here: the client asks the node
     mweb = (2).to_bytes(4, "little") + b"\x00\x08" + b"\x01" + b"\x00" * 36 + b"\x00" + b"\xff" * 4 + b"\x00" * 8
     with pytest.raises(rawblock.Unsupported):
@@ -125,12 +125,16 @@ def test_watched_addresses_are_looked_up_by_script_and_old_rows_get_theirs(tmp_p
         alice = core.store.addresses.deposit_address("ltc", "alice")[0].address
         legacy = "mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn"  # P2PKH on the test networks
         core.store.addresses.watch_external("ltc", legacy, None)
-        scripts = {to_script(LTC, a).hex(): a for a in (alice, legacy)}
-        assert core.store.addresses.watched("ltc", [*scripts, "0014" + "00" * 20]) == set(scripts)
+        scripts = {to_script(LTC, a): a for a in (alice, legacy)}
+        assert core.store.addresses.watched("ltc", [*scripts, bytes.fromhex("0014" + "00" * 20)]) == set(scripts)
         assert core.store.addresses.watched("ltc", [alice, legacy]) == set()  # addresses are not keys
+        # the index keeps each key's hex
+        assert {r[0] for r in core.store.db.query("SELECT match_key FROM addresses WHERE chain = 'ltc'"
+                                                  " AND kind != 'hot'")} == {k.hex() for k in scripts}
         # the kinds of script watched: the scan looks only for their shapes
-        assert core.store.addresses.key_prefixes("ltc", rawblock.FINDERS) == {"0014", "76a914"}
-        assert core.store.addresses.key_prefixes("ltc", ["00", "0013", "0015", "76a9", "76a915", "a9"]) == {"00", "76a9"}
+        assert core.store.addresses.key_prefixes("ltc", rawblock.FINDERS) == {b"\x00\x14", b"\x76\xa9\x14"}
+        assert core.store.addresses.key_prefixes(
+            "ltc", [bytes.fromhex(p) for p in ("00", "0013", "0015", "76a9", "76a915", "a9")]) == {b"\x00", b"\x76\xa9"}
         with core.store.db.transaction() as conn:
             conn.execute("UPDATE addresses SET match_key = NULL")
     finally:
@@ -171,7 +175,7 @@ def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
     assert (found.vout, found.value, found.script, found.coinbase) == (260, 123_456, watched, False)
     assert found.txid == Transaction.parse(txs[-1]).txid().hex()
     assert [o.vout for o in rawblock.tx_outputs(txs[-1])][-1] == 260
-    assert watched.hex() in rawblock.candidate_scripts(block)
+    assert watched in rawblock.candidate_scripts(block)
 
 
 async def test_an_address_of_a_new_kind_watched_while_its_block_downloads_is_found_in_it(tmp_path,
@@ -182,7 +186,7 @@ async def test_an_address_of_a_new_kind_watched_while_its_block_downloads_is_fou
     node = litecoind
     node.payer  # noqa: B018
     legacy = node.rpc("getnewaddress", "", "legacy", wallet="payer")  # P2PKH
-    key = to_script(LTC, legacy).hex()
+    key = to_script(LTC, legacy)
     txid = node.send(legacy, 1_000_000)
     node.mine(1)
     head = node.head()
@@ -190,11 +194,11 @@ async def test_an_address_of_a_new_kind_watched_while_its_block_downloads_is_fou
     class Watched:  # the core's filter; the P2PKH address is watched once ``added``
         added = False
 
-        def __call__(self, candidates: Iterable[str]) -> set[str]:
+        def __call__(self, candidates: Iterable[bytes]) -> set[bytes]:
             return {k for k in candidates if k == key and self.added}
 
-        def prefixes(self, prefixes: Iterable[str]) -> set[str]:
-            return {"0014", "76a914"} if self.added else {"0014"}
+        def prefixes(self, prefixes: Iterable[bytes]) -> set[bytes]:
+            return {b"\x00\x14", b"\x76\xa9\x14"} if self.added else {b"\x00\x14"}
 
     entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url}
     core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())

@@ -26,8 +26,8 @@ def _open(tmp_path: Path, limit: int | None = None) -> Core:
     return Core.open(write_config(tmp_path, CHAINS, extra=extra), registry=CollectorRegistry())
 
 
-def _key(chain: str, address: str) -> str:
-    return to_script(LTC, address).hex() if chain == "ltc" else address
+def _key(chain: str, address: str) -> str | bytes:
+    return to_script(LTC, address) if chain == "ltc" else address
 
 
 @pytest.mark.parametrize("limit", [None, 0, 2], ids=["memory", "index", "over-the-limit"])
@@ -37,7 +37,7 @@ def test_the_watched_set_is_the_same_from_memory_and_from_the_index(tmp_path, li
         addresses = core.store.addresses
         for chain in ("devnet", "ltc"):
             alice = addresses.deposit_address(chain, "alice")[0].address
-            stranger = STRANGER if chain == "devnet" else "0014" + "00" * 20
+            stranger: str | bytes = STRANGER if chain == "devnet" else bytes.fromhex("0014" + "00" * 20)
             assert addresses.watched(chain, [_key(chain, alice), stranger]) == {_key(chain, alice)}
             # added after the first lookup (which loaded the set, where it is kept): found at once
             bob = addresses.deposit_address(chain, "bob")[0].address

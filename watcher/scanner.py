@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .chains import Block, ChainClient, ChainContext
+from .chains.scan import K
 from .config import ChainConfig, NodeConfig, redacted_url
 from .errors import ChainMismatch, DeepReorg, InconsistentData, NodeError
 from .jsonrpc import Call, JsonRpc, RetryPolicy
@@ -105,10 +106,10 @@ class _Watched:
     def __init__(self, store: Store, chain: str):
         self.store, self.chain = store, chain
 
-    def __call__(self, candidates: Iterable[str]) -> set[str]:
+    def __call__(self, candidates: Iterable[K], /) -> set[K]:
         return self.store.addresses.watched(self.chain, candidates)
 
-    def prefixes(self, prefixes: Iterable[str]) -> set[str]:
+    def prefixes(self, prefixes: Iterable[bytes]) -> set[bytes]:
         return self.store.addresses.key_prefixes(self.chain, prefixes)
 
 

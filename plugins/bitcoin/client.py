@@ -3,7 +3,7 @@ to watched scripts, one transaction, balances with ``scantxoutset``.
 
 A transfer is ``(chain, txid, vout)``: every output to a watched address is its own transfer.
 Blocks are read serialized (``getblock <hash> 0``, see :mod:`.rawblock`): the candidate
-scripts of a whole batch are looked up at once by match key (the output script, hex:
+scripts of a part are looked up at once by match key (the output script, as bytes:
 ``BitcoinSpec.match_key``), and only a block holding a watched script is parsed in full.
 Amounts are the serialized satoshis, exact; where the node's JSON is read instead (a
 transaction the parser does not know), amounts are parsed as exact decimals.
@@ -162,7 +162,7 @@ class BitcoinClient(ChainClient):
                 raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
             heads.append(head)
         candidates = [rawblock.candidate_scripts(data, shapes) for data in raw]
-        keys = set().union(*candidates)
+        keys: set[bytes] = set().union(*candidates)
         hits = watched(keys) if keys else set()
         for n, data, head, found in zip(numbers, raw, heads, candidates, strict=True):
             mine = found & hits
@@ -170,10 +170,10 @@ class BitcoinClient(ChainClient):
             into.append(Block(number=n, hash=head.hash, parent_hash=head.parent_hash, timestamp=head.timestamp,
                               transfers=transfers))
 
-    async def _transfers(self, data: bytes, block_hash: str, keys: set[str]) -> tuple[Transfer, ...]:
-        """The transfers of one raw block to the watched scripts ``keys`` (hex)."""
+    async def _transfers(self, data: bytes, block_hash: str, keys: set[bytes]) -> tuple[Transfer, ...]:
+        """The transfers of one raw block to the watched scripts ``keys``."""
         try:
-            outputs = rawblock.outputs_to(data, {bytes.fromhex(k) for k in keys})
+            outputs = rawblock.outputs_to(data, keys)
         except rawblock.Unsupported:  # e.g. Litecoin's MWEB: the node decodes it for us
             return await self._verbose_transfers(block_hash, keys)
         found = [self._transfer(o) for o in outputs if o.value > 0]
@@ -186,7 +186,7 @@ class BitcoinClient(ChainClient):
         return Transfer(txid=o.txid, index=o.vout, kind="native", asset=self.native, to=to, sender="",
                         amount=o.value, min_depth=COINBASE_MATURITY if o.coinbase else 0)
 
-    async def _verbose_transfers(self, block_hash: str, keys: set[str] | None, *, txid: str | None = None,
+    async def _verbose_transfers(self, block_hash: str, keys: set[bytes] | None, *, txid: str | None = None,
                                  watched: AddressFilter | None = None) -> tuple[Transfer, ...]:
         """The same from the node's own decoding of the block (exact amounts): the outputs
         paying ``keys``, or those of transaction ``txid`` that ``watched`` says yes to."""
@@ -196,8 +196,8 @@ class BitcoinClient(ChainClient):
                    for n, tx in enumerate(block["tx"]) if txid is None or tx["txid"] == txid for out in tx["vout"]]
         if keys is None:
             assert watched is not None
-            keys = watched({o.script.hex() for o in outputs})
-        found = [self._transfer(o) for o in outputs if o.script.hex() in keys and o.value > 0]
+            keys = watched({o.script for o in outputs})
+        found = [self._transfer(o) for o in outputs if o.script in keys and o.value > 0]
         return tuple(sorted(found, key=lambda t: (t.txid, t.index)))
 
     # --- the mempool -----------------------------------------------------------------------
@@ -228,9 +228,9 @@ class BitcoinClient(ChainClient):
                     outputs[txid] = rawblock.tx_outputs(r)
                 except rawblock.Unsupported:  # an MWEB transaction: nothing standard to us
                     outputs[txid] = []
-            hits = watched({o.script.hex() for outs in outputs.values() for o in outs})
+            hits = watched({o.script for outs in outputs.values() for o in outs})
             for txid, outs in outputs.items():
-                self._pool[txid] = tuple(self._transfer(o) for o in outs if o.value > 0 and o.script.hex() in hits)
+                self._pool[txid] = tuple(self._transfer(o) for o in outs if o.value > 0 and o.script in hits)
         transfers = tuple(t for found in self._pool.values() for t in found)
         return Mempool(transfers=transfers, txids=now, height=height)
 
@@ -254,8 +254,8 @@ class BitcoinClient(ChainClient):
         except rawblock.Unsupported:
             transfers = await self._verbose_transfers(tx["blockhash"], None, txid=txid, watched=watched)
         else:
-            hits = watched({o.script.hex() for o in outputs})
-            transfers = tuple(self._transfer(o) for o in outputs if o.script.hex() in hits and o.value > 0)
+            hits = watched({o.script for o in outputs})
+            transfers = tuple(self._transfer(o) for o in outputs if o.script in hits and o.value > 0)
         block = Block(number=header["height"], hash=header["hash"],
                       parent_hash=header.get("previousblockhash", "0" * 64), timestamp=int(header["time"]),
                       transfers=transfers)

@@ -136,9 +136,9 @@ class BitcoinSpec(ChainSpec):
             body = script[2:]
         return len(body) >= 20 and not any(body)
 
-    def match_key(self, address: str) -> str:
-        """The output script paying ``address`` (hex): what a raw block holds."""
-        return to_script(self.network, address).hex()
+    def match_key(self, address: str) -> bytes:
+        """The output script paying ``address``: what a raw block holds."""
+        return to_script(self.network, address)
 
     def payment_uri(self, config: ChainConfig, address: str, asset: AssetConfig, amount: int,
                     node_info: Mapping[str, Any]) -> str | None:

@@ -63,20 +63,21 @@ def header(block: bytes) -> Header:
 
 # one pattern a shape: it consumes the length byte and captures the script in a lookahead,
 # so findall gives every occurrence (no prefix can overlap itself) in one C loop. Keyed by the
-# hex every script of the shape starts with (the start of its match key)
-FINDERS = {prefix[1:].hex(): re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(prefix[1:])
-                                        + b"[\\x00-\\xff]{%d}))" % (length + 1 - len(prefix)))
+# bytes every script of the shape starts with (the start of its match key)
+FINDERS = {prefix[1:]: re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(prefix[1:])
+                                  + b"[\\x00-\\xff]{%d}))" % (length + 1 - len(prefix)))
            for prefix, length in _SHAPES}
 
 
-def candidate_scripts(data: bytes, shapes: Iterable[str] = FINDERS) -> set[str]:
-    """Hex of every standard output script of ``shapes`` (keys of :data:`FINDERS`; all of
-    them by default) that may appear in ``data`` (a superset). Each shape is a pass over the
-    block: a scan looks only for the shapes of the scripts it watches."""
+def candidate_scripts(data: bytes, shapes: Iterable[bytes] = FINDERS) -> set[bytes]:
+    """Every standard output script of ``shapes`` (keys of :data:`FINDERS`; all of them by
+    default) that may appear in ``data`` (a superset). Each shape is a pass over the block: a
+    scan looks only for the shapes of the scripts it watches. The scripts stay bytes, the
+    form of a match key: a block's ~240 candidates cost ~0.05 ms more as hex."""
     found: set[bytes] = set()
     for shape in shapes:
         found.update(FINDERS[shape].findall(data))
-    return set(map(bytes.hex, found))  # each script once: a block pays many to the same few
+    return found  # each script once: a block pays many to the same few
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,11 +146,11 @@ class ChainSpec:
     #: canonical address (the ``AddressFilter`` it is given then takes match keys)
     matches_by_key: ClassVar[bool] = False
 
-    def match_key(self, address: str) -> str:
+    def match_key(self, address: str) -> bytes:
         """What the client finds in a block without encoding an address, for a family with
-        ``matches_by_key`` (a UTXO family: the output script, hex). The store keeps it with
-        each watched address and indexes it."""
-        return address
+        ``matches_by_key`` (a UTXO family: the output script). The store keeps its hex with
+        each watched address and indexes it; the ``AddressFilter`` takes and gives the bytes."""
+        return address.encode()
 
     #: JSON schemas of the fields ``tx_fields`` and ``payout_fields`` add (for /openapi.json)
     tx_schema: ClassVar[dict[str, Any]] = {}

@@ -23,21 +23,27 @@ from ..errors import NodeError
 if TYPE_CHECKING:
     from ..config import AssetConfig, ChainConfig
 
-AddressFilter = Callable[[Iterable[str]], set[str]]
-"""Given canonical addresses (or, for a family with ``ChainSpec.matches_by_key``, match keys),
-return the subset watched on this chain. Cheap, synchronous, safe to call with thousands of
-candidates at once (the core answers it from memory, or from an index above ``[storage]
-watched_in_memory`` addresses)."""
+K = TypeVar("K", str, bytes)  # a canonical address, or a match key
 
 
-def key_prefixes(watched: AddressFilter, prefixes: Iterable[str]) -> set[str]:
+class AddressFilter(Protocol):
+    """Given canonical addresses (or, for a family with ``ChainSpec.matches_by_key``, match
+    keys: bytes), return the subset watched on this chain. Cheap, synchronous, safe to call
+    with thousands of candidates at once (the core answers it from memory, or from an index
+    above ``[storage] watched_in_memory`` addresses)."""
+
+    def __call__(self, candidates: Iterable[K], /) -> set[K]: ...
+
+
+def key_prefixes(watched: AddressFilter, prefixes: Iterable[bytes]) -> set[bytes]:
     """Which of ``prefixes`` begin at least one watched match key, for a family that matches
     by key and only needs to look for the kinds of key that are watched (e.g. the Bitcoin
     family's script shapes). The core's filter answers it from its index (a ``prefixes``
     method); any other callable is taken to watch every kind."""
-    ask: Callable[[Iterable[str]], set[str]] | None = getattr(watched, "prefixes", None)
+    ask: Callable[[Iterable[bytes]], set[bytes]] | None = getattr(watched, "prefixes", None)
     wanted = set(prefixes)
     return wanted if ask is None else ask(wanted) & wanted
+
 
 TransferKind = Literal["native", "token", "internal"]
 

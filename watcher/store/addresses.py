@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import Conflict
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from . import Store
 
 _CHUNK = 500  # SQLite host parameters per IN (...) query
+K = TypeVar("K", str, bytes)  # a canonical address, or a match key
 
 
 @dataclass(frozen=True)
@@ -41,28 +42,38 @@ class WatchedAddress:
 class Addresses:
     def __init__(self, store: Store):
         self.store = store
-        # chain -> its watched keys (match keys, or canonical addresses), None above the limit
-        self._memory: dict[str, set[str] | None] = {}
+        # chain -> its watched keys (match keys as bytes, or canonical addresses), None above
+        # the limit
+        self._memory: dict[str, set[Any] | None] = {}
         self._data_version: int | None = None
 
     # --- reading ------------------------------------------------------------------------
 
-    def watched(self, chain: str, candidates: Iterable[str]) -> set[str]:
+    def watched(self, chain: str, candidates: Iterable[K]) -> set[K]:
         """The subset of ``candidates`` watched on ``chain``: canonical addresses, or match
-        keys for a family that matches by key (``ChainSpec.matches_by_key``). From memory
-        while the chain watches at most ``[storage] watched_in_memory`` addresses (a set
-        intersection: ~240 distinct scripts of a Bitcoin block in ~0.01 ms, where the index
-        took ~0.1); above that, from the index, one lookup per 500 candidates, and nothing in
-        memory (a million watched addresses would hold ~120 MB)."""
+        keys (bytes) for a family that matches by key (``ChainSpec.matches_by_key``). From
+        memory while the chain watches at most ``[storage] watched_in_memory`` addresses (a
+        set intersection: ~240 distinct scripts of a Bitcoin block in ~0.01 ms, where the
+        index took ~0.1); above that, from the index, one lookup per 500 candidates, and
+        nothing in memory (a million watched addresses would hold ~120 MB)."""
         keys = self._in_memory(chain)
         if keys is not None:
             return keys.intersection(candidates)
-        column = self._key_column(chain)
-        unique = list(set(candidates))
-        found: set[str] = set()
+        if not self.store.spec(chain).matches_by_key:
+            return self._among(chain, "address", set(candidates))
+        by_hex: dict[str, K] = {}  # the index holds a key's hex
+        for k in candidates:
+            if isinstance(k, bytes):  # an address is no key
+                by_hex[k.hex()] = k
+        return {by_hex[h] for h in self._among(chain, "match_key", set(by_hex))}
+
+    def _among(self, chain: str, column: str, unique: set[Any]) -> set[Any]:
+        """Which of ``unique`` the index holds in ``column`` for ``chain``."""
+        found: set[Any] = set()
         conn = self.store.db.conn
-        for i in range(0, len(unique), _CHUNK):
-            part = unique[i:i + _CHUNK]
+        values = list(unique)
+        for i in range(0, len(values), _CHUNK):
+            part = values[i:i + _CHUNK]
             rows = conn.execute(
                 f"SELECT {column} FROM addresses WHERE chain = ? AND {column} IN ({','.join('?' * len(part))})",
                 [chain, *part],
@@ -70,10 +81,7 @@ class Addresses:
             found.update(r[0] for r in rows)
         return found
 
-    def _key_column(self, chain: str) -> str:
-        return "match_key" if self.store.spec(chain).matches_by_key else "address"
-
-    def _in_memory(self, chain: str) -> set[str] | None:
+    def _in_memory(self, chain: str) -> set[Any] | None:
         """The chain's watched keys, loaded on first use and kept up to date by this process's
         own inserts once they commit (:meth:`_added`); or None (the chain watches more than
         the limit). All are dropped, to be loaded again, whenever another connection has
@@ -90,9 +98,12 @@ class Addresses:
         if chain not in self._memory:
             self._memory[chain] = None
             if self.count(chain) <= limit:
-                column = self._key_column(chain)
-                self._memory[chain] = {r[0] for r in conn.execute(
-                    f"SELECT {column} FROM addresses WHERE chain = ? AND {column} IS NOT NULL", (chain,))}
+                if self.store.spec(chain).matches_by_key:
+                    self._memory[chain] = {bytes.fromhex(r[0]) for r in conn.execute(
+                        "SELECT match_key FROM addresses WHERE chain = ? AND match_key IS NOT NULL", (chain,))}
+                else:
+                    self._memory[chain] = {r[0] for r in conn.execute(
+                        "SELECT address FROM addresses WHERE chain = ?", (chain,))}
         return self._memory[chain]
 
     def _forget(self, chain: str) -> None:
@@ -106,27 +117,31 @@ class Addresses:
             self.store.metrics.watched_addresses.labels(chain).inc()
             keys = self._memory.get(chain)
             if keys is not None:
-                keys.add(address if key is None else key)
+                keys.add(address if key is None else bytes.fromhex(key))
                 if len(keys) > self.store.config.storage.watched_in_memory:
                     self._memory[chain] = None
 
         self.store.db.after_commit(added)
 
-    def key_prefixes(self, chain: str, prefixes: Iterable[str]) -> set[str]:
+    def key_prefixes(self, chain: str, prefixes: Iterable[bytes]) -> set[bytes]:
         """Which of ``prefixes`` begin at least one match key watched on ``chain`` (a family
         that matches by key; none for one that does not): one range probe of the index each."""
         if not self.store.spec(chain).matches_by_key:
             return set()
         conn = self.store.db.conn
-        # the keys from the prefix up to the prefix with its last character one higher: an
-        # index range (text compares by code point)
-        return {p for p in prefixes if p and conn.execute(
-            "SELECT 1 FROM addresses WHERE chain = ? AND match_key >= ? AND match_key < ? LIMIT 1",
-            (chain, p, p[:-1] + chr(ord(p[-1]) + 1))).fetchone()}
+
+        def watched(prefix: str) -> bool:
+            # the keys' hex from the prefix's up to the prefix's with its last digit one
+            # higher: an index range (text compares by code point)
+            return conn.execute("SELECT 1 FROM addresses WHERE chain = ? AND match_key >= ? AND match_key < ? LIMIT 1",
+                                (chain, prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).fetchone() is not None
+
+        return {p for p in prefixes if p and watched(p.hex())}
 
     def _match_key(self, chain: str, address: str) -> str | None:
+        """The address's match key as the index keeps it (hex), for a family that matches by key."""
         spec = self.store.spec(chain)
-        return spec.match_key(address) if spec.matches_by_key else None
+        return spec.match_key(address).hex() if spec.matches_by_key else None
 
     def fill_match_keys(self, chain: str) -> int:
         """Give every watched address of ``chain`` its match key where it has none (rows
@@ -135,7 +150,7 @@ class Addresses:
         if not spec.matches_by_key:
             return 0
         rows = self.store.db.query("SELECT address FROM addresses WHERE chain = ? AND match_key IS NULL", (chain,))
-        keys = [(spec.match_key(r[0]), chain, r[0]) for r in rows]
+        keys = [(spec.match_key(r[0]).hex(), chain, r[0]) for r in rows]
         if keys:
             with self.store.db.transaction() as conn:
                 conn.executemany("UPDATE addresses SET match_key = ? WHERE chain = ? AND address = ?", keys)
