@@ -23,7 +23,7 @@ from ..errors import NodeError
 if TYPE_CHECKING:
     from ..config import AssetConfig, ChainConfig
 
-K = TypeVar("K", str, bytes)  # a canonical address, or a match key
+K = TypeVar("K", str, bytes)  # what an AddressFilter is asked about: a canonical address, or a match key
 
 
 class AddressFilter(Protocol):

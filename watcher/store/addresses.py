@@ -11,15 +11,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+from ..chains.scan import K
 from ..errors import Conflict
 
 if TYPE_CHECKING:
     from . import Store
 
 _CHUNK = 500  # SQLite host parameters per IN (...) query
-K = TypeVar("K", str, bytes)  # a canonical address, or a match key
 
 
 @dataclass(frozen=True)
