@@ -67,15 +67,17 @@ class Addresses:
                 by_hex[k.hex()] = k
         return {by_hex[h] for h in self._among(chain, "match_key", set(by_hex))}
 
-    def _among(self, chain: str, column: str, unique: set[Any]) -> set[Any]:
-        """Which of ``unique`` the index holds in ``column`` for ``chain``."""
+    def _among(self, chain: str, column: str, unique: set[Any], *, derived: bool = False) -> set[Any]:
+        """Which of ``unique`` the index holds in ``column`` for ``chain`` (only addresses
+        watcher derived, if ``derived``)."""
         found: set[Any] = set()
         conn = self.store.db.conn
         values = list(unique)
+        only = " AND derivation_index IS NOT NULL" if derived else ""
         for i in range(0, len(values), _CHUNK):
             part = values[i:i + _CHUNK]
             rows = conn.execute(
-                f"SELECT {column} FROM addresses WHERE chain = ? AND {column} IN ({','.join('?' * len(part))})",
+                f"SELECT {column} FROM addresses WHERE chain = ?{only} AND {column} IN ({','.join('?' * len(part))})",
                 [chain, *part],
             )
             found.update(r[0] for r in rows)
@@ -171,14 +173,7 @@ class Addresses:
 
     def derived_among(self, chain: str, candidates: Iterable[str]) -> set[str]:
         """The subset of ``candidates`` that are addresses watcher derived on ``chain``."""
-        unique = [a for a in set(candidates) if a]
-        found: set[str] = set()
-        for i in range(0, len(unique), _CHUNK):
-            part = unique[i:i + _CHUNK]
-            found.update(r[0] for r in self.store.db.query(
-                f"SELECT address FROM addresses WHERE chain = ? AND derivation_index IS NOT NULL"
-                f" AND address IN ({','.join('?' * len(part))})", [chain, *part]))
-        return found
+        return self._among(chain, "address", {a for a in candidates if a}, derived=True)
 
     def get(self, chain: str, address: str) -> WatchedAddress | None:
         row = self.store.db.one("SELECT * FROM addresses WHERE chain = ? AND address = ?", (chain, address))
