@@ -353,13 +353,18 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
             assert errors == 1
 
 
+@pytest.mark.parametrize("pruned", [False, True], ids=["block-held", "block-pruned"])
 async def test_a_status_read_before_a_reorg_does_not_settle_a_payout_in_a_dead_block(tmp_path, anvil: Anvil,
-                                                                                     token: Token):
+                                                                                     token: Token, pruned):
     """The soak's stuck hot wallet: the sender read "mined in block N" just before a reorg
     dropped block N, and settled the transaction after the scan had followed the reorg. The
     finality guard then saw a block long passed and never looked again: the nonce was never
     sent again and every later payout stalled. A status naming a block our scan does not hold
-    is pending now; the fresh one (the node no longer knows it) sends the same bytes again."""
+    is pending now; the fresh one (the node no longer knows it) sends the same bytes again.
+    ``block-pruned``: the scan has gone on past the finality window and no longer keeps the
+    hash of height N, so the block cannot tell the status is outdated (a soak settled nonces
+    9-14 so, a second after it read them): a status read before the scan's rollback is read
+    again."""
     port = free_port()
     cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 600})
     carol = anvil.accounts[7]
@@ -377,26 +382,45 @@ async def test_a_status_read_before_a_reorg_does_not_settle_a_payout_in_a_dead_b
             tracker = d.senders["devnet"].tracker
             group = [t for t in d.store.chaintxs.for_ref(p["id"], "payout") if t.txid == txid]
             anvil.mine(1)
+            mined_in = anvil.receipt(txid)
+            n, old_hash = int(mined_in["blockNumber"], 16), mined_in["blockHash"]
+            d.watchers["devnet"].poke()  # a status is read once the scan holds its block (else: pending)
+            await wait_until(lambda: d.store.chains.holds_block("devnet", n, old_hash), what="the scan at block n")
             stale = await tracker.statuses(group)
-            n, old_hash = stale[txid].block_number, stale[txid].block_hash
-            assert stale[txid].state == "mined" and n is not None and old_hash is not None
+            assert (stale[txid].state, stale[txid].block_number, stale[txid].block_hash) == ("mined", n, old_hash)
             anvil.mine(1)
             anvil.reorg(2)  # blocks n and n + 1 replaced by empty ones: the payout is off the chain
             assert anvil.receipt(txid) is None
             new_hash = anvil.rpc("eth_getBlockByNumber", hex(n), False)["hash"]
             d.watchers["devnet"].poke()
             await wait_until(lambda: d.store.chains.holds_block("devnet", n, new_hash), what="the scan on the new fork")
+            if pruned:  # the scan goes on until height n's hash is no longer kept
+                anvil.mine(8)
+                d.watchers["devnet"].poke()
+                await wait_until(lambda: n not in d.store.chains.recent_blocks("devnet")
+                                 and d.store.chains.scanned_number("devnet") > n + 7, what="height n pruned")
+                assert d.store.chains.holds_block("devnet", n, old_hash)  # the block cannot tell any more
             t = await tracker.follow(group, stale, head=anvil.head(), what="test", replace=None)
-            assert t.state == "pending"  # not "mined in block n": our chain has another block n
-            assert d.store.chaintxs.get(txid).block_number != n or d.store.chaintxs.get(txid).status == "open"
+            receipt = anvil.receipt(txid)
+            if t.state == "mined":  # sent again by the sender meanwhile and mined: in its new block
+                assert t.status is not None and receipt is not None
+                assert (t.status.block_number, t.status.block_hash) == (int(receipt["blockNumber"], 16),
+                                                                        receipt["blockHash"])
+            else:  # not "mined in block n": our chain has another block n
+                assert t.state == "pending"
+                assert d.store.chaintxs.get(txid).block_number != n or d.store.chaintxs.get(txid).status == "open"
             d.senders["devnet"].wake()
             await wait_until(lambda: anvil.receipt(txid) is not None or anvil.mine(1), timeout=30,
                              what="the same transaction mined again")
             done = await until_status(d, p["id"], "completed")
             assert token.balance(carol) - before == 3_000_000  # paid once
             assert done["txid"] == txid and int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
-            mined = d.store.chaintxs.get(txid)
-            assert d.store.chains.holds_block("devnet", mined.block_number, anvil.receipt(txid)["blockHash"])
+            # settled in the block that holds it now (the payout may have completed in block n
+            # before the reorg: the finality guard then follows the same transaction back)
+            landed = anvil.receipt(txid)
+            await wait_until(lambda: (m := d.store.chaintxs.get(txid)) is not None and m.status == "mined"
+                             and m.block_number == int(landed["blockNumber"], 16), what="settled where it landed")
+            assert d.store.chains.holds_block("devnet", int(landed["blockNumber"], 16), landed["blockHash"])
 
 
 async def test_a_receipt_the_senders_nonce_contradicts_is_not_mined(tmp_path, anvil: Anvil, token: Token):

@@ -289,7 +289,7 @@ class Sender:
                 self.metrics.errors.labels("settled_tx_refused").inc()
                 log.error("%s: the node refuses it for good: %s", what, t.error, extra={"chain": self.chain})
                 self._settled_undone(first, t.error or "refused")
-            elif t.state != "mined" and not was_open:
+            elif t.state != "mined" and not was_open and not t.stale:
                 self.metrics.errors.labels("settled_tx_reorged").inc()
 
     def _settled_undone(self, tx: StoredTx, error: str) -> None:

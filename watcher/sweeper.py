@@ -28,14 +28,13 @@ from .chains import (
     StoredTx,
     SweepCandidate,
     SweepIntent,
-    TxStatus,
     Wait,
 )
 from .errors import NodeError
 from .money import format_amount
 from .store.chaintx import StaleWalletState
 from .store.db import storage_trouble
-from .txtrack import Tracked
+from .txtrack import Statuses, Tracked
 
 if TYPE_CHECKING:
     from .sender import Sender
@@ -158,7 +157,7 @@ class Sweeper:
                 self.store.sweeps.drop_candidate(self.chain, chose.address, chose.asset.symbol, read_at=read_at)
         return sum(not isinstance(p, Later) for p in plans), deferred
 
-    async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: dict[str, TxStatus], head: int) -> None:
+    async def _step(self, row: SweepRow, txs: list[StoredTx], statuses: Statuses, head: int) -> None:
         asset = self.cfg.asset(row.asset)
         if asset is None:
             self.store.sweeps.failed(row.id, f"asset {row.asset} is no longer configured")
@@ -200,7 +199,7 @@ class Sweeper:
         if refused is not None:
             self.store.sweeps.failed(row.id, f"the node refused it: {refused[:300]}", replan=True)
 
-    async def _follow(self, row: SweepRow, group: list[StoredTx], statuses: dict[str, TxStatus],
+    async def _follow(self, row: SweepRow, group: list[StoredTx], statuses: Statuses,
                       head: int) -> Tracked | None:
         """Follow the sweep's step in flight; the result once it is mined deep enough and
         succeeded, else None (still in flight, or the sweep failed)."""

@@ -32,6 +32,19 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger(__name__)
+_FRESH_TRIES = 3  # reads of a group's statuses, while the scan rolls back between them
+
+
+class Statuses(dict[str, TxStatus]):
+    """The statuses of one batch by txid, and how many rollbacks the scan had made when they
+    were asked (``ChainState.rollbacks``). A round may follow its groups a second after it
+    asked: a status read before a reorg the scan has since followed may name a block of the
+    dead fork, and once the scan has pruned that height's hash nothing can tell (the soak's
+    stuck hot wallet: nonces settled in dropped blocks, never sent again)."""
+
+    def __init__(self, found: dict[str, TxStatus], rollbacks: int):
+        super().__init__(found)
+        self.rollbacks = rollbacks
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Tracked:
     status: TxStatus | None = None
     confirmations: int = 0
     error: str | None = None  # why it is dead
+    stale: bool = False  # nothing decided: every answer was read before a rollback of the scan
 
 
 def live(group: Sequence[StoredTx]) -> list[StoredTx]:
@@ -66,10 +80,14 @@ class Tracker:
         self.wallet = wallet
         self.metrics = metrics
 
-    async def statuses(self, txs: Sequence[StoredTx]) -> dict[str, TxStatus]:
-        """One batch for every live transaction of ``txs``."""
+    async def statuses(self, txs: Sequence[StoredTx]) -> Statuses:
+        """One batch for every live transaction of ``txs``, each checked against our scan as
+        soon as it is read (:meth:`_ours`) and again when it is used: a block the scan holds
+        now can only leave our chain through a rollback, which :meth:`follow` notices."""
         wanted = live(txs)
-        return await self.wallet.statuses(wanted) if wanted else {}
+        rollbacks = self.store.chains.rollbacks(self.chain)
+        found = await self.wallet.statuses(wanted) if wanted else {}
+        return Statuses({txid: self._ours(s) for txid, s in found.items()}, rollbacks)
 
     def _ours(self, s: TxStatus) -> TxStatus:
         """A status that says mined in a block our scan does not hold (read before a reorg the
@@ -99,13 +117,20 @@ class Tracker:
         self.store.chaintxs.mark_broadcast(tx.txid)
         return True
 
-    async def follow(self, group: Sequence[StoredTx], statuses: dict[str, TxStatus], *, head: int, what: str,
+    async def follow(self, group: Sequence[StoredTx], statuses: Statuses, *, head: int, what: str,
                      replace: Callable[[SignedTx], None] | None) -> Tracked:
         """One round for one conflict group. ``replace`` stores a replacement (and moves its
-        payout or sweep on); None: never replace (the group is only kept on chain)."""
+        payout or sweep on); None: never replace (the group is only kept on chain).
+        ``statuses`` asked before the scan's latest rollback are asked again for this group."""
         alive = live(group)
         if not alive:
             return Tracked("dead", error=next((t.error for t in reversed(group) if t.error), None))
+        asked = 0
+        while statuses.rollbacks != self.store.chains.rollbacks(self.chain):
+            if asked == _FRESH_TRIES:  # the scan keeps rolling back: decide nothing on outdated answers
+                return Tracked("pending", stale=True)
+            statuses = await self.statuses(alive)
+            asked += 1
         seen = [self._ours(statuses.get(t.txid) or TxStatus(txid=t.txid, state="unknown")) for t in alive]
         mined = next((s for s in seen if s.state == "mined"), None)
         if mined is not None:

@@ -37,6 +37,13 @@ class ScanResult:
 class ChainState:
     def __init__(self, store: Store):
         self.store = store
+        self._rollbacks: dict[str, int] = {}  # chain -> rollbacks this process has made
+
+    def rollbacks(self, chain: str) -> int:
+        """How many times this process has rolled ``chain`` back (:meth:`rollback`): what a
+        reader of the node's answers compares before and after, to tell an answer read
+        before the scan followed a reorg (``watcher.txtrack.Statuses``)."""
+        return self._rollbacks.get(chain, 0)
 
     def cursor(self, chain: str) -> Cursor | None:
         row = self.store.db.one("SELECT * FROM chains WHERE id = ?", (chain,))
@@ -198,4 +205,5 @@ class ChainState:
                 "UPDATE chains SET scanned_number = ?, scanned_hash = ?, updated_at = ? WHERE id = ?",
                 (ancestor, ancestor_hash, self.store.clock.now_ms(), chain.id),
             )
+        self._rollbacks[chain.id] = self.rollbacks(chain.id) + 1
         return len(orphaned)
