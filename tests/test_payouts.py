@@ -3,6 +3,7 @@ reverts, stuck transactions replaced, and no second send after a crash."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.support.daemon import (
 from tests.support.evm import Anvil, Token, calldata
 from watcher.checks import Veto
 from watcher.hookspecs import hookimpl
+from watcher.money import format_amount
 from watcher.plugins import make_plugin_manager
 
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -58,6 +60,13 @@ def payout_body(to: str, key: str, amount="5", asset="USDT", **kw):
 async def until_status(d, pid: str, status: str, timeout: float = 20):
     return await wait_until(lambda: (p := d.views.payout(pid))["status"] == status and p, timeout=timeout,
                             what=f"payout {status}")
+
+
+async def mined_until_completed(d, http: httpx.AsyncClient, anvil: Anvil, body: dict) -> dict:
+    """Create the payout and mine a block at a time (automine off) until it completes."""
+    pid = (await http.post("/v1/payouts", json=body)).json()["id"]
+    return await wait_until(lambda: ((v := d.views.payout(pid))["status"] == "completed" and v) or anvil.mine(1),
+                            interval=0.2, what="payout completed")
 
 
 def sent_from(d, address: str) -> int:
@@ -321,10 +330,14 @@ async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvi
             assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
 
 
-async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_again(tmp_path, anvil: Anvil,
-                                                                                  token: Token):
-    """confirmations = 1, finality 6: a reorg of 3 blocks after the payout completed drops its
-    transaction. The same signed bytes go out again and land once; nothing is signed anew."""
+@pytest.mark.parametrize("landing", ["sent-again", "in-the-new-blocks"])
+async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg(tmp_path, anvil: Anvil, token: Token, landing):
+    """confirmations = 1, finality 6: a reorg after the payout completed in block n replaces
+    every block from n on. ``sent-again``: the new blocks are empty; the same signed bytes go
+    out again and land once, nothing is signed anew. ``in-the-new-blocks``: the new chain holds
+    the same transaction two blocks later (anvil_reorg puts its bytes there). Either way the
+    payout's ``block_number`` and ``fee_paid`` follow it and ``payout.remined`` says so; it
+    stays completed, paid once."""
     port = free_port()
     cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 600})
     carol = anvil.accounts[7]
@@ -334,23 +347,78 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg_is_sent_agai
             fund(anvil, token, hot)
             anvil.automine(False)
             before = token.balance(carol)
-            p = (await http.post("/v1/payouts", json=payout_body(carol, "deep", "7"))).json()
-            done = await wait_until(lambda: ((v := d.views.payout(p["id"]))["status"] == "completed" and v)
-                                    or anvil.mine(1), interval=0.2, what="payout completed")
+            done = await mined_until_completed(d, http, anvil, payout_body(carol, "deep", "7"))
             assert token.balance(carol) - before == 7_000_000
-            anvil.mine(1)  # the reorg below goes deeper than the payout's block
-            anvil.reorg(3)  # the payout's block is replaced by an empty one
-            assert anvil.receipt(done["txid"]) is None and token.balance(carol) == before
+            n, raw = done["block_number"], anvil.raw_tx(done["txid"])
+            assert n == int(anvil.receipt(done["txid"])["blockNumber"], 16)
+            anvil.mine(2)  # the reorg below goes deeper than the payout's block
+            if landing == "sent-again":
+                anvil.reorg(anvil.head() - n + 1)
+                assert anvil.receipt(done["txid"]) is None and token.balance(carol) == before
+            else:
+                anvil.reorg(anvil.head() - n + 1, [(raw, 2)])
+                assert int(anvil.receipt(done["txid"])["blockNumber"], 16) == n + 2
             d.watchers["devnet"].poke()
             d.senders["devnet"].wake()
             await wait_until(lambda: anvil.receipt(done["txid"]) is not None or anvil.mine(1), timeout=30,
                              what="the same transaction mined again")
-            assert token.balance(carol) - before == 7_000_000  # paid again, exactly once
-            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
-            v = d.views.payout(p["id"])
+            landed = anvil.receipt(done["txid"])
+            at = int(landed["blockNumber"], 16)
+            assert at > n and token.balance(carol) - before == 7_000_000  # paid again, exactly once
+            v = await wait_until(lambda: ((v := d.views.payout(done["id"]))["block_number"] == at and v)
+                                 or (anvil.mine(1) and None), interval=0.3, what="the payout's new block")
             assert v["status"] == "completed" and [t["txid"] for t in v["transactions"]] == [done["txid"]]
-            errors = d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "settled_tx_reorged"})
-            assert errors == 1
+            assert v["fee_paid"] == format_amount(int(landed["gasUsed"], 16) * int(landed["effectiveGasPrice"], 16), 18)
+            events = payout_events(d, done["id"])
+            assert [t for t, _ in events] == ["payout.pending", "payout.broadcast", "payout.completed",
+                                              "payout.remined"]
+            assert events[2][1]["block_number"] == n and events[3][1]["block_number"] == at
+            assert token.balance(carol) - before == 7_000_000
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+            if landing == "sent-again":
+                errors = d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "settled_tx_reorged"})
+                assert errors == 1
+
+
+def payout_events(d, pid: str) -> list[tuple[str, dict]]:
+    return [(r["type"], json.loads(r["data"])) for r in d.store.db.query(
+        "SELECT type, data FROM events WHERE subject = ? ORDER BY seq", (pid,))]
+
+
+async def test_a_completed_payout_that_reverts_when_mined_again_fails(tmp_path, anvil: Anvil, token: Token):
+    """The hot wallet's tokens came in a block a reorg also takes away; the new chain holds the
+    payout's transaction but not that deposit, so it reverts there ("balance"): the recipient
+    got nothing. The completed payout becomes ``failed`` with why, in which block and the fee
+    it cost, instead of claiming money moved."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, finality_depth=8, payouts={"stuck_after": 600})
+    carol = anvil.accounts[7]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))  # gas, in a block the reorg keeps
+            anvil.automine(False)
+            mint = token.mint(hot, 10**9)
+            anvil.mine(1)
+            funded_in = int(anvil.receipt(mint)["blockNumber"], 16)
+            before = token.balance(carol)
+            done = await mined_until_completed(d, http, anvil, payout_body(carol, "reverts", "4"))
+            raw = anvil.raw_tx(done["txid"])
+            anvil.reorg(anvil.head() - funded_in + 1, [(raw, 0)])  # the deposit is gone, the payout is not
+            landed = anvil.receipt(done["txid"])
+            assert int(landed["status"], 16) == 0 and int(landed["blockNumber"], 16) == funded_in
+            assert token.balance(carol) == before and token.balance(hot) == 0
+            d.watchers["devnet"].poke()
+            d.senders["devnet"].wake()
+            v = await wait_until(lambda: ((v := d.views.payout(done["id"]))["status"] == "failed" and v)
+                                 or (anvil.mine(1) and None), interval=0.3, what="payout failed")
+            assert "reverted when mined again" in v["reason"] and "balance" in v["reason"]
+            assert v["txid"] == done["txid"] and v["block_number"] == funded_in
+            fee = int(landed["gasUsed"], 16) * int(landed["effectiveGasPrice"], 16)
+            assert v["fee_paid"] == format_amount(fee, 18)
+            assert [t for t, _ in payout_events(d, done["id"])] == ["payout.pending", "payout.broadcast",
+                                                                 "payout.completed", "payout.failed"]
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1  # nothing sent again
 
 
 @pytest.mark.parametrize("pruned", [False, True], ids=["block-held", "block-pruned"])

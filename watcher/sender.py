@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,6 +25,7 @@ from .chains import (
     Send,
     SignedTx,
     StoredTx,
+    TxStatus,
     Wait,
     Wallet,
     WalletContext,
@@ -288,20 +289,45 @@ class Sender:
             if t.state == "dead":
                 self.metrics.errors.labels("settled_tx_refused").inc()
                 log.error("%s: the node refuses it for good: %s", what, t.error, extra={"chain": self.chain})
-                self._settled_undone(first, t.error or "refused")
-            elif t.state != "mined" and not was_open and not t.stale:
-                self.metrics.errors.labels("settled_tx_reorged").inc()
+                self._settled_undone(first, "its transaction left the chain in a reorg and can never be mined"
+                                     f" again: {(t.error or 'refused')[:300]}")
+            elif t.state != "mined":
+                if not was_open and not t.stale:
+                    self.metrics.errors.labels("settled_tx_reorged").inc()
+            elif t.status is not None and t.confirmations >= self.cfg.confirmations:
+                self._settled_again(first, t.status)
 
-    def _settled_undone(self, tx: StoredTx, error: str) -> None:
+    def _settled_again(self, tx: StoredTx, s: TxStatus) -> None:
+        """A settled transaction is mined and ``confirmations`` deep, which it already was
+        unless a reorg took it off the chain and it was mined again: then it may sit in
+        another block, at another fee (EVM: the block's base fee), as the other transaction
+        of its group, or reverted (EVM: the new chain's state differs, e.g. the deposit that
+        funded it was dropped too). The record follows: ``payout.remined`` / ``sweep.remined``,
+        or, reverted, ``payout.failed`` / ``sweep.failed`` (the money never moved)."""
+        if tx.purpose not in ("payout", "sweep"):
+            return
+        if not s.success:
+            log.error("%s: settled %s %s reverted when mined again after a reorg: %s", self.chain, tx.purpose,
+                      tx.ref_id, s.error, extra={"chain": self.chain, "txid": s.txid})
+            self._settled_undone(tx, f"its transaction left the chain in a reorg and reverted when mined again"
+                                     f" in block {s.block_number}: {(s.error or 'reverted')[:300]}",
+                                 txid=s.txid, block_number=s.block_number,
+                                 fee_paid=None if s.fee_paid is None else str(s.fee_paid))
+        elif (self.store.payouts.remined(tx.ref_id, txid=s.txid, block_number=s.block_number, fee_paid=s.fee_paid)
+              if tx.purpose == "payout" else self.store.sweeps.remined(tx.ref_id, txid=s.txid, fee_paid=s.fee_paid)):
+            log.warning("%s: %s %s was mined again after a reorg: %s in block %s", self.chain, tx.purpose, tx.ref_id,
+                        s.txid, s.block_number, extra={"chain": self.chain, "txid": s.txid})
+
+    def _settled_undone(self, tx: StoredTx, reason: str, **payout_fields: Any) -> None:
         """A completed payout's or confirmed sweep's transaction left the chain in a reorg and
-        the node refuses it for good (a UTXO input spent by a rival the new chain holds): the
-        money never moved. The payout or sweep says so (``payout.failed`` / ``sweep.failed``);
-        a sweep's deposits are uncovered and its addresses planned again."""
-        reason = f"its transaction left the chain in a reorg and can never be mined again: {error[:300]}"
+        the node refuses it for good (a UTXO input spent by a rival the new chain holds), or it
+        reverted when mined again: the money never moved. The payout or sweep says so
+        (``payout.failed`` / ``sweep.failed``); a sweep's deposits are uncovered and its
+        addresses planned again."""
         if tx.purpose == "payout":
             row = self.store.payouts.row(tx.ref_id)
             if row is not None and row.status == "completed":
-                self.store.payouts.failed(tx.ref_id, reason)
+                self.store.payouts.failed(tx.ref_id, reason, **payout_fields)
         elif tx.purpose == "sweep":
             sweep = self.store.sweeps.row(tx.ref_id)
             if sweep is not None and sweep.status == "confirmed":

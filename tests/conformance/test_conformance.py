@@ -542,7 +542,8 @@ async def test_stuck_payout_is_replaced_and_completes_once(harness: FamilyHarnes
 async def test_completed_payout_taken_off_the_chain_is_sent_again_once(harness: FamilyHarness, tmp_path: Path):
     """The finality guard: a reorg deeper than ``confirmations`` drops a completed payout's
     transaction; watcher sends the same transaction again (never a new one), the payout
-    stays ``completed``, and the recipient ends up paid exactly once."""
+    stays ``completed`` with the block it landed in now (``payout.remined``), and the
+    recipient ends up paid exactly once."""
     h = harness
     cfg, port = configure(h, tmp_path, confirmations=1, finality_depth=8, payouts={"stuck_after": NEVER_STUCK})
     with trio.fail_after(60):
@@ -561,12 +562,19 @@ async def test_completed_payout_taken_off_the_chain_is_sent_again_once(harness: 
 
             await until(paid_again, mine=h, interval=0.2, what="the payout mined again")
             h.mine(8)  # past finality_depth: the guard stops following it
-            await trio.sleep(0.3)
+
+            async def remined() -> bool:
+                return "payout.remined" in await api.history(pid)
+
+            await until(remined, what="payout.remined")
             p = await api.get(f"/v1/payouts/{pid}")
             assert p["status"] == "completed" and [t["txid"] for t in p["transactions"]] == [done["txid"]]
             assert p["transactions"][0]["status"] == "mined"
+            # the reorg replaced every block from the payout's on: it landed after them
+            assert p["block_number"] == p["transactions"][0]["block_number"] > done["block_number"]
             assert h.balance(to, h.native) == amount  # paid exactly once
-            assert await api.history(pid) == ["payout.pending", "payout.broadcast", "payout.completed"]
+            assert await api.history(pid) == ["payout.pending", "payout.broadcast", "payout.completed",
+                                              "payout.remined"]
 
 
 # --- kill -9 at each money-moving step ------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Small pieces the table modules share: filtered pages of typed rows, and a status change
-with its event."""
+"""Small pieces the table modules share: filtered pages of typed rows, a status change with
+its event, and a settled object's record following its transaction after a reorg."""
 
 from __future__ import annotations
 
@@ -51,3 +51,22 @@ def set_status(store: Store, table: str, kind: str, obj_id: str, status: str,
                      (status, *fields.values(), store.clock.now_ms(), obj_id))
         data = render(obj_id)
         store.events.emit(f"{kind}.{status}", data, chain=data["chain"], subject=obj_id)
+
+
+def remined(store: Store, table: str, kind: str, obj_id: str, render: Callable[[str], dict[str, Any]],
+            **fields: Any) -> bool:
+    """A settled object's transaction left the chain in a reorg and was mined again, and where
+    the chain holds it now differs from the record (another block, the other transaction of
+    its conflict group, another fee): the record follows and ``<kind>.remined`` reports it;
+    the status stays. A None value is not known (kept as it is). False when nothing differs."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    with store.db.transaction() as conn:
+        now = conn.execute(f"SELECT {', '.join(fields)} FROM {table} WHERE id = ?", (obj_id,)).fetchone()
+        if now is None or tuple(now) == tuple(fields.values()):
+            return False
+        cols = "".join(f"{k} = ?, " for k in fields)
+        conn.execute(f"UPDATE {table} SET {cols}updated_at = ? WHERE id = ?",
+                     (*fields.values(), store.clock.now_ms(), obj_id))
+        data = render(obj_id)
+        store.events.emit(f"{kind}.remined", data, chain=data["chain"], subject=obj_id)
+    return True

@@ -21,7 +21,7 @@ from ..auth import Principal
 from ..chains import SignedTx
 from ..errors import Conflict, Forbidden
 from ..ids import new_id
-from .common import page, set_status
+from .common import page, remined, set_status
 
 if TYPE_CHECKING:
     from . import Store
@@ -181,6 +181,12 @@ class Payouts:
 
     def failed(self, payout_id: str, reason: str, **fields: Any) -> None:
         self._set(payout_id, "failed", reason=reason, **fields)
+
+    def remined(self, payout_id: str, *, txid: str, block_number: int | None, fee_paid: int | None) -> bool:
+        """A completed payout's transaction is in another block now (after a reorg), or the
+        other transaction of its group was mined: ``payout.remined`` if the record changed."""
+        return remined(self.store, "payouts", "payout", payout_id, lambda pid: self.render(self._row(pid)),
+                       txid=txid, block_number=block_number, fee_paid=None if fee_paid is None else str(fee_paid))
 
     def _row(self, payout_id: str) -> PayoutRow:
         row = self.row(payout_id)

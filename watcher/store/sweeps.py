@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import views
 from ..chains import Deposit, SignedTx, StoredTx
 from ..ids import new_id
-from .common import page, set_status
+from .common import page, remined, set_status
 
 if TYPE_CHECKING:
     from ..chains import SweepPlan
@@ -200,6 +200,12 @@ class Sweeps:
     def confirmed(self, sweep_id: str, *, txid: str | None, fee_paid: int | None, dust: int | None) -> None:
         self._set(sweep_id, "confirmed", txid=txid, fee_paid=None if fee_paid is None else str(fee_paid),
                   dust=None if dust is None else str(dust), confirmed_at=self.store.clock.now_ms(), reason=None)
+
+    def remined(self, sweep_id: str, *, txid: str, fee_paid: int | None) -> bool:
+        """A confirmed sweep's transaction was mined again after a reorg, at another fee or as
+        the other transaction of its group: ``sweep.remined`` if the record changed."""
+        return remined(self.store, "sweeps", "sweep", sweep_id, lambda sid: self.render(self._row(sid)),
+                       txid=txid, fee_paid=None if fee_paid is None else str(fee_paid))
 
     def failed(self, sweep_id: str, reason: str, *, replan: bool = False) -> None:
         """The sweep is over without moving money. ``replan``: it failed for a reason that

@@ -32,8 +32,8 @@ EVENT_TYPES = (
     "invoice.created", "invoice.awaiting_payment", "invoice.awaiting_confirmation", "invoice.completed",
     "invoice.expired", "invoice.failed", "invoice.refund_requested", "invoice.refunded",
     "payout.pending", "payout.awaiting_approval", "payout.broadcast", "payout.completed", "payout.failed",
-    "payout.cancelled",
-    "sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed", "sweep.failed",
+    "payout.cancelled", "payout.remined",
+    "sweep.planned", "sweep.funding", "sweep.broadcast", "sweep.confirmed", "sweep.failed", "sweep.remined",
     "wallet.gap_filled", "wallet.bumped", "webhook.test",
 )
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
