@@ -58,13 +58,15 @@ def remined(store: Store, table: str, kind: str, obj_id: str, render: Callable[[
     """A settled object's transaction left the chain in a reorg and was mined again, and where
     the chain holds it now differs from the record (another block, the other transaction of
     its conflict group, another fee): the record follows and ``<kind>.remined`` reports it;
-    the status stays. A None value is not known (kept as it is). False when nothing differs."""
+    the status stays. A None value is not known (kept as it is). False when nothing differs:
+    the finality guard asks every round of a settled transaction's window, so that answer is
+    a read, without a write transaction."""
     fields = {k: v for k, v in fields.items() if v is not None}
+    now = store.db.one(f"SELECT {', '.join(fields)} FROM {table} WHERE id = ?", (obj_id,))
+    if now is None or tuple(now) == tuple(fields.values()):
+        return False
+    cols = "".join(f"{k} = ?, " for k in fields)
     with store.db.transaction() as conn:
-        now = conn.execute(f"SELECT {', '.join(fields)} FROM {table} WHERE id = ?", (obj_id,)).fetchone()
-        if now is None or tuple(now) == tuple(fields.values()):
-            return False
-        cols = "".join(f"{k} = ?, " for k in fields)
         conn.execute(f"UPDATE {table} SET {cols}updated_at = ? WHERE id = ?",
                      (*fields.values(), store.clock.now_ms(), obj_id))
         data = render(obj_id)
