@@ -220,8 +220,32 @@ async def test_rate_limited_per_client_address(tmp_path, anvil: Anvil):
         assert int(r.headers["retry-after"]) >= 1
 
 
+@pytest.mark.parametrize("trusted", [["127.0.0.1"], []], ids=["behind-a-trusted-proxy", "no-proxy-trusted"])
+async def test_rate_limited_per_customer_behind_a_reverse_proxy(tmp_path, anvil: Anvil, trusted):
+    """Behind a proxy that is trusted, each customer (the rightmost X-Forwarded-For hop that is
+    not a trusted proxy) has a bucket of their own, and a customer cannot pick another bucket
+    by sending the header themselves. Without ``trusted_proxies`` the header counts for nothing."""
+    cfg, api_port, pay_port = checkout_config(tmp_path, anvil, rate_limit="2/min", trusted_proxies=trusted)
+    api, pay = clients(api_port, pay_port)
+    missing = "/pay/inv_00000000000000000000000000"
+
+    async def code(forwarded_for: str) -> int:
+        return (await pay.get(missing, headers={"x-forwarded-for": forwarded_for})).status_code
+
+    async with running(cfg, api=True), api, pay:
+        assert [await code("203.0.113.5") for _ in range(3)] == [404, 404, 429]
+        # the customer's own claim to the left of what the proxy saw does not change the bucket
+        assert await code("198.51.100.1, 203.0.113.5") == 429
+        # a proxy in front of the trusted one (also trusted) passes the customer along
+        assert await code("203.0.113.5, 127.0.0.1") == 429
+        # another customer through the same proxy
+        assert [await code("203.0.113.6") for _ in range(2)] == ([404, 404] if trusted else [429, 429])
+        assert await code("2001:db8::6") == (404 if trusted else 429)
+
+
 @pytest.mark.parametrize("bad", [{"listen": "8421"}, {"public_url": "ftp://x"}, {"public_url": "https://a/?q=1"},
-                                 {"rate_limit": "lots"}, {"max_streams": 0}, {"colour": "red"}])
+                                 {"rate_limit": "lots"}, {"max_streams": 0}, {"colour": "red"},
+                                 {"trusted_proxies": ["10.0.0.0/33"]}, {"trusted_proxies": "127.0.0.1"}])
 def test_bad_checkout_config_is_refused(tmp_path, anvil: Anvil, bad):
     from watcher.core import Core
     from watcher.errors import ConfigError

@@ -215,6 +215,10 @@ CASES = [
     ("listen port out of range", lambda r: r["api"].update(listen="127.0.0.1:70000"),
      "api.listen: port 70000 is out of range"),
     ("listen port zero", lambda r: r["api"].update(listen="127.0.0.1:0"), "api.listen: port 0 is out of range"),
+    ("trusted proxy by name", lambda r: r["api"].update(trusted_proxies=["nginx.local"]),
+     "api.trusted_proxies: 'nginx.local' is not an IP address or network"),
+    ("trusted proxies not a list", lambda r: r["api"].update(trusted_proxies="127.0.0.1"),
+     "api.trusted_proxies: must be an array, got a string"),
     ("expiry above its maximum", lambda r: r.update(invoices={"max_expires_in": 3600, "default_expires_in": 7200}),
      "invoices.default_expires_in: must be between 60 and 3600, got 7200"),
     # rpc_url

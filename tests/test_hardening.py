@@ -118,6 +118,80 @@ async def test_metrics_need_a_key_off_loopback(tmp_path):
             assert r.status_code == 200 and "watcher_build_info" in r.text
 
 
+async def test_metrics_need_a_key_through_a_reverse_proxy(tmp_path):
+    """The documented way to expose the API is a reverse proxy on the same machine in front of a
+    loopback listener. The proxy connects from 127.0.0.1, so the listen address alone said
+    "local" and /metrics (amounts received, keys' ids, hot wallet balances) was open to
+    whoever reached the proxy. A request naming a public host or carrying a forwarding header
+    now needs a key with ``read``; Prometheus scraping 127.0.0.1 directly still needs none."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port,
+                       extra={"api": {"hosts": ["127.0.0.1", "localhost", "watcher.example.com"]}})
+    auth = {"authorization": f"Bearer {API_TOKEN}"}
+    with trio.fail_after(30):
+        async with running(cfg, api=True), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                             trust_env=False) as http:
+            for local in ({}, {"host": f"localhost:{port}"}):
+                r = await http.get("/metrics", headers=local)
+                assert r.status_code == 200 and "watcher_build_info" in r.text, local
+            proxied = [{"host": "watcher.example.com"}, {"x-forwarded-for": "203.0.113.5"},
+                       {"forwarded": "for=203.0.113.5;proto=https"}, {"x-real-ip": "203.0.113.5"}]
+            for headers in proxied:
+                r = await http.get("/metrics", headers=headers)
+                assert r.status_code == 401, (headers, r.status_code)
+                r = await http.get("/metrics", headers={**headers, **auth})
+                assert r.status_code == 200 and "watcher_build_info" in r.text, headers
+
+
+@pytest.mark.parametrize("trusted", [["127.0.0.0/8"], []], ids=["behind-a-trusted-proxy", "no-proxy-trusted"])
+async def test_failed_authentications_are_counted_per_client_behind_a_trusted_proxy(tmp_path, trusted):
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port,
+                       extra={"api": {"failed_auth_limit": "3/min", "trusted_proxies": trusted}})
+    with trio.fail_after(30):
+        async with running(cfg, api=True), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                             trust_env=False) as http:
+
+            async def code(client: str) -> int:
+                r = await http.get("/v1/chains", headers={"authorization": "Bearer wrong-token-000000000000",
+                                                          "x-forwarded-for": client})
+                return r.status_code
+
+            assert [await code("203.0.113.5") for _ in range(4)] == [401, 401, 401, 429]
+            assert await code("203.0.113.5, 127.0.0.1") == 429  # the same client through two proxies
+            # another client through the same proxy has a count of its own; untrusted, one count for all
+            assert await code("203.0.113.6") == (401 if trusted else 429)
+
+
+def test_the_client_behind_trusted_proxies_is_the_rightmost_untrusted_hop():
+    from starlette.requests import Request
+
+    from watcher.forwarding import client_address, is_local, parse_networks
+
+    def request(peer: str, headers: dict[str, str]) -> Request:
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "method": "GET", "path": "/", "headers": raw, "client": (peer, 5000)})
+
+    trusted = parse_networks(["127.0.0.1", "10.0.0.0/8", "::1"])
+    xff = "x-forwarded-for"
+    assert client_address(request("127.0.0.1", {xff: "203.0.113.5"}), trusted) == "203.0.113.5"
+    assert client_address(request("127.0.0.1", {xff: "203.0.113.5"}), ()) == "127.0.0.1"  # nothing trusted
+    assert client_address(request("198.51.100.9", {xff: "203.0.113.5"}), trusted) == "198.51.100.9"  # not a proxy
+    assert client_address(request("127.0.0.1", {xff: "1.2.3.4, 203.0.113.5, 10.1.2.3"}), trusted) == "203.0.113.5"
+    assert client_address(request("::1", {xff: "[2001:db8::5]:443"}), trusted) == "2001:db8::5"
+    assert client_address(request("::ffff:127.0.0.1", {xff: "203.0.113.5:51000"}), trusted) == "203.0.113.5"
+    assert client_address(request("127.0.0.1", {}), trusted) == "127.0.0.1"  # no header: the proxy itself
+    assert client_address(request("127.0.0.1", {xff: "junk, 10.0.0.2"}), trusted) == "10.0.0.2"  # last good hop
+    assert client_address(request("127.0.0.1", {xff: "10.0.0.7"}), trusted) == "10.0.0.7"  # all trusted
+    with pytest.raises(ValueError, match="not an IP address"):
+        parse_networks(["10.0.0.0/8", "proxy.local"])
+    assert is_local(request("127.0.0.1", {"host": "127.0.0.1:8420"}))
+    assert is_local(request("::1", {"host": "[::1]:8420"}))
+    assert not is_local(request("127.0.0.1", {"host": "pay.example.com"}))
+    assert not is_local(request("127.0.0.1", {"host": "127.0.0.1:8420", "x-forwarded-proto": "https"}))
+    assert not is_local(request("192.0.2.1", {"host": "127.0.0.1:8420"}))
+
+
 @pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])
 def test_credentials_in_urls_never_reach_the_log(formatter):
     stream = io.StringIO()

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from .auth import APP_SCOPES, CONFIG_ID_PREFIX, SCOPES, Principal, Rate, check_scopes, parse_rate
 from .errors import ConfigError, InvalidAddress
+from .forwarding import Network, parse_networks
 from .policy import PayoutPolicy, SweepConfig, parse_paused, parse_payouts, parse_sweep
 
 if TYPE_CHECKING:
@@ -322,6 +323,8 @@ class ApiConfig:
     # Host header values accepted (DNS rebinding): "host:port"; parsing fills in the default
     hosts: frozenset[str] = frozenset()
     body_timeout: float = 30.0  # seconds to receive a whole request body
+    # reverse proxies whose X-Forwarded-For names the client (watcher.forwarding)
+    trusted_proxies: tuple[Network, ...] = ()
 
     @property
     def loopback(self) -> bool:
@@ -647,10 +650,11 @@ def _parse_api(t: ConfigTable) -> ApiConfig:
     hosts = frozenset(h.lower() if re.search(r":\d+$", h) and not h.endswith("]") else f"{h.lower()}:{port}"
                       for h in names)
     body_timeout = t.take("body_timeout", float, 30.0, check=between(1, 3600))
+    trusted_proxies = take_networks(t, "trusted_proxies")
     t.done()
     api = ApiConfig(host=host, port=port, tokens=tokens, max_body_bytes=max_body, metrics_auth=metrics_auth,
                     rate_limit=rate_limit, payout_rate_limit=payout_rate_limit, failed_auth_limit=failed_auth_limit,
-                    hosts=hosts, body_timeout=body_timeout)
+                    hosts=hosts, body_timeout=body_timeout, trusted_proxies=trusted_proxies)
     if not api.loopback and not tokens:
         raise ConfigError(t.key("listen"), f"{host!r} is not a loopback address: set api.token first")
     return api
@@ -662,6 +666,16 @@ def _rate(t: ConfigTable, key: str) -> Rate | None:
         return None
     try:
         return parse_rate(raw)
+    except ValueError as e:
+        raise ConfigError(t.key(key), str(e)) from None
+
+
+def take_networks(t: ConfigTable, key: str) -> tuple[Network, ...]:
+    """A list of IP addresses or networks (``trusted_proxies``); empty if not given."""
+    raw = t.take(key, list, [], check=lambda v: None if all(isinstance(x, str) for x in v)
+                 else "must be a list of IP addresses or networks (e.g. [\"127.0.0.1\", \"10.0.0.0/8\"])")
+    try:
+        return parse_networks(raw)
     except ValueError as e:
         raise ConfigError(t.key(key), str(e)) from None
 

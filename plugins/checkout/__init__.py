@@ -8,6 +8,7 @@ listen = "0.0.0.0:8421"                      # the page's own listener (no token
 public_url = "https://pay.example.com"       # what links use; its Host is the one the listener answers
 # title = "Example shop"                     # shown at the top of the page
 # rate_limit = "300/min"                     # requests per client address
+# trusted_proxies = ["127.0.0.1"]            # reverse proxies whose X-Forwarded-For names the client
 # max_streams = 1000                         # live-status streams open at once (per invoice: 20)
 ```
 
@@ -37,8 +38,9 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from watcher.api import Endpoints, Listener, RouteSet
 from watcher.api.routing import ApiRequest
 from watcher.auth import Rate, parse_rate
-from watcher.config import ConfigSection, ConfigTable
+from watcher.config import ConfigSection, ConfigTable, take_networks
 from watcher.errors import ConfigError, NotFound
+from watcher.forwarding import Network
 from watcher.hookspecs import hookimpl
 
 from .catalog import pick_language
@@ -76,6 +78,7 @@ class CheckoutConfig:
     title: str | None = None
     rate_limit: Rate = field(default_factory=lambda: Rate(300, 60))
     max_streams: int = 1000
+    trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For names the client (rate limit)
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:
@@ -115,8 +118,9 @@ def parse_checkout(t: ConfigTable, resolve: Callable[[str], Path]) -> CheckoutCo
         raise ConfigError(t.key("rate_limit"), str(e)) from None
     max_streams = t.take("max_streams", int, 1000,
                          check=lambda v: None if 1 <= v <= 100_000 else "must be between 1 and 100000")
+    trusted_proxies = take_networks(t, "trusted_proxies")
     return CheckoutConfig(host=hp[0], port=hp[1], public_url=public_url, hosts=frozenset(hosts), title=title,
-                          rate_limit=rate_limit, max_streams=max_streams)
+                          rate_limit=rate_limit, max_streams=max_streams, trusted_proxies=trusted_proxies)
 
 
 class Hub:
@@ -325,7 +329,8 @@ class CheckoutPlugin:
         cfg = config.sections.get("checkout")
         if not isinstance(cfg, CheckoutConfig):
             return []
-        return [RouteSet(endpoints.items, Listener("checkout", cfg.host, cfg.port, cfg.hosts, cfg.rate_limit))]
+        return [RouteSet(endpoints.items, Listener("checkout", cfg.host, cfg.port, cfg.hosts, cfg.rate_limit,
+                                                  cfg.trusted_proxies))]
 
     @hookimpl
     def watcher_startup(self, daemon: Daemon) -> None:

@@ -18,6 +18,7 @@ from ..errors import (
     Unauthorized,
     WatcherError,
 )
+from ..forwarding import is_local
 from ..labels import label_problem, normalize_label
 from ..money import format_amount, parse_amount
 from .routing import ApiRequest, Endpoints, read_body
@@ -133,14 +134,16 @@ async def readyz(req: ApiRequest) -> Any:
 
 
 @endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a key with the read scope if "
-               "api.metrics_auth, or if the API listens beyond loopback.", auth=False, tag="health",
+               "api.metrics_auth, if the API listens beyond loopback, or for a request that came through a "
+               "reverse proxy (a forwarding header, or a Host other than a loopback name).", auth=False, tag="health",
                responses={200: {"type": "string"}})
 async def metrics(req: ApiRequest) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.responses import Response
 
     api = req.daemon.config.api
-    if (api.metrics_auth or not api.loopback) and req.auth is not None:
+    # a proxy on this machine connects from loopback: what it passes on is not local
+    if (api.metrics_auth or not api.loopback or not is_local(req.request)) and req.auth is not None:
         try:
             principal, _ = await req.auth.authenticate(req.request, lambda: read_body(req.request, 0))
         except Unauthorized as e:

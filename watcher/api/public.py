@@ -3,7 +3,8 @@ that faces the internet while the control API stays on loopback.
 
 Only the plugin's routes are there: no token is taken (the routes are ``auth=False``), the
 ``Host`` header must be one the listener answers (DNS rebinding, and a request for another
-site), each client address has its own token bucket, unknown paths are a plain 404 page, and
+site), each client address has its own token bucket (behind a reverse proxy, listed in the
+listener's ``trusted_proxies``, the address its ``X-Forwarded-For`` names), unknown paths are a plain 404 page, and
 an error never shows more than its status line and message."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from ..auth import RateLimiter
 from ..errors import WatcherError
+from ..forwarding import client_address
 from .routing import ApiRequest, Endpoint, Listener, RouteSet, by_method
 
 if TYPE_CHECKING:
@@ -69,7 +71,7 @@ def create_public_app(daemon: Daemon, routes: RouteSet) -> Starlette:
         async def asgi_endpoint(request: Request) -> Response:
             if not host_allowed(listener, request.headers.get("host", "")):
                 return plain_page(421, "this server does not answer for that host name")
-            client = request.client.host if request.client else "unknown"
+            client = client_address(request, listener.trusted_proxies)
             verdict = limiter.take(client, listener.rate_limit, time.monotonic())
             if not verdict.allowed:
                 daemon.metrics.api_refusals.labels("", "rate_limited").inc()

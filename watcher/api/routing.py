@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..auth import SCOPES, Principal, Rate
 from ..errors import BadRequest, TooManyRequests, Unauthorized, WatcherError
+from ..forwarding import Network
 from ..tasks import record_storage_trouble
 
 if TYPE_CHECKING:
@@ -284,13 +285,15 @@ class Endpoints:
 class Listener:
     """A listener of a plugin's own (hook ``watcher_routes``), served next to the control API:
     ``host``/``port`` to bind (port 0: any free one), the ``Host`` header values it answers
-    (``"name"`` or ``"name:port"``; empty: any), and the requests each client address may make."""
+    (``"name"`` or ``"name:port"``; empty: any), the requests each client address may make,
+    and the reverse proxies whose ``X-Forwarded-For`` tells that address."""
 
     name: str
     host: str
     port: int
     hosts: frozenset[str] = frozenset()
     rate_limit: Rate = field(default_factory=lambda: Rate(300, 60))
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 @dataclass

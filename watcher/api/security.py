@@ -13,8 +13,9 @@ A request authenticates one of two ways:
 
 Then the route's scope (403 ``insufficient_scope`` naming it), then the key's rate limits (429
 with ``Retry-After`` and ``RateLimit-*``). Failed authentications are counted per client
-address: past ``[api] failed_auth_limit`` (20/min) the client gets 429 instead of 401, but a request that
-does authenticate is never refused by that count.
+address (read through ``[api] trusted_proxies``, :mod:`watcher.forwarding`): past ``[api]
+failed_auth_limit`` (20/min) the client gets 429 instead of 401, but a request that does
+authenticate is never refused by that count.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.requests import Request
 
 from ..auth import SIGNATURE_WINDOW, Principal, RateLimiter, key_hash, signature
 from ..errors import Forbidden, TooManyRequests, Unauthorized
+from ..forwarding import client_address
 from ..secretbox import SealError
 
 if TYPE_CHECKING:
@@ -135,7 +137,7 @@ class Authenticator:
     def failed(self, request: Request, e: Unauthorized) -> Exception:
         """A failed authentication from this client: the 401, or a 429 once it has failed too
         often."""
-        client = request.client.host if request.client else "unknown"
+        client = client_address(request, self.daemon.config.api.trusted_proxies)
         verdict = self.failures.take(client, self.daemon.config.api.failed_auth_limit, self.now())
         self.daemon.metrics.api_refusals.labels("", e.code).inc()
         if verdict.allowed:
