@@ -181,6 +181,9 @@ async def test_languages_and_states_partial_expired(tmp_path, anvil: Anvil, toke
         await wait_until(lambda: d.views.invoice(inv["id"])["partial"], what="partial payment")
         page = (await pay.get(f"/pay/{inv['id']}?lang=de")).text
         assert 'data-state="partial"' in page and "restlichen 6 USDT" in page
+        # the headline asks for the rest too ("Send exactly 10" would have the customer pay 14)
+        assert re.search(r'data-field="lead">Senden Sie genau</p>\s*<p class="amount"><span data-field="amount">6<',
+                         page), page
         # the payment request (link and QR code) asks for the rest, not the whole amount again
         rest = inv["payment_uri"].replace("uint256=10000000", "uint256=6000000")
         assert rest != inv["payment_uri"] and f'data-field="payment-uri" href="{html.escape(rest)}"' in page
@@ -335,3 +338,4 @@ def test_page_state_for_every_invoice_state(over, state, label, final):
     assert (st["state"], st["label"], st["final"]) == (state, label, final)
     assert st["payable"] == (state in ("awaiting", "partial")) and (st["qr"] is not None) == st["payable"]
     assert st["redirect_url"] == ("https://s/x" if state == "paid" else None)
+    assert st["amount_shown"] == ("4" if state == "partial" else "10")  # what to send, then the invoice's

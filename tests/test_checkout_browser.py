@@ -118,6 +118,7 @@ async def test_partial_expired_german_and_phone_layout(tmp_path, anvil: Anvil, t
                             what="partial")
             assert field(driver, "status").text == "Teilweise bezahlt: senden Sie die restlichen 15 USDT"
             assert field(driver, "pay").is_displayed()  # still payable: the rest can be sent
+            assert (field(driver, "lead").text, field(driver, "amount").text) == ("Senden Sie genau", "15")
             # the link and the QR code now ask for the rest (15 USDT), not the whole amount again
             rest = inv["payment_uri"].replace("uint256=25000000", "uint256=15000000")
             assert rest != inv["payment_uri"] and field(driver, "payment-uri").get_attribute("href") == rest

@@ -22,7 +22,9 @@ def page_state(inv: dict[str, Any], lang: str, now_ms: int, uri: str) -> dict[st
     """What the page shows of ``inv`` now: ``state`` (awaiting, partial, seen, confirming,
     paid, expired, failed, refunded), its label in ``lang``, ``final`` once nothing can change
     it any more (the live stream ends then), and while it can be paid the payment request
-    ``uri`` (for what is due now) with its QR code."""
+    ``uri`` (for what is due now) with its QR code. The headline amount (``amount_shown``) is
+    what is due now while the invoice is partly paid: "Send exactly" must never name the
+    whole amount again once part of it arrived."""
     status = inv["status"]
     asset = inv["asset"]
     counted = [p for p in inv["payments"] if p["counted"]]
@@ -48,6 +50,7 @@ def page_state(inv: dict[str, Any], lang: str, now_ms: int, uri: str) -> dict[st
         "status": status, "state": state, "label": text(lang, f"status.{state}", **values), "final": final,
         "confirmations": n, "required": required, "due": inv["due"], "received": inv["received"],
         "amount": inv["amount"], "asset": asset,
+        "amount_shown": inv["due"] if state == "partial" and inv["due"] else (inv["amount"] or ""),
         "received_label": text(lang, "received", received=inv["received"], amount=inv["amount"] or "", asset=asset),
         "redirect_url": inv.get("redirect_url") if state == "paid" else None,
         "payable": state in ("awaiting", "partial"),
@@ -135,7 +138,7 @@ def render_page(inv: dict[str, Any], lang: str, now_ms: int, uri: str, *, title:
 <header>
 <p class="shop">{e(title) if title else t("heading")}</p>
 <p class="lead" data-field="lead">{e(st["lead"])}</p>
-<p class="amount"><span data-field="amount">{e(amount)}</span> <span data-field="asset">{e(asset)}</span></p>
+<p class="amount"><span data-field="amount">{e(st["amount_shown"])}</span> <span data-field="asset">{e(asset)}</span></p>
 {f'<p class="price" data-field="price">{t("price", amount=price["amount"], currency=price["currency"])}</p>'
  if price else ""}
 <p class="chain">{t("on_chain", chain=inv["chain"])}</p>

@@ -43,6 +43,7 @@
     status.className = "badge state-" + st.state;
     $("pay").hidden = !st.payable;
     $("lead").textContent = st.lead;
+    $("amount").textContent = st.amount_shown; // after a partial payment: the rest
     if (st.payment_uri && st.qr) { // after a partial payment: a request for the rest
       $("payment-uri").href = st.payment_uri;
       const svg = $("qr").querySelector("svg");
