@@ -156,6 +156,45 @@ async def test_a_sweep_the_node_refused_is_planned_again_by_the_next_run(tmp_pat
                 assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1
 
 
+async def test_a_bug_in_the_step_of_a_sweep_in_flight_never_marks_it_failed(tmp_path, anvil: Anvil, token: Token):
+    """A step of a sweep whose transaction is out fails with an unexpected exception (a bug,
+    not the node, not the file). Money is moving, so the sweep must keep following it: before
+    the fix it was marked failed at once, while its transaction paid the treasury anyway."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                  headers=ADMIN, trust_env=False) as http:
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+            await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+            wallet = await mine_until(anvil, lambda: d.senders["devnet"].wallet, what="the wallet")
+            real, broken = wallet.sweep_step, [True]
+
+            async def buggy(intent, state):
+                if broken[0] and intent.txs:  # after the sweep was signed and sent
+                    raise RuntimeError("a bug in a later step")
+                return await real(intent, state)
+
+            wallet.sweep_step = buggy
+            before = anvil.balance(TREASURY)
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+
+            def bugs() -> float:
+                return d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "sweeper_bug"}) or 0
+
+            await mine_until(anvil, lambda: bugs() >= 3, what="the step failing in three rounds")
+            [sweep] = d.views.sweeps()[0]
+            assert sweep["status"] == "broadcast" and sweep["reason"] is None, sweep
+            assert anvil.balance(TREASURY) > before  # its transaction paid meanwhile
+            broken[0] = False
+            done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "confirmed"],
+                                    what="the sweep confirmed once the step works")
+            assert len(d.views.sweeps()[0]) == 1 and done[0]["id"] == sweep["id"]
+            assert anvil.balance(TREASURY) - before == int(done[0]["base_units"])
+            assert d.store.sweeps.candidates("devnet", 10) == []  # nothing left to sweep again
+
+
 async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil: Anvil, token: Token):
     """A token sweep past its funding (its transfer sent) whose top-up a reorg takes off the
     chain, and the node then forgets: the top-up is sent again (the settled transactions of a

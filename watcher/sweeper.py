@@ -51,6 +51,7 @@ class Sweeper:
         self.chain = sender.chain
         self._last_plan: float | None = None  # trio time of the last run (set in the first round)
         self.requested = False
+        self._bugs: set[str] = set()  # sweeps in flight whose step failed for a bug (logged once each)
 
     def seconds_to_next_run(self) -> float:
         interval = self.cfg.sweep.interval
@@ -86,11 +87,24 @@ class Sweeper:
                 self.store.sweeps.failed(row.id, f"the node refused it: {e.message[:300]}", replan=True)
             except StaleWalletState:
                 raise
-            except Exception as e:  # one bad sweep must not stop the others: record it
+            except Exception as e:  # one bad sweep must not stop the others
                 if storage_trouble(e):
                     raise  # the file, not this sweep: the sender's round backs off and retries
+                if txs:
+                    # signed, perhaps broadcast or mined: money may be moving, and a sweep
+                    # marked failed would no longer follow it (its deposits planned again, the
+                    # treasury paid with no record). Kept as it is and tried again each round.
+                    self.s.metrics.errors.labels("sweeper_bug").inc()
+                    if row.id not in self._bugs:
+                        self._bugs.add(row.id)
+                        log.exception("%s: sweep %s: a step failed (a bug); its transactions are in flight, so "
+                                      "it stays %s and is tried again each round", self.chain, row.id, row.status,
+                                      extra={"chain": self.chain, "sweep_id": row.id})
+                    continue
                 log.exception("%s: sweep %s failed", self.chain, row.id)
                 self.store.sweeps.failed(row.id, f"{type(e).__name__}: {e}")
+                continue
+            self._bugs.discard(row.id)
         if self._last_plan is None:
             self._last_plan = trio.current_time()
         due = sweep.interval > 0 and trio.current_time() - self._last_plan >= sweep.interval
