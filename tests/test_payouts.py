@@ -255,6 +255,46 @@ async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: 
             assert "admin.pause" in actions and "admin.resume" in actions and "payout.cancel" in actions
 
 
+@pytest.mark.parametrize("change", ["cancelled", "paused"])
+async def test_a_payout_cancelled_or_paused_while_the_wallet_signs_it_is_never_sent(tmp_path, anvil: Anvil,
+                                                                                    token: Token, change):
+    """The wallet takes node calls (fees, gas, balances) to sign a payout. A cancel (answered
+    200 "cancelled") or a pause of payouts in that time used to be overwritten: the sender
+    stored the signed transaction as ``broadcast`` and sent it. Now what was signed is dropped
+    (the nonce is not used), and a paused payout goes once payouts resume."""
+    from tests.support.faultproxy import fault_proxy
+
+    port = free_port()
+    with trio.fail_after(60):
+        async with fault_proxy(anvil.url) as proxy:
+            cfg = write_config(tmp_path, [chain_entry("devnet", proxy.url, tokens=[("USDT", token.address, 6)],
+                                                      confirmations=1, chain_id=31337)],
+                               api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+            async with running(cfg, api=True) as d, client(port) as http:
+                hot = d.store.hot_wallet("devnet")
+                fund(anvil, token, hot)
+                proxy.latency = (1.5, 1.5)
+                proxy.inject("latency", method="eth_estimateGas")  # the wallet is signing for 1.5 s
+                pid = (await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], "p1", "1"))).json()["id"]
+                await wait_until(lambda: proxy.injected["latency"] == 1, what="the wallet asking for gas")
+                if change == "cancelled":
+                    r = await http.post(f"/v1/payouts/{pid}/cancel")
+                    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+                else:
+                    r = await http.post("/v1/admin/pause", json={"scope": "payouts"}, headers=ADMIN)
+                    assert r.json()["paused"] == ["payouts"]
+                await trio.sleep(2.5)  # the held call answered; the sender's round has ended
+                anvil.mine(2)
+                await trio.sleep(0.5)
+                assert d.views.payout(pid)["status"] == ("cancelled" if change == "cancelled" else "pending")
+                assert sent_from(d, hot) == 0 and anvil.rpc("eth_getTransactionCount", hot, "latest") == "0x0"
+                assert "payout.broadcast" not in [t for t, _ in payout_events(d, pid)]
+                if change == "paused":
+                    await http.post("/v1/admin/resume", json={"scope": "all"}, headers=ADMIN)
+                    await until_status(d, pid, "completed")
+                    assert sent_from(d, hot) == 1  # the same nonce the dropped signature had
+
+
 async def test_insufficient_hot_wallet_balance_waits_then_goes(tmp_path, anvil: Anvil, token: Token):
     port = free_port()
     cfg = config(tmp_path, anvil, token, port)

@@ -33,6 +33,7 @@ from .chains import (
 from .errors import NodeError, WatcherError
 from .failpoints import failpoint
 from .store.chaintx import StaleWalletState
+from .store.common import Withdrawn
 from .sweeper import Sweeper
 from .tasks import StorageRetry
 from .txtrack import Tracker, groups
@@ -187,6 +188,8 @@ class Sender:
         assert self.wallet is not None
         blocked = 0
         for p in self.store.payouts.in_status(self.chain, "pending"):
+            if "payouts" in self.store.paused():  # paused during this round: the rest waits
+                break
             blocked += not await self._send_payout(p)
         self.metrics.payouts_blocked.labels(self.chain).set(blocked)
 
@@ -217,7 +220,12 @@ class Sender:
         if isinstance(answer, Fail):
             self.store.payouts.failed(p.id, answer.reason)
             return True
-        self.store_send(answer, version, "payout", lambda: self.store.payouts.signed(p.id, answer.txs))
+        try:
+            self.store_send(answer, version, "payout", lambda: self.store.payouts.signed(p.id, answer.txs))
+        except Withdrawn as e:  # cancelled or paused while the wallet signed: nothing kept or sent
+            log.info("%s: payout %s not sent: %s; the transaction signed for it is dropped", self.chain, p.id, e,
+                     extra={"chain": self.chain, "payout_id": p.id})
+            return True
         tx = answer.txs[-1]
         log.info("%s: payout %s signed (%s); broadcasting", self.chain, p.id, tx.txid,
                  extra={"chain": self.chain, "payout_id": p.id, "txid": tx.txid})

@@ -33,6 +33,7 @@ from .chains import (
 from .errors import NodeError
 from .money import format_amount
 from .store.chaintx import StaleWalletState
+from .store.common import Withdrawn
 from .store.db import storage_trouble
 from .txtrack import Statuses, Tracked
 
@@ -204,8 +205,13 @@ class Sweeper:
 
     async def _send(self, row: SweepRow, send: Send, version: int) -> None:
         purpose = "topup" if send.phase == "funding" else "sweep"
-        self.s.store_send(send, version, purpose, lambda: self.store.sweeps.sent(row.id, send.txs, phase=send.phase,
-                                                                                amount=send.amount))
+        try:
+            self.s.store_send(send, version, purpose, lambda: self.store.sweeps.sent(
+                row.id, send.txs, phase=send.phase, amount=send.amount))
+        except Withdrawn as e:  # paused while the wallet signed: nothing kept or sent, the sweep waits
+            log.info("%s: sweep %s not sent: %s; the transaction signed for it is dropped", self.chain, row.id, e,
+                     extra={"chain": self.chain, "sweep_id": row.id})
+            return
         what = f"{self.chain}: {'top-up for ' if send.phase == 'funding' else ''}sweep {row.id}"
         log.info("%s: %s signed (%s); broadcasting", what, ", ".join(t.txid for t in send.txs), send.phase,
                  extra={"chain": self.chain, "sweep_id": row.id})

@@ -12,6 +12,24 @@ if TYPE_CHECKING:
     from . import Store
 
 
+class Withdrawn(Exception):
+    """What the wallet signed may no longer be sent: while it signed (node calls, seconds), the
+    payout was cancelled, or payouts or sweeps were paused. Raised inside the transaction
+    that would store the signed transaction, so nothing of it is kept (the wallet's state,
+    its nonce or coins, included) and nothing is broadcast."""
+
+
+def still_sendable(store: Store, table: str, obj_id: str, statuses: tuple[str, ...], scope: str) -> None:
+    """Raise :class:`Withdrawn` unless ``obj_id`` is still in one of ``statuses`` and
+    ``scope`` is not paused; call inside the write transaction that stores what was signed
+    (its ``BEGIN IMMEDIATE`` orders it after any cancel or pause, from any process)."""
+    now = store.db.scalar(f"SELECT status FROM {table} WHERE id = ?", (obj_id,))
+    if now not in statuses:
+        raise Withdrawn(f"it is {now} now")
+    if scope in store.paused():
+        raise Withdrawn(f"{scope} were paused while it was signed")
+
+
 class HasId(Protocol):
     @property
     def id(self) -> str: ...

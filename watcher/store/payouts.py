@@ -21,7 +21,7 @@ from ..auth import Principal
 from ..chains import SignedTx
 from ..errors import Conflict, Forbidden
 from ..ids import new_id
-from .common import page, remined, set_status
+from .common import page, remined, set_status, still_sendable
 
 if TYPE_CHECKING:
     from . import Store
@@ -160,9 +160,12 @@ class Payouts:
             conn.execute("UPDATE payouts SET reason = ? WHERE id = ? AND status = 'pending'", (reason, payout_id))
 
     def signed(self, payout_id: str, txs: Sequence[SignedTx]) -> None:
-        """Store the signed transaction(s) and move to ``broadcast``, before broadcasting."""
+        """Store the signed transaction(s) and move to ``broadcast``, before broadcasting;
+        :class:`~watcher.store.common.Withdrawn` if the payout was cancelled, or payouts
+        paused, while the wallet signed it."""
         row = self._row(payout_id)
         with self.store.db.transaction():
+            still_sendable(self.store, "payouts", payout_id, ("pending",), "payouts")
             for tx in txs:
                 self.store.chaintxs.add(row.chain, purpose="payout", ref_id=payout_id, tx=tx)
             self._set(payout_id, "broadcast", reason=None, txid=txs[-1].txid, broadcast_at=self.store.clock.now_ms())

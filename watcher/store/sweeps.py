@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import views
 from ..chains import Deposit, SignedTx, StoredTx
 from ..ids import new_id
-from .common import page, remined, set_status
+from .common import page, remined, set_status, still_sendable
 
 if TYPE_CHECKING:
     from ..chains import SweepPlan
@@ -171,8 +171,10 @@ class Sweeps:
 
     def sent(self, sweep_id: str, txs: Sequence[SignedTx], *, phase: str, amount: int | None) -> None:
         """Store a step's transactions and move on: ``funding`` (top-ups) or ``broadcast``
-        (the transfer). Call inside the transaction that saves the wallet's state."""
+        (the transfer). Call inside the transaction that saves the wallet's state;
+        :class:`~watcher.store.common.Withdrawn` if sweeps were paused while the wallet signed."""
         row = self._row(sweep_id)
+        still_sendable(self.store, "sweeps", sweep_id, ACTIVE, "sweeps")
         for tx in txs:
             self.store.chaintxs.add(row.chain, purpose="topup" if phase == "funding" else "sweep", ref_id=sweep_id,
                                     tx=tx)
