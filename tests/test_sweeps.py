@@ -3,6 +3,7 @@ at the treasury, dust accounted for, pause, and a crash between top-up and token
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -124,36 +125,44 @@ async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvi
                              what="sweep after resume")
 
 
+@contextlib.asynccontextmanager
+async def a_deposit_behind_a_fault_proxy(tmp_path, anvil: Anvil, token: Token):
+    """A daemon whose node is behind a fault proxy, sweeping on request, with alice's 1 ETH
+    deposit confirmed and a sweep candidate: yields (daemon, admin client, proxy, alice)."""
+    from tests.support.faultproxy import fault_proxy
+
+    port = free_port()
+    async with fault_proxy(anvil.url) as proxy:
+        cfg = write_config(tmp_path, [chain_entry(
+            "devnet", proxy.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
+            sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
+            api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+        async with running(cfg, api=True) as d, httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+            await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+            yield d, http, proxy, alice
+
+
 async def test_a_sweep_the_node_refused_is_planned_again_by_the_next_run(tmp_path, anvil: Anvil, token: Token):
     """The node refuses a sweep for good (a non-retryable error while it is being signed):
     the sweep fails without moving anything, and the next run plans the deposit again
     instead of forgetting it until the address's next deposit."""
-    from tests.support.faultproxy import fault_proxy
-
-    port = free_port()
     with trio.fail_after(60):
-        async with fault_proxy(anvil.url) as proxy:
-            cfg = write_config(tmp_path, [chain_entry(
-                "devnet", proxy.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
-                sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
-                api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
-            async with running(cfg, api=True) as d, httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
-                alice, _ = d.store.addresses.deposit_address("devnet", "alice")
-                anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
-                await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
-                before = anvil.balance(TREASURY)
-                proxy.inject("rpc_error", method="eth_getCode", error=(-32602, "refused by policy"))
-                assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
-                failed = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "failed"],
-                                          what="the refused sweep")
-                assert "refused by policy" in failed[0]["reason"] and proxy.injected["rpc_error"] == 1
-                assert anvil.balance(TREASURY) == before
-                assert (await http.post("/v1/sweeps/run", json={})).status_code == 202  # no new deposit
-                done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0]
-                                                        if s["status"] == "confirmed"], what="the sweep planned again")
-                assert anvil.balance(TREASURY) - before == int(done[0]["base_units"]) > 0
-                assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1
+        async with a_deposit_behind_a_fault_proxy(tmp_path, anvil, token) as (d, http, proxy, _):
+            before = anvil.balance(TREASURY)
+            proxy.inject("rpc_error", method="eth_getCode", error=(-32602, "refused by policy"))
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            failed = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "failed"],
+                                      what="the refused sweep")
+            assert "refused by policy" in failed[0]["reason"] and proxy.injected["rpc_error"] == 1
+            assert anvil.balance(TREASURY) == before
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202  # no new deposit
+            done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0]
+                                                    if s["status"] == "confirmed"], what="the sweep planned again")
+            assert anvil.balance(TREASURY) - before == int(done[0]["base_units"]) > 0
+            assert done[0]["deposits"] == failed[0]["deposits"] and len(done[0]["deposits"]) == 1
 
 
 async def test_a_bug_in_the_step_of_a_sweep_in_flight_never_marks_it_failed(tmp_path, anvil: Anvil, token: Token):
@@ -200,38 +209,26 @@ async def test_sweeps_paused_while_the_wallet_signs_one_send_nothing_until_resum
     """The kill switch holds a sweep whose transaction the wallet is signing at that moment
     (node calls for gas and balance): what it signed is dropped, and the sweep goes after
     ``resume``. Before, the round stored and broadcast it."""
-    from tests.support.faultproxy import fault_proxy
-
-    port = free_port()
     with trio.fail_after(60):
-        async with fault_proxy(anvil.url) as proxy:
-            cfg = write_config(tmp_path, [chain_entry(
-                "devnet", proxy.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
-                sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
-                api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
-            async with running(cfg, api=True) as d, httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
-                alice, _ = d.store.addresses.deposit_address("devnet", "alice")
-                anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
-                await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
-                before = anvil.balance(TREASURY)
-                proxy.latency = (1.5, 1.5)
-                proxy.inject("latency", method="eth_getCode")  # the wallet's gas question
-                assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
-                await mine_until(anvil, lambda: proxy.injected["latency"] == 1, what="the wallet asking for gas")
-                r = await http.post("/v1/admin/pause", json={"scope": "sweeps"})
-                assert r.json()["paused"] == ["sweeps"]
-                await trio.sleep(2.5)
-                anvil.mine(3)
-                await trio.sleep(0.5)
-                [sweep] = d.views.sweeps()[0]
-                assert sweep["status"] == "planned" and sweep["txid"] is None, sweep
-                assert anvil.rpc("eth_getTransactionCount", alice.address, "latest") == "0x0"
-                assert anvil.balance(TREASURY) == before
-                await http.post("/v1/admin/resume", json={"scope": "all"})
-                done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "confirmed"],
-                                        what="the sweep after resume")
-                assert done[0]["id"] == sweep["id"] and anvil.balance(TREASURY) - before == int(done[0]["base_units"])
+        async with a_deposit_behind_a_fault_proxy(tmp_path, anvil, token) as (d, http, proxy, alice):
+            before = anvil.balance(TREASURY)
+            proxy.latency = (1.5, 1.5)
+            proxy.inject("latency", method="eth_getCode")  # the wallet's gas question
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            await mine_until(anvil, lambda: proxy.injected["latency"] == 1, what="the wallet asking for gas")
+            r = await http.post("/v1/admin/pause", json={"scope": "sweeps"})
+            assert r.json()["paused"] == ["sweeps"]
+            await trio.sleep(2.5)
+            anvil.mine(3)
+            await trio.sleep(0.5)
+            [sweep] = d.views.sweeps()[0]
+            assert sweep["status"] == "planned" and sweep["txid"] is None, sweep
+            assert anvil.rpc("eth_getTransactionCount", alice.address, "latest") == "0x0"
+            assert anvil.balance(TREASURY) == before
+            await http.post("/v1/admin/resume", json={"scope": "all"})
+            done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "confirmed"],
+                                    what="the sweep after resume")
+            assert done[0]["id"] == sweep["id"] and anvil.balance(TREASURY) - before == int(done[0]["base_units"])
 
 
 async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil: Anvil, token: Token):
