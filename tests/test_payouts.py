@@ -724,8 +724,12 @@ async def test_refunds_pay_back_the_excess_to_the_wei_and_the_invoice_says_so(tm
             types = [e.type for e in d.store.events.list(after_seq=0, types=("invoice.refund_requested",
                                                                               "invoice.refunded"), limit=50)]
             assert types == ["invoice.refund_requested", "invoice.refunded"]
-            # more than is left is refused, nothing written
+            # "refund the excess" again, with another key: the excess was refunded, nothing is left
+            # of it (before: a second 0.3 ETH went out, the shop kept 0.7 of a 1 ETH sale)
             count = d.store.db.scalar("SELECT COUNT(*) FROM payouts")
+            r = await http.post(f"/v1/invoices/{inv['id']}/refund", json={"to": carol, "idempotency_key": "rf-1b"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_refund", r.text
+            # more than is left is refused, nothing written
             r = await http.post(f"/v1/invoices/{inv['id']}/refund",
                                 json={"to": carol, "amount": "1.000000000000000001", "idempotency_key": "rf-2"})
             assert r.status_code == 409 and r.json()["error"]["code"] == "refund_exceeds_received", r.text
@@ -750,6 +754,11 @@ async def test_refunds_pay_back_the_excess_to_the_wei_and_the_invoice_says_so(tm
             await wait_until(lambda: d.views.invoice(big["id"])["status"] == "refunded", what="refunded")
             assert d.views.invoice(big["id"])["refunded_amount"] == "6"
             assert not d.views.invoice(big["id"])["partially_refunded"]
+            # a retry of that request (a lost answer) gets the refund it made, not 409 nothing_to_refund
+            again = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-4"})
+            assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
+            assert again.json()["id"] == r.json()["id"] and again.json()["base_units"] == str(6 * 10**18)
+            assert d.store.db.scalar("SELECT COUNT(*) FROM payouts WHERE invoice_id = ?", (big["id"],)) == 2
             r = await http.post(f"/v1/invoices/{big['id']}/refund", json={"to": carol, "idempotency_key": "rf-5"})
             assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_refund"
 

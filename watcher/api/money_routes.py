@@ -142,12 +142,23 @@ async def refund_invoice(req: ApiRequest) -> Any:
     assert asset is not None
     to = canonical_address(req, cfg.id, body.get("to"))
     metadata = check_metadata(body.get("metadata", {}))
+    key = body.get("idempotency_key")
+    earlier = store.payouts.by_key(key) if isinstance(key, str) else None
+    if earlier is not None and earlier.invoice_id == inv.id:
+        # a retry: answered with the refund it made, whatever was refunded since (an amount
+        # left out means the one worked out then; a different one is a reused key)
+        amount = api_amount(body["amount"], asset.decimals) if body.get("amount") is not None else earlier.amount
+        return await make_payout(req, cfg, asset, amount, to, key, None, {**metadata, "refund_of": inv.id},
+                                 invoice_id=inv.id)
+    left = store.invoices.refundable(inv)
     if body.get("amount") is not None:
         amount = api_amount(body["amount"], asset.decimals)
     elif inv.overpaid and inv.amount is not None:
-        amount = inv.confirmed - inv.amount  # the excess, to the base unit
+        # the excess, to the base unit, less every refund made or under way (a second
+        # "refund the excess" has nothing left to pay, not the excess again)
+        amount = left - inv.amount
     else:
-        amount = store.invoices.refundable(inv)
+        amount = left
     if amount <= 0:
         raise Conflict(f"invoice {inv.id} has nothing confirmed left to refund", code="nothing_to_refund")
 
