@@ -98,6 +98,25 @@ async def test_paid_but_unconfirmed_fails_at_end_of_monitoring_window(cfg, clock
         assert events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation", "invoice.failed"]
 
 
+async def test_an_unconfirmed_extra_payment_neither_holds_back_nor_fails_a_confirmed_invoice(cfg, clock, anvil,
+                                                                                          token):
+    """The amount is paid and confirmed; one base unit more (from anyone: the address is
+    public) arrives later and stays short of its confirmations. Before the fix the invoice
+    waited for every payment, stayed awaiting_confirmation and failed at monitor_until with
+    the whole amount confirmed."""
+    async with running(cfg, clock=TrioClock(anchor=time.time())) as d:
+        inv = create(d, expires_in=600)
+        await pay(anvil, token, d, inv)  # block n, 1 confirmation of 3
+        await pay(anvil, token, d, inv, units=1, blocks=2)  # the dust in n + 1; the payment has 3
+        v = d.views.invoice(inv["id"])
+        assert [p["confirmations"] for p in v["payments"]] == [3, 2] and v["overpaid"]
+        assert v["status"] == "completed", v
+        await trio.sleep(600 + 3600 + 10)  # past monitor_until, no block more
+        await wait_until_mock(lambda: d.store.invoices.apply_deadlines() == 0, what="deadlines applied")
+        assert status(d, inv) == "completed"
+        assert events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation", "invoice.completed"]
+
+
 async def test_payment_after_monitoring_window_is_recorded_but_does_not_count(cfg, clock, anvil, token):
     async with running(cfg, clock=TrioClock(anchor=time.time())) as d:
         inv = create(d, expires_in=600)

@@ -1,7 +1,7 @@
 """How an invoice's status follows from its payments and the clock: one pure function.
 
 Statuses: ``awaiting_payment`` → ``awaiting_confirmation`` (live payments reach the amount
-less the tolerance) → ``completed`` (and every paying transfer is confirmed); ``expired``
+less the tolerance) → ``completed`` (the confirmed payments alone reach it); ``expired``
 (not fully paid by ``expires_at``); ``failed`` (paid but not confirmed by the end of the
 monitoring window); ``refunded`` is set by an operator. Flags: ``partial`` (something but not
 enough arrived), ``overpaid`` (sale mode: more than the amount), ``late`` (the payment that
@@ -78,12 +78,13 @@ def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: 
         status = current
     elif not paid:
         status = "expired" if now >= terms.expires_at else "awaiting_payment"
-    elif all(p.confirmed for p in ordered):
+    elif confirmed >= required:
+        # the confirmed payments alone cover it: a further payment still unconfirmed (a dust
+        # transfer from anyone, the address is public; a low-fee one stuck in a mempool)
+        # neither holds it back nor fails it at monitor_until
         status = "completed"
     elif current == "completed":
-        # completed stays completed when a further, unconfirmed payment arrives; it moves
-        # back only if the confirmed payments alone no longer cover the amount (a reorg)
-        status = "completed" if confirmed >= required else "awaiting_confirmation"
+        status = "awaiting_confirmation"  # the confirmed payments no longer cover it (a reorg)
     elif now >= terms.monitor_until:
         status = "failed"
     else:
