@@ -551,6 +551,66 @@ async def test_limits_cannot_be_dodged_or_blocked(tmp_path):
                 assert r.status_code == 422 and r.json()["error"]["code"] == "destination_burn", r.text
 
 
+async def test_payouts_approved_a_day_after_they_were_asked_for_still_count_against_the_daily_limit(tmp_path):
+    """A payout waiting for approval counts from its approval. The daily total was taken by
+    creation time, so payouts asked for more than 24 h ago counted for nothing once approved:
+    any number of them could be approved one after another, each within the limit alone."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE, tokens=[("USDT", TOKEN_ADDR, 6)], payouts={
+        "approval_above": {"USDT": "10"}, "daily_limit": {"USDT": "100"}})], api_port=port,
+        extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                                   trust_env=False, timeout=10) as http:
+            a = await make_key(http, "a", ["payouts"])
+            b = await make_key(http, "b", ["approve"])
+            ids = []
+            for i in range(2):
+                r = await http.post("/v1/payouts", json=payout_body(f"old{i}", "100"), headers=bearer(a["key"]))
+                assert r.status_code == 202 and r.json()["status"] == "awaiting_approval", r.text
+                ids.append(r.json()["id"])
+            d.store.db.conn.execute("UPDATE payouts SET created_at = created_at - ?", (25 * 3600 * 1000,))
+            r = await http.post(f"/v1/payouts/{ids[0]}/approve", headers=bearer(b["key"]))
+            assert r.status_code == 200 and r.json()["status"] == "pending", r.text
+            r = await http.post(f"/v1/payouts/{ids[1]}/approve", headers=bearer(b["key"]))
+            assert r.status_code == 422 and r.json()["error"]["code"] == "daily_limit_exceeded", r.text
+            assert d.views.payout(ids[1])["status"] == "awaiting_approval"
+
+
+async def test_two_payouts_side_by_side_cannot_both_pass_a_limit_with_room_for_one(tmp_path):
+    """An operator's check that awaits (a KYC service, here 0.3 s) let two requests pass the
+    daily limit side by side before either was written: 60 + 60 against a limit of 100. The
+    limits are now asked again in the transaction that writes the payout."""
+    from watcher.hookspecs import hookimpl
+    from watcher.plugins import make_plugin_manager
+
+    class SlowKyc:
+        @hookimpl
+        async def watcher_payout_check(self, payout):
+            await trio.sleep(0.3)
+
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE, tokens=[("USDT", TOKEN_ADDR, 6)], payouts={
+        "daily_limit": {"USDT": "100"}})], api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(60):
+        async with running(cfg, api=True, pm=make_plugin_manager(extra=(SlowKyc(),))) as d, httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http:
+            keys = [await make_key(http, name, ["payouts"]) for name in ("a", "b")]
+            answers: list[httpx.Response] = []
+
+            async def pay(i: int) -> None:
+                answers.append(await http.post("/v1/payouts", json=payout_body(f"side{i}", "60"),
+                                               headers=bearer(keys[i]["key"])))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(pay, i)
+            assert sorted(r.status_code for r in answers) == [202, 422], [r.text for r in answers]
+            refused = next(r for r in answers if r.status_code == 422)
+            assert refused.json()["error"]["code"] == "daily_limit_exceeded"
+            assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == 1
+
+
 def test_burn_addresses_per_family():
     from watcher.config import ConfigTable
     from watcher_bitcoin.family import BitcoinFamily

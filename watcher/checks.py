@@ -128,5 +128,17 @@ class Destination:
         return None
 
 
+def counted_again(payout: PayoutRequest, daemon: Daemon) -> Veto | None:
+    """The built-in checks whose answer depends on the other payouts (the daily limits, the
+    label rate), asked again inside the transaction that writes ``payout``: the checks before
+    it may await (a plugin's), and two requests that passed them side by side must not both
+    get through a limit that has room for one."""
+    for check in (DailyLimits(), LabelRate()):
+        veto = check.watcher_payout_check(payout, daemon)
+        if veto is not None:
+            return veto
+    return None
+
+
 BUILTIN = {"max_amount": MaxAmount, "daily_limits": DailyLimits, "label_rate": LabelRate,
            "destination": Destination}

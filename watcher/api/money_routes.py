@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from ..checks import DailyLimits, PayoutRequest, Veto
+from ..checks import DailyLimits, PayoutRequest, Veto, counted_again
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, WatcherError, WatchOnlyError
 from ..policy import PAUSE_SCOPES
 from ..store.payouts import STATUSES as PAYOUT_STATUSES
@@ -97,16 +97,20 @@ async def make_payout(req: ApiRequest, cfg: ChainConfig, asset: AssetConfig, amo
         raise BadRequest(f"chain {cfg.id!r}: the {cfg.family} family cannot send yet", code="cannot_send",
                          status=409)
     existing = store.payouts.by_key(key)
+    request = PayoutRequest(chain=cfg.id, asset=asset.symbol, amount=amount, to=to, label=label,
+                            decimals=asset.decimals, metadata=metadata)
     if existing is None:  # checks judge new payouts only: a replay must not count itself twice
-        request = PayoutRequest(chain=cfg.id, asset=asset.symbol, amount=amount, to=to, label=label,
-                                decimals=asset.decimals, metadata=metadata)
         veto = await run_checks(req, request)
         if veto is not None:
             raise PayoutRejected(veto.reason, code=veto.code if veto.code != "payout_rejected" else None)
     threshold = cfg.payouts.approval_above.get(asset.symbol)
     with store.db.transaction():
-        if existing is None and before_write is not None:
-            before_write()
+        if store.payouts.by_key(key) is None:  # (another request may have written it meanwhile)
+            veto = counted_again(request, req.daemon)
+            if veto is not None:
+                raise PayoutRejected(veto.reason, code=veto.code)
+            if before_write is not None:
+                before_write()
         row, created = store.payouts.create(chain=cfg.id, asset=asset.symbol, amount=amount, to=to,
                                             idempotency_key=key, label=label, metadata=metadata, actor=req.actor,
                                             needs_approval=threshold is not None and amount > threshold,

@@ -226,9 +226,10 @@ class Payouts:
     def total_since(self, chain: str, asset: str, since_ms: int, label: str | None = None, *,
                     by_label: bool = False) -> int:
         """Base units of the committed payouts (not awaiting approval, cancelled or failed)
-        created since ``since_ms``; ``by_label``: only those with ``label`` (None: the
-        unlabelled ones, which share one bucket)."""
-        sql = ("SELECT amount FROM payouts WHERE chain = ? AND asset = ? AND created_at >= ?"
+        committed since ``since_ms``: created then, or approved then (one approved a day after
+        it was asked for counts from its approval); ``by_label``: only those with ``label``
+        (None: the unlabelled ones, which share one bucket)."""
+        sql = ("SELECT amount FROM payouts WHERE chain = ? AND asset = ? AND COALESCE(approved_at, created_at) >= ?"
                f" AND status IN ({','.join('?' * len(COMMITTED))})")
         params: list[Any] = [chain, asset, since_ms, *COMMITTED]
         if by_label or label is not None:
