@@ -229,6 +229,52 @@ async def test_sweeps_consolidate_exactly_leave_dust_and_split_at_max_inputs(tmp
             assert len(d.views.sweeps(chain="ltc")[0]) == 2
 
 
+async def test_a_sweep_cut_at_max_inputs_spends_its_largest_outputs_and_leaves_the_rest_on_record(
+        tmp_path, litecoind: Litecoind):
+    """A sweep's step may find more outputs worth spending than ``max_inputs`` (the fee rate
+    fell since planning, and outputs planned as dust are worth it now). It used to cut them in
+    deposit order: a big output planned to be spent fell out of the transaction and out of the
+    record (neither spent nor left), and no later run swept it, since the sweep covered it.
+    Now the largest are spent and the rest are left, on record as the sweep's dust. Its BIP125
+    replacement (a stuck sweep, ``fee_bump = "rbf"``) keeps that record: it used to drop it, so
+    a sweep whose replacement was mined reported no dust."""
+    from watcher.chains import Send, SignedTx, StoredTx, SweepIntent
+
+    node = litecoind
+    node.payer  # noqa: B018
+    treasury = payee(node)
+    port = free_port()
+    cfg = config(tmp_path, node, port, fee_rate_fallback="50", fee_bump="rbf",  # an input costs 3,400 sat
+                 sweep={"to": treasury, "min_amount": {"LTC": "0.01"}, "interval": 0, "max_inputs": 2})
+    with trio.fail_after(60):
+        async with running(cfg) as d:
+            a = d.store.addresses.deposit_address("ltc", "a")[0].address
+            for value in (10_000, 30_000_000, 40_000_000):  # one block each: the small one first
+                node.send(a, value)
+                await mine(node)
+            deposits = await wait_until(lambda: len(u := d.store.transfers.unswept_upto("ltc", node.head())) == 3
+                                        and u, what="three confirmed deposits")
+            wallet = d.senders["ltc"].wallet
+            state, _ = d.store.chaintxs.wallet_state("ltc")
+            intent = SweepIntent(id="sw_step", asset=d.config.chain("ltc").asset("LTC"), addresses=(a,), to=treasury,
+                                 amount=sum(x.amount for x in deposits), deposits=tuple(deposits), txs=())
+            answer = await wallet.sweep_step(intent, state)
+            assert isinstance(answer, Send), answer
+            details = answer.txs[0].details
+            spent = sorted(int(i[2]) for i in details["inputs"])
+            left = sorted(int(x[2]) for x in details["left"])
+            assert spent == [30_000_000, 40_000_000] and left == [10_000], (spent, left)
+            assert len(details["inputs"]) + len(details["left"]) == len(deposits)  # every covered output
+            sent = answer.txs[0]
+            stored = StoredTx(id=1, chain="ltc", purpose="sweep", ref_id="sw_step", txid=sent.txid, raw=sent.raw,
+                              sender=sent.sender, to=sent.to, asset=sent.asset, amount=sent.amount,
+                              fee_limit=sent.fee_limit, conflict=sent.conflict, details=sent.details, status="open",
+                              block_number=None, fee_paid=None, error=None, created_at=0, broadcast_at=None)
+            bumped = await wallet.replace([stored], bump_ppm=250_000, state=state)
+            assert isinstance(bumped, SignedTx) and bumped.details["fee"] > details["fee"], bumped
+            assert bumped.details["left"] == details["left"]
+
+
 async def stuck_payout(node: Litecoind, d, http: httpx.AsyncClient, to: str) -> dict[str, Any]:
     """Fund the hot wallet, ask for a payout, mine the one block the funding needs; the payout
     is then broadcast and nothing more is mined."""

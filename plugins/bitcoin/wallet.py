@@ -498,8 +498,12 @@ class BitcoinWallet(Wallet):
         if gone:  # a reorg took one since planning: a sweep covers exactly what it spends or leaves
             raise NodeError(f"{self.cfg.id}: deposit output(s) {', '.join(gone[:3])} no longer confirmed and "
                             "unspent at the node; planned again", retryable=False)
-        spend = [o for o in live if o.value > cost][:self.opts.max_inputs]
-        left = [o for o in live if o.value <= cost]
+        # the largest first: if the rate fell since planning, outputs planned as dust are worth
+        # spending now and may not all fit in max_inputs; cut, they are left (and counted as
+        # dust, as planned), never the outputs the plan meant to spend, nor dropped silently
+        worth = sorted((o for o in live if o.value > cost), key=lambda o: (-o.value, o.outpoint))
+        spend = worth[:self.opts.max_inputs]
+        left = [o for o in live if o not in spend]
         if not spend:
             return Fail("none of its deposit outputs is unspent and worth the fee of spending it")
         total = sum(o.value for o in spend)
@@ -603,7 +607,8 @@ class BitcoinWallet(Wallet):
             return Wait(f"{'the change' if change else 'the amount'} cannot pay a higher fee")
         outputs[k] = (address, value)
         signed = self._make(coins_spent(d), outputs, change=None if not change else (k, int(change["index"])),
-                            sender=current.sender, to=current.to, amount=current.amount if change else value)
+                            sender=current.sender, to=current.to, amount=current.amount if change else value,
+                            **({"left": d["left"]} if "left" in d else {}))  # a sweep's outputs left behind
         refused = await self._test(signed)
         if refused is None:
             return signed
@@ -631,7 +636,9 @@ class BitcoinWallet(Wallet):
         if target <= p_rate:
             return Wait(f"fees are at the cap (fee_rate_max {format_amount(self.opts.fee_rate_max, 3)} sat/vB)")
         others, state = await self._coins(state)
-        others.sort(key=lambda c: (-c.value, c.outpoint))
+        # the parent may have been mined since its status was read: its change is then a
+        # confirmed coin too, and must not be added a second time
+        others = sorted((c for c in others if c.outpoint != spend.outpoint), key=lambda c: (-c.value, c.outpoint))
         index = int(state["next_change"])
         to = self.keys.address("hot", 1, index)
         floor = self._dust(to)
