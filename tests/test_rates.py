@@ -198,9 +198,11 @@ def test_the_example_configs_rates_block_loads(tmp_path):
 
 async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
     port = free_port()
+    other_app = "other-app-0123456789abcdefgh"
     cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], api_port=port, extra={"rates": {
         "refresh": 0, "quote_ttl": 900,
-        "sources": [{"kind": "chainlink", "chain": "devnet", "pair": "ETH/USD", "feed": feed}]}})
+        "sources": [{"kind": "chainlink", "chain": "devnet", "pair": "ETH/USD", "feed": feed}]},
+        "api": {"tokens": {"other": other_app}}})
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
                                                                    trust_env=False, timeout=10) as http:
@@ -215,6 +217,10 @@ async def test_quotes_lock_an_amount_for_one_invoice(tmp_path, anvil, feed):
                        gas=FEED_GAS)
             anvil.mine(1)
             assert (await http.get("/v1/rates", params={"pair": "ETH/USD"})).json()["rate"] == "2000"
+            # another app's key can neither use nor burn it
+            r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": quote["id"]},
+                                headers={"authorization": f"Bearer {other_app}"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_quote", r.text
             r = await http.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "quote_id": quote["id"]})
             assert r.status_code == 201, r.text
             inv = r.json()

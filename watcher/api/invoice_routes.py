@@ -46,7 +46,7 @@ async def _priced(req: ApiRequest, chain: str, symbol: str, decimals: int, price
 
 def _usable_quote(req: ApiRequest, quote_id: Any, chain: str, asset: str) -> dict[str, Any]:
     quote = req.daemon.store.invoices.quote(quote_id) if isinstance(quote_id, str) and len(quote_id) < 80 else None
-    if quote is None:
+    if quote is None or not req.actor.owns(quote["owner"]):  # another key's quote: not there for this one
         raise NotFound(f"no quote {str(quote_id)[:64]!r}", code="unknown_quote")
     if (quote["chain"], quote["asset"]) != (chain, asset):
         raise BadRequest(f"quote {quote['id']} is for {quote['asset']} on {quote['chain']}", code="invalid_quote")
