@@ -259,6 +259,35 @@ async def test_receiver_down_for_a_day_gets_everything_soon_after_it_returns(tmp
         assert len(ok) == 41 and len(rx.unique()) == 41
 
 
+async def test_a_success_pulls_forward_the_retries_of_an_outage_only(tmp_path, mock_clock, anvil):
+    """A 2xx pulls forward the retries of deliveries that found the receiver unavailable; it
+    used to pull every waiting retry: an event the receiver answers 500 (its bug with that
+    event) was retried at each success of the others and used up its ten attempts in a minute
+    instead of days, and a 503 with ``Retry-After: 3600`` was retried within seconds."""
+    ids: list[str] = []
+
+    def behavior(r):
+        if r.webhook_id not in ids and len(ids) < 2:
+            ids.append(r.webhook_id)
+        if r.webhook_id == ids[0]:
+            return 500
+        if len(ids) > 1 and r.webhook_id == ids[1]:
+            return 503, {"retry-after": "3600"}
+        return 200
+
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, poll_interval=3600)])
+    async with receiving(behavior) as rx, running(cfg, clock=TrioClock(anchor=time.time())) as d:
+        d.store.webhooks.create(rx.url, ["invoice.created"], None)
+        for n in range(14):  # one every 5 s: 12 successes after the two that fail
+            new_invoice(d, n)
+            await trio.sleep(5)
+        assert len(rx.unique()) == 14
+        tries = {i: sum(r.webhook_id == i for r in rx.requests) for i in ids}
+        # the default schedule: at once, 5 s, then 5 min; the hour the receiver asked for
+        assert tries == {ids[0]: 2, ids[1]: 1}, tries
+        assert d.store.webhooks.backlog() == 2
+
+
 async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
     async with receiving() as rx:
         with trio.fail_after(30):

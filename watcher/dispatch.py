@@ -82,6 +82,7 @@ class _Result:
     text: str | None
     next_at: int | None
     disable: str | None
+    not_before: int | None = None  # ms: what a Retry-After asked for
 
 
 class _Endpoint:
@@ -272,7 +273,8 @@ class Dispatcher:
                 delay = next_delay(self.config.schedule, attempt, retry_after, self.rng)
                 if delay is not None:
                     next_at = self.clock.now_ms() + int(delay * 1000)
-        return _Result(d, ep.id, attempt, status, latency, error, text, next_at, disable)
+        not_before = None if retry_after is None else self.clock.now_ms() + int(retry_after * 1000)
+        return _Result(d, ep.id, attempt, status, latency, error, text, next_at, disable, not_before)
 
     async def _flusher(self) -> None:
         # idle (no timer) until a result is waiting: a periodic wake-up would keep an idle
@@ -304,7 +306,8 @@ class Dispatcher:
                 for r in results:
                     outcomes.append(self.store.webhooks.record_attempt(
                         r.delivery["id"], attempt=r.attempt, status_code=r.status, latency_ms=int(r.latency * 1000),
-                        error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable))
+                        error=r.error, response=r.text, next_attempt_at=r.next_at, disable_endpoint=r.disable,
+                        not_before=r.not_before))
                 # an endpoint that answers again gets its waiting retries now, not on schedule
                 for wid in {r.webhook_id for r in results if r.status is not None and 200 <= r.status < 300}:
                     if self.store.webhooks.expedite(wid):

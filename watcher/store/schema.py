@@ -585,3 +585,10 @@ def m013_refunds(db: Database) -> None:
 def m014_invoice_redirect(db: Database) -> None:
     """Where the checkout page sends the customer back once paid (``invoices.redirect_url``)."""
     db.executescript("ALTER TABLE invoices ADD COLUMN redirect_url TEXT;")
+
+
+@migrations()
+def m015_delivery_not_before(db: Database) -> None:
+    """The earliest time a receiver's ``Retry-After`` allows the next attempt
+    (``deliveries.not_before``, ms): a success of the endpoint does not pull a retry before it."""
+    db.executescript("ALTER TABLE deliveries ADD COLUMN not_before INTEGER;")

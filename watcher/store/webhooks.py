@@ -294,9 +294,10 @@ class Webhooks:
 
     def record_attempt(self, delivery_id: str, *, attempt: int, status_code: int | None, latency_ms: int,
                        error: str | None, response: str | None, next_attempt_at: int | None,
-                       disable_endpoint: str | None = None) -> str:
+                       disable_endpoint: str | None = None, not_before: int | None = None) -> str:
         """Store one attempt and move the delivery on: delivered (2xx), pending again at
-        ``next_attempt_at``, or failed (no more attempts). Returns the new status."""
+        ``next_attempt_at`` (never before ``not_before``: what the receiver's ``Retry-After``
+        asked), or failed (no more attempts). Returns the new status."""
         now = self.store.clock.now_ms()
         ok = status_code is not None and 200 <= status_code < 300
         if ok:
@@ -316,23 +317,28 @@ class Webhooks:
                  response[:_RESPONSE_EXCERPT] if response else None))
             conn.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?, last_error = ?,"
-                " delivered_at = ?, updated_at = ? WHERE id = ?",
+                " delivered_at = ?, not_before = ?, updated_at = ? WHERE id = ?",
                 (status, attempt, next_attempt_at if status == "pending" else None, status_code, error,
-                 now if ok else None, now, delivery_id))
+                 now if ok else None, not_before, now, delivery_id))
             if disable_endpoint is not None:
                 conn.execute("UPDATE webhooks SET status = 'disabled', disabled_reason = ?, updated_at = ?"
                              " WHERE id = ?", (disable_endpoint, now, row["webhook_id"]))
         return status
 
     def expedite(self, webhook_id: str) -> int:
-        """The endpoint answered 2xx again: its deliveries waiting for a retry are due now
-        instead of hours later (the schedule's gaps grow to a day). Deliveries that already
-        gave up stay ``failed`` (redeliver them). Returns how many were moved."""
+        """The endpoint answered 2xx again: its deliveries waiting for a retry because it was
+        unreachable or unavailable (no answer, 502, 503, 504) are due now instead of hours
+        later (the schedule's gaps grow to a day). Not one that the receiver answered otherwise
+        (a 500 or 4xx for that event: retried on schedule, or a failing event would use up its
+        attempts at the pace of the others' successes), nor one before its ``Retry-After``.
+        Deliveries that already gave up stay ``failed`` (redeliver them). Returns how many
+        were moved."""
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
             return conn.execute(
                 "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE webhook_id = ? AND status = 'pending'"
-                " AND attempts > 0 AND next_attempt_at > ?", (now, now, webhook_id, now)).rowcount
+                " AND attempts > 0 AND next_attempt_at > ? AND (last_status IS NULL OR last_status IN (502, 503, 504))"
+                " AND COALESCE(not_before, 0) <= ?", (now, now, webhook_id, now, now)).rowcount
 
     def delivery(self, delivery_id: str) -> DeliveryRow | None:
         r = self.store.db.one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
