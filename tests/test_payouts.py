@@ -295,6 +295,29 @@ async def test_a_payout_cancelled_or_paused_while_the_wallet_signs_it_is_never_s
                     assert sent_from(d, hot) == 1  # the same nonce the dropped signature had
 
 
+async def test_a_transaction_sent_from_the_hot_key_outside_watcher_does_not_stop_payouts(tmp_path, anvil: Anvil,
+                                                                                        token: Token):
+    """An operator moves funds from the hot wallet by hand (a wallet app with the same seed)
+    while the daemon runs. Its nonce was the one watcher would sign next: every payout was
+    then refused "nonce too low", failed, and gave the nonce back for the next one to fail
+    the same way, until a restart. The node's nonce is now taken when it is ahead."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port)
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            first = await mined_until_completed(d, http, anvil, payout_body(anvil.accounts[5], "before", "1"))
+            assert first["nonce"] == 0
+            anvil.rpc("anvil_impersonateAccount", hot)  # the operator's wallet app, with the hot key
+            anvil.wait_receipt(anvil.rpc("eth_sendTransaction", {"from": hot, "to": anvil.accounts[6], "value": "0x1"}))
+            anvil.rpc("anvil_stopImpersonatingAccount", hot)
+            ids = [(await http.post("/v1/payouts", json=payout_body(anvil.accounts[5], f"after{i}", "1"))).json()["id"]
+                   for i in range(3)]
+            done = [await until_status(d, pid, "completed") for pid in ids]
+            assert sorted(p["nonce"] for p in done) == [2, 3, 4]  # nonce 1 was the operator's
+
+
 async def test_insufficient_hot_wallet_balance_waits_then_goes(tmp_path, anvil: Anvil, token: Token):
     port = free_port()
     cfg = config(tmp_path, anvil, token, port)

@@ -125,7 +125,7 @@ class EvmWallet(Wallet):
             return Wait("insufficient hot wallet balance: " + "; ".join(short))
         if gas is None:
             return Wait(f"gas estimate failed: {estimate_error}")
-        nonce = int(state["next_nonce"])
+        nonce = await self._next_nonce(state)
         tx = self._sign(self.hot, intent.to, asset, amount, nonce, gas, fees)
         return Send((tx,), state={**state, "next_nonce": nonce + 1})
 
@@ -185,7 +185,7 @@ class EvmWallet(Wallet):
         if available < topup + gas * fees.max_fee:
             return Wait(f"hot wallet cannot fund gas: {self._show(topup, native)} plus fees needed, "
                         f"{self._show(available, native)} available")
-        nonce = int(state["next_nonce"])
+        nonce = await self._next_nonce(state)
         tx = self._sign(self.hot, address, native, topup, nonce, gas, fees)
         return Send((tx,), state={**state, "next_nonce": nonce + 1}, phase="funding")
 
@@ -231,6 +231,12 @@ class EvmWallet(Wallet):
                 return Wait("not enough gas for a higher fee: waiting for the first one")
         return self._sign(newest.sender, newest.to, asset, amount, nonce, gas, fees)
 
+    async def _next_nonce(self, state: WalletState) -> int:
+        """The hot wallet's next nonce: ours, or the node's if it is ahead (a transaction sent
+        from the hot key outside watcher, e.g. by hand from a wallet app: signing below it
+        would be refused as "nonce too low", again and again)."""
+        return max(int(state["next_nonce"]), await self.client.nonce(self.hot, pending=True))
+
     async def release(self, tx: StoredTx, state: WalletState) -> Release:
         """A refused transaction of the hot wallet leaves its nonce unused. If nothing later
         took a nonce, it is given back; if the node already has a transaction at it, nothing
@@ -239,10 +245,10 @@ class EvmWallet(Wallet):
         if tx.sender != self.hot or "nonce" not in tx.details:
             return Release()  # deposit addresses take their nonce from the node each time
         nonce = int(tx.details["nonce"])
+        if await self.client.nonce(self.hot, pending=False) > nonce:  # by a transaction from outside
+            return Release(note=f"nonce {nonce} is already used on chain")
         if int(state.get("next_nonce", -1)) == nonce + 1:
             return Release(state={**state, "next_nonce": nonce}, note=f"nonce {nonce} given back")
-        if await self.client.nonce(self.hot, pending=False) > nonce:
-            return Release(note=f"nonce {nonce} is already used on chain")
         fees = await self.fees()
         filler = self._sign(self.hot, self.hot, self.native, 0, nonce, NATIVE_TRANSFER_GAS, fees)
         return Release(filler=filler, note=f"nonce {nonce} filled by a zero-value transfer to itself ({filler.txid}) "
