@@ -235,6 +235,7 @@ class EvmWallet(Wallet):
         """The hot wallet's next nonce: ours, or the node's if it is ahead (a transaction sent
         from the hot key outside watcher, e.g. by hand from a wallet app: signing below it
         would be refused as "nonce too low", again and again)."""
+        assert self.hot is not None
         return max(int(state["next_nonce"]), await self.client.nonce(self.hot, pending=True))
 
     async def release(self, tx: StoredTx, state: WalletState) -> Release:
