@@ -6,6 +6,7 @@ without editing this file."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -298,6 +299,9 @@ async def test_signed_requests(tmp_path):
                 "secret": (sign(key, "POST", "/v1/invoices", body, secret="wk_" + "x" * 43), body, "signature_invalid"),
                 "unknown": ({**sign(key, "POST", "/v1/invoices", body), "x-watcher-key-id": "key_00000000000000ff"},
                             body, "key_unknown"),
+                # a latin-1 superscript two: a digit to str.isdigit, not to int() (was a 500)
+                "superscript": ({**sign(key, "POST", "/v1/invoices", body), "x-watcher-timestamp": b"\xb2"},
+                                body, "signature_invalid"),
             }
             for name, (headers, content, want) in cases.items():
                 r = await send("POST", "/v1/invoices", content, headers)
@@ -503,6 +507,25 @@ async def test_a_listed_private_host_is_delivered_to_without_showing_its_answer(
             await wait_until(lambda: d.views.deliveries(hook["id"])[0][0]["status"] == "delivered")
             attempt = d.views.deliveries(hook["id"])[0][0]["attempt_log"][0]
             assert attempt["status_code"] == 200 and not attempt.get("response")  # "ok" is not shown
+
+            # nor through the error of an answer that is not HTTP (h11 quotes the bytes it refuses)
+            async def not_http(stream: trio.SocketStream) -> None:
+                with trio.move_on_after(5):
+                    await stream.receive_some(65536)
+                    await stream.send_all(b"db_password=hunter2\r\n\r\n")
+                await stream.aclose()
+
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(functools.partial(trio.serve_tcp, not_http, 0, host="127.0.0.1"))
+                leaky = listeners[0].socket.getsockname()[1]
+                hook = (await http.post("/v1/webhooks", json={"url": f"http://127.0.0.1:{leaky}/h",
+                                                               "events": ["*"]})).json()
+                await http.post(f"/v1/webhooks/{hook['id']}/test")
+                first = await wait_until(lambda: (d.views.deliveries(hook["id"])[0] or [{}])[0].get("last_error"),
+                                         what="the failed attempt")
+                nursery.cancel_scope.cancel()
+            shown = json.dumps(d.views.deliveries(hook["id"])[0])
+            assert "malformed HTTP answer" in first and "hunter2" not in shown, shown
 
 
 # --- safe money defaults ------------------------------------------------------------------------

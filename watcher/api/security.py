@@ -107,7 +107,7 @@ class Authenticator:
         if row is None or secret is None:
             raise Unauthorized("unknown, revoked or expired key, or a key that does not sign (use Bearer)",
                                code="key_unknown")
-        if not stamp.isdigit() or len(stamp) > 12:
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
             raise Unauthorized("X-Watcher-Timestamp must be Unix seconds", code="signature_invalid")
         skew = int(stamp) - self.wall()
         if abs(skew) > SIGNATURE_WINDOW:
