@@ -288,6 +288,29 @@ async def test_a_success_pulls_forward_the_retries_of_an_outage_only(tmp_path, m
         assert d.store.webhooks.backlog() == 2
 
 
+async def test_a_deleted_endpoint_gets_nothing_more_and_nothing_unsigned(tmp_path):
+    """120 events queued for a slow receiver (0.3 s an answer, four at a time), then the
+    endpoint is deleted. Only the attempts already in flight may still arrive, all signed;
+    the workers used to go on through their queue, unsigned once the secrets were erased."""
+    async def slow(r):
+        await trio.sleep(0.3)
+        return 200
+
+    async with receiving(slow) as rx:
+        with trio.fail_after(30):
+            async with running(config(tmp_path)) as d:
+                row, _ = d.store.webhooks.create(rx.url, ["invoice.created"], None)
+                for n in range(120):  # more than a refill's low mark (64): the queue is not read again soon
+                    new_invoice(d, n)
+                await wait_until(lambda: len(rx.requests) >= 4, what="the first answers")
+                d.store.webhooks.delete(row.id)
+                at_delete = len(rx.requests)
+                await trio.sleep(2.0)
+                after = rx.requests[at_delete:]
+                assert len(after) <= 4, len(after)  # those in flight at the delete, at most
+                assert all(r.headers["webhook-signature"] for r in rx.requests)
+
+
 async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
     async with receiving() as rx:
         with trio.fail_after(30):

@@ -198,6 +198,9 @@ class Dispatcher:
     async def _worker(self, client: WebhookClient, ep: _Endpoint) -> None:
         try:
             while ep.queue and not ep.gone:
+                if not self._cached_secrets(ep.id):  # deleted (its secrets erased): nothing is sent unsigned
+                    ep.gone = True
+                    break
                 d = ep.queue.popleft()
                 if len(ep.queue) < self.REFILL // 4:
                     self.wake()  # ask for more before running dry

@@ -213,6 +213,7 @@ class Webhooks:
                          (now, now, webhook_id))
             conn.execute("UPDATE deliveries SET status = 'cancelled', next_attempt_at = NULL, updated_at = ?"
                          " WHERE webhook_id = ? AND status = 'pending'", (now, webhook_id))
+            self.store.wake_after_commit("webhooks")  # the dispatcher drops its queue for it now
 
     def rotate_secret(self, webhook_id: str) -> tuple[WebhookRow, str]:
         """A new secret; the previous one keeps signing (both signatures sent) for the grace."""
