@@ -311,6 +311,29 @@ async def test_a_deleted_endpoint_gets_nothing_more_and_nothing_unsigned(tmp_pat
                 assert all(r.headers["webhook-signature"] for r in rx.requests)
 
 
+async def test_idle_connections_stay_bounded_however_many_origins():
+    """A key with the webhooks scope may point its endpoint at one origin after another. Each
+    left an idle keep-alive connection behind for the life of the daemon (a file descriptor
+    each, unbounded); the client now keeps at most ``max_idle`` in all, closing the oldest."""
+    import contextlib
+
+    from watcher.httpclient import WebhookClient
+
+    client = WebhookClient(max_idle_per_origin=2, max_idle=5)
+    async with contextlib.AsyncExitStack() as stack:
+        receivers = [await stack.enter_async_context(receiving()) for _ in range(12)]
+        seen = []
+        for rx in receivers:
+            answer = await client.post(rx.url, b"{}", {"content-type": "application/json"})
+            assert answer.status == 200
+            seen.append(client.idle_connections)
+        assert max(seen) <= 5 and seen[-1] == 5, seen  # was 1, 2, ... 12: one more per origin
+        # the newest are kept: the last origin's is there to be reused, the first's was closed
+        assert client._idle[("http", "127.0.0.1", int(receivers[-1].url.split(":")[2].split("/")[0]))]
+        assert ("http", "127.0.0.1", int(receivers[0].url.split(":")[2].split("/")[0])) not in client._idle
+        await client.aclose()
+
+
 async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
     async with receiving() as rx:
         with trio.fail_after(30):

@@ -133,7 +133,9 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # idle connections: what the endpoints there may be can use, however often URLs move
         client = WebhookClient(max_idle_per_origin=self.config.per_endpoint_concurrency,
+                               max_idle=self.config.max_endpoints * self.config.per_endpoint_concurrency,
                                allowed_hosts=self.config.allowed_hosts)
         try:
             try:

@@ -67,18 +67,48 @@ class _Conn:
         self.stream = stream
         self.private = private
         self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0  # trio time it went back to the idle pool
+
+
+#: Seconds a keep-alive connection may sit idle before it is closed (servers close theirs
+#: after 5-75 s; ours would otherwise linger half-closed).
+IDLE_SECONDS = 30.0
 
 
 class WebhookClient:
-    def __init__(self, *, max_idle_per_origin: int = 8, max_body: int = 64 * 1024,
+    def __init__(self, *, max_idle_per_origin: int = 8, max_idle: int = 256, max_body: int = 64 * 1024,
                  ssl_context: ssl.SSLContext | None = None, allowed_hosts: Sequence[str] | None = None):
         """``allowed_hosts``: if given (even empty), every connection goes only where
-        :func:`watcher.netguard.vetted` allows, to an address it checked."""
-        self.max_idle = max_idle_per_origin
+        :func:`watcher.netguard.vetted` allows, to an address it checked. Idle keep-alive
+        connections are at most ``max_idle_per_origin`` per origin and ``max_idle`` in all
+        (the oldest closed first), and none stays idle longer than :data:`IDLE_SECONDS`: a
+        key that may point webhooks anywhere cannot pile up open sockets by moving its URL
+        from origin to origin."""
+        self.max_idle_per_origin = max_idle_per_origin
+        self.max_idle = max_idle
         self.max_body = max_body
         self.allowed_hosts = allowed_hosts
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], list[_Conn]] = defaultdict(list)
+        self.idle_connections = 0
+        self._pruned_at = 0.0
+
+    async def _prune(self) -> None:
+        """Close idle connections past :data:`IDLE_SECONDS`, then the oldest beyond
+        ``max_idle``."""
+        now = trio.current_time()
+        idle = sorted(((c.idle_since, origin, c) for origin, conns in self._idle.items() for c in conns),
+                      key=lambda x: x[0])
+        excess = len(idle) - self.max_idle
+        for i, (since, origin, c) in enumerate(idle):
+            if i >= excess and now - since <= IDLE_SECONDS:
+                break
+            self._idle[origin].remove(c)
+            self.idle_connections -= 1
+            await trio.aclose_forcefully(c.stream)
+        for origin in [o for o, conns in self._idle.items() if not conns]:
+            del self._idle[origin]
+        self._pruned_at = now
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -90,6 +120,7 @@ class WebhookClient:
             for c in conns:
                 await trio.aclose_forcefully(c.stream)
         self._idle.clear()
+        self.idle_connections = 0
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Conn:
         private = False
@@ -125,7 +156,11 @@ class WebhookClient:
                            *headers.items()]
         for fresh in (False, True):
             idle = self._idle[origin]
-            conn = idle.pop() if idle and not fresh else await self._connect(scheme, host, port)
+            if idle and not fresh:
+                conn = idle.pop()
+                self.idle_connections -= 1
+            else:
+                conn = await self._connect(scheme, host, port)
             try:
                 answer, reusable = await self._exchange(conn, target, request_headers, body)
             except DeliveryError:
@@ -136,8 +171,12 @@ class WebhookClient:
             except BaseException:
                 await trio.aclose_forcefully(conn.stream)
                 raise
-            if reusable and len(self._idle[origin]) < self.max_idle:
+            if reusable and len(self._idle[origin]) < self.max_idle_per_origin:
+                conn.idle_since = trio.current_time()
                 self._idle[origin].append(conn)
+                self.idle_connections += 1
+                if self.idle_connections > self.max_idle or conn.idle_since - self._pruned_at > 1.0:
+                    await self._prune()
             else:
                 await trio.aclose_forcefully(conn.stream)
             answer.private = conn.private
