@@ -443,6 +443,52 @@ async def test_completed_payout_taken_off_the_chain_by_a_deep_reorg(tmp_path, an
                 assert errors == 1
 
 
+async def test_a_replaced_payout_whose_original_lands_after_a_reorg_stays_completed(tmp_path, anvil: Anvil,
+                                                                                   token: Token):
+    """A stuck payout A is replaced by B (same nonce, higher fee) and B completes; a reorg then
+    takes B's block and the new chain holds A instead. Only B's row was opened again (A stayed
+    ``replaced``), so B was sent again, refused "nonce too low", and the payout failed while
+    A had paid the recipient: an app retrying it would pay twice."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 1.0, "fee_bump": "0.2"})
+    bob = anvil.accounts[5]
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, client(port) as http:
+            hot = d.store.hot_wallet("devnet")
+            fund(anvil, token, hot)
+            anvil.automine(False)
+            before = anvil.balance(bob)
+            p = (await http.post("/v1/payouts", json=payout_body(bob, "swap", "0.5", asset="ETH"))).json()
+            first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
+            raw_a = d.store.chaintxs.get(first["txid"]).raw
+            for _ in range(3):  # fees far above what A offers: it cannot get into a block
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
+                anvil.mine(1)
+                await trio.sleep(0.5)
+            await wait_until(lambda: len(d.views.payout(p["id"])["transactions"]) >= 2, what="a replacement")
+            def b_completed() -> dict | None:  # blocks still too dear for A
+                if (v := d.views.payout(p["id"]))["status"] == "completed":
+                    return v
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
+                anvil.mine(1)
+                return None
+
+            done = await wait_until(b_completed, interval=0.5, what="B completed")
+            assert done["txid"] != first["txid"]
+            n = done["block_number"]
+            anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(GWEI))  # A fits in the new chain
+            anvil.reorg(anvil.head() - n + 1, [(raw_a, 0)])
+            assert anvil.receipt(first["txid"]) is not None and anvil.receipt(done["txid"]) is None
+            d.watchers["devnet"].poke()
+            d.senders["devnet"].wake()
+            v = await wait_until(lambda: ((v := d.views.payout(p["id"]))["txid"] == first["txid"] and v)
+                                 or (anvil.mine(1) and None), interval=0.3, timeout=30, what="the payout on A")
+            assert v["status"] == "completed" and v["block_number"] == int(anvil.receipt(first["txid"])["blockNumber"], 16)
+            assert "payout.failed" not in [t for t, _ in payout_events(d, p["id"])]
+            assert anvil.balance(bob) - before == 5 * 10**17  # paid once
+            assert int(anvil.rpc("eth_getTransactionCount", hot, "latest"), 16) == 1
+
+
 def payout_events(d, pid: str) -> list[tuple[str, dict]]:
     return [(r["type"], json.loads(r["data"])) for r in d.store.db.query(
         "SELECT type, data FROM events WHERE subject = ? ORDER BY seq", (pid,))]

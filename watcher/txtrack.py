@@ -117,6 +117,34 @@ class Tracker:
         self.store.chaintxs.mark_broadcast(tx.txid)
         return True
 
+    async def _rival_mined(self, newest: StoredTx, head: int) -> Tracked | None:
+        """The newest of a group was refused as it went out again (an EVM "nonce too low": the
+        slot is taken). Another transaction of the group, one that had lost to a replacement,
+        may have won in the chain a reorg put in place (its status, read afresh: it may not
+        have been followed when the round's statuses were read): then that one is settled
+        (mined in a block of our scan) or waited for (the scan has not reached its block),
+        instead of the group being given up while its money moved."""
+        others = [t for t in self.store.chaintxs.group(self.chain, newest.conflict)
+                  if t.txid != newest.txid and t.status in ("replaced", "open")]
+        if not others:
+            return None
+        found = await self.wallet.statuses(others)
+        for t in others:
+            raw = found.get(t.txid)
+            if raw is None or raw.state != "mined":
+                continue
+            s = self._ours(raw)
+            if s.state != "mined":
+                return Tracked("pending")  # mined in a block our scan does not hold yet
+            with self.store.db.transaction():
+                self.store.chaintxs.unsettle(t)
+                self.store.chaintxs.settle(t, block_number=s.block_number or 0, fee_paid=s.fee_paid, ok=s.success,
+                                           error=s.error)
+            log.warning("%s %s: its replacement left the chain in a reorg and the original %s was mined instead",
+                        newest.purpose, newest.ref_id, t.txid, extra={"chain": self.chain, "txid": t.txid})
+            return Tracked("mined", t, s, max(0, head - (s.block_number or head) + 1))
+        return None
+
     async def follow(self, group: Sequence[StoredTx], statuses: Statuses, *, head: int, what: str,
                      replace: Callable[[SignedTx], None] | None) -> Tracked:
         """One round for one conflict group. ``replace`` stores a replacement (and moves its
@@ -157,6 +185,9 @@ class Tracker:
                 if await self.broadcast(newest.signed(), what, newest.purpose):
                     return Tracked("pending")
             except BroadcastRejected as e:
+                rival = await self._rival_mined(newest, head)
+                if rival is not None:
+                    return rival
                 others = [t for t, s in zip(alive[:-1], seen[:-1], strict=True) if s.state == "pending"]
                 if others:  # an earlier one of the group is still with the node: only this one is out
                     with self.store.db.transaction():

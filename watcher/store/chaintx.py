@@ -159,11 +159,15 @@ class ChainTxs:
     def reopen_above(self, chain: str, ancestor: int) -> None:
         """A reorg rolled the chain back to ``ancestor``: our transactions mined above it are
         open again (the sender checks them and sends the same bytes if the new chain lacks
-        them). Call inside the rollback's transaction."""
+        them). Their whole conflict group opens with them, as in :meth:`unsettle`: the new
+        chain may hold another transaction of the group (the original a replacement had won
+        against), and only an open row is followed. Call inside the rollback's transaction."""
         self.store.db.conn.execute(
             "UPDATE chain_txs SET status = 'open', block_number = NULL, fee_paid = NULL, error = NULL,"
-            " updated_at = ? WHERE chain = ? AND status IN ('mined', 'failed') AND block_number > ?",
-            (self.store.clock.now_ms(), chain, ancestor))
+            " updated_at = ? WHERE chain = ? AND (status IN ('mined', 'replaced') OR (status = 'failed'"
+            " AND block_number IS NOT NULL)) AND conflict IN (SELECT conflict FROM chain_txs WHERE chain = ?"
+            " AND status IN ('mined', 'failed') AND block_number > ?)",
+            (self.store.clock.now_ms(), chain, chain, ancestor))
 
     def settled_upto(self, chain: str, block: int) -> list[StoredTx]:
         """Transactions mined (or mined and reverted) at or below ``block``."""
