@@ -355,6 +355,21 @@ async def test_reverted_payout_fails_with_the_reason(tmp_path, anvil: Anvil, tok
             assert token.balance(victim) == 0
 
 
+async def stuck_payout(d, http: httpx.AsyncClient, anvil: Anvil, token: Token, body: dict) -> tuple[dict, dict]:
+    """Fund the hot wallet, turn automine off, ask for the payout, then make fees jump far
+    above what its transaction offered for three blocks: it cannot get into one. Returns the
+    payout and its first transaction."""
+    fund(anvil, token, d.store.hot_wallet("devnet"))
+    anvil.automine(False)
+    p = (await http.post("/v1/payouts", json=body)).json()
+    first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
+    for _ in range(3):
+        anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
+        anvil.mine(1)
+        await trio.sleep(0.5)
+    return p, first
+
+
 async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvil, token: Token):
     port = free_port()
     cfg = config(tmp_path, anvil, token, port, payouts={"stuck_after": 1.0, "fee_bump": "0.2"})
@@ -362,16 +377,8 @@ async def test_stuck_payout_is_replaced_and_completes_once(tmp_path, anvil: Anvi
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, client(port) as http:
             hot = d.store.hot_wallet("devnet")
-            fund(anvil, token, hot)
-            anvil.automine(False)
             before = anvil.balance(bob)
-            p = (await http.post("/v1/payouts", json=payout_body(bob, "stuck", "0.5", asset="ETH"))).json()
-            first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
-            # fees jump far above what the payout offered: it cannot get into a block
-            for _ in range(3):
-                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
-                anvil.mine(1)
-                await trio.sleep(0.5)
+            p, first = await stuck_payout(d, http, anvil, token, payout_body(bob, "stuck", "0.5", asset="ETH"))
             assert anvil.receipt(first["txid"]) is None
             v = await wait_until(lambda: len((v := d.views.payout(p["id"]))["transactions"]) >= 2 and v,
                                  what="a replacement")
@@ -455,16 +462,9 @@ async def test_a_replaced_payout_whose_original_lands_after_a_reorg_stays_comple
     with trio.fail_after(90):
         async with running(cfg, api=True) as d, client(port) as http:
             hot = d.store.hot_wallet("devnet")
-            fund(anvil, token, hot)
-            anvil.automine(False)
             before = anvil.balance(bob)
-            p = (await http.post("/v1/payouts", json=payout_body(bob, "swap", "0.5", asset="ETH"))).json()
-            first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
+            p, first = await stuck_payout(d, http, anvil, token, payout_body(bob, "swap", "0.5", asset="ETH"))
             raw_a = d.store.chaintxs.get(first["txid"]).raw
-            for _ in range(3):  # fees far above what A offers: it cannot get into a block
-                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * GWEI))
-                anvil.mine(1)
-                await trio.sleep(0.5)
             await wait_until(lambda: len(d.views.payout(p["id"])["transactions"]) >= 2, what="a replacement")
             def b_completed() -> dict | None:  # blocks still too dear for A
                 if (v := d.views.payout(p["id"]))["status"] == "completed":
