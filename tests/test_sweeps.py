@@ -20,6 +20,7 @@ from tests.support.daemon import (
     free_port,
     running,
     wait_http,
+    wait_until,
     write_config,
 )
 from tests.support.evm import Anvil, Token
@@ -126,6 +127,18 @@ async def test_pause_holds_sweeps_and_resume_releases_them(tmp_path, anvil: Anvi
 
 
 @contextlib.asynccontextmanager
+async def alice_deposited(cfg, port: int, anvil: Anvil):
+    """The daemon running (its API with an admin client) and alice's 1 ETH deposit confirmed,
+    a sweep candidate: yields (daemon, admin client, alice's address row)."""
+    async with running(cfg, api=True) as d, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
+        alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+        anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
+        await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+        yield d, http, alice
+
+
+@contextlib.asynccontextmanager
 async def a_deposit_behind_a_fault_proxy(tmp_path, anvil: Anvil, token: Token):
     """A daemon whose node is behind a fault proxy, sweeping on request, with alice's 1 ETH
     deposit confirmed and a sweep candidate: yields (daemon, admin client, proxy, alice)."""
@@ -137,11 +150,7 @@ async def a_deposit_behind_a_fault_proxy(tmp_path, anvil: Anvil, token: Token):
             "devnet", proxy.url, tokens=[("USDT", token.address, 6)], confirmations=2, chain_id=31337,
             sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
             api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
-        async with running(cfg, api=True) as d, httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
-            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
-            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
-            await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+        async with alice_deposited(cfg, port, anvil) as (d, http, alice):
             yield d, http, proxy, alice
 
 
@@ -172,11 +181,7 @@ async def test_a_bug_in_the_step_of_a_sweep_in_flight_never_marks_it_failed(tmp_
     port = free_port()
     cfg = config(tmp_path, anvil, token, port)
     with trio.fail_after(90):
-        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                                                  headers=ADMIN, trust_env=False) as http:
-            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
-            anvil.wait_receipt(anvil.send(anvil.accounts[1], alice.address, 10**18))
-            await mine_until(anvil, lambda: d.store.sweeps.candidates("devnet", 10), what="a candidate")
+        async with alice_deposited(cfg, port, anvil) as (d, http, _):
             wallet = await mine_until(anvil, lambda: d.senders["devnet"].wallet, what="the wallet")
             real, broken = wallet.sweep_step, [True]
 
@@ -229,6 +234,56 @@ async def test_sweeps_paused_while_the_wallet_signs_one_send_nothing_until_resum
             done = await mine_until(anvil, lambda: [s for s in d.views.sweeps()[0] if s["status"] == "confirmed"],
                                     what="the sweep after resume")
             assert done[0]["id"] == sweep["id"] and anvil.balance(TREASURY) - before == int(done[0]["base_units"])
+
+
+async def test_a_native_sweep_records_what_the_transaction_mined_moved(tmp_path, anvil: Anvil, token: Token):
+    """A native sweep pays a replacement's higher fee out of its amount, so A and its
+    replacement B move different amounts. The record took B's amount when B was signed and
+    kept it when A was the one mined (a miner that had A; here anvil_reorg puts A in the new
+    block): the treasury then received more than the sweep said."""
+    gwei = 10**9
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry(
+        "devnet", anvil.url, tokens=[("USDT", token.address, 6)], confirmations=1, chain_id=31337, finality_depth=6,
+        sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0},
+        payouts={"stuck_after": 1.0, "fee_bump": "0.2"})], api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(90):
+        async with alice_deposited(cfg, port, anvil) as (d, http, _):
+            anvil.automine(False)
+            before = anvil.balance(TREASURY)
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            sweep = await wait_until(lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast" and s[0],
+                                     what="the sweep out")
+            first = d.store.chaintxs.get(sweep["txid"])
+            assert first is not None
+            for _ in range(3):  # fees far above what A offers: it cannot get into a block
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * gwei))
+                anvil.mine(1)
+                await trio.sleep(0.5)
+            replaced = await wait_until(lambda: (s := d.views.sweeps()[0][0])["txid"] != first.txid and s,
+                                        what="a replacement")
+            second = d.store.chaintxs.get(replaced["txid"])
+            assert second is not None and second.amount < first.amount
+
+            def confirmed() -> dict | None:
+                if (s := d.views.sweeps()[0][0])["status"] == "confirmed":
+                    return s
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(500 * gwei))
+                anvil.mine(1)
+                return None
+
+            done = await wait_until(confirmed, interval=0.5, what="B confirmed")
+            assert int(done["base_units"]) == second.amount
+            n = int(anvil.receipt(second.txid)["blockNumber"], 16)
+            anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(gwei))  # A fits in the new chain
+            anvil.reorg(anvil.head() - n + 1, [(first.raw, 0)])
+            assert anvil.receipt(first.txid) is not None and anvil.receipt(second.txid) is None
+            d.watchers["devnet"].poke()
+            d.senders["devnet"].wake()
+            v = await wait_until(lambda: ((s := d.views.sweeps()[0][0])["txid"] == first.txid and s)
+                                 or (anvil.mine(1) and None), interval=0.3, timeout=30, what="the sweep on A")
+            assert v["status"] == "confirmed"
+            assert anvil.balance(TREASURY) - before == first.amount == int(v["base_units"]), (v, first.amount)
 
 
 async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil: Anvil, token: Token):

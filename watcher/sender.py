@@ -303,9 +303,9 @@ class Sender:
                 if not was_open and not t.stale:
                     self.metrics.errors.labels("settled_tx_reorged").inc()
             elif t.status is not None and t.confirmations >= self.cfg.confirmations:
-                self._settled_again(first, t.status)
+                self._settled_again(first, t.status, t.tx)
 
-    def _settled_again(self, tx: StoredTx, s: TxStatus) -> None:
+    def _settled_again(self, tx: StoredTx, s: TxStatus, mined: StoredTx | None = None) -> None:
         """A settled transaction is mined and ``confirmations`` deep, which it already was
         unless a reorg took it off the chain and it was mined again: then it may sit in
         another block, at another fee (EVM: the block's base fee), as the other transaction
@@ -322,7 +322,9 @@ class Sender:
                                  txid=s.txid, block_number=s.block_number,
                                  fee_paid=None if s.fee_paid is None else str(s.fee_paid))
         elif (self.store.payouts.remined(tx.ref_id, txid=s.txid, block_number=s.block_number, fee_paid=s.fee_paid)
-              if tx.purpose == "payout" else self.store.sweeps.remined(tx.ref_id, txid=s.txid, fee_paid=s.fee_paid)):
+              if tx.purpose == "payout" else self.store.sweeps.remined(
+                  tx.ref_id, txid=s.txid, fee_paid=s.fee_paid,
+                  amount=mined.amount if mined is not None and mined.purpose == "sweep" else None)):
             log.warning("%s: %s %s was mined again after a reorg: %s in block %s", self.chain, tx.purpose, tx.ref_id,
                         s.txid, s.block_number, extra={"chain": self.chain, "txid": s.txid})
 

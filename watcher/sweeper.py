@@ -197,7 +197,8 @@ class Sweeper:
         elif isinstance(answer, Done):
             mined = next((t for t in reversed(txs) if t.purpose == "sweep" and t.status == "mined"), None)
             self.store.sweeps.confirmed(row.id, txid=mined.txid if mined else row.txid,
-                                        fee_paid=mined.fee_paid if mined else None, dust=answer.dust)
+                                        fee_paid=mined.fee_paid if mined else None, dust=answer.dust,
+                                        amount=mined.amount if mined else None)
             log.info("%s: sweep %s confirmed (%s)", self.chain, row.id, mined.txid if mined else row.txid,
                      extra={"chain": self.chain, "sweep_id": row.id})
         else:

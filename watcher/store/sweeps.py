@@ -199,15 +199,22 @@ class Sweeps:
             conn.execute("UPDATE sweeps SET reason = ?, updated_at = ? WHERE id = ?",
                          (reason, self.store.clock.now_ms(), sweep_id))
 
-    def confirmed(self, sweep_id: str, *, txid: str | None, fee_paid: int | None, dust: int | None) -> None:
+    def confirmed(self, sweep_id: str, *, txid: str | None, fee_paid: int | None, dust: int | None,
+                  amount: int | None = None) -> None:
+        """``amount``: what the mined transfer moved (a native sweep's replacement moves less
+        than its original: whichever was mined decides)."""
+        extra = {} if amount is None else {"amount": str(amount)}
         self._set(sweep_id, "confirmed", txid=txid, fee_paid=None if fee_paid is None else str(fee_paid),
-                  dust=None if dust is None else str(dust), confirmed_at=self.store.clock.now_ms(), reason=None)
+                  dust=None if dust is None else str(dust), confirmed_at=self.store.clock.now_ms(), reason=None,
+                  **extra)
 
-    def remined(self, sweep_id: str, *, txid: str, fee_paid: int | None) -> bool:
+    def remined(self, sweep_id: str, *, txid: str, fee_paid: int | None, amount: int | None = None) -> bool:
         """A confirmed sweep's transaction was mined again after a reorg, at another fee or as
-        the other transaction of its group: ``sweep.remined`` if the record changed."""
+        the other transaction of its group (which may move another ``amount``): ``sweep.remined``
+        if the record changed."""
         return remined(self.store, "sweeps", "sweep", sweep_id, lambda sid: self.render(self._row(sid)),
-                       txid=txid, fee_paid=None if fee_paid is None else str(fee_paid))
+                       txid=txid, fee_paid=None if fee_paid is None else str(fee_paid),
+                       amount=None if amount is None else str(amount))
 
     def failed(self, sweep_id: str, reason: str, *, replan: bool = False) -> None:
         """The sweep is over without moving money. ``replan``: it failed for a reason that
