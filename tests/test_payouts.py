@@ -3,6 +3,7 @@ reverts, stuck transactions replaced, and no second send after a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -226,13 +227,21 @@ async def test_operator_checks_get_the_arguments_they_name_and_a_crash_is_named(
             assert d.store.db.scalar("SELECT COUNT(*) FROM payouts") == 1
 
 
-async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: Anvil, token: Token):
+@contextlib.asynccontextmanager
+async def funded(tmp_path, anvil: Anvil, token: Token, **config_kw):
+    """The daemon with its API on the devnet (``config``), its hot wallet funded with 1 ETH and
+    1,000 USDT: yields (daemon, app client, hot address)."""
     port = free_port()
-    cfg = config(tmp_path, anvil, token, port)
+    cfg = config(tmp_path, anvil, token, port, **config_kw)
+    async with running(cfg, api=True) as d, client(port) as http:
+        hot = d.store.hot_wallet("devnet")
+        fund(anvil, token, hot)
+        yield d, http, hot
+
+
+async def test_cancel_before_broadcast_and_pause_holds_payouts(tmp_path, anvil: Anvil, token: Token):
     with trio.fail_after(60):
-        async with running(cfg, api=True) as d, client(port) as http:
-            hot = d.store.hot_wallet("devnet")
-            fund(anvil, token, hot)
+        async with funded(tmp_path, anvil, token) as (d, http, hot):
             r = await http.post("/v1/admin/pause", json={"scope": "payouts"})
             assert r.status_code == 403
             r = await http.post("/v1/admin/pause", json={"scope": "payouts"}, headers=ADMIN)
@@ -301,12 +310,8 @@ async def test_a_transaction_sent_from_the_hot_key_outside_watcher_does_not_stop
     while the daemon runs. Its nonce was the one watcher would sign next: every payout was
     then refused "nonce too low", failed, and gave the nonce back for the next one to fail
     the same way, until a restart. The node's nonce is now taken when it is ahead."""
-    port = free_port()
-    cfg = config(tmp_path, anvil, token, port)
     with trio.fail_after(60):
-        async with running(cfg, api=True) as d, client(port) as http:
-            hot = d.store.hot_wallet("devnet")
-            fund(anvil, token, hot)
+        async with funded(tmp_path, anvil, token) as (d, http, hot):
             first = await mined_until_completed(d, http, anvil, payout_body(anvil.accounts[5], "before", "1"))
             assert first["nonce"] == 0
             anvil.rpc("anvil_impersonateAccount", hot)  # the operator's wallet app, with the hot key

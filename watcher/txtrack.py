@@ -136,14 +136,22 @@ class Tracker:
             s = self._ours(raw)
             if s.state != "mined":
                 return Tracked("pending")  # mined in a block our scan does not hold yet
-            with self.store.db.transaction():
-                self.store.chaintxs.unsettle(t)
-                self.store.chaintxs.settle(t, block_number=s.block_number or 0, fee_paid=s.fee_paid, ok=s.success,
-                                           error=s.error)
             log.warning("%s %s: its replacement left the chain in a reorg and the original %s was mined instead",
                         newest.purpose, newest.ref_id, t.txid, extra={"chain": self.chain, "txid": t.txid})
-            return Tracked("mined", t, s, max(0, head - (s.block_number or head) + 1))
+            return self._mined(t, s, head)
         return None
+
+    def _mined(self, row: StoredTx, mined: TxStatus, head: int) -> Tracked:
+        """``row`` is mined (``mined``, a block of our scan): settled there, the rest of its
+        group ``replaced``, unless it already stood so."""
+        if row.status == "open" or row.block_number != mined.block_number:
+            with self.store.db.transaction():
+                if row.status != "open":
+                    self.store.chaintxs.unsettle(row)
+                self.store.chaintxs.settle(row, block_number=mined.block_number or 0, fee_paid=mined.fee_paid,
+                                           ok=mined.success, error=mined.error)
+            failpoint(f"{row.purpose}.mined")
+        return Tracked("mined", row, mined, max(0, head - (mined.block_number or head) + 1))
 
     async def follow(self, group: Sequence[StoredTx], statuses: Statuses, *, head: int, what: str,
                      replace: Callable[[SignedTx], None] | None) -> Tracked:
@@ -162,15 +170,7 @@ class Tracker:
         seen = [self._ours(statuses.get(t.txid) or TxStatus(txid=t.txid, state="unknown")) for t in alive]
         mined = next((s for s in seen if s.state == "mined"), None)
         if mined is not None:
-            row = next(t for t in alive if t.txid == mined.txid)
-            if row.status == "open" or row.block_number != mined.block_number:
-                with self.store.db.transaction():
-                    if row.status != "open":
-                        self.store.chaintxs.unsettle(row)
-                    self.store.chaintxs.settle(row, block_number=mined.block_number or 0, fee_paid=mined.fee_paid,
-                                               ok=mined.success, error=mined.error)
-                failpoint(f"{row.purpose}.mined")
-            return Tracked("mined", row, mined, max(0, head - (mined.block_number or head) + 1))
+            return self._mined(next(t for t in alive if t.txid == mined.txid), mined, head)
         if any(t.status != "open" for t in alive):
             with self.store.db.transaction():  # a reorg took the mined one away: all are candidates again
                 self.store.chaintxs.unsettle(alive[0])
