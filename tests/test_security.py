@@ -434,7 +434,8 @@ def test_public_addresses_only():
         assert ip is not None and not is_public(ip), spelled
     for private in ("10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "224.0.0.1",
                     "::ffff:127.0.0.1", "::ffff:10.1.2.3", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "fe80::1",
-                    "fd00::1", "::", "255.255.255.255", "192.0.2.1"):
+                    "fd00::1", "::", "255.255.255.255", "192.0.2.1", "fec0::1", "3fff::1", "2001:db8::1",
+                    "::ffff:fec0:1"):
         assert not is_public(ip_address(private)), private
     for public in ("8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "64:ff9b::808:808"):
         assert is_public(ip_address(public)), public

@@ -7,7 +7,8 @@ services (a node's RPC, a cloud's metadata service at 169.254.169.254, an admin 
 record, and the connection goes to an address that passed (never a second lookup that
 could answer differently). Refused: loopback, private (RFC 1918, unique local), link-local
 (and with it the metadata service), shared (100.64/10), unspecified, multicast, reserved,
-documentation ranges, and IPv6 forms that carry such an IPv4 address (mapped, 6to4, NAT64).
+documentation ranges (``3fff::/20`` included), site-local ``fec0::/10``, and IPv6 forms that
+carry such an IPv4 address (mapped, 6to4, NAT64).
 Every spelling a resolver accepts (``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``127.1``,
 ``[::1]``, a hosts-file name) ends up as one of those addresses.
 
@@ -28,6 +29,10 @@ import trio
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+# ranges the running Python's tables may still call global: site-local (fec0::/10, deprecated
+# by RFC 3879 but routed inside some networks) and the documentation range of RFC 9637
+# (3fff::/20, Python 3.11's tables predate it); like 2001:db8::/32 they never reach the internet
+_NOT_GLOBAL = (ipaddress.IPv6Network("fec0::/10"), ipaddress.IPv6Network("3fff::/20"))
 
 
 class Refused(Exception):
@@ -58,7 +63,7 @@ def is_public(ip: IP) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip in _NAT64:  # a NAT64 gateway sends it to the IPv4 address inside
             return is_public(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if ip in _NAT64_LOCAL:
+        if ip in _NAT64_LOCAL or any(ip in net for net in _NOT_GLOBAL):
             return False
         embedded: ipaddress.IPv4Address | None = ip.ipv4_mapped or ip.sixtofour
         if ip.teredo is not None:
