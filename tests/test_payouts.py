@@ -340,24 +340,66 @@ async def test_insufficient_hot_wallet_balance_waits_then_goes(tmp_path, anvil: 
             assert token.balance(anvil.accounts[5]) >= 10 * 10**6
 
 
+async def reverted_payout(d, http: httpx.AsyncClient, anvil: Anvil, token: Token, victim: str,
+                          key: str) -> tuple[dict, dict, str]:
+    """Fund the hot wallet, turn automine off, pay ``victim`` 3 USDT, and have the token's
+    owner block the recipient in the same block, ahead of the payout: it reverts. Returns the
+    failed payout, its transaction and the blocking transaction's hash."""
+    fund(anvil, token, d.store.hot_wallet("devnet"))
+    anvil.automine(False)
+    p = (await http.post("/v1/payouts", json=payout_body(victim, key, "3"))).json()
+    first = (await until_status(d, p["id"], "broadcast"))["transactions"][0]
+    block = anvil.rpc("eth_sendTransaction", {
+        "from": anvil.accounts[0], "to": token.address, "data": calldata("setBlocked(address,bool)", victim, True),
+        "maxPriorityFeePerGas": hex(50 * GWEI), "maxFeePerGas": hex(100 * GWEI)})
+    anvil.mine(1)
+    return await until_status(d, p["id"], "failed"), first, block
+
+
 async def test_reverted_payout_fails_with_the_reason(tmp_path, anvil: Anvil, token: Token):
     port = free_port()
     cfg = config(tmp_path, anvil, token, port)
     victim = anvil.accounts[6]
     with trio.fail_after(60):
         async with running(cfg, api=True) as d, client(port) as http:
-            fund(anvil, token, d.store.hot_wallet("devnet"))
-            anvil.automine(False)
-            p = (await http.post("/v1/payouts", json=payout_body(victim, "r", "3"))).json()
-            await until_status(d, p["id"], "broadcast")
-            # the token owner blocks the recipient in the same block, ahead of the payout
-            anvil.rpc("eth_sendTransaction", {"from": anvil.accounts[0], "to": token.address,
-                                              "data": calldata("setBlocked(address,bool)", victim, True),
-                                              "maxPriorityFeePerGas": hex(50 * GWEI), "maxFeePerGas": hex(100 * GWEI)})
-            anvil.mine(1)
-            v = await until_status(d, p["id"], "failed")
+            v, _, _ = await reverted_payout(d, http, anvil, token, victim, "r")
             assert "recipient blocked" in v["reason"], v["reason"]
             assert token.balance(victim) == 0
+
+
+async def test_a_reverted_payout_that_succeeds_after_a_reorg_completes(tmp_path, anvil: Anvil, token: Token):
+    """The payout reverted (the recipient was blocked in the same block, ahead of it) and
+    failed; a reorg then takes that block, and the new chain holds neither. Its transaction
+    was followed by nothing: the hot wallet's nonce stayed unused (every later payout stuck
+    behind it), and a node that puts it back in its pool (geth does) would mine it where it
+    now succeeds, paying while the payout says failed (an app retrying pays twice). The
+    finality guard follows it like a completed payout's: sent again, it pays, and the payout
+    says ``completed``."""
+    port = free_port()
+    cfg = config(tmp_path, anvil, token, port, finality_depth=6, payouts={"stuck_after": 600})
+    victim = anvil.accounts[6]
+    with trio.fail_after(60):
+        async with running(cfg, api=True) as d, client(port) as http:
+            failed, first, block = await reverted_payout(d, http, anvil, token, victim, "r-again")
+            n = failed["block_number"]
+            assert "recipient blocked" in failed["reason"] and token.balance(victim) == 0
+            anvil.mine(1)
+            anvil.reorg(anvil.head() - n + 1)  # empty blocks in place of the payout's and the next
+            for txid in (block, first["txid"]):  # and the node forgets both (anvil puts them back in its pool)
+                anvil.rpc("anvil_dropTransaction", txid)
+            assert anvil.receipt(first["txid"]) is None and anvil.receipt(block) is None
+            d.watchers["devnet"].poke()
+            d.senders["devnet"].wake()
+            v = await wait_until(lambda: ((v := d.views.payout(failed["id"]))["status"] == "completed" and v)
+                                 or (anvil.mine(1) and None), interval=0.3, timeout=30, what="the payout completed")
+            landed = anvil.receipt(first["txid"])
+            assert int(landed["status"], 16) == 1 and v["block_number"] == int(landed["blockNumber"], 16) > n
+            assert v["txid"] == first["txid"] and token.balance(victim) == 3_000_000  # paid once, same bytes
+            assert [t for t, _ in payout_events(d, failed["id"])] == ["payout.pending", "payout.broadcast",
+                                                                   "payout.failed", "payout.completed"]
+            assert int(anvil.rpc("eth_getTransactionCount", d.store.hot_wallet("devnet"), "latest"), 16) == 1
+            redone = d.metrics.registry.get_sample_value("watcher_errors_total", {"kind": "settled_tx_redone"})
+            assert redone == 1
 
 
 async def stuck_payout(d, http: httpx.AsyncClient, anvil: Anvil, token: Token, body: dict) -> tuple[dict, dict]:

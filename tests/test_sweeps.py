@@ -23,7 +23,7 @@ from tests.support.daemon import (
     wait_until,
     write_config,
 )
-from tests.support.evm import Anvil, Token
+from tests.support.evm import Anvil, Token, calldata
 from watcher.money import parse_amount
 
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -286,26 +286,32 @@ async def test_a_native_sweep_records_what_the_transaction_mined_moved(tmp_path,
             assert anvil.balance(TREASURY) - before == first.amount == int(v["base_units"]), (v, first.amount)
 
 
+@contextlib.asynccontextmanager
+async def token_sweep_sent(tmp_path, anvil: Anvil, token: Token):
+    """The daemon running with gas in its hot wallet, 100 USDT to bob's deposit address
+    confirmed, automine off, and a sweep run mined until its token transfer is sent: yields
+    (daemon, the sweep, bob's row)."""
+    port = free_port()
+    async with running(config(tmp_path, anvil, token, port), api=True) as d, httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
+        anvil.wait_receipt(anvil.send(anvil.accounts[0], d.store.hot_wallet("devnet"), 10**18))
+        bob, _ = d.store.addresses.deposit_address("devnet", "bob")
+        anvil.wait_receipt(token.mint(bob.address, 100_000_000))
+        await mine_until(anvil, lambda: d.views.transfers(status="confirmed")[0], what="the deposit")
+        anvil.automine(False)
+        assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+        yield d, await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast"
+                                  and s[0], what="the token transfer sent"), bob
+
+
 async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil: Anvil, token: Token):
     """A token sweep past its funding (its transfer sent) whose top-up a reorg takes off the
     chain, and the node then forgets: the top-up is sent again (the settled transactions of a
     reorged block are followed again), mined, and the sweep completes once, the treasury paid
     exactly. (The EVM soak's seed 3 once left such a sweep broadcast for ever; this is the
     shape that works, see docs/reliability.md.)"""
-    port = free_port()
-    cfg = config(tmp_path, anvil, token, port)
     with trio.fail_after(90):
-        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                                                  headers=ADMIN, trust_env=False) as http:
-            hot = d.store.hot_wallet("devnet")
-            anvil.wait_receipt(anvil.send(anvil.accounts[0], hot, 10**18))
-            bob, _ = d.store.addresses.deposit_address("devnet", "bob")
-            anvil.wait_receipt(token.mint(bob.address, 100_000_000))
-            await mine_until(anvil, lambda: d.views.transfers(status="confirmed")[0], what="the deposit")
-            anvil.automine(False)
-            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
-            sweep = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast"
-                                     and s[0], what="the token transfer sent")
+        async with token_sweep_sent(tmp_path, anvil, token) as (d, sweep, bob):
             topup = anvil.receipt(sweep["topup_txid"])
             assert topup is not None and anvil.balance(bob.address) > 0
             # the blocks from the top-up's on are replaced by empty ones: no gas at bob's any more
@@ -319,6 +325,38 @@ async def test_a_reorg_that_takes_the_top_up_away_sends_it_again(tmp_path, anvil
             assert anvil.receipt(sweep["topup_txid"]) is not None  # the same top-up, mined again
             assert token.balance(TREASURY) == 100_000_000 == int(done["base_units"])
             assert len(d.views.sweeps()[0]) == 1 and len(transfer_logs_from(anvil, token, bob.address)) == 1
+
+
+async def test_a_reverted_sweep_that_succeeds_after_a_reorg_is_confirmed(tmp_path, anvil: Anvil, token: Token):
+    """A token sweep's transfer reverts (the treasury was blocked in the same block, ahead of
+    it) and the sweep fails; a reorg takes that block and the new chain holds neither, and the
+    node forgets both. The sweep's transaction was followed by nothing: bob's nonce stayed
+    unused and the tokens where they were, while a node that kept it would mine it where it
+    now succeeds. The finality guard sends it again: it lands, the treasury is paid once, and
+    the sweep says ``confirmed``."""
+    with trio.fail_after(90):
+        async with token_sweep_sent(tmp_path, anvil, token) as (d, sweep, bob):
+            block = anvil.rpc("eth_sendTransaction", {
+                "from": anvil.accounts[0], "to": token.address, "data": calldata("setBlocked(address,bool)", TREASURY,
+                                                                                 True),
+                "maxPriorityFeePerGas": hex(50 * 10**9), "maxFeePerGas": hex(100 * 10**9)})
+            failed = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "failed"
+                                      and s[0], what="the sweep failed")
+            assert "reverted" in failed["reason"] and token.balance(TREASURY) == 0
+            txid = failed["txid"]
+            n = int(anvil.receipt(txid)["blockNumber"], 16)
+            anvil.reorg(anvil.head() - n + 1)  # empty blocks from the sweep's on
+            for forgotten in (block, txid):
+                anvil.rpc("anvil_dropTransaction", forgotten)
+            assert anvil.receipt(txid) is None and anvil.receipt(block) is None
+            d.watchers["devnet"].poke()
+            done = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "confirmed"
+                                    and s[0], what="the sweep confirmed after the reorg")
+            assert int(anvil.receipt(txid)["status"], 16) == 1 and done["txid"] == txid
+            assert token.balance(TREASURY) == 100_000_000 == int(done["base_units"])
+            assert len(d.views.sweeps()[0]) == 1 and len(transfer_logs_from(anvil, token, bob.address)) == 1
+            assert [t for t, in d.store.db.query("SELECT type FROM events WHERE subject = ? ORDER BY seq",
+                                                  (sweep["id"],))][-2:] == ["sweep.failed", "sweep.confirmed"]
 
 
 def sweep_status(db) -> str | None:

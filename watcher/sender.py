@@ -309,24 +309,51 @@ class Sender:
         """A settled transaction is mined and ``confirmations`` deep, which it already was
         unless a reorg took it off the chain and it was mined again: then it may sit in
         another block, at another fee (EVM: the block's base fee), as the other transaction
-        of its group, or reverted (EVM: the new chain's state differs, e.g. the deposit that
-        funded it was dropped too). The record follows: ``payout.remined`` / ``sweep.remined``,
-        or, reverted, ``payout.failed`` / ``sweep.failed`` (the money never moved)."""
+        of its group, reverted (EVM: the new chain's state differs, e.g. the deposit that
+        funded it was dropped too), or, where it had reverted, succeeded (the state that made
+        it revert, such as a blocked recipient, is gone with the old blocks). The record
+        follows: ``payout.remined`` / ``sweep.remined``; reverted now, ``payout.failed`` /
+        ``sweep.failed`` (the money never moved); succeeded now, ``payout.completed`` /
+        ``sweep.confirmed`` (the money moved: an app must not pay it again)."""
         if tx.purpose not in ("payout", "sweep"):
             return
-        if not s.success:
+        row = self.store.payouts.row(tx.ref_id) if tx.purpose == "payout" else self.store.sweeps.row(tx.ref_id)
+        if row is None:
+            return
+        if not s.success and row.status != "failed":
             log.error("%s: settled %s %s reverted when mined again after a reorg: %s", self.chain, tx.purpose,
                       tx.ref_id, s.error, extra={"chain": self.chain, "txid": s.txid})
             self._settled_undone(tx, f"its transaction left the chain in a reorg and reverted when mined again"
                                      f" in block {s.block_number}: {(s.error or 'reverted')[:300]}",
                                  txid=s.txid, block_number=s.block_number,
                                  fee_paid=None if s.fee_paid is None else str(s.fee_paid))
+        elif s.success and row.status == "failed":
+            self._settled_redone(tx, s, mined)
         elif (self.store.payouts.remined(tx.ref_id, txid=s.txid, block_number=s.block_number, fee_paid=s.fee_paid)
               if tx.purpose == "payout" else self.store.sweeps.remined(
                   tx.ref_id, txid=s.txid, fee_paid=s.fee_paid,
                   amount=mined.amount if mined is not None and mined.purpose == "sweep" else None)):
             log.warning("%s: %s %s was mined again after a reorg: %s in block %s", self.chain, tx.purpose, tx.ref_id,
                         s.txid, s.block_number, extra={"chain": self.chain, "txid": s.txid})
+
+    def _settled_redone(self, tx: StoredTx, s: TxStatus, mined: StoredTx | None) -> None:
+        """A payout or sweep that failed because its transaction reverted: a reorg took that
+        transaction off the chain and it succeeded when mined again, so the money moved. The
+        record says so (``payout.completed``, ``sweep.confirmed``). A sweep whose deposits a
+        later sweep covers meanwhile keeps ``failed`` (both cannot have moved them; the later
+        one will revert or move less) until that one fails (asked again each round until
+        final; the treasury has the money either way)."""
+        if tx.purpose == "sweep" and self.store.sweeps.covered_elsewhere(tx.ref_id):
+            return
+        self.metrics.errors.labels("settled_tx_redone").inc()
+        log.error("%s: %s %s had failed (its transaction reverted); a reorg took that block and the same transaction"
+                  " succeeded in block %s: the money moved", self.chain, tx.purpose, tx.ref_id, s.block_number,
+                  extra={"chain": self.chain, "txid": s.txid})
+        if tx.purpose == "payout":
+            self.store.payouts.completed(tx.ref_id, txid=s.txid, block_number=s.block_number or 0, fee_paid=s.fee_paid)
+        else:
+            self.store.sweeps.confirmed(tx.ref_id, txid=s.txid, fee_paid=s.fee_paid, dust=None,
+                                        amount=mined.amount if mined is not None and mined.purpose == "sweep" else None)
 
     def _settled_undone(self, tx: StoredTx, reason: str, **payout_fields: Any) -> None:
         """A completed payout's or confirmed sweep's transaction left the chain in a reorg and

@@ -108,16 +108,20 @@ class ChainTxs:
         return list(latest.values())
 
     def to_guard(self, chain: str, final_below: int) -> list[StoredTx]:
-        """Transactions whose payout completed or sweep confirmed, top-ups no funding sweep
-        follows any more, fillers and CPFP children (``bump``): open, or mined at or above ``final_below`` (not final
-        yet). The finality guard follows them until they are final."""
+        """Transactions whose payout completed or sweep confirmed, or failed because the
+        transaction reverted (a reorg may take it off the chain: its nonce would be left
+        unsent, and the same bytes may succeed in the new chain), top-ups no funding sweep
+        follows any more, fillers and CPFP children (``bump``): open, or mined at or above
+        ``final_below`` (not final yet). The finality guard follows them until they are final.
+        A payout or sweep failed because the node refused it has no such transaction (its
+        rows are ``failed`` without a block)."""
         return [_tx(r) for r in self.store.db.query(
             "SELECT c.* FROM chain_txs c"
             " LEFT JOIN payouts p ON c.purpose = 'payout' AND p.id = c.ref_id"
             " LEFT JOIN sweeps s ON c.purpose IN ('sweep', 'topup') AND s.id = c.ref_id"
             " WHERE c.chain = ? AND (c.status = 'open' OR (c.status IN ('mined', 'failed')"
-            " AND c.block_number > ?)) AND ((c.purpose = 'payout' AND p.status = 'completed')"
-            " OR (c.purpose = 'sweep' AND s.status = 'confirmed') OR c.purpose IN ('filler', 'bump')"
+            " AND c.block_number > ?)) AND ((c.purpose = 'payout' AND p.status IN ('completed', 'failed'))"
+            " OR (c.purpose = 'sweep' AND s.status IN ('confirmed', 'failed')) OR c.purpose IN ('filler', 'bump')"
             # every top-up but the newest group of a sweep that is still funding (the sweep
             # follows that one itself)
             " OR (c.purpose = 'topup' AND NOT (s.status = 'funding' AND c.conflict = (SELECT t.conflict"

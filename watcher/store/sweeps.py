@@ -157,6 +157,13 @@ class Sweeps:
             f"SELECT EXISTS (SELECT 1 FROM sweeps WHERE chain = ? AND status IN ({','.join('?' * len(ACTIVE))}))",
             (chain, *ACTIVE)))
 
+    def covered_elsewhere(self, sweep_id: str) -> bool:
+        """Whether another sweep, active or confirmed, covers one of this sweep's deposits."""
+        return bool(self.store.db.scalar(
+            "SELECT EXISTS (SELECT 1 FROM sweep_deposits d JOIN sweep_deposits o ON o.transfer_id = d.transfer_id"
+            " AND o.sweep_id != d.sweep_id JOIN sweeps s ON s.id = o.sweep_id WHERE d.sweep_id = ?"
+            " AND s.status != 'failed')", (sweep_id,)))
+
     def deposits(self, sweep_id: str) -> list[Deposit]:
         return [Deposit(transfer_id=r["id"], address=r["address"], txid=r["txid"], index=r["idx"],
                         amount=int(r["amount"]), block_number=r["block_number"]) for r in self.store.db.query(
