@@ -72,6 +72,45 @@ async def test_reorg_orphans_dropped_and_confirms_reincluded_once(tmp_path, anvi
             assert d.metrics.registry.get_sample_value("watcher_reorgs_total", {"chain": "devnet"}) >= 1
 
 
+async def test_a_batch_transfer_mined_again_at_other_log_indexes_credits_each_recipient_once(
+        tmp_path, anvil: Anvil, token: Token):
+    """A token transfer is keyed (txid, log index), and a log's index counts from the start of
+    its block: one transaction paying alice then bob, mined first behind another token log
+    (indexes 1 and 2) and again after a reorg at the head of a block (0 and 1). The row at
+    index 1 was alice's; mined again it is bob's. The stored row kept alice and 100, so alice
+    was credited twice and bob never. A row found again takes what the new block says."""
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                              confirmations=2, finality_depth=64)])
+    payer, other = anvil.accounts[3], anvil.accounts[4]
+    token.mint(payer, 10**12)
+    token.mint(other, 10**12)
+    with trio.fail_after(60):
+        async with running(cfg) as d:
+            alice, _ = d.store.addresses.deposit_address("devnet", "alice")
+            bob, _ = d.store.addresses.deposit_address("devnet", "bob")
+            anvil.automine(False)
+            token.transfer(other, anvil.accounts[9], 1)  # a log ahead of the batch in its first block
+            batch = token.transfer_many(payer, [(alice.address, 100_000_000), (bob.address, 50_000_000)])
+            anvil.mine(1)
+            assert [int(lg["logIndex"], 16) for lg in anvil.receipt(batch)["logs"]] == [1, 2]
+            await wait_until(lambda: len(d.views.transfers()[0]) == 2, what="both recorded")
+            anvil.reorg(1, [(anvil.raw_tx(batch), 0)])
+            assert [int(lg["logIndex"], 16) for lg in anvil.receipt(batch)["logs"]] == [0, 1]
+            d.watchers["devnet"].poke()
+
+            def credited() -> dict[str, list[str]] | None:
+                anvil.mine(1)
+                rows = d.views.transfers(status="confirmed")[0]
+                got: dict[str, list[str]] = {}
+                for r in rows:
+                    got.setdefault(r["address"].lower(), []).append(r["amount"])
+                return got if len(rows) >= 2 else None
+
+            got = await wait_until(credited, interval=0.3, what="the batch confirmed again")
+            assert got == {alice.address.lower(): ["100"], bob.address.lower(): ["50"]}, got
+            assert sum(int(r["base_units"]) for r in d.views.transfers(status="confirmed")[0]) == 150_000_000
+
+
 async def test_confirmed_deposit_orphaned_by_deeper_reorg(tmp_path, anvil: Anvil):
     """confirmations < depth: a confirmed transfer is orphaned (its event says so) and, once
     re-included, is confirmed again for the new inclusion."""

@@ -278,5 +278,10 @@ class Token:
     def transfer(self, sender: str, to: str, amount: int) -> str:
         return self.node.send(sender, self.address, 0, calldata("transfer(address,uint256)", to, amount))
 
+    def transfer_many(self, sender: str, pays: Sequence[tuple[str, int]]) -> str:
+        """One transaction paying each (to, amount): a Transfer log each, in that order."""
+        return self.node.send(sender, self.address, 0, calldata("transferMany(address[],uint256[])",
+                                                                [to for to, _ in pays], [v for _, v in pays]))
+
     def balance(self, who: str) -> int:
         return int(self.node.call(self.address, calldata("balanceOf(address)", who)), 16)

@@ -134,13 +134,26 @@ class Transfers:
         if row["block_hash"] == block.hash and row["status"] != "orphaned":
             return None  # replay of a block we already have
         # Mined after the mempool showed it, re-included after a reorg, or moved to another
-        # block: detected (again) in this block.
+        # block: detected (again) in this block, with what this block says it moved. An EVM
+        # log's index counts from the start of its block, so the same transaction mined again
+        # elsewhere can hold another of its payments at this index (a batch paying alice then
+        # bob, one log earlier in the block: the row that was alice's is bob's now).
+        moved = (t.kind, t.asset, t.to, t.sender, str(t.amount)) != (
+            row["kind"], row["asset"], row["address"], row["sender"], row["amount"])
         conn.execute(
             "UPDATE transfers SET block_number = ?, block_hash = ?, block_time = ?, status = 'detected',"
+            " kind = ?, asset = ?, address = ?, sender = ?, amount = ?, min_depth = ?, value = ?,"
             " confirmed_at = NULL, gone_at = NULL, updated_at = ? WHERE id = ?",
-            (block.number, block.hash, block.timestamp, now, row["id"]),
+            (block.number, block.hash, block.timestamp, t.kind, t.asset, t.to, t.sender, str(t.amount),
+             t.min_depth or None, self._value(chain, t) if moved else row["value"], now, row["id"]),
         )
-        if row["status"] == "detected":
+        if moved and row["status"] != "orphaned" and row["address"] != t.to:
+            # the address it paid before loses it (an orphaned one lost it with its block)
+            before = conn.execute("SELECT invoice_id FROM addresses WHERE chain = ? AND address = ?",
+                                  (chain.id, row["address"])).fetchone()
+            if before is not None and before[0] is not None:
+                self.store.invoices.recompute(before[0])
+        if row["status"] == "detected" and not moved:
             return None  # same status, only the block changed: no new event
         return self._changed(chain, row["id"], row["status"], "detected", tip)
 
