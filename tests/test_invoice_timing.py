@@ -117,6 +117,32 @@ async def test_an_unconfirmed_extra_payment_neither_holds_back_nor_fails_a_confi
         assert events(d, inv) == ["invoice.created", "invoice.awaiting_confirmation", "invoice.completed"]
 
 
+async def test_a_completed_invoice_whose_payment_a_reorg_moves_after_the_window_completes_again(cfg, clock, anvil,
+                                                                                               token):
+    """Paid and confirmed in time, completed; past ``monitor_until`` a reorg takes the
+    payment's block and the new chain holds it again, two blocks later. The rollback moved the
+    invoice to ``expired`` (no live payment for a moment); the payment found again was paid
+    but unconfirmed past the window, so it ``failed``, for good, and stayed failed once
+    confirmed. The clock fails only an invoice that never had its payment confirmed."""
+    async with running(cfg, clock=TrioClock(anchor=time.time())) as d:
+        inv = create(d, expires_in=600)
+        await pay(anvil, token, d, inv, blocks=3)
+        assert status(d, inv) == "completed"
+        txid = d.views.invoice(inv["id"])["payments"][0]["txid"]
+        await trio.sleep(600 + 3600 + 10)
+        anvil.reorg(3, [(anvil.raw_tx(txid), 2)])  # 1 confirmation of 3 in the new chain
+        d.watchers["devnet"].poke()
+        await wait_until_mock(lambda: d.views.invoice(inv["id"])["payments"][0]["confirmations"] == 1
+                              and d.store.chains.scanned_number("devnet") == anvil.head(), what="found again")
+        assert status(d, inv) == "awaiting_confirmation"
+        assert d.store.invoices.apply_deadlines() == 0 and status(d, inv) == "awaiting_confirmation"
+        anvil.mine(2)
+        d.watchers["devnet"].poke()
+        await wait_until_mock(lambda: status(d, inv) == "completed", what="completed again")
+        assert events(d, inv)[-3:] == ["invoice.expired", "invoice.awaiting_confirmation", "invoice.completed"]
+        assert d.views.invoice(inv["id"])["confirmed"] == "10"
+
+
 async def test_payment_after_monitoring_window_is_recorded_but_does_not_count(cfg, clock, anvil, token):
     async with running(cfg, clock=TrioClock(anchor=time.time())) as d:
         inv = create(d, expires_in=600)

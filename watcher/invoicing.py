@@ -3,12 +3,15 @@
 Statuses: ``awaiting_payment`` → ``awaiting_confirmation`` (live payments reach the amount
 less the tolerance) → ``completed`` (the confirmed payments alone reach it); ``expired``
 (not fully paid by ``expires_at``); ``failed`` (paid but not confirmed by the end of the
-monitoring window); ``refunded`` is set by an operator. Flags: ``partial`` (something but not
+monitoring window, unless it completed once: see below); ``refunded`` follows the refunds. Flags: ``partial`` (something but not
 enough arrived), ``overpaid`` (sale mode: more than the amount), ``late`` (the payment that
 made it enough arrived after ``expires_at``, within the monitoring window).
 
 A reorg that orphans a payment is just a recomputation with fewer payments: the invoice moves
-back (``completed`` → ``awaiting_confirmation`` or ``awaiting_payment``/``expired``).
+back (``completed`` → ``awaiting_confirmation`` or ``awaiting_payment``/``expired``). An
+invoice that completed once (``confirmed_once``) had its payment confirmed in time: a reorg
+that moves that payment, even past ``monitor_until``, never fails it; found again, it waits
+for its confirmations and completes again.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ class Outcome:
     paid_at: int | None  # ms: when the payments first reached the required amount
 
 
-def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: int) -> Outcome:
+def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: int, *,
+           confirmed_once: bool = False) -> Outcome:
     """The invoice's status and flags given its live (not orphaned) payments that arrived
-    within the monitoring window, at time ``now`` (ms)."""
+    within the monitoring window, at time ``now`` (ms). ``confirmed_once``: it was
+    ``completed`` before (a reorg moved its payment since)."""
     ordered = sorted(payments, key=lambda p: p.detected_at)
     received = sum(p.amount for p in ordered)
     confirmed = sum(p.amount for p in ordered if p.confirmed)
@@ -83,7 +88,7 @@ def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: 
         # transfer from anyone, the address is public; a low-fee one stuck in a mempool)
         # neither holds it back nor fails it at monitor_until
         status = "completed"
-    elif current == "completed":
+    elif current == "completed" or confirmed_once:
         status = "awaiting_confirmation"  # the confirmed payments no longer cover it (a reorg)
     elif now >= terms.monitor_until:
         status = "failed"
@@ -93,11 +98,12 @@ def decide(terms: InvoiceTerms, current: str, payments: Iterable[Payment], now: 
                    overpaid=overpaid, late=late, paid_at=paid_at)
 
 
-def timed_status(terms: InvoiceTerms, current: str, now: int) -> str | None:
+def timed_status(terms: InvoiceTerms, current: str, now: int, *, confirmed_once: bool = False) -> str | None:
     """The status the clock alone moves an invoice to at ``now``, or None: an unpaid invoice
-    expires at ``expires_at``; a paid, unconfirmed one fails at ``monitor_until``."""
+    expires at ``expires_at``; a paid, unconfirmed one fails at ``monitor_until`` unless it
+    completed once (its payment, moved by a reorg, confirmed in time)."""
     if current == "awaiting_payment" and now >= terms.expires_at:
         return "expired"
-    if current == "awaiting_confirmation" and now >= terms.monitor_until:
+    if current == "awaiting_confirmation" and now >= terms.monitor_until and not confirmed_once:
         return "failed"
     return None

@@ -150,7 +150,7 @@ class Invoices:
             return None
         now = self.store.clock.now_ms()
         current = "awaiting_payment" if row["status"] == "refunded" else row["status"]
-        outcome = decide(_terms(row), current, self._payments(row), now)
+        outcome = decide(_terms(row), current, self._payments(row), now, confirmed_once=bool(row["confirmed_once"]))
         refunded = int(row["refunded"])
         if refunded > 0 and refunded >= outcome.confirmed:
             outcome = replace(outcome, status="refunded")
@@ -192,9 +192,10 @@ class Invoices:
         with self.store.db.transaction():
             rows = self.store.db.query(
                 "SELECT * FROM invoices WHERE (status = 'awaiting_payment' AND expires_at <= ?)"
-                " OR (status = 'awaiting_confirmation' AND monitor_until <= ?) ORDER BY expires_at", (now, now))
+                " OR (status = 'awaiting_confirmation' AND monitor_until <= ? AND confirmed_once = 0)"
+                " ORDER BY expires_at", (now, now))
             for row in rows:
-                new = timed_status(_terms(row), row["status"], now)
+                new = timed_status(_terms(row), row["status"], now, confirmed_once=bool(row["confirmed_once"]))
                 if new is not None:
                     self.store.db.conn.execute("UPDATE invoices SET status = ?, updated_at = ? WHERE id = ?",
                                                (new, now, row["id"]))
@@ -206,7 +207,8 @@ class Invoices:
         """The earliest time (ms) at which ``apply_deadlines`` has something to do."""
         return self.store.db.scalar(
             "SELECT MIN(t) FROM (SELECT MIN(expires_at) AS t FROM invoices WHERE status = 'awaiting_payment'"
-            " UNION ALL SELECT MIN(monitor_until) FROM invoices WHERE status = 'awaiting_confirmation')")
+            " UNION ALL SELECT MIN(monitor_until) FROM invoices WHERE status = 'awaiting_confirmation'"
+            " AND confirmed_once = 0)")
 
     def _payments(self, row: sqlite3.Row) -> list[Payment]:
         rows = self.store.db.query(
@@ -231,7 +233,8 @@ class Invoices:
             return None
         self.store.db.conn.execute(
             "UPDATE invoices SET status = ?, partial = ?, overpaid = ?, late = ?, received = ?, confirmed = ?,"
-            " paid_at = ?, completed_at = ?, updated_at = ? WHERE id = ?", (*fields, now, row["id"]))
+            " paid_at = ?, completed_at = ?, confirmed_once = confirmed_once OR ?, updated_at = ? WHERE id = ?",
+            (*fields, o.status == "completed", now, row["id"]))
         if status_changed:
             self._emit(row["id"], o.status)
             return o.status

@@ -592,3 +592,17 @@ def m015_delivery_not_before(db: Database) -> None:
     """The earliest time a receiver's ``Retry-After`` allows the next attempt
     (``deliveries.not_before``, ms): a success of the endpoint does not pull a retry before it."""
     db.executescript("ALTER TABLE deliveries ADD COLUMN not_before INTEGER;")
+
+
+@migrations()
+def m016_invoice_confirmed_once(db: Database) -> None:
+    """Whether an invoice was ever ``completed`` (``invoices.confirmed_once``): a reorg that
+    moves its payment past ``monitor_until`` must not fail it (its payment was confirmed in
+    time). Invoices completed now, or with an ``invoice.completed`` event on record, were."""
+    db.executescript(
+        """
+        ALTER TABLE invoices ADD COLUMN confirmed_once INTEGER NOT NULL DEFAULT 0;
+        UPDATE invoices SET confirmed_once = 1 WHERE completed_at IS NOT NULL OR id IN (
+            SELECT subject FROM events WHERE type = 'invoice.completed');
+        """
+    )
