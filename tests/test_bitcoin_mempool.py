@@ -89,6 +89,47 @@ async def test_a_payment_is_detected_from_the_mempool_then_mined_and_a_replaced_
             assert d.store.db.scalar("SELECT count(*) FROM transfers WHERE status = 'confirmed'") == 1
 
 
+async def test_a_fee_bump_mined_before_the_mempool_is_polled_again_is_counted_once(tmp_path, litecoind: Litecoind):
+    """X pays the invoice and is seen in the mempool; the payer bumps its fee (X', BIP125,
+    the same payment) and X' is mined before watcher looks at the mempool again (here: a
+    long poll interval; for real: a node unreachable, a restart, a scan behind). The block
+    was applied with X still counted: ``invoice.completed`` said twice the amount was
+    received and ``overpaid``, and an app refunding the excess would pay back money it never
+    got. The mempool is now read before a block is applied while a payment waits there."""
+    node = litecoind
+    node.payer  # noqa: B018
+    port = free_port()
+    cfg = write_config(tmp_path, [ltc_entry(node, confirmations=1, poll_interval=60)], api_port=port)
+    with trio.fail_after(90):
+        async with running(cfg, api=True) as d, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH,
+                                                                  trust_env=False) as http:
+            inv = (await http.post("/v1/invoices", json={"chain": "ltc", "asset": "LTC", "amount": "0.25"})).json()
+            coin = next(u for u in node.rpc("listunspent", 1, 9_999_999, wallet="payer") if u["amount"] >= 1)
+            spend = [{"txid": coin["txid"], "vout": coin["vout"], "sequence": 0xFFFFFFFD}]
+            change = node.rpc("getrawchangeaddress", "bech32", wallet="payer")
+
+            def paying(fee: str) -> str:
+                raw = node.rpc("createrawtransaction", spend, [{inv["address"]: "0.25"},
+                                                               {change: str(coin["amount"] - Decimal("0.25") - Decimal(fee))}])
+                return str(node.rpc("sendrawtransaction",
+                                    node.rpc("signrawtransactionwithwallet", raw, wallet="payer")["hex"]))
+
+            first = paying("0.0001")
+            d.watchers["ltc"].poke()
+            await wait_until(lambda: [t for t in transfers(d) if t["txid"] == first], what="X in the mempool")
+            bumped = paying("0.001")
+            assert first not in node.rpc("getrawmempool")
+            await mine(node, 1)
+            d.watchers["ltc"].poke()
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="invoice completed")
+            (done,) = [e for e in events(d, "invoice.completed") if e["id"] == inv["id"]]
+            assert (done["received"], done["confirmed"], done["overpaid"]) == ("0.25", "0.25", False), done
+            assert [t["txid"] for t in transfers(d) if t["status"] == "confirmed"] == [bumped]
+            await wait_until(lambda: [t for t in transfers(d) if t["txid"] == first and t["status"] == "orphaned"],
+                             what="X orphaned")
+            assert d.views.invoice(inv["id"])["received"] == "0.25"
+
+
 async def test_mempool_off_waits_for_blocks_and_coinbase_outputs_wait_for_maturity(tmp_path, litecoind: Litecoind):
     node = litecoind
     node.payer  # noqa: B018

@@ -333,6 +333,7 @@ class ChainWatcher:
         if cur.hash is not None and blocks[0].parent_hash != cur.hash:
             await self._reorg(client, cur)
             return True
+        await self._mempool_first(client)
         return self._apply(blocks, head, t0) < head
 
     async def _catch_up(self, client: ChainClient, head: int) -> None:
@@ -369,7 +370,17 @@ class ChainWatcher:
                             tip.hash is not None and blocks[0].parent_hash != tip.hash):
                         nursery.cancel_scope.cancel()
                         return
+                    await self._mempool_first(client)
                     self._apply(blocks, head, t0)
+
+    async def _mempool_first(self, client: ChainClient) -> None:
+        """Before fetched blocks are applied, while a payment seen in the mempool waits for a
+        block: read the mempool again (read after the fetch, it no longer holds what those
+        blocks hold, nor what they conflict with). A payment replaced by a fee bump that one
+        of them holds is then marked gone and no longer counted next to its replacement
+        (both counted, an invoice was completed ``overpaid`` with twice what it got)."""
+        if self.store.transfers.has_unmined(self.config.id):
+            await self._mempool(client)
 
     async def _mempool(self, client: ChainClient) -> None:
         pool = await client.mempool(self._watched)

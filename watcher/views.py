@@ -94,7 +94,7 @@ def _received_value(inv: InvoiceRow, payments: Sequence[TransferRow]) -> Json | 
     of their values); null when there are none, or one of them had no rate."""
     from decimal import Decimal
 
-    live = [p for p in payments if p.status != "orphaned" and p.detected_at <= inv.monitor_until]
+    live = [p for p in payments if p.counts and p.detected_at <= inv.monitor_until]
     if not live or any(p.value is None for p in live):
         return None
     currencies = {p.value["currency"] for p in live if p.value}
@@ -137,7 +137,7 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
             "transfer_id": p.id, "txid": p.txid, "index": p.index, "amount": format_amount(p.amount, decimals),
             "status": p.status, "block_number": p.block_number, "value": p.value,
             "confirmations": _confirmations(p.status, p.block_number, tip),
-            "counted": p.status != "orphaned" and p.detected_at <= inv.monitor_until,
+            "counted": p.counts and p.detected_at <= inv.monitor_until,
             "detected_at": iso_ms(p.detected_at)} for p in payments],
         "created_at": iso_ms(inv.created_at), "expires_at": iso_ms(inv.expires_at),
         "monitor_until": iso_ms(inv.monitor_until), "paid_at": iso_ms(inv.paid_at),

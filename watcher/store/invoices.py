@@ -213,7 +213,7 @@ class Invoices:
     def _payments(self, row: sqlite3.Row) -> list[Payment]:
         rows = self.store.db.query(
             "SELECT amount, status, detected_at FROM transfers WHERE chain = ? AND address = ? AND asset = ?"
-            " AND status != 'orphaned' AND detected_at <= ?",
+            " AND status != 'orphaned' AND gone_at IS NULL AND detected_at <= ?",
             (row["chain"], row["address"], row["asset"], row["monitor_until"]))
         return [Payment(amount=int(r["amount"]), confirmed=r["status"] == "confirmed", detected_at=r["detected_at"])
                 for r in rows]

@@ -56,6 +56,12 @@ class TransferRow:
     invoice_id: str | None = None
     order_id: str | None = None
     value: dict[str, Any] | None = None  # its worth in [rates] reference when detected
+    gone_at: int | None = None  # unmined and missing from the mempool since this height
+
+    @property
+    def counts(self) -> bool:
+        """Live for what it pays: not orphaned, and not missing from the mempool unmined."""
+        return self.status != "orphaned" and self.gone_at is None
 
     @classmethod
     def from_row(cls, r: sqlite3.Row) -> TransferRow:
@@ -69,7 +75,8 @@ class TransferRow:
                    label=r["label"] if "label" in keys else None,
                    invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
                    order_id=r["order_id"] if "order_id" in keys else None,
-                   value=json.loads(r["value"]) if "value" in keys and r["value"] else None)
+                   value=json.loads(r["value"]) if "value" in keys and r["value"] else None,
+                   gone_at=r["gone_at"] if "gone_at" in keys else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +196,12 @@ class Transfers:
         return [(r[0], r[1], r[2]) for r in self.store.db.query(
             "SELECT id, txid, gone_at FROM transfers WHERE chain = ? AND block_number IS NULL"
             " AND status = 'detected'", (chain,))]
+
+    def has_unmined(self, chain: str) -> bool:
+        """Whether a live transfer of ``chain`` waits for a block (a mempool payment)."""
+        return bool(self.store.db.scalar(
+            "SELECT EXISTS (SELECT 1 FROM transfers WHERE chain = ? AND block_number IS NULL AND status = 'detected')",
+            (chain,)))
 
     def mark_gone(self, ids: list[str], height: int) -> None:
         """These unmined transfers' transaction is neither in the mempool nor in a block up
