@@ -28,6 +28,7 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil
 from tests.support.natsserver import nats_server, read_stream
+from watcher import views
 from watcher_nats import NatsConfig, parse_duration
 
 
@@ -262,6 +263,37 @@ async def test_start_all_backfills_the_outbox_once_and_new_does_not(tmp_path, an
                     await trio.sleep(0.1)
         stream = await trio.to_thread.run_sync(read_stream, server.url, "NEW")
         assert len(stream) == 2 and all(m["subject"] == "fresh.devnet.invoice.created" for m in stream)
+
+
+async def test_an_event_over_the_servers_max_payload_goes_out_shortened_and_the_rest_follow(tmp_path,
+                                                                                             anvil: Anvil):
+    """An invoice with thousands of dust payments (anyone can send them to its address) has
+    an event over NATS's 1 MiB max_payload. nats-py refused it on every attempt, and the
+    sink retried the same batch for ever: no event after it reached JetStream again. It
+    now goes out without its lists and objects (``truncated`` names them; the whole event
+    stays in ``GET /v1/events``), and the next ones follow."""
+    with nats_server() as server:
+        cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url)], extra=nats_table(server.url))
+        async with running(cfg) as d:
+            payments = [{"transfer_id": f"tr_{i:026d}", "txid": "0x" + f"{i:064x}", "amount": "0.000001",
+                         "status": "confirmed", "counted": True} for i in range(9000)]
+            with d.store.db.transaction():
+                d.store.events.emit("invoice.expired", {"id": "inv_dust", "chain": "devnet", "status": "expired",
+                                                        "received": "0.009", "payments": payments},
+                                    chain="devnet", subject="inv_dust")
+            big = d.store.events.list(subject="inv_dust", limit=1)[0]
+            assert len(views.event_json(big)) > 1024 * 1024
+            for _ in range(2):
+                d.store.invoices.create(chain="devnet", asset="ETH", amount=1, mode="sale", expires_in=600,
+                                        tolerance_ppm=0, order_id=None, metadata={}, actor="t")
+            with trio.fail_after(20):
+                while d.sinks.behind("nats"):
+                    await trio.sleep(0.1)
+        stream = await trio.to_thread.run_sync(read_stream, server.url, "WATCHER")
+        assert [m["body"]["type"] for m in stream] == ["invoice.expired", "invoice.created", "invoice.created"]
+        short = stream[0]["body"]
+        assert short["id"] == big.id and short["truncated"] == ["payments"] and short["size"] > 1024 * 1024
+        assert short["data"] == {"id": "inv_dust", "chain": "devnet", "status": "expired", "received": "0.009"}
 
 
 def test_a_message_is_the_event_as_listed_with_its_stored_data_spliced_in(tmp_path):

@@ -28,6 +28,7 @@ nats-py is asyncio-only: it runs on an asyncio loop in a thread of its own
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -109,6 +110,28 @@ def parse_nats(t: ConfigTable, resolve: Callable[[str], Path]) -> NatsConfig:
 def subject_for(cfg: NatsConfig, event: Event) -> str:
     """``<prefix>.<chain>.<event type>``: e.g. ``watcher.devnet.transfer.confirmed``."""
     return f"{cfg.subject_prefix}.{event.chain or '_'}.{event.type}"
+
+
+_HEADROOM = 1024  # the server's max_payload counts the headers (Nats-Msg-Id) too
+
+
+def shortened(body: bytes, limit: int) -> bytes:
+    """An event too big for the server's ``max_payload`` (an invoice with thousands of dust
+    payments: anyone can send them to its address), without the lists and objects of its
+    data: ``truncated`` names them, ``size`` is the whole event's length, and the whole event
+    stays in ``GET /v1/events``. Refused every time, it held up every event after it."""
+    event = json.loads(body)
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    dropped = sorted(k for k, v in data.items() if isinstance(v, list | dict))
+    event["data"] = {k: v for k, v in data.items() if k not in dropped}
+    event["truncated"], event["size"] = dropped, len(body)
+    out = json.dumps(event, separators=(",", ":")).encode()
+    if len(out) > limit:  # long strings even so: the envelope alone
+        event["data"], event["truncated"] = {}, sorted(data)
+        out = json.dumps(event, separators=(",", ":")).encode()
+    log.warning("nats: event %s is %d bytes, over the server's max_payload; published without %s",
+                event.get("id"), len(body), ", ".join(event["truncated"]) or "nothing")
+    return out
 
 
 class AsyncioThread:
@@ -206,6 +229,9 @@ class Publisher:
     async def _publish(self, messages: list[tuple[str, bytes, str]]) -> tuple[int, int]:
         if self.nc is None or self.nc.is_closed:
             await self._connect()
+        limit = self.nc.max_payload - _HEADROOM
+        messages = [(subject, body if len(body) <= limit else shortened(body, limit), msg_id)
+                    for subject, body, msg_id in messages]
         futures = [await self.js.publish_async(subject, body, headers={"Nats-Msg-Id": msg_id},
                                                stream=self.cfg.stream) for subject, body, msg_id in messages]
         acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.cfg.timeout)
