@@ -125,8 +125,7 @@ async def test_metrics_need_a_key_through_a_reverse_proxy(tmp_path):
     whoever reached the proxy. A request naming a public host or carrying a forwarding header
     now needs a key with ``read``; Prometheus scraping 127.0.0.1 directly still needs none."""
     port = free_port()
-    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port,
-                       extra={"api": {"hosts": ["127.0.0.1", "localhost", "watcher.example.com"]}})
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port)
     auth = {"authorization": f"Bearer {API_TOKEN}"}
     with trio.fail_after(30):
         async with running(cfg, api=True), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
@@ -134,13 +133,30 @@ async def test_metrics_need_a_key_through_a_reverse_proxy(tmp_path):
             for local in ({}, {"host": f"localhost:{port}"}):
                 r = await http.get("/metrics", headers=local)
                 assert r.status_code == 200 and "watcher_build_info" in r.text, local
-            proxied = [{"host": "watcher.example.com"}, {"x-forwarded-for": "203.0.113.5"},
+            proxied = [{"x-forwarded-for": "203.0.113.5"},
                        {"forwarded": "for=203.0.113.5;proto=https"}, {"x-real-ip": "203.0.113.5"}]
             for headers in proxied:
                 r = await http.get("/metrics", headers=headers)
                 assert r.status_code == 401, (headers, r.status_code)
                 r = await http.get("/metrics", headers={**headers, **auth})
                 assert r.status_code == 200 and "watcher_build_info" in r.text, headers
+
+
+@pytest.mark.parametrize("api", [{"hosts": ["127.0.0.1", "localhost", "watcher.example.com"]},
+                                 {"trusted_proxies": ["127.0.0.1"]}], ids=["public-host-listed", "proxy-trusted"])
+async def test_metrics_need_a_key_when_the_config_names_a_reverse_proxy(tmp_path, api):
+    """nginx's default ``proxy_pass http://127.0.0.1:8420`` connects from 127.0.0.1, sends
+    ``Host: 127.0.0.1:8420`` and no forwarding header: the same request as Prometheus
+    scraping locally, so /metrics was open through it. A config that names a proxy (its
+    public name in ``hosts``, or ``trusted_proxies``) now needs a key for every scrape."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port, extra={"api": api})
+    with trio.fail_after(30):
+        async with running(cfg, api=True), httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                                             trust_env=False) as http:
+            assert (await http.get("/metrics")).status_code == 401  # what the proxy passes on
+            r = await http.get("/metrics", headers={"authorization": f"Bearer {API_TOKEN}"})
+            assert r.status_code == 200 and "watcher_build_info" in r.text
 
 
 @pytest.mark.parametrize("trusted", [["127.0.0.0/8"], []], ids=["behind-a-trusted-proxy", "no-proxy-trusted"])

@@ -327,6 +327,27 @@ class ApiConfig:
     trusted_proxies: tuple[Network, ...] = ()
 
     @property
+    def proxied(self) -> bool:
+        """The config says a reverse proxy sits in front: ``trusted_proxies`` lists one, or
+        ``hosts`` accepts a name other than a loopback one (the proxy's public name). Then a
+        request that looks local may well be the proxy's (nginx's default ``proxy_pass``
+        sends ``Host: 127.0.0.1:<port>`` and no forwarding header)."""
+        if self.trusted_proxies:
+            return True
+        for host in self.hosts:
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name == "localhost":
+                continue
+            try:
+                if ipaddress.ip_address(name).is_loopback:
+                    continue
+            except ValueError:
+                pass
+            if name != self.host:
+                return True
+        return False
+
+    @property
     def loopback(self) -> bool:
         if self.host == "localhost":
             return True

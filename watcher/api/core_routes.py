@@ -134,8 +134,9 @@ async def readyz(req: ApiRequest) -> Any:
 
 
 @endpoints.add("GET", "/metrics", summary="Prometheus metrics (text format); needs a key with the read scope if "
-               "api.metrics_auth, if the API listens beyond loopback, or for a request that came through a "
-               "reverse proxy (a forwarding header, or a Host other than a loopback name).", auth=False, tag="health",
+               "api.metrics_auth, if the API listens beyond loopback, if the config names a reverse proxy "
+               "(api.trusted_proxies, or a non-loopback name in api.hosts), or for a request that came through "
+               "a reverse proxy (a forwarding header, or a Host other than a loopback name).", auth=False, tag="health",
                responses={200: {"type": "string"}})
 async def metrics(req: ApiRequest) -> Any:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -143,7 +144,7 @@ async def metrics(req: ApiRequest) -> Any:
 
     api = req.daemon.config.api
     # a proxy on this machine connects from loopback: what it passes on is not local
-    if (api.metrics_auth or not api.loopback or not is_local(req.request)) and req.auth is not None:
+    if (api.metrics_auth or not api.loopback or api.proxied or not is_local(req.request)) and req.auth is not None:
         try:
             principal, _ = await req.auth.authenticate(req.request, lambda: read_body(req.request, 0))
         except Unauthorized as e:
