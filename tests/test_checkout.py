@@ -197,6 +197,53 @@ async def test_languages_and_states_partial_expired(tmp_path, anvil: Anvil, toke
         assert re.search(r'<section class="pay" data-field="pay" hidden>', page)
 
 
+async def test_live_streams_stay_within_their_limits_however_many_arrive_at_once(tmp_path, anvil: Anvil):
+    """Streams were counted only once they started, after the route had let them in: 60
+    requests at once for one invoice all passed its limit of 20. And one client could hold
+    every stream (20 per invoice, over as many invoices as it liked), leaving every other
+    customer's page without live updates. Both limits now hold, checked where a stream is
+    counted; one over them is told to come back in 30 s."""
+    cfg, api_port, pay_port = checkout_config(tmp_path, anvil, max_streams_per_client=25)
+    api, _ = clients(api_port, pay_port)
+    pay = httpx.AsyncClient(base_url=f"http://127.0.0.1:{pay_port}", trust_env=False, timeout=20,
+                            limits=httpx.Limits(max_connections=200, max_keepalive_connections=0))
+    async with running(cfg, api=True) as d, api, pay:
+        invs = [(await api.post("/v1/invoices", json={"chain": "devnet", "asset": "ETH", "amount": "1"})).json()["id"]
+                for _ in range(3)]
+
+        async def opened(ids: list[str]) -> list[str]:
+            """Open a stream to each of ``ids`` at once; what each got first (``state``,
+            ``busy`` or its HTTP status), once all have, while the streams are still open."""
+            got: list[str] = []
+
+            async def one(inv_id: str) -> None:
+                async with pay.stream("GET", f"/pay/{inv_id}/events") as r:
+                    if r.status_code != 200:
+                        got.append(str(r.status_code))
+                        return
+                    seen = False
+                    async for line in r.aiter_lines():  # read on: leaving it would close the stream
+                        if line.startswith("event: ") and not seen:
+                            got.append(line.removeprefix("event: "))
+                            seen = True
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    for inv_id in ids:
+                        n.start_soon(one, inv_id)
+                    while len(got) < len(ids):
+                        await trio.sleep(0.05)
+                    n.cancel_scope.cancel()
+            return got
+
+        first = await opened([invs[0]] * 60)
+        assert first.count("state") == 20 and len(first) == 60, sorted(first)
+        await wait_until(lambda: d.metrics.registry.get_sample_value("watcher_checkout_streams") == 0,
+                         what="the streams closed")
+        second = await opened([invs[1]] * 20 + [invs[2]] * 20)
+        assert second.count("state") == 25 and len(second) == 40, sorted(second)
+
+
 async def test_streams_end_cleanly_when_the_daemon_stops(tmp_path, anvil: Anvil):
     cfg, api_port, pay_port = checkout_config(tmp_path, anvil)
     api, pay = clients(api_port, pay_port)

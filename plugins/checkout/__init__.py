@@ -10,6 +10,7 @@ public_url = "https://pay.example.com"       # what links use; its Host is the o
 # rate_limit = "300/min"                     # requests per client address
 # trusted_proxies = ["127.0.0.1"]            # reverse proxies whose X-Forwarded-For names the client
 # max_streams = 1000                         # live-status streams open at once (per invoice: 20)
+# max_streams_per_client = 20                # of them from one client address
 ```
 
 Routes (all on the checkout listener): ``GET /pay/{invoice_id}`` (the page),
@@ -40,7 +41,7 @@ from watcher.api.routing import ApiRequest
 from watcher.auth import Rate, parse_rate
 from watcher.config import ConfigSection, ConfigTable, take_networks
 from watcher.errors import ConfigError, NotFound
-from watcher.forwarding import Network
+from watcher.forwarding import Network, client_address
 from watcher.hookspecs import hookimpl
 
 from .catalog import pick_language
@@ -65,6 +66,8 @@ HEARTBEAT = 15.0
 #: Milliseconds a browser waits before reconnecting a stream that ended without ``end``.
 RETRY_MS = 3000
 MAX_STREAMS_PER_INVOICE = 20
+#: Milliseconds a browser waits before reconnecting a stream refused for room.
+BUSY_RETRY_MS = 30_000
 STATIC_TYPES = {"checkout.css": "text/css; charset=utf-8", "checkout.js": "text/javascript; charset=utf-8",
                 "favicon.svg": "image/svg+xml"}
 
@@ -78,6 +81,7 @@ class CheckoutConfig:
     title: str | None = None
     rate_limit: Rate = field(default_factory=lambda: Rate(300, 60))
     max_streams: int = 1000
+    max_streams_per_client: int = 20
     trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For names the client (rate limit)
 
 
@@ -118,9 +122,12 @@ def parse_checkout(t: ConfigTable, resolve: Callable[[str], Path]) -> CheckoutCo
         raise ConfigError(t.key("rate_limit"), str(e)) from None
     max_streams = t.take("max_streams", int, 1000,
                          check=lambda v: None if 1 <= v <= 100_000 else "must be between 1 and 100000")
+    per_client = t.take("max_streams_per_client", int, 20,
+                        check=lambda v: None if 1 <= v <= 100_000 else "must be between 1 and 100000")
     trusted_proxies = take_networks(t, "trusted_proxies")
     return CheckoutConfig(host=hp[0], port=hp[1], public_url=public_url, hosts=frozenset(hosts), title=title,
-                          rate_limit=rate_limit, max_streams=max_streams, trusted_proxies=trusted_proxies)
+                          rate_limit=rate_limit, max_streams=max_streams, max_streams_per_client=per_client,
+                          trusted_proxies=trusted_proxies)
 
 
 class Hub:
@@ -132,6 +139,7 @@ class Hub:
         self.waiting: dict[str, set[trio.Event]] = {}
         self.chains: dict[str, set[str]] = {}  # chain -> invoices with open streams
         self.open = 0
+        self.by_client: dict[str, int] = {}  # client address -> its open streams
         self.streams = Gauge("watcher_checkout_streams", "Checkout live-status streams open now.",
                              registry=daemon.metrics.registry)
         daemon.store.events.on_commit(self._on_event)
@@ -150,6 +158,13 @@ class Hub:
     def _wake(self, invoice_id: str) -> None:
         for ev in self.waiting.get(invoice_id, ()):
             ev.set()
+
+    def admits(self, settings: CheckoutConfig, invoice_id: str, client: str) -> bool:
+        """Room for one more stream: in all, for this invoice, and for this client (one
+        client holding every stream would leave the other customers' pages without live
+        updates)."""
+        return (self.open < settings.max_streams and len(self.waiting.get(invoice_id, ())) < MAX_STREAMS_PER_INVOICE
+                and self.by_client.get(client, 0) < settings.max_streams_per_client)
 
     def subscribe(self, invoice_id: str, chain: str) -> trio.Event:
         ev = trio.Event()
@@ -246,18 +261,28 @@ async def checkout_events(req: ApiRequest) -> Response:
         return HTMLResponse(render_not_found(lang), status_code=404, headers=_headers(lang))
     daemon = req.daemon
     hub = hub_for(daemon)
-    if hub.open >= _settings(daemon).max_streams or len(hub.waiting.get(inv["id"], ())) >= MAX_STREAMS_PER_INVOICE:
+    settings = _settings(daemon)
+    client = client_address(req.request, settings.trusted_proxies)
+    if not hub.admits(settings, inv["id"], client):
         return Response("too many open status streams; reload the page later", status_code=503,
                         headers={"retry-after": "30", "content-type": "text/plain; charset=utf-8"})
-    return StreamingResponse(_stream(daemon, hub, inv["id"], inv["chain"], lang), media_type="text/event-stream",
-                             headers={**_headers(lang), "x-accel-buffering": "no"})
+    return StreamingResponse(_stream(daemon, hub, inv["id"], inv["chain"], lang, client),
+                             media_type="text/event-stream", headers={**_headers(lang), "x-accel-buffering": "no"})
 
 
-async def _stream(daemon: Daemon, hub: Hub, invoice_id: str, chain: str, lang: str) -> AsyncIterator[str]:
+async def _stream(daemon: Daemon, hub: Hub, invoice_id: str, chain: str, lang: str, client: str) -> AsyncIterator[str]:
     """The invoice's page state now, then every time it changes, until it cannot change any
     more (``event: end``: the browser closes) or the daemon stops (the stream just ends: the
-    browser reconnects after ``retry`` ms, to the daemon that comes back)."""
+    browser reconnects after ``retry`` ms, to the daemon that comes back).
+
+    The limits are checked again here, where the stream is counted, with no wait between
+    (many requests at once all passed the route's check before any of them was counted): a
+    stream over them tells the browser to come back in 30 s and ends."""
+    if not hub.admits(_settings(daemon), invoice_id, client):
+        yield f"retry: {BUSY_RETRY_MS}\n\nevent: busy\ndata: {{}}\n\n"
+        return
     hub.open += 1
+    hub.by_client[client] = hub.by_client.get(client, 0) + 1
     hub.streams.inc()
     wake = hub.subscribe(invoice_id, chain)
     try:
@@ -281,6 +306,10 @@ async def _stream(daemon: Daemon, hub: Hub, invoice_id: str, chain: str, lang: s
     finally:
         hub.unsubscribe(invoice_id, chain, wake)
         hub.open -= 1
+        if hub.by_client[client] <= 1:
+            del hub.by_client[client]
+        else:
+            hub.by_client[client] -= 1
         hub.streams.dec()
 
 
