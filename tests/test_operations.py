@@ -3,10 +3,13 @@ readiness that follows the node, and logs that never carry a secret."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +29,10 @@ from tests.support.daemon import (
 )
 from tests.support.evm import Anvil, Token, calldata, compile_contracts, deploy
 from tests.support.receiver import receiving
+from watcher.backup import backup
+from watcher.cli import main as cli_main
 from watcher.keys import Keyring
+from watcher.store.db import Database
 from watcher_evm.family import EVM_KEYS
 
 APP = {"authorization": f"Bearer {API_TOKEN}"}
@@ -86,6 +92,192 @@ def test_backup_of_a_running_daemon_restores_and_continues(tmp_path, anvil: Anvi
         assert all(t["label"] == "alice" for t in items)
     finally:
         proc.stop()
+
+
+class Committer:
+    """A second connection committing a small write every ``every`` seconds from a thread,
+    as the daemon commits at every block; ``stop()`` ends it (call it in a ``finally``)."""
+
+    def __init__(self, path: Path, every: float):
+        self.path, self.every = path, every
+        self.commits = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            while not self.stopping.is_set():
+                conn.execute("INSERT INTO ticks (at) VALUES (?)", (time.time(),))
+                self.commits += 1
+                self.stopping.wait(self.every)
+        finally:
+            conn.close()
+
+    def start(self) -> Committer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+
+def test_backup_completes_while_another_connection_keeps_committing(tmp_path):
+    """A 40 MB database and a writer committing every 5 ms, as a busy daemon does. The backup
+    used to copy 256 pages a step, and SQLite restarts an online backup from its first page
+    whenever another connection writes between two steps: once a pass over the file takes
+    longer than the gap between commits it never finished (a 205 MB database was still not
+    backed up after 30 s). One step under one read transaction (WAL: the writer goes on)
+    finishes, with a consistent copy."""
+    source = tmp_path / "watcher.db"
+    db = Database(source)
+    db.migrate()
+    with db.transaction() as conn:
+        conn.execute("CREATE TABLE filler (n INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        conn.executemany("INSERT INTO filler (n, data) VALUES (?, randomblob(4000))", [(i,) for i in range(10_000)])
+        conn.execute("CREATE TABLE ticks (n INTEGER PRIMARY KEY, at REAL NOT NULL)")
+    db.close()
+    assert source.stat().st_size > 30 * 2**20  # a pass over it takes far longer than 5 ms
+    target = tmp_path / "backup.db"
+    writer = Committer(source, every=0.005).start()
+    result: list[int | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(backup(source, target))
+        except BaseException as e:  # handed to the test's thread
+            result.append(e)
+
+    copier = threading.Thread(target=run, daemon=True)
+    try:
+        while writer.commits < 5:  # the writer is going before the backup starts
+            time.sleep(0.01)
+        with contextlib.closing(sqlite3.connect(source)) as c:
+            ticks_before = c.execute("SELECT MAX(n) FROM ticks").fetchone()[0]
+        started = time.monotonic()
+        copier.start()
+        copier.join(timeout=20)
+        took = time.monotonic() - started
+        assert not copier.is_alive(), f"the backup did not finish in 20 s ({writer.commits} commits meanwhile)"
+        assert writer.commits > ticks_before  # the writer was committing all along
+    finally:
+        writer.stop()
+        copier.join(timeout=60)  # without a writer even the old stepwise copy ends
+    assert len(result) == 1 and isinstance(result[0], int), result
+    assert took < 10, took
+    with contextlib.closing(sqlite3.connect(target)) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert c.execute("SELECT COUNT(*), MIN(n), MAX(n) FROM filler").fetchone() == (10_000, 0, 9999)
+        ticks = [r[0] for r in c.execute("SELECT n FROM ticks ORDER BY n")]
+        assert ticks[:ticks_before] == list(range(1, ticks_before + 1))  # everything committed before it
+        assert ticks == list(range(1, len(ticks) + 1))  # a snapshot: no gap
+        assert c.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one self-contained file
+    assert target.stat().st_mode & 0o777 == 0o600 and not target.with_name("backup.db.partial").exists()
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name.startswith("watcher.db")}
+
+
+def watcher_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``watcher ARGS`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_restore_puts_the_backup_in_place_not_a_crashed_daemons_wal(tmp_path, capsys):
+    """The documented restore was: stop the daemon, put the copy at storage.path, start it. A
+    daemon that died by kill -9 leaves watcher.db-wal behind, and SQLite replays it onto the
+    copy put in its place. ``watcher restore`` refuses while the daemon runs, moves the
+    database and its -wal/-shm aside together, and puts exactly the backup in place."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")], api_port=port)
+    live, saved = tmp_path / "watcher.db", tmp_path / "backup.db"
+    proc = DaemonProcess(cfg).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        assert watcher_cli(capsys, "backup", str(saved), "-c", str(cfg))[0] == 0
+        assert watcher_cli(capsys, "pause", "payouts", "-c", str(cfg))[0] == 0  # a write after the backup
+        before = _files(tmp_path)
+        code, _, err = watcher_cli(capsys, "restore", str(saved), "-c", str(cfg))
+        assert code == 1 and "in use (is the daemon running?)" in err, err
+        assert _files(tmp_path).keys() == before.keys()  # nothing moved
+        proc.kill()  # kill -9: no checkpoint, the write after the backup is only in the -wal
+    finally:
+        proc.stop()
+    assert (tmp_path / "watcher.db-wal").stat().st_size > 0
+    # what the old procedure gave: the copy, with the dead daemon's -wal replayed onto it
+    old_way = tmp_path / "old-way"
+    old_way.mkdir()
+    shutil.copy(saved, old_way / "watcher.db")
+    shutil.copy(tmp_path / "watcher.db-wal", old_way / "watcher.db-wal")
+    with contextlib.closing(sqlite3.connect(old_way / "watcher.db")) as c:
+        assert c.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'admin.pause'").fetchone()[0] == 1
+
+    crashed = _files(tmp_path)
+    r = cli("restore", str(saved), "-c", str(cfg), cwd=tmp_path)  # the real command, once
+    assert r.returncode == 0, r.stderr
+    assert live.read_bytes() == saved.read_bytes()  # exactly the backup
+    assert not (tmp_path / "watcher.db-wal").exists() and not (tmp_path / "watcher.db-shm").exists()
+    assert live.stat().st_mode & 0o777 == 0o600
+    with contextlib.closing(sqlite3.connect(live)) as c:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert c.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'admin.pause'").fetchone()[0] == 0
+    # the crashed database and its -wal are kept aside together, byte for byte: nothing is lost
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("watcher.db.before-restore-")
+                and not p.name.endswith(("-wal", "-shm"))]
+    assert aside.read_bytes() == crashed["watcher.db"]
+    assert aside.with_name(aside.name + "-wal").read_bytes() == crashed["watcher.db-wal"]
+    assert aside.with_name(aside.name + "-shm").exists()
+    assert str(aside) in r.stdout
+    with contextlib.closing(sqlite3.connect(aside)) as c:  # opened, it holds the later write
+        assert c.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'admin.pause'").fetchone()[0] == 1
+
+
+# a process that commits, then dies without closing (as by kill -9): its write stays in the -wal
+CRASHING_WRITER = """
+import os, sys
+from watcher.store.db import Database
+db = Database(sys.argv[1])
+with db.transaction() as conn:
+    conn.execute("INSERT INTO meta (key, value) VALUES ('after', 'the backup')")
+os._exit(0)
+"""
+
+
+def test_restore_refuses_what_is_not_a_watcher_backup(tmp_path, capsys):
+    """Garbage, another application's SQLite file, a truncated backup, a file whose -wal lies
+    beside it: refused with a reason and exit 1, and the database and its -wal stay as they
+    were."""
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
+    db = Database(tmp_path / "watcher.db")
+    db.migrate()
+    db.close()
+    good = tmp_path / "good.db"
+    backup(tmp_path / "watcher.db", good)
+    subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(tmp_path / "watcher.db")], check=True, timeout=30)
+    assert (tmp_path / "watcher.db-wal").stat().st_size > 0
+    (tmp_path / "garbage.db").write_bytes(b"not a database at all\n" * 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as c:
+        c.execute("CREATE TABLE notes (body TEXT)")
+        c.execute("INSERT INTO notes VALUES ('hello')")
+        c.commit()
+    size = good.stat().st_size
+    (tmp_path / "truncated.db").write_bytes(good.read_bytes()[: size // 2])
+    shutil.copy(good, tmp_path / "half.db")  # a database copied by hand without its -wal
+    shutil.copy(tmp_path / "watcher.db-wal", tmp_path / "half.db-wal")
+    before = _files(tmp_path)
+    for name, reason in (("garbage.db", "not an SQLite database"), ("other.db", "not a watcher database"),
+                         ("truncated.db", "integrity"), ("missing.db", "no file"),
+                         ("half.db", "has a -wal beside it"), ("watcher.db", "the database itself")):
+        code, _, err = watcher_cli(capsys, "restore", str(tmp_path / name), "-c", str(cfg))
+        assert code == 1 and reason in err, (name, code, err)
+        assert _files(tmp_path) == before, name
+    assert not [p for p in tmp_path.iterdir() if ".restoring" in p.name or "before-restore" in p.name]
 
 
 async def test_reconcile_matches_after_deposits_and_sweeps_then_finds_a_gap(tmp_path, anvil: Anvil, token: Token):

@@ -239,6 +239,21 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import restore
+    from .config import load_config
+    from .plugins import chain_families, config_sections, make_plugin_manager
+
+    pm = make_plugin_manager()
+    config = load_config(_config_path(args), chain_families(pm), config_sections(pm))
+    aside = restore(Path(args.path), config.storage.path)  # not through Core: it must not open the database
+    print(f"restored {args.path} to {config.storage.path} (integrity ok)")
+    if aside:
+        print(f"the previous database is kept as {', '.join(map(str, aside))}")
+    print("start the daemon: it scans on from the backup's cursor and finds what happened since")
+    return 0
+
+
 def cmd_pause(args: argparse.Namespace, *, paused: bool = True) -> int:
     from .policy import PAUSE_SCOPES
 
@@ -346,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("path")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
     sp.set_defaults(fn=cmd_backup)
+
+    sp = with_config(sub.add_parser("restore", help="put a backup in place of the database (the daemon stopped); "
+                                                    "the previous one is kept aside"))
+    sp.add_argument("path", help="a file written by watcher backup")
+    sp.set_defaults(fn=cmd_restore)
 
     for name, fn, text in (("pause", cmd_pause, "kill switch: hold payouts, sweeps or all (nothing is dropped)"),
                            ("resume", cmd_resume, "release what pause held")):
