@@ -23,6 +23,7 @@ from tests.support.daemon import (
     write_config,
 )
 from tests.support.receiver import receiving
+from watcher import netguard
 from watcher.clock import TrioClock
 from watcher.dispatch import next_delay, parse_retry_after, sign
 
@@ -349,6 +350,58 @@ async def test_rotation_signs_with_both_secrets_during_grace(tmp_path):
                 Webhook(new).verify(req.body, req.headers)
                 Webhook(old).verify(req.body, req.headers)  # apps that have not switched yet still verify
                 assert req.json["type"] == "webhook.test"
+
+
+async def test_update_of_a_deleted_endpoint_writes_nothing(tmp_path):
+    async with running(config(tmp_path)) as d:
+        row, _ = d.store.webhooks.create("http://127.0.0.1:1/hook", ["invoice.completed"], "shop")
+        d.store.webhooks.delete(row.id)
+        before = dict(d.store.db.one("SELECT * FROM webhooks WHERE id = ?", (row.id,)))
+        assert d.store.webhooks.update(row.id, url="http://127.0.0.1:2/moved", description="moved",
+                                       enabled=True) is None
+        assert d.store.webhooks.update("wh_unknown", description="x") is None
+        assert dict(d.store.db.one("SELECT * FROM webhooks WHERE id = ?", (row.id,))) == before
+
+
+async def test_patch_racing_a_delete_answers_404_and_writes_nothing(tmp_path, monkeypatch):
+    """PATCH with a url checks its host (a DNS lookup, seconds at worst) after finding the
+    endpoint and before writing; a DELETE answered in between made the write fail on the
+    missing row: 500. Here the lookup is held until the DELETE has answered."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)], api_port=port)
+    real_vetted = netguard.vetted
+    looking_up, deleted = trio.Event(), trio.Event()
+
+    async def vetted_after_the_delete(host, port, allowed):
+        looking_up.set()
+        await deleted.wait()
+        return await real_vetted(host, port, allowed)
+
+    async with receiving() as rx, running(cfg, api=True) as d:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH, trust_env=False) as http:
+            r = await http.post("/v1/webhooks", json={"url": rx.url, "events": ["invoice.completed"]})
+            assert r.status_code == 201, r.text
+            hook = r.json()
+            monkeypatch.setattr(netguard, "vetted", vetted_after_the_delete)
+            answers = {}
+
+            async def patch():
+                answers["patch"] = await http.patch(f"/v1/webhooks/{hook['id']}",
+                                                    json={"url": rx.url + "/moved", "description": "moved"})
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(patch)
+                    await looking_up.wait()
+                    assert (await http.delete(f"/v1/webhooks/{hook['id']}")).status_code == 204
+                    deleted.set()
+            r = answers["patch"]
+            assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_webhook"), r.text
+            assert d.store.webhooks.row(hook["id"]) is None
+            stored = d.store.db.one("SELECT url, description, deleted_at FROM webhooks WHERE id = ?", (hook["id"],))
+            assert (stored["url"], stored["description"]) == (rx.url, None) and stored["deleted_at"]
+            audit = (await http.get("/v1/audit", params={"object_id": hook["id"]})).json()["items"]
+            assert [a["action"] for a in audit] == ["webhook.create", "webhook.delete"]
 
 
 async def test_webhook_api(tmp_path):

@@ -168,6 +168,8 @@ async def update_webhook(req: ApiRequest) -> Any:
     with store.db.transaction():
         row = store.webhooks.update(req.path_params["id"], url=url, patterns=patterns, enabled=enabled,
                                     description=description)
+        if row is None:  # deleted while check_url awaited its DNS answer: as for any unknown id
+            raise NotFound(f"no webhook {req.path_params['id'][:64]!r}", code="unknown_webhook")
         store.audit.record(req.actor, "webhook.update", row.id, body)
     return req.daemon.views.render_webhook(row)
 

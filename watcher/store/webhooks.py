@@ -183,10 +183,14 @@ class Webhooks:
             "SELECT status, COUNT(*) FROM deliveries WHERE webhook_id = ? GROUP BY status", (webhook_id,))}
 
     def update(self, webhook_id: str, *, url: str | None = None, patterns: list[str] | None = None,
-               enabled: bool | None = None, description: str | None = None) -> WebhookRow:
-        row = self._row(webhook_id)
+               enabled: bool | None = None, description: str | None = None) -> WebhookRow | None:
+        """The changed endpoint, or None if there is none (deleted, perhaps while the caller
+        awaited something): then nothing is written."""
         now = self.store.clock.now_ms()
         with self.store.db.transaction() as conn:
+            row = self.row(webhook_id)  # in the transaction that writes
+            if row is None:
+                return None
             if url is not None:
                 conn.execute("UPDATE webhooks SET url = ? WHERE id = ?", (url, webhook_id))
             if patterns is not None:
