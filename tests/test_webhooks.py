@@ -312,6 +312,35 @@ async def test_a_deleted_endpoint_gets_nothing_more_and_nothing_unsigned(tmp_pat
                 assert all(r.headers["webhook-signature"] for r in rx.requests)
 
 
+async def test_a_delivery_waiting_for_the_slow_lane_is_not_sent_once_its_endpoint_is_deleted(tmp_path):
+    """A failing endpoint's attempts wait for the slow lane (``concurrency`` of them for every
+    failing endpoint). A delivery taken from B's queue waited there while another failing
+    endpoint held the lane, and B was deleted meanwhile: once let through it went out all the
+    same, with an empty ``webhook-signature`` (B's secrets were gone). After the wait the
+    endpoint is asked again: deleted (or moved to another URL), nothing is sent."""
+    async def slow_failure(r):
+        await trio.sleep(4.0)
+        return 500
+
+    async with receiving(slow_failure) as a, receiving(lambda r: 500) as b:
+        with trio.fail_after(40):
+            async with running(config(tmp_path, schedule=[0] + [0.5] * 19, concurrency=1,
+                                      per_endpoint_concurrency=1)) as d:
+                d.store.webhooks.create(a.url, ["invoice.created"], None)
+                hook_b, _ = d.store.webhooks.create(b.url, ["invoice.created"], None)
+                new_invoice(d)
+                # A failed once (4 s) and now holds the slow lane for its retry (4 s more); B,
+                # failing since its first answer and retried every 0.5 s, waits for it
+                await wait_until(lambda: len(a.requests) >= 2, timeout=15, what="A in the slow lane")
+                await trio.sleep(1.0)
+                d.store.webhooks.delete(hook_b.id)
+                at_delete = len(b.requests)
+                await wait_until(lambda: len(a.requests) >= 3, timeout=15, what="the lane free again")
+                await trio.sleep(0.5)
+                assert len(b.requests) == at_delete, [r.headers.get("webhook-signature") for r in b.requests]
+                assert all(r.headers["webhook-signature"] for r in (*a.requests, *b.requests))
+
+
 async def test_idle_connections_stay_bounded_however_many_origins():
     """A key with the webhooks scope may point its endpoint at one origin after another. Each
     left an idle keep-alive connection behind for the life of the daemon (a file descriptor

@@ -209,9 +209,14 @@ class Dispatcher:
                 try:
                     if ep.failing:
                         async with self._slow_lane:
-                            result = await self._send(client, ep, d)
+                            # it may have waited long: deleted, disabled or moved meanwhile, the
+                            # endpoint gets nothing (its delivery waits in the database)
+                            result = await self._send(client, ep, d) if self._still_there(ep) else None
                     else:
                         result = await self._send(client, ep, d)
+                    if result is None:
+                        self._taken[ep.id].discard(d["id"])
+                        break
                     ep.failing = not (result.status is not None and 200 <= result.status < 300)
                     # (not `self._results.append(await ...)`: that would bind the list the
                     # flusher may swap out while we wait, and the result would be lost)
@@ -224,6 +229,19 @@ class Dispatcher:
                     self._flush_now.set()
         finally:
             ep.workers -= 1
+
+    def _still_there(self, ep: _Endpoint) -> bool:
+        """The endpoint is still active at the URL its queue was taken for, with secrets to
+        sign with (asked afresh, not from the cache)."""
+        if ep.gone:
+            return False
+        secrets = self.store.webhooks.secrets(ep.id)
+        self._secrets[ep.id] = (trio.current_time(), secrets)
+        row = self.store.webhooks.row(ep.id)
+        if not secrets or row is None or row.status != "active" or row.url != ep.url:
+            ep.gone = True
+            return False
+        return True
 
     def _cached_secrets(self, webhook_id: str) -> list[str]:
         now = trio.current_time()
