@@ -175,7 +175,9 @@ class EvmClient(ChainClient):
                 for n, r in zip(nums, results, strict=True):
                     if isinstance(r, Exception):
                         raise r
-                    traces[n] = r or []
+                    if r is None:  # a replica without the block yet (blocks may come from another)
+                        raise InconsistentData(f"{self.cfg.id}: the node has no trace of block {n} yet")
+                    traces[n] = r
 
         async with fan_out() as nursery:
             nursery.start_soon(get_blocks)
@@ -317,7 +319,9 @@ class EvmClient(ChainClient):
         """Value transfers below the top-level call, in successful frames only."""
         by_tx: dict[str, list[dict[str, Any]]] = {}
         for tr in block_traces:
-            if tr.get("transactionHash") and tr.get("blockHash", block_hash) == block_hash:
+            if tr.get("blockHash", block_hash) != block_hash:  # a node on another fork: not "none"
+                raise InconsistentData(f"a trace of another block ({tr.get('blockHash')}) for block {block_hash}")
+            if tr.get("transactionHash"):
                 by_tx.setdefault(tr["transactionHash"], []).append(tr)
         out: list[Transfer] = []
         for txid, frames in by_tx.items():

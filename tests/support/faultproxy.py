@@ -19,7 +19,8 @@ Retry-After), ``truncated`` (HTTP 200, the JSON cut short), ``malformed`` (HTTP 
 garbage: not JSON, HTML, JSON of the wrong shape, wrong or unusable ids, a batch answer with
 an element missing: ``self.malformed``), ``rpc_error`` (HTTP 200, a JSON-RPC error object for
 each call: ``self.rpc_error``); and, not in the default mix, ``bad_result`` (results of the
-wrong type or shape, ``self.bad_results``: a broken node rather than an unreachable one).
+wrong type or shape, ``self.bad_results``: a broken node rather than an unreachable one) and
+``no_result`` (every result ``null``: a replica that does not have the block yet).
 
 ``recent`` holds the calls of each recent HTTP request (how a client batches). ``injected``
 counts every fault by kind (``lag`` per request served by the lagging view,
@@ -48,7 +49,7 @@ DEFAULT_MIX: dict[str, float] = {
     "http_429": 1, "truncated": 2, "malformed": 3, "rpc_error": 1,
 }
 # not in the default mix: answers from a node that is broken rather than unreachable
-EXTRA_KINDS = ("bad_result",)
+EXTRA_KINDS = ("bad_result", "no_result")
 KINDS = (*DEFAULT_MIX, *EXTRA_KINDS, "lag", "lag_hidden", "down")
 
 # state-reading methods whose block tag is the parameter at this index
@@ -253,6 +254,8 @@ class FaultProxy:
             return _Reply(200, self._garbage(content))
         if kind == "bad_result":
             return _Reply(200, self._bad_results(content))
+        if kind == "no_result":
+            return _Reply(200, self._no_results(content))
         return _Reply(status, content)
 
     def _count_methods(self, body: bytes) -> set[str]:
@@ -305,6 +308,17 @@ class FaultProxy:
         out = [{"jsonrpc": "2.0", "id": c.get("id") if isinstance(c, dict) else None,
                 "error": {"code": code, "message": message}} for c in calls]
         return orjson.dumps(out if isinstance(req, list) else out[0])
+
+    def _no_results(self, real: bytes) -> bytes:
+        """Every result ``null``: what a replica that does not have the block yet answers to
+        ``trace_block`` (and ``eth_getBlockByNumber``)."""
+        try:
+            data = orjson.loads(real)
+        except orjson.JSONDecodeError:
+            return real
+        items = data if isinstance(data, list) else [data]
+        out = [{**i, "result": None} if isinstance(i, dict) and "result" in i else i for i in items]
+        return orjson.dumps(out if isinstance(data, list) else out[0])
 
     def _bad_results(self, real: bytes) -> bytes:
         """A well-formed JSON-RPC answer whose results are of the wrong type or shape."""
