@@ -160,6 +160,42 @@ async def test_reorg_of_paying_transfer_moves_invoice_back(setup, anvil, token):
             await pay_and_wait(anvil, token, d, inv, 12_500_000, "completed", mine=2)
 
 
+async def test_submit_tx_answered_from_another_fork_leaves_a_scanned_payment_where_the_scan_found_it(
+        tmp_path, anvil, token):
+    """The node answering submit-tx (a failover node, another replica) may be on a fork where
+    the payment the scan already holds in block n was mined in a block above the cursor. That
+    answer moved the stored payment to the other fork's block: the scan then orphaned it
+    there, while the block that really holds it was never scanned again (the invoice unpaid,
+    the confirmed deposit un-credited). A payment the scan holds in a block of its own chain
+    now stays there. (The other fork's answer is built here: anvil cannot serve two forks.)"""
+    from watcher.chains import Block, Transfer
+
+    token.mint(anvil.accounts[1], 10**12)
+    cfg = write_config(tmp_path, [chain_entry("devnet", anvil.url, tokens=[("USDT", token.address, 6)],
+                                              confirmations=2)])
+    with trio.fail_after(60):
+        async with running(cfg) as d:
+            inv = d.views.invoice(d.store.invoices.create(chain="devnet", asset="USDT", amount=1_000_000, mode="sale",
+                                                          expires_in=600, tolerance_ppm=0, order_id=None, metadata={},
+                                                          actor="t").id)
+            token.transfer(anvil.accounts[1], inv["address"], 1_000_000)
+            anvil.mine(2)
+            await wait_until(lambda: d.views.invoice(inv["id"])["status"] == "completed", what="completed")
+            (t,) = d.views.transfers()[0]
+            cursor = d.store.chains.scanned_number("devnet")
+            fork = Block(number=cursor + 2, hash="0x" + "bb" * 32, parent_hash="0x" + "cc" * 32, timestamp=0,
+                         transfers=(Transfer(txid=t["txid"], index=t["index"], kind=t["kind"], asset=t["asset"],
+                                             to=t["address"].lower(), sender=t["from"].lower(), amount=int(t["base_units"])),))
+            assert d.store.chains.record_lookup(d.store.chain_config("devnet"), fork)
+            anvil.mine(4)
+            d.watchers["devnet"].poke()
+            await wait_until(lambda: d.store.chains.scanned_number("devnet") == anvil.head(), what="scanned past it")
+            (now,) = d.views.transfers()[0]
+            assert (now["status"], now["block_number"], now["block_hash"]) == ("confirmed", t["block_number"],
+                                                                                t["block_hash"])
+            assert d.views.invoice(inv["id"])["status"] == "completed"
+
+
 async def test_submit_tx_checks_a_payment_before_the_scanner(tmp_path, anvil, token):
     port = free_port()
     token.mint(anvil.accounts[1], 10**12)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..chains import Block, Mempool
+from ..chains import Block, Mempool, Transfer
 from ..config import ChainConfig
 from ..errors import InconsistentData
 from .transfers import TransferChange
@@ -187,9 +187,21 @@ class ChainState:
                 ours = cur.hash if block.number == cur.number else self.recent_blocks(chain.id).get(block.number)
                 if ours is not None and ours != block.hash:
                     return False
-            changes = [self.store.transfers.record(chain, block, t, cur.number) for t in block.transfers]
+            # a payment the scan already holds in a block of its chain stays there: the node
+            # that answered may be on another fork (a replica, a failover), and moved to that
+            # fork's block above the cursor it would be orphaned there while the block that
+            # really holds it is never scanned again
+            fresh = [t for t in block.transfers if not self._held(chain.id, t)]
+            changes = [self.store.transfers.record(chain, block, t, cur.number) for t in fresh]
             self._react([c for c in changes if c is not None])
         return True
+
+    def _held(self, chain: str, t: Transfer) -> bool:
+        """``t`` is stored, live, in a block our scanned chain holds."""
+        row = self.store.db.one("SELECT block_number, block_hash, status FROM transfers WHERE chain = ? AND txid = ?"
+                                " AND idx = ?", (chain, t.txid, t.index))
+        return (row is not None and row["status"] != "orphaned" and row["block_number"] is not None
+                and self.holds_block(chain, row["block_number"], row["block_hash"]))
 
     def rollback(self, chain: ChainConfig, ancestor: int, ancestor_hash: str | None) -> int:
         """Undo every block above ``ancestor`` (a reorg): orphan their transfers (with
