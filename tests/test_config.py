@@ -228,6 +228,13 @@ CASES = [
      "chains[0].rpc_url: ' http://127.0.0.1:8545'"),
     ("rpc_url with a newline", lambda r: r["chains"][0].update(rpc_url="http://127.0.0.1:8545/\n"),
      "chains[0].rpc_url: 'http://127.0.0.1:8545/\\n' contains whitespace or control characters"),
+    # a node's URL may carry a password or an API key: an error shows its scheme and host only
+    ("rpc_url with a password and a bad port",
+     lambda r: r["chains"][0].update(rpc_url="https://user:s3cretpass@node.example:99999/v3/KEY0123456789"),
+     "chains[0].rpc_url: 'https://node.example/...' is not a valid URL (Port out of range 0-65535)"),
+    ("rpc_url with an API key in its path and a newline",
+     lambda r: r["chains"][0].update(rpc_url="https://mainnet.example/v3/KEY0123456789\n"),
+     "chains[0].rpc_url: 'https://mainnet.example/...' contains whitespace or control characters"),
     ("rpc_url as an array", lambda r: r["chains"][0].update(rpc_url=["http://127.0.0.1:8545"]),
      "chains[0].rpc_url: must be a string, got an array"),
     ("rpc_url as a date", lambda r: r["chains"][0].update(rpc_url=datetime.datetime(2026, 1, 1, 12, 0)),

@@ -146,23 +146,41 @@ def between(lo: float, hi: float) -> Callable[[float], str | None]:
 
 
 def http_url(v: str) -> str | None:
+    """Why ``v`` is not an http(s) URL with a host, or None. The URL is shown only as
+    :func:`shown_url` shows it: a node's URL may carry a password or an API key (in its user
+    info, path or query), and this message goes to the terminal and the journal."""
     try:
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        return f"{v!r} is not a valid URL ({e})"
+        return f"{shown_url(v)} is not a valid URL ({e})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"{v!r} is not an http(s) URL with a host"
+        return f"{shown_url(v)} is not an http(s) URL with a host"
     if any(c.isspace() or ord(c) < 0x20 for c in v):
-        return f"{v!r} contains whitespace or control characters"
+        return f"{shown_url(v)} contains whitespace or control characters"
     return None
 
 
 def ws_url(v: str) -> str | None:
     problem = http_url(v.replace("ws://", "http://", 1).replace("wss://", "https://", 1))
     if problem or not v.startswith(("ws://", "wss://")):
-        return f"{v!r} is not a ws(s):// URL with a host"
+        return f"{shown_url(v)} is not a ws(s):// URL with a host"
     return None
+
+
+def shown_url(v: str) -> str:
+    """What a config error may show of a URL: all of it if it has no user info, path, query or
+    fragment (where a password or an API key would be), else its scheme and host."""
+    try:
+        path = urlsplit(v).path if "://" in v else ("/" if "/" in v else "")
+    except ValueError:
+        path = "?"
+    if not any(c in v for c in "@?#") and path.rstrip() in ("", "/"):
+        return repr(v)
+    try:
+        return repr(redacted_url(v.strip()) + "/...")
+    except ValueError:
+        return "the URL"
 
 
 def redacted_url(url: str) -> str:
