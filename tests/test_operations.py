@@ -221,12 +221,15 @@ def test_restore_puts_the_backup_in_place_not_a_crashed_daemons_wal(tmp_path, ca
     crashed = _files(tmp_path)
     r = cli("restore", str(saved), "-c", str(cfg), cwd=tmp_path)  # the real command, once
     assert r.returncode == 0, r.stderr
-    assert live.read_bytes() == saved.read_bytes()  # exactly the backup
     assert not (tmp_path / "watcher.db-wal").exists() and not (tmp_path / "watcher.db-shm").exists()
     assert live.stat().st_mode & 0o777 == 0o600
     with contextlib.closing(sqlite3.connect(live)) as c:
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        # the backup, not the -wal's pages: the audit log is the backup's...
         assert c.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'admin.pause'").fetchone()[0] == 0
+        # ...and the kill switch is taken over as it was (a pause made since stays on)
+        assert c.execute("SELECT value FROM meta WHERE key = 'paused'").fetchone()[0] == '["payouts"]'
+    assert "the kill switch" in r.stdout
     # the crashed database and its -wal are kept aside together, byte for byte: nothing is lost
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("watcher.db.before-restore-")
                 and not p.name.endswith(("-wal", "-shm"))]
@@ -236,6 +239,37 @@ def test_restore_puts_the_backup_in_place_not_a_crashed_daemons_wal(tmp_path, ca
     assert str(aside) in r.stdout
     with contextlib.closing(sqlite3.connect(aside)) as c:  # opened, it holds the later write
         assert c.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'admin.pause'").fetchone()[0] == 1
+
+
+def test_restore_keeps_every_address_handed_out_and_every_key_revoked_since_the_backup(tmp_path, capsys):
+    """Indexes are handed out as the highest one so far plus one. Restoring a backup taken
+    before bob's address was made handed bob's index (and address) to the next label,
+    carol: two users, one deposit address, and bob's deposits credited to carol. A key
+    revoked since the backup came back to life. Restore now takes over, from the database it
+    replaces, every address ever handed out and the keys as they are now."""
+    cfg = write_config(tmp_path, [chain_entry("devnet", "http://127.0.0.1:9")])
+
+    def run(*args: str) -> str:
+        code, out, err = watcher_cli(capsys, *args, "-c", str(cfg))
+        assert code == 0, err
+        return out
+
+    def address(label: str) -> dict:
+        return json.loads(run("address", "new", "--chain", "devnet", "--label", label, "--json").splitlines()[-1])
+
+    alice = address("alice")
+    key = json.loads(run("keys", "create", "--name", "shop", "--scopes", "read,payouts").splitlines()[-1])
+    run("backup", str(tmp_path / "backup.db"))
+    bob = address("bob")
+    run("keys", "revoke", key["id"])
+    out = run("restore", str(tmp_path / "backup.db"))
+    carol = address("carol")
+    assert len({alice["address"], bob["address"], carol["address"]}) == 3, (bob, carol)
+    assert "1 derivations" in out and "1 addresses" in out, out
+    assert [alice["derivation_index"], bob["derivation_index"], carol["derivation_index"]] == [0, 1, 2]
+    assert {**address("bob"), "created": True} == bob  # bob keeps his, and it is watched
+    listed = json.loads(run("keys", "list", "--json"))
+    assert [k["status"] for k in listed if k["id"] == key["id"]] == ["revoked"]
 
 
 # a process that commits, then dies without closing (as by kill -9): its write stays in the -wal

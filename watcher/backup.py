@@ -14,10 +14,13 @@ backup alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import WatcherError
@@ -156,12 +159,105 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def restore(backup_file: Path, target: Path) -> list[Path]:
+# What the database being replaced knows that its backup may not, and must not be lost or
+# undone by a restore (see :func:`_carry_over`):
+#: every address ever handed out (append-only): lost, its index would be handed out again
+#: (two labels or invoices, one deposit address) and its deposits not watched
+APPEND_ONLY = ("derivations", "addresses")
+#: credentials as they are now: a key revoked since the backup must stay revoked, an endpoint
+#: deleted (its secret erased), moved or rotated stays so, and keys made since keep working
+LATEST = ("api_keys", "webhooks")
+#: the kill switch as it is now: a pause made since the backup (an incident) stays on
+META_KEYS = ("paused",)
+
+
+@dataclass
+class Restored:
+    aside: list[Path]  # the previous database and what was beside it, renamed
+    carried: dict[str, int]  # rows taken over from it, by table ("paused": 1 if the pause state was)
+    skipped: int  # addresses of it that clash with the backup's (a label given another address)
+
+
+def _carry_over(current: Path, copy: Path) -> tuple[dict[str, int], int]:
+    """Take into ``copy`` (the backup about to be put in place) what the database it
+    replaces holds that must survive a restore: :data:`APPEND_ONLY` rows it lacks,
+    :data:`LATEST` rows as they are now, :data:`META_KEYS`. The current database is only
+    read (through a copy if it cannot be read where it is, e.g. a crashed daemon's -wal that
+    needs recovering); its columns are matched by name, so a backup of an older schema takes
+    what it has columns for."""
+    with tempfile.TemporaryDirectory(prefix="watcher-restore-") as scratch:
+        source = _readable(current, Path(scratch))
+        conn = sqlite3.connect(copy.resolve().as_uri(), uri=True, isolation_level=None)
+        try:
+            conn.execute("ATTACH DATABASE ? AS cur", (f"{source.resolve().as_uri()}?mode=ro",))
+            carried: dict[str, int] = {}
+            conn.execute("BEGIN IMMEDIATE")
+            for table in (*APPEND_ONLY, *LATEST):
+                cols = _shared_columns(conn, table)
+                if not cols:
+                    continue
+                names = ", ".join(f'"{c}"' for c in cols)
+                verb = "INSERT OR IGNORE" if table in APPEND_ONLY else "INSERT OR REPLACE"
+                before = conn.total_changes
+                conn.execute(f"{verb} INTO main.{table} ({names}) SELECT {names} FROM cur.{table}")
+                carried[table] = conn.total_changes - before
+            skipped = conn.execute("SELECT COUNT(*) FROM cur.addresses c WHERE NOT EXISTS (SELECT 1 FROM"
+                                   " main.addresses m WHERE m.chain = c.chain AND m.address = c.address)"
+                                   ).fetchone()[0] if "addresses" in carried else 0
+            for key in META_KEYS:
+                row = conn.execute("SELECT value FROM cur.meta WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    conn.execute("INSERT INTO main.meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+                                 " SET value = excluded.value", (key, row[0]))
+                    carried[key] = 1
+            conn.execute("COMMIT")
+            conn.execute("DETACH DATABASE cur")
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise RestoreError(f"cannot take over the addresses, keys and endpoints of {current}: {e}; restore "
+                               "with --no-carry to put the backup alone in place (addresses handed out since "
+                               "it would be handed out again)") from None
+        finally:
+            conn.close()
+    if ok != "ok":
+        raise RestoreError(f"the restored copy failed its integrity check: {ok}")
+    return carried, skipped
+
+
+def _readable(current: Path, scratch: Path) -> Path:
+    """``current`` if SQLite can read it where it is, read-only; else a copy of it and what is
+    beside it (a -wal to recover) in ``scratch``, opened once so that SQLite recovers it."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{current.resolve().as_uri()}?mode=ro", uri=True)) as c:
+            c.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            c.execute("SELECT COUNT(*) FROM derivations").fetchone()
+        return current
+    except sqlite3.DatabaseError:
+        pass
+    copy = scratch / current.name
+    for suffix in ("", *SIDECARS):
+        side = current.with_name(current.name + suffix)
+        if side.exists():
+            shutil.copy2(side, copy.with_name(copy.name + suffix))
+    with contextlib.closing(sqlite3.connect(copy)) as c:
+        c.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    return copy
+
+
+def _shared_columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    main = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+    cur = {r[1] for r in conn.execute(f"PRAGMA cur.table_info({table})")}
+    return [c for c in main if c in cur]
+
+
+def restore(backup_file: Path, target: Path, *, carry: bool = True) -> Restored:
     """``watcher restore BACKUP``: put a copy of ``backup_file`` at ``target`` (storage.path),
     with nothing of the previous database beside it. Refused while a process has the database
-    open, or if the backup is not an intact watcher database. The previous database and its
-    -wal/-shm are renamed aside, never deleted; returns their new names. The backup file
-    itself is left as it is."""
+    open, or if the backup is not an intact watcher database. What the previous database
+    knows that a restore must not lose or undo (every address handed out, keys and endpoints
+    as they are now, the kill switch) is taken into the copy first (``carry``, see
+    :func:`_carry_over`). The previous database and its -wal/-shm are renamed aside, never
+    deleted. The backup file itself is left as it is."""
     if not backup_file.is_file():
         raise RestoreError(f"no file at {backup_file}")
     if target.exists() and backup_file.resolve() == target.resolve():
@@ -183,10 +279,11 @@ def restore(backup_file: Path, target: Path) -> list[Path]:
         _check_backup(tmp, backup_file)  # what is put in place, not what may change meanwhile
         if in_use(target):
             raise RestoreError(f"{target} is in use (is the daemon running?); stop it first")
+        carried, skipped = _carry_over(target, tmp) if carry and target.exists() else ({}, 0)
         aside = _move_aside(target)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return aside
+    return Restored(aside=aside, carried=carried, skipped=skipped)

@@ -246,10 +246,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     pm = make_plugin_manager()
     config = load_config(_config_path(args), chain_families(pm), config_sections(pm))
-    aside = restore(Path(args.path), config.storage.path)  # not through Core: it must not open the database
+    # not through Core: it must not open the database
+    done = restore(Path(args.path), config.storage.path, carry=not args.no_carry)
     print(f"restored {args.path} to {config.storage.path} (integrity ok)")
-    if aside:
-        print(f"the previous database is kept as {', '.join(map(str, aside))}")
+    if done.carried:
+        print("taken over from the database it replaces: " + ", ".join(
+            f"{n} {table.replace('_', ' ')}" if table != "paused" else "the kill switch"
+            for table, n in done.carried.items()))
+    if done.skipped:
+        print(f"warning: {done.skipped} address(es) of the replaced database clash with the backup's labels and "
+              "were not taken over; they are in the database kept aside", file=sys.stderr)
+    if done.aside:
+        print(f"the previous database is kept as {', '.join(map(str, done.aside))}")
     print("start the daemon: it scans on from the backup's cursor and finds what happened since")
     return 0
 
@@ -365,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("restore", help="put a backup in place of the database (the daemon stopped); "
                                                     "the previous one is kept aside"))
     sp.add_argument("path", help="a file written by watcher backup")
+    sp.add_argument("--no-carry", action="store_true",
+                    help="do not take over the replaced database's addresses, keys, endpoints and kill switch "
+                         "(only if it cannot be read: addresses handed out since the backup are then handed out "
+                         "again)")
     sp.set_defaults(fn=cmd_restore)
 
     for name, fn, text in (("pause", cmd_pause, "kill switch: hold payouts, sweeps or all (nothing is dropped)"),
