@@ -207,3 +207,28 @@ def test_a_database_of_the_previous_schema_upgrades_with_its_wallet_and_derivati
     (tmp_path / "seed.txt").write_text(ANVIL_MNEMONIC)
     with pytest.raises(Exception, match="configured keys do not match this database"):
         Daemon.open(cfg, registry=CollectorRegistry())
+
+
+def test_a_passphrase_is_used_exactly_and_one_with_spaces_at_an_end_is_refused(tmp_path):
+    """BIP39 uses the passphrase exactly as given: ``"pass "`` and ``"pass"`` are two seeds,
+    two sets of addresses. The file's text was stripped, so a passphrase with a space at an
+    end gave addresses another wallet given the same words and passphrase does not find.
+    One final line break is not part of it; spaces at either end are refused, with why
+    (watcher used to leave them out: which one the addresses were made with, only the
+    operator knows)."""
+    words = tmp_path / "seed.txt"
+    words.write_text(TEST_MNEMONIC + "\n")
+    words.chmod(0o600)
+    phrase = tmp_path / "passphrase.txt"
+    path = "m/84'/0'/0'"
+    for text in ("pass\n", "pass\r\n", "pass"):
+        phrase.write_text(text, newline="")
+        got = Keyring.from_config(KeysConfig(mnemonic_file=words, passphrase_file=phrase))
+        assert got.public_key(path, 0) == Keyring.from_mnemonic(TEST_MNEMONIC, "pass").public_key(path, 0), text
+    assert Keyring.from_mnemonic(TEST_MNEMONIC, "pass ").public_key(path, 0) != \
+        Keyring.from_mnemonic(TEST_MNEMONIC, "pass").public_key(path, 0)
+    for text in ("pass \n", " pass", "pass\n\n"):
+        phrase.write_text(text, newline="")
+        with pytest.raises(KeyMaterialError, match="spaces or line breaks at its start or end"):
+            Keyring.from_config(KeysConfig(mnemonic_file=words, passphrase_file=phrase))
+

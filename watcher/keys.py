@@ -126,7 +126,7 @@ class Keyring:
     def from_config(cls, cfg: KeysConfig) -> Keyring:
         if cfg.mnemonic_file is not None:
             words = _read_secret(cfg.mnemonic_file, "keys.mnemonic_file")
-            passphrase = _read_secret(cfg.passphrase_file, "keys.passphrase_file") if cfg.passphrase_file else ""
+            passphrase = _passphrase(cfg.passphrase_file) if cfg.passphrase_file else ""
             return cls.from_mnemonic(words, passphrase)
         accounts = {path: parse_account_key(key, f"keys.accounts.{path}") for path, key in cfg.accounts.items()}
         if cfg.xpub is not None:
@@ -205,6 +205,21 @@ def _read_secret(path: Path, key: str) -> str:
     if not text.strip() and key.endswith("mnemonic_file"):
         raise KeyMaterialError(f"{key}: {str(path)!r} is empty")
     return text.strip()
+
+
+def _passphrase(path: Path) -> str:
+    """The BIP39 passphrase: the file's text less one final line break. BIP39 uses the
+    passphrase exactly as given, so a space at either end changes every address; watcher
+    once stripped them, so a file with one is refused rather than read another way than
+    before (either reading could be the one the operator's other wallet uses)."""
+    _read_secret(path, "keys.passphrase_file")  # the same checks and warnings
+    text = path.read_text(encoding="utf-8")
+    exact = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if exact != exact.strip():
+        raise KeyMaterialError(f"keys.passphrase_file: {str(path)!r} has spaces or line breaks at its start or end; "
+                               "BIP39 uses a passphrase exactly as given and watcher used to leave them out: remove "
+                               "them from the file if that is the passphrase your addresses were derived with")
+    return exact
 
 
 class ChainKeyring(ChainKeys):
