@@ -130,10 +130,12 @@ async def test_tolerance_accepts_small_underpayment(setup, anvil, token):
             v = await pay_and_wait(anvil, token, d, inv, 12_400_000, "completed", mine=2)
             assert not v["overpaid"] and v["received"] == "12.4" and v["tolerance"] == "0.01"
             short = create(d, tolerance_ppm=10_000)
+            assert short["due"] == "12.5"  # the tolerance is accepted underpayment, not a discount asked for
             token.transfer(anvil.accounts[1], short["address"], 12_370_000)  # below 12.375
             anvil.mine(2)
             v = await wait_until(lambda: (v := d.views.invoice(short["id"]))["received"] == "12.37" and v)
             assert v["status"] == "awaiting_payment" and v["partial"]
+            assert v["due"] == "0.13"  # the rest of the amount (12.375 - 12.37 before: the tolerance given away)
 
 
 async def test_deposit_mode_takes_any_amount(setup, anvil, token):

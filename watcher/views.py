@@ -122,7 +122,8 @@ def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], 
         "address": cfg.spec.display_address(inv.address), "payment_uri": inv.payment_uri,
         "status": inv.status, "partial": inv.partial, "overpaid": inv.overpaid, "late": inv.late,
         "received": format_amount(inv.received, decimals), "confirmed": format_amount(inv.confirmed, decimals),
-        "due": format_amount(max(0, terms.required - inv.received) if inv.amount is not None else 0, decimals),
+        # what is left of the amount (the tolerance decides the status, it is no discount)
+        "due": format_amount(max(0, inv.amount - inv.received) if inv.amount is not None else 0, decimals),
         "required_confirmations": cfg.confirmations, "order_id": inv.order_id, "metadata": inv.metadata,
         # priced in a currency: the price and the rate locked at creation (null in asset units)
         "price": inv.pricing["price"] if inv.pricing else None,

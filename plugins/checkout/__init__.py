@@ -215,8 +215,8 @@ def payable_uri(daemon: Daemon, inv: dict[str, Any]) -> str:
         row = daemon.store.invoices.row(inv["id"])
         cfg = daemon.config.chain(inv["chain"])
         asset = cfg.asset(inv["asset"]) if cfg else None
-        if row is not None and cfg is not None and asset is not None:
-            due = row.terms.required - row.received
+        if row is not None and cfg is not None and asset is not None and row.amount is not None:
+            due = row.amount - row.received  # the rest of the amount: the tolerance is no discount
             if due > 0:
                 w = daemon.watchers.get(cfg.id)
                 uri = cfg.spec.payment_uri(cfg, row.address, asset, due, w.status.node_info if w else {})
