@@ -112,7 +112,6 @@ INVOICE_LINKS = ("checkout_url",)
 def invoice(cfg: ChainConfig, inv: InvoiceRow, payments: Sequence[TransferRow], *, tip: int,
             refunds: Sequence[PayoutRow] = (), links: Mapping[str, str] | None = None) -> Json:
     decimals = _decimals(cfg, inv.asset)
-    terms = inv.terms
     return {
         "id": inv.id, "chain": inv.chain, "asset": inv.asset, "contract": _contract(cfg, inv.asset),
         "decimals": decimals, "mode": inv.mode,
