@@ -261,10 +261,12 @@ async def test_the_http_kind_reads_coingeckos_format_from_a_local_replay(tmp_pat
     now = int(time.time())
     stamps = {"fresh": now - 30}
 
+    hostile: dict[str, bytes] = {}
+
     async def simple_price(request: Request) -> Response:
         seen.append({"query": dict(request.query_params), "key": request.headers.get("x-cg-demo-api-key")})
         t = stamps["fresh"]
-        return Response(COINGECKO % (t, t), media_type="application/json")
+        return Response(hostile.get("body") or COINGECKO % (t, t), media_type="application/json")
 
     port, api_port = free_port(), free_port()
     (tmp_path / "cg.key").write_text("demo-key-123\n")
@@ -295,5 +297,40 @@ async def test_the_http_kind_reads_coingeckos_format_from_a_local_replay(tmp_pat
                 r = await http.get("/v1/rates", params={"pair": "BTC/USD"})
                 assert r.status_code == 503 and "old" in r.json()["error"]["message"]
                 assert "demo-key-123" not in r.text
+                # a broken or hostile answer: 1e7000000 took seconds of the daemon's one thread to
+                # turn into a fraction (1e100000000: minutes); 1e95 was taken, and then every
+                # transfer's value raised inside the scan; a date in the future never went stale
+                hostile["body"] = (b'{"bitcoin":{"usd":1e700000,"last_updated_at":%d},'
+                                   b'"tether":{"usd":1e95,"last_updated_at":%d},'
+                                   b'"dogecoin":{"usd":0.1,"last_updated_at":%d}}' % (now, now, now + 10**6))
+                for pair in ("BTC/USD", "USDT/USD", "DOGE/USD"):
+                    with trio.fail_after(2):
+                        r = await http.get("/v1/rates", params={"pair": pair})
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "rate_unavailable", (pair, r.text)
             stop.set()
+
+
+async def test_a_sources_rate_that_is_no_price_makes_only_that_pair_unavailable():
+    """The core took what a source gave: a rate of 0 divided by zero when an invoice was
+    priced or a transfer valued (inside the scan: retried for ever, nothing credited), a
+    negative one valued transfers below zero, one dated in the future never went stale. A
+    plugin's source is now held to what the built-in ones check."""
+    now = time.time()
+
+    class Broken:
+        name = "broken"
+        pairs = (("ETH", "USD"), ("BTC", "USD"), ("LTC", "USD"), ("USDT", "USD"))
+
+        async def read(self, daemon):
+            return [Rate("ETH", "USD", Fraction(0), "broken", int(now)),
+                    Rate("BTC", "USD", Fraction(-3000), "broken", int(now)),
+                    Rate("LTC", "USD", Fraction(80), "broken", int(now) + 10**9),
+                    Rate("USDT", "USD", Fraction(1), "broken", int(now))]
+
+    rates = Rates(reference="USD", max_age=3600, refresh=0, sources=[Broken()], wall=lambda: now)
+    for symbol in ("ETH", "BTC", "LTC"):
+        with pytest.raises(RateUnavailable, match="gave none"):
+            await rates.get(None, symbol, "USD")  # type: ignore[arg-type]
+        assert rates.value_of(symbol, 10**18, 18) is None
+    assert (await rates.get(None, "USDT", "USD")).value == 1  # type: ignore[arg-type]
 

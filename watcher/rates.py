@@ -53,6 +53,23 @@ class UnknownPair(WatcherError):
     code = "unknown_pair"
 
 
+#: Rates outside 10^-30 .. 10^30 are no price (a broken or hostile source): no asset or
+#: currency pair comes near, and beyond them the arithmetic of values and amounts breaks
+RATE_RANGE = (Fraction(1, 10**30), Fraction(10**30))
+#: How far ahead of ours a source's clock may run; a rate dated later would never go stale
+CLOCK_SKEW = 300
+
+
+def insane(rate: Rate, wall: float) -> str | None:
+    """Why a rate a source gave is unusable (not a positive number in :data:`RATE_RANGE`,
+    dated in the future), or None. A plugin's source is held to it like the built-in ones."""
+    if not isinstance(rate.value, Fraction) or not RATE_RANGE[0] <= rate.value <= RATE_RANGE[1]:
+        return f"is {rate.value!r:.40}: not a positive rate between 1e-30 and 1e30"
+    if not isinstance(rate.updated_at, int) or rate.updated_at > wall + CLOCK_SKEW:
+        return f"is dated {rate.updated_at!r:.40}, in the future"
+    return None
+
+
 @dataclass(frozen=True)
 class Rate:
     """1 ``base`` is worth ``value`` ``quote``, as ``source`` said at ``updated_at`` (Unix s)."""
@@ -242,7 +259,15 @@ class Rates:
                 log.warning("rate source %s failed: %s", source.name, e)
                 raise RateUnavailable(f"no rate for {pair[0]}/{pair[1]}: source {source.name} failed "
                                       f"({type(e).__name__})") from None
-            hit = self._reads[i] = _Read(now, {(r.base, r.quote): r for r in got})
+            wall = self.wall()
+            kept = {}
+            for r in got:
+                problem = insane(r, wall)
+                if problem is None:
+                    kept[(r.base, r.quote)] = r
+                else:  # that pair is unavailable; the source's others stand
+                    log.warning("rate source %s: %s/%s %s: not used", source.name, r.base, r.quote, problem)
+            hit = self._reads[i] = _Read(now, kept)
         rate = hit.rates.get(pair)
         if rate is None:
             raise RateUnavailable(f"no rate for {pair[0]}/{pair[1]}: source {source.name} gave none")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import httpx
 
@@ -68,11 +68,16 @@ class HttpSource:
         params = {"ids": ",".join(self.ids.values()), "vs_currencies": self.vs.lower(),
                   "include_last_updated_at": "true"}
         async with httpx.AsyncClient(timeout=self.timeout, trust_env=False, follow_redirects=False) as client:
-            resp = await client.get(self.url, params=params, headers=headers)
-        if resp.status_code != 200:
-            raise ValueError(f"{self.name} answered HTTP {resp.status_code}")
+            async with client.stream("GET", self.url, params=params, headers=headers) as resp:
+                if resp.status_code != 200:
+                    raise ValueError(f"{self.name} answered HTTP {resp.status_code}")
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER:
+                        raise ValueError(f"{self.name} answered more than {MAX_ANSWER} bytes")
         try:
-            data = json.loads(resp.content, parse_float=Decimal, parse_int=Decimal)
+            data = json.loads(bytes(body), parse_float=Decimal, parse_int=Decimal)
         except ValueError:
             raise ValueError(f"{self.name} answered something that is not JSON") from None
         now = int(time.time())
@@ -80,12 +85,23 @@ class HttpSource:
         for symbol, coin in self.ids.items():
             entry = data.get(coin) if isinstance(data, dict) else None
             price = entry.get(self.vs.lower()) if isinstance(entry, dict) else None
-            if not isinstance(price, Decimal) or not price.is_finite() or price <= 0:
+            if not _plain(price) or price <= 0:
                 continue  # that pair is unavailable; the others are fine
             stamp = entry.get("last_updated_at") if isinstance(entry, dict) else None
-            updated = int(stamp) if isinstance(stamp, Decimal) and stamp > 0 else now
+            updated = int(stamp) if _plain(stamp) and 0 < stamp < 10**12 else now
             out.append(Rate(symbol, self.vs, Fraction(price), self.name, updated))
         return out
+
+
+MAX_ANSWER = 1 << 20  # bytes: a price list of a few coins is a few hundred
+
+
+def _plain(number: object) -> TypeGuard[Decimal]:
+    """A finite decimal of reasonable size: ``1e7000000`` is 15 bytes of JSON, and turning
+    it into a fraction (or an integer) takes seconds to minutes of CPU in the daemon's one
+    thread; no price or timestamp needs more than 40 digits or an exponent beyond 40."""
+    return (isinstance(number, Decimal) and number.is_finite() and abs(number.adjusted()) <= 40
+            and len(number.as_tuple().digits) <= 40)
 
 
 class HttpKind:
