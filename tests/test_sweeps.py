@@ -287,10 +287,9 @@ async def test_a_native_sweep_records_what_the_transaction_mined_moved(tmp_path,
 
 
 @contextlib.asynccontextmanager
-async def token_sweep_sent(tmp_path, anvil: Anvil, token: Token):
+async def token_deposited(tmp_path, anvil: Anvil, token: Token):
     """The daemon running with gas in its hot wallet, 100 USDT to bob's deposit address
-    confirmed, automine off, and a sweep run mined until its token transfer is sent: yields
-    (daemon, the sweep, bob's row)."""
+    confirmed, automine off: yields (daemon, admin client, bob's row)."""
     port = free_port()
     async with running(config(tmp_path, anvil, token, port), api=True) as d, httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", headers=ADMIN, trust_env=False) as http:
@@ -299,6 +298,14 @@ async def token_sweep_sent(tmp_path, anvil: Anvil, token: Token):
         anvil.wait_receipt(token.mint(bob.address, 100_000_000))
         await mine_until(anvil, lambda: d.views.transfers(status="confirmed")[0], what="the deposit")
         anvil.automine(False)
+        yield d, http, bob
+
+
+@contextlib.asynccontextmanager
+async def token_sweep_sent(tmp_path, anvil: Anvil, token: Token):
+    """:func:`token_deposited`, and a sweep run mined until its token transfer is sent:
+    yields (daemon, the sweep, bob's row)."""
+    async with token_deposited(tmp_path, anvil, token) as (d, http, bob):
         assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
         yield d, await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast"
                                   and s[0], what="the token transfer sent"), bob
@@ -357,6 +364,35 @@ async def test_a_reverted_sweep_that_succeeds_after_a_reorg_is_confirmed(tmp_pat
             assert len(d.views.sweeps()[0]) == 1 and len(transfer_logs_from(anvil, token, bob.address)) == 1
             assert [t for t, in d.store.db.query("SELECT type FROM events WHERE subject = ? ORDER BY seq",
                                                   (sweep["id"],))][-2:] == ["sweep.failed", "sweep.confirmed"]
+
+
+async def test_a_base_fee_creeping_up_does_not_top_up_a_token_sweeps_gas_again(tmp_path, anvil: Anvil, token: Token):
+    """The gas sent was checked again at the fees of the moment once the top-up landed: a
+    base fee up by a wei meant another top-up (each costing more than it moved), and after
+    three the sweep failed and its address was never planned again (the tokens and the
+    top-ups' ETH stranded). The gas already there is now used as long as it covers the next
+    block's base fee with room, plus the tip; past three top-ups the sweep waits for fees
+    to fall instead of failing. Here the base fee rises 10 % every block."""
+    with trio.fail_after(90):
+        async with token_deposited(tmp_path, anvil, token) as (d, http, _):
+            fee = [10 * 10**9]
+
+            def creep() -> None:  # the next block's base fee, 10 % above the last (seen by the wallet at once)
+                fee[0] = fee[0] * 11 // 10
+                anvil.rpc("anvil_setNextBlockBaseFeePerGas", hex(fee[0]))
+
+            creep()
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            deadline = trio.current_time() + 60
+            while not ((s := d.views.sweeps()[0]) and s[0]["status"] in ("confirmed", "failed")):
+                assert trio.current_time() < deadline, s
+                anvil.mine(1)
+                creep()
+                await trio.sleep(0.3)
+            sweep = s[0]
+            topups = {t.conflict for t in d.store.chaintxs.for_ref(sweep["id"], "topup")}
+            assert sweep["status"] == "confirmed" and len(topups) == 1, (sweep["status"], sweep["reason"], len(topups))
+            assert token.balance(TREASURY) == 100_000_000
 
 
 def sweep_status(db) -> str | None:

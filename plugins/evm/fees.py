@@ -39,6 +39,23 @@ class FeeQuote:
         prio = None if self.priority_fee is None else min(self.priority_fee, cap)
         return FeeQuote(max_fee=cap, priority_fee=prio)
 
+    def within(self, budget: int) -> FeeQuote | None:
+        """This quote lowered to ``budget`` per gas, if that still gets into a block soon: at
+        least the next base fee up by a quarter plus the tip (EIP-1559, where ``max_fee`` is
+        twice the base fee plus the tip), or the gas price (legacy, ``max_fee`` its 110 %);
+        None if it does not."""
+        if budget >= self.max_fee:
+            return self
+        if self.priority_fee is not None:
+            base = (self.max_fee - self.priority_fee) // 2
+            floor = base + base // 4 + self.priority_fee
+        else:
+            floor = self.max_fee * 10 // 11
+        if budget < floor:
+            return None
+        return FeeQuote(max_fee=budget, priority_fee=None if self.priority_fee is None
+                        else min(self.priority_fee, budget))
+
     def as_details(self) -> dict[str, Any]:
         return {"max_fee": self.max_fee, "priority_fee": self.priority_fee}
 

@@ -10,7 +10,10 @@ addresses send rarely and take their nonce from the node each time.
 Native sweeps send the confirmed balance less the exact fee (gas x max fee per gas), so
 nothing but the unspent part of the fee budget stays behind (reported as ``dust``). A token
 sweep whose address lacks gas gets exactly the gas the transfer needs at current fees plus
-``gas_margin`` from the hot wallet first (at most ``MAX_TOPUPS`` times).
+``gas_margin`` from the hot wallet first (at most ``MAX_TOPUPS`` times). Once gas was sent,
+the transfer goes out at a fee lowered to what the address holds while that still covers the
+next base fee up by a quarter plus the tip (the base fee moves every block: a new top-up
+per wei of it cost more than it moved); past ``MAX_TOPUPS`` the sweep waits for fees to fall.
 """
 
 from __future__ import annotations
@@ -169,12 +172,17 @@ class EvmWallet(Wallet):
         gas = estimate + estimate * self.opts.gas_margin_ppm // 1_000_000
         need = gas * fees.max_fee
         have = await self.client.balance(address, self.native)
-        if have >= need:
-            nonce = await self.client.nonce(address, pending=True)
-            return Send((self._sign(address, intent.to, asset, amount, nonce, gas, fees),))
         topups = {t.conflict for t in intent.txs if t.purpose == "topup"}
-        if len(topups) >= MAX_TOPUPS:
-            return Fail(f"gas was topped up {MAX_TOPUPS} times and fees still outran it")
+        # gas sent for it already: the fee of the moment may have crept up since (the base fee
+        # moves every block); a top-up per wei of it cost more than it moved, and the sweep
+        # failed after three. The gas there is used while it covers the next blocks' fee.
+        usable = fees if have >= need else fees.within(have // gas) if topups else None
+        if usable is not None:
+            nonce = await self.client.nonce(address, pending=True)
+            return Send((self._sign(address, intent.to, asset, amount, nonce, gas, usable),))
+        if len(topups) >= MAX_TOPUPS:  # the address keeps its candidate: waiting, not failed
+            return Wait(f"fees rose past the gas of {MAX_TOPUPS} top-ups ({self._show(have, self.native)} at the "
+                        f"address, {self._show(need, self.native)} asked now); waiting for them to fall")
         return await self._fund(address, need - have, fees, state)
 
     async def _fund(self, address: str, topup: int, fees: FeeQuote, state: WalletState) -> Wait | Send:
