@@ -178,6 +178,21 @@ def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
     assert watched in rawblock.candidate_scripts(block)
 
 
+def test_a_long_output_script_that_starts_with_a_watched_one_is_not_taken_for_it():
+    """An output script of 0x1600-0x16ff bytes has its length written fd 00 16: the byte
+    before it is a P2WPKH script's length. One that starts with a watched P2WPKH script (any
+    consensus-valid bytes after it) was taken for a payment to it, with the whole blob as
+    its script, which no address is: every fetch of that block failed, and the chain's scan
+    stopped for good. Only an output whose script is exactly the watched one is a payment."""
+    watched = bytes.fromhex("0014") + bytes(range(20))
+    blob = watched + b"\x6a" * (0x1600 - len(watched))
+    honest = _segwit_tx(1, [(1, blob), (7_000, watched)], 72)
+    block = b"\x00" * 80 + _compact(1) + honest
+    found = rawblock.outputs_to(block, {watched})
+    assert [(o.vout, o.value, o.script) for o in found] == [(1, 7_000, watched)]
+    assert [len(o.script) for o in rawblock.tx_outputs(honest)] == [0x1600, 22]
+
+
 async def test_an_address_of_a_new_kind_watched_while_its_block_downloads_is_found_in_it(tmp_path,
                                                                                          litecoind: Litecoind):
     """The scan searches a block only for the shapes of script it watches. Both the shapes and

@@ -137,7 +137,12 @@ def _tx(b: bytes, p: int, at: set[int] | None, coinbase: bool, out: list[Output]
         p += 1
         if n >= 0xFD:
             n, p = _varint(b, p - 1)
-        if at is None or p in at:
+            # the byte before a long script is its length's last byte: fd 00 16 ends like a
+            # P2WPKH script's length, so a 0x16xx-byte script starting with a watched one
+            # would match where it starts. Watched scripts are short: never one of these.
+            if at is None:
+                hits.append((i, int.from_bytes(b[value_at:value_at + 8], "little"), b[p:p + n]))
+        elif at is None or p in at:
             hits.append((i, int.from_bytes(b[value_at:value_at + 8], "little"), b[p:p + n]))
         p += n
     body_end = p
