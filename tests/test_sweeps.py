@@ -366,6 +366,37 @@ async def test_a_reverted_sweep_that_succeeds_after_a_reorg_is_confirmed(tmp_pat
                                                   (sweep["id"],))][-2:] == ["sweep.failed", "sweep.confirmed"]
 
 
+async def test_a_sweep_that_reverted_leaves_its_address_to_the_next_run(tmp_path, anvil: Anvil, token: Token):
+    """A token sweep's transfer reverted (the treasury blocked by the token for a while). The
+    sweep failed and its address's candidate was gone (taken when the sweep was planned):
+    nothing swept it again until a new deposit came, never for a one-time invoice address,
+    while the same revert seen after the sweep was confirmed (a reorg) did plan it again.
+    The next run now sweeps it."""
+    def blocked(value: bool) -> str:
+        return anvil.rpc("eth_sendTransaction", {
+            "from": anvil.accounts[0], "to": token.address, "data": calldata("setBlocked(address,bool)", TREASURY,
+                                                                             value),
+            "maxPriorityFeePerGas": hex(50 * 10**9), "maxFeePerGas": hex(100 * 10**9)})
+
+    with trio.fail_after(90):
+        async with token_sweep_sent(tmp_path, anvil, token) as (d, sweep, _):
+            blocked(True)  # in the same block, ahead of the transfer
+            failed = await mine_until(anvil, lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "failed"
+                                      and s[0], what="the sweep failed")
+            assert "reverted" in failed["reason"] and token.balance(TREASURY) == 0
+            blocked(False)
+            anvil.mine(1)
+            d.senders["devnet"].sweeper.request()
+            done = await mine_until(anvil, lambda: next((x for x in d.views.sweeps()[0] if x["status"] == "confirmed"),
+                                                        None), what="swept by the next run")
+            assert done["id"] != sweep["id"] and token.balance(TREASURY) == 100_000_000 == int(done["base_units"])
+            anvil.mine(3)  # the finality guard follows the reverted transaction: nothing to report of it
+            await trio.sleep(0.5)
+            kinds = [t for t, in d.store.db.query("SELECT type FROM events WHERE subject = ? ORDER BY seq",
+                                                   (sweep["id"],))]
+            assert kinds[-1] == "sweep.failed" and "sweep.remined" not in kinds, kinds
+
+
 async def test_a_base_fee_creeping_up_does_not_top_up_a_token_sweeps_gas_again(tmp_path, anvil: Anvil, token: Token):
     """The gas sent was checked again at the fees of the moment once the top-up landed: a
     base fee up by a wei meant another top-up (each costing more than it moved), and after

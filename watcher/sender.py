@@ -320,7 +320,9 @@ class Sender:
         row = self.store.payouts.row(tx.ref_id) if tx.purpose == "payout" else self.store.sweeps.row(tx.ref_id)
         if row is None:
             return
-        if not s.success and row.status != "failed":
+        if not s.success and row.status == "failed":
+            return  # failed by this revert, and still reverted: nothing moved, nothing to say
+        if not s.success:
             log.error("%s: settled %s %s reverted when mined again after a reorg: %s", self.chain, tx.purpose,
                       tx.ref_id, s.error, extra={"chain": self.chain, "txid": s.txid})
             self._settled_undone(tx, f"its transaction left the chain in a reorg and reverted when mined again"

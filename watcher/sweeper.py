@@ -248,8 +248,11 @@ class Sweeper:
             return None
         assert t.status is not None
         if not t.status.success:
+            # its addresses are candidates again (the candidate went when the sweep was planned;
+            # a one-time invoice address gets no next deposit to bring it back), as when the
+            # same revert is seen after the sweep was confirmed (the finality guard)
             self.store.sweeps.failed(row.id, f"{'top-up' if purpose == 'topup' else 'sweep transaction'} reverted: "
-                                             f"{t.status.error}")
+                                             f"{t.status.error}", replan=True)
             return None
         return t
 
