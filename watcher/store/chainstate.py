@@ -198,8 +198,7 @@ class ChainState:
 
     def _held(self, chain: str, t: Transfer) -> bool:
         """``t`` is stored, live, in a block our scanned chain holds."""
-        row = self.store.db.one("SELECT block_number, block_hash, status FROM transfers WHERE chain = ? AND txid = ?"
-                                " AND idx = ?", (chain, t.txid, t.index))
+        row = self.store.transfers.by_key(chain, t.txid, t.index)
         return (row is not None and row["status"] != "orphaned" and row["block_number"] is not None
                 and self.holds_block(chain, row["block_number"], row["block_hash"]))
 

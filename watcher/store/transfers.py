@@ -122,9 +122,7 @@ class Transfers:
             return None
         conn = self.store.db.conn
         now = self.store.clock.now_ms()
-        row = conn.execute(
-            "SELECT * FROM transfers WHERE chain = ? AND txid = ? AND idx = ?", (chain.id, t.txid, t.index)
-        ).fetchone()
+        row = self.by_key(chain.id, t.txid, t.index)
         if row is None:
             tid = new_id("tr", now_ms=now)
             conn.execute(
@@ -170,9 +168,7 @@ class Transfers:
         orphaned while unmined (dropped, then sent again) or still missing: it is back."""
         conn = self.store.db.conn
         now = self.store.clock.now_ms()
-        row = conn.execute(
-            "SELECT id, status, block_hash, gone_at FROM transfers WHERE chain = ? AND txid = ? AND idx = ?",
-            (chain.id, t.txid, t.index)).fetchone()
+        row = self.by_key(chain.id, t.txid, t.index)
         if row is None:
             tid = new_id("tr", now_ms=now)
             conn.execute(
@@ -196,6 +192,11 @@ class Transfers:
         return [(r[0], r[1], r[2]) for r in self.store.db.query(
             "SELECT id, txid, gone_at FROM transfers WHERE chain = ? AND block_number IS NULL"
             " AND status = 'detected'", (chain,))]
+
+    def by_key(self, chain: str, txid: str, index: int) -> sqlite3.Row | None:
+        """The stored row of transfer ``(chain, txid, index)``, if any."""
+        return self.store.db.conn.execute("SELECT * FROM transfers WHERE chain = ? AND txid = ? AND idx = ?",
+                                          (chain, txid, index)).fetchone()
 
     def has_unmined(self, chain: str) -> bool:
         """Whether a live transfer of ``chain`` waits for a block (a mempool payment)."""
