@@ -24,7 +24,7 @@ system-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py plugins/bitcoin/_rawscan.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "watcher needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -85,4 +85,4 @@ soak: deps
 	  $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules devnet tests/.cache .pytest_cache
+	rm -rf $(VENV) node_modules devnet tests/.cache .pytest_cache build plugins/bitcoin/_rawscan.*.so

@@ -5,6 +5,8 @@ fallback for a serialization the parser does not know."""
 
 from __future__ import annotations
 
+import random
+import shutil
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
@@ -21,13 +23,34 @@ from watcher_bitcoin.address import to_script
 from watcher_bitcoin.networks import NETWORKS
 
 LTC = NETWORKS["ltc-regtest"]
+NATIVE = rawblock._rawscan
+
+
+@pytest.fixture(params=["c", "python"])
+def parser(request, monkeypatch):
+    """Each test that takes it runs on both implementations of the scan's loops: the C module
+    (``_rawscan``, built by setup.py) and the same in Python (where it cannot be built)."""
+    if request.param == "python":
+        monkeypatch.setattr(rawblock, "_rawscan", None)
+    else:
+        _needs_native()
+    return request.param
+
+
+def _needs_native() -> None:
+    """The C module must be there wherever it can be built (a C compiler: the install builds
+    it, and a build that silently stopped would only show as a slower catch-up)."""
+    if NATIVE is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("the C scanner (watcher_bitcoin._rawscan) was not built: see setup.py")
+        pytest.skip("no C compiler here: watcher_bitcoin.rawblock runs in Python only")
 
 
 def _sats(value: Decimal) -> int:
     return int(value * COIN)
 
 
-def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Litecoind):
+def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Litecoind, parser):
     node = litecoind
     node.payer  # noqa: B018
     # outputs of every type the wallet writes, several in one transaction, one zero-value
@@ -79,7 +102,7 @@ def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Liteco
         rawblock.header(raw[:60])
 
 
-def test_candidates_overlap_and_unknown_serializations_are_refused():
+def test_candidates_overlap_and_unknown_serializations_are_refused(parser):
     # a P2WPKH script whose 20-byte program itself holds the start of another candidate: both found
     inner = bytes.fromhex("0014") + bytes(range(20))
     program = b"\x16" + inner[:19]
@@ -160,7 +183,7 @@ def _segwit_tx(tag: int, outputs: list[tuple[int, bytes]], witness_item: int) ->
     return (2).to_bytes(4, "little") + b"\x00\x01" + body_in + body_out + witness + b"\x00" * 4
 
 
-def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
+def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items(parser):
     """More than 252 transactions, outputs and witness items of 253 bytes and more are
     written with 3-byte compact sizes; the walk reads them and finds the payment in the last
     transaction, with the txid embit computes."""
@@ -178,7 +201,7 @@ def test_long_compact_sizes_blocks_of_many_transactions_and_big_witness_items():
     assert watched in rawblock.candidate_scripts(block)
 
 
-def test_a_long_output_script_that_starts_with_a_watched_one_is_not_taken_for_it():
+def test_a_long_output_script_that_starts_with_a_watched_one_is_not_taken_for_it(parser):
     """An output script of 0x1600-0x16ff bytes has its length written fd 00 16: the byte
     before it is a P2WPKH script's length. One that starts with a watched P2WPKH script (any
     consensus-valid bytes after it) was taken for a payment to it, with the whole blob as
@@ -265,3 +288,70 @@ async def test_heads_and_hashes_never_queue_behind_block_downloads(tmp_path, lit
             assert [(b.number, b.hash) for b in got] == [(n, node.rpc("getblockhash", n)) for n in (head - 1, head)]
     finally:
         core.close()
+
+
+def test_the_c_and_python_walks_agree_on_every_block_whole_or_damaged():
+    """The C loops against the Python ones on the same bytes: blocks of many shapes (short
+    and long compact sizes, several outputs, legacy and segwit transactions), then the same
+    cut short and with bytes changed. Both give the same outputs, or both refuse the block the
+    same way (ValueError, or Unsupported with the same flag)."""
+    _needs_native()
+    rng = random.Random(11)
+    watched = [bytes.fromhex("0014") + bytes([k]) * 20 for k in range(4)] + [
+        b"\xa9\x14" + b"\x07" * 20 + b"\x87", b"\x51\x20" + b"\x09" * 32]
+
+    def legacy_tx(outputs: list[tuple[int, bytes]]) -> bytes:
+        body_in = _compact(1) + rng.randbytes(32) + b"\x01\x00\x00\x00" + _compact(3) + b"\x51\x16\x00" + b"\xff" * 4
+        body_out = _compact(len(outputs)) + b"".join(v.to_bytes(8, "little") + _compact(len(s)) + s for v, s in outputs)
+        return (1).to_bytes(4, "little") + body_in + body_out + b"\x00" * 4
+
+    def block() -> bytes:
+        txs = []
+        for _ in range(rng.randint(1, 300)):
+            outputs = [(rng.randrange(2**64), rng.choice(watched) if rng.random() < 0.2 else rng.randbytes(22))
+                       for _ in range(rng.randint(1, 4))]
+            txs.append(_segwit_tx(rng.randrange(256), outputs, rng.choice([1, 72, 300]))
+                       if rng.random() < 0.7 else legacy_tx(outputs))
+        return rng.randbytes(80) + _compact(len(txs)) + b"".join(txs)
+
+    def both(fn, *args):
+        said = []
+        for impl in (NATIVE, None):
+            rawblock._rawscan = impl
+            try:
+                said.append(fn(*args))
+            except rawblock.Unsupported as e:
+                said.append(("unsupported", str(e)))
+            except ValueError:
+                said.append("ValueError")
+            finally:
+                rawblock._rawscan = NATIVE
+        return said
+
+    hits = refused = 0
+    for _ in range(30):
+        whole = block()
+        for data in [whole] + [whole[:rng.randrange(len(whole))] for _ in range(10)] + [
+                bytes(b ^ (rng.randrange(1, 256) if rng.random() < 0.001 else 0) for b in whole) for _ in range(10)]:
+            c, py = both(rawblock.candidate_scripts, data)
+            assert c == py
+            wanted = set(rng.sample(watched, 3))
+            c, py = both(rawblock.outputs_to, data, wanted)
+            assert c == py
+            hits += len(c) if isinstance(c, list) else 0
+            refused += not isinstance(c, list)
+    assert hits > 100 and refused > 50  # both paths were taken many times
+
+    # and bytes made to hit each refusal: no inputs, an unknown flag, compact sizes running
+    # past the end (3, 5 and 9 bytes), a block shorter than a header
+    pay = watched[0]
+    good = _segwit_tx(1, [(5, pay)], 72)
+    no_inputs = good[:6] + b"\x00" + _compact(1) + (5).to_bytes(8, "little") + _compact(22) + pay + b"\x00" * 4
+    mweb = good[:5] + b"\x08" + good[6:]
+    for bad, refusal in [(no_inputs, "ValueError"), (mweb, ("unsupported", "transaction flag 0x8"))] + [
+            (good[:6] + marker + b"\x01", "ValueError") for marker in (b"\xfd", b"\xfe", b"\xff")]:
+        for data in (b"\x00" * 80 + _compact(1) + bad, b"\x00" * 80 + _compact(2) + bad + good):
+            if pay in data:  # (the cut ones hold no payment alone: nothing to read)
+                assert both(rawblock.outputs_to, data, {pay}) == [refusal, refusal]
+    assert both(rawblock.outputs_to, b"\x00" * 80, {b"\x00" * 5}) == [[], []]  # no place of it: nothing read
+    assert both(rawblock.outputs_to, b"\x00" * 50 + b"\x16" + pay, {pay}) == ["ValueError", "ValueError"]
