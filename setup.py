@@ -1,7 +1,8 @@
 """The one part of the build pyproject.toml cannot say: the Bitcoin family's optional C
 scanner (plugins/bitcoin/_rawscan.c). ``optional=True``: where it cannot be compiled (no C
 compiler or Python headers), the install goes on and watcher_bitcoin.rawblock runs the same
-loops in Python (slower catch-up; ``watcher status`` says which)."""
+loops in Python (a catch-up takes more CPU; the daemon logs a warning
+for each Bitcoin-family chain then)."""
 
 from setuptools import Extension, setup
 

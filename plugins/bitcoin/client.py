@@ -12,6 +12,7 @@ transaction the parser does not know), amounts are parsed as exact decimals.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,8 @@ from watcher.tasks import fan_out
 from . import rawblock
 from .address import from_script, to_script
 from .family import BitcoinOptions
+
+log = logging.getLogger(__name__)
 
 COIN = 10**8
 # Bitcoin Core's codes for "asking again gives the same answer": invalid address or no such
@@ -71,6 +74,10 @@ def read_cookie(path: Path) -> tuple[str, str]:
 
 class BitcoinClient(ChainClient):
     def __init__(self, ctx: ChainContext, options: BitcoinOptions):
+        if not rawblock.native():
+            log.warning("%s: the C block scanner (watcher_bitcoin._rawscan) is not built: blocks are read in Python,"
+                        " a catch-up takes more CPU (reinstall where a C compiler is present)", ctx.config.id,
+                        extra={"chain": ctx.config.id})
         self.cfg = ctx.config
         self.opts = options
         self.network = options.network
