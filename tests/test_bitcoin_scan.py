@@ -216,3 +216,43 @@ async def test_each_node_of_a_chain_reads_its_own_cookie_file(tmp_path):
             b.close()
     finally:
         a.close()
+
+
+def test_a_new_transfers_event_is_the_row_as_read_back(tmp_path):
+    """A transfer found by the scan is reported from the values just written, with its
+    address's kind, label, invoice and order id looked up (not read back: a catch-up writes
+    hundreds a second). Its `transfer.detected` event must be what reading the row gives, for
+    a labelled deposit address, an invoice's address (with its order id) and a watched one."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher import views
+    from watcher.chains import Block, Transfer
+    from watcher.core import Core
+
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": "http://127.0.0.1:9",
+             "confirmations": 3}
+    core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
+    try:
+        store = core.store
+        chain = store.chain_config("ltc")
+        store.chains.ensure(chain, start_block=10, node_info={"chain": "regtest", "genesis": "00" * 32})
+        alice = store.addresses.deposit_address("ltc", "alice")[0].address
+        invoice = store.invoices.create(chain="ltc", asset="LTC", amount=5 * COIN, mode="exact", expires_in=900,
+                                        tolerance_ppm=0, order_id="order-7", metadata={}, actor=None)
+        watched = "mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn"
+        store.addresses.watch_external("ltc", watched, None)
+        pays = [Transfer(txid=f"{n:064x}", index=n, kind="native", asset="LTC", to=to, sender="", amount=1000 + n)
+                for n, to in enumerate([alice, invoice.address, watched])]
+        cursor = store.chains.cursor("ltc")
+        block = Block(number=cursor.number + 1, hash="ab" * 32, parent_hash=cursor.hash or "00" * 32,
+                      timestamp=1_700_000_000, transfers=tuple(pays))
+        store.chains.apply_blocks(chain, [block], node_head=block.number)
+        events = [e for e in store.events.list(types=("transfer.detected",))]
+        assert len(events) == 3
+        for e in events:
+            row = store.transfers.row(e.subject)
+            assert e.data == views.transfer(chain, row, tip=block.number)
+        assert {(e.data["label"], e.data["invoice_id"], e.data["order_id"]) for e in events} == {
+            ("alice", None, None), (None, invoice.id, "order-7"), (None, None, None)}
+    finally:
+        core.close()

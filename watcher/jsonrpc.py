@@ -8,6 +8,7 @@ in the metrics with the chain id and method.
 from __future__ import annotations
 
 import binascii
+import collections
 import itertools
 import json
 import logging
@@ -200,8 +201,8 @@ class JsonRpc:
             {"jsonrpc": "2.0", "id": i, "method": m, "params": list(p)} for i, (m, p) in zip(ids, calls, strict=True)
         ]
         body = orjson.dumps(payload if len(calls) > 1 else payload[0])
-        for m, _ in calls:
-            self.metrics.rpc_requests.labels(self.chain, m).inc()
+        for m, n in collections.Counter(m for m, _ in calls).items():  # a batch is mostly one method
+            self.metrics.child(self.metrics.rpc_requests, self.chain, m).inc(n)
         async with self._limiter:
             t0 = time.perf_counter()
             try:
@@ -214,7 +215,7 @@ class JsonRpc:
                 self._error(label, "connect")
                 raise NodeError(f"{self.chain}: cannot reach node: {type(e).__name__}") from None
             finally:
-                self.metrics.rpc_latency.labels(self.chain, label).observe(time.perf_counter() - t0)
+                self.metrics.child(self.metrics.rpc_latency, self.chain, label).observe(time.perf_counter() - t0)
         data = _parse(resp.content, decode=decode)
         if resp.status_code != 200 and not _is_rpc_error(data):
             self._error(label, "http")

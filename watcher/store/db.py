@@ -100,6 +100,7 @@ class Database:
         c.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         c.execute("PRAGMA foreign_keys = ON")
         self._in_tx = False
+        self.tx_serial = 0  # which transaction this is (a cache valid for one transaction keys on it)
         self._after: list[Callable[[], None]] = []
 
     def set_busy_timeout(self, ms: int) -> None:
@@ -129,6 +130,7 @@ class Database:
             return
         self.conn.execute("BEGIN IMMEDIATE")
         self._in_tx = True
+        self.tx_serial += 1
         try:
             yield self.conn
         except BaseException:

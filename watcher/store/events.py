@@ -88,7 +88,8 @@ class Outbox:
         self.store.webhooks.fan_out(event, only=webhooks_only)
 
         def committed() -> None:
-            self.store.metrics.events.labels(type).inc()
+            metrics = self.store.metrics
+            metrics.child(metrics.events, type).inc()
             for fn in self._listeners:
                 fn(event)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import views
@@ -64,18 +64,21 @@ class TransferRow:
         return self.status != "orphaned" and self.gone_at is None
 
     @classmethod
-    def from_row(cls, r: sqlite3.Row) -> TransferRow:
+    def from_row(cls, r: sqlite3.Row, *, status: str | None = None, confirmed_at: int | None = None,
+                 updated_at: int | None = None) -> TransferRow:
+        """The row as read (``_SELECT``: with its address's label, kind and invoice), or as it
+        is once ``status``, ``confirmed_at`` and ``updated_at`` are written (given)."""
         keys = r.keys()
+        joined = "address_kind" in keys  # _SELECT's columns, all or none
+        value = r["value"] if "value" in keys else None
         return cls(id=r["id"], chain=r["chain"], txid=r["txid"], index=r["idx"], kind=r["kind"], asset=r["asset"],
                    address=r["address"], sender=r["sender"], amount=int(r["amount"]), block_number=r["block_number"],
-                   block_hash=r["block_hash"], block_time=r["block_time"], status=r["status"],
-                   detected_at=r["detected_at"], confirmed_at=r["confirmed_at"], orphaned_at=r["orphaned_at"],
-                   updated_at=r["updated_at"], min_depth=r["min_depth"] or 0,
-                   address_kind=r["address_kind"] if "address_kind" in keys else None,
-                   label=r["label"] if "label" in keys else None,
-                   invoice_id=r["invoice_id"] if "invoice_id" in keys else None,
-                   order_id=r["order_id"] if "order_id" in keys else None,
-                   value=json.loads(r["value"]) if "value" in keys and r["value"] else None,
+                   block_hash=r["block_hash"], block_time=r["block_time"], status=status or r["status"],
+                   detected_at=r["detected_at"], confirmed_at=confirmed_at or r["confirmed_at"],
+                   orphaned_at=r["orphaned_at"], updated_at=updated_at or r["updated_at"],
+                   min_depth=r["min_depth"] or 0, address_kind=r["address_kind"] if joined else None,
+                   label=r["label"] if joined else None, invoice_id=r["invoice_id"] if joined else None,
+                   order_id=r["order_id"] if joined else None, value=json.loads(value) if value else None,
                    gone_at=r["gone_at"] if "gone_at" in keys else None)
 
 
@@ -91,6 +94,10 @@ class TransferChange:
     old: str | None
     new: str
 
+
+# what _SELECT joins to a transfer, for the address it pays
+_ADDRESS_OF = ("SELECT a.kind, a.label, a.invoice_id, i.order_id FROM addresses a LEFT JOIN invoices i"
+               " ON i.id = a.invoice_id WHERE a.chain = ? AND a.address = ?")
 _SELECT = (
     "SELECT t.*, a.label AS label, a.invoice_id AS invoice_id, a.kind AS address_kind, i.order_id AS order_id"
     " FROM transfers t LEFT JOIN addresses a ON a.chain = t.chain AND a.address = t.address"
@@ -125,16 +132,28 @@ class Transfers:
         row = self.by_key(chain.id, t.txid, t.index)
         if row is None:
             tid = new_id("tr", now_ms=now)
+            value = self._value(chain, t)
             conn.execute(
                 "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
                 " block_number, block_hash, block_time, status, detected_at, updated_at, min_depth, value)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?, ?)",
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount),
-                 block.number, block.hash, block.timestamp, now, now, t.min_depth or None, self._value(chain, t)),
+                 block.number, block.hash, block.timestamp, now, now, t.min_depth or None, value),
             )
-            change = self._changed(chain, tid, None, "detected", tip)
+            # the row as just written, with what _SELECT joins to it (not read back: a scan
+            # catching up writes hundreds a second)
+            kind, label, invoice_id, order_id = conn.execute(_ADDRESS_OF, (chain.id, t.to)).fetchone() or (None,) * 4
+            stored = TransferRow(id=tid, chain=chain.id, txid=t.txid, index=t.index, kind=t.kind, asset=t.asset,
+                                 address=t.to, sender=t.sender, amount=t.amount, block_number=block.number,
+                                 block_hash=block.hash, block_time=block.timestamp, status="detected", detected_at=now,
+                                 confirmed_at=None, orphaned_at=None, updated_at=now, min_depth=t.min_depth or 0,
+                                 address_kind=kind, label=label, invoice_id=invoice_id, order_id=order_id,
+                                 value=json.loads(value) if value else None)
+            change = self._changed(chain, tid, None, "detected", tip, row=stored)
             lag = max(0.0, now / 1000 - block.timestamp)
-            self.store.db.after_commit(lambda: self.store.metrics.detection_latency.labels(chain.id).observe(lag))
+            metrics = self.store.metrics
+            self.store.db.after_commit(
+                lambda: metrics.child(metrics.detection_latency, chain.id).observe(lag))
             return change
         if row["block_hash"] == block.hash and row["status"] != "orphaned":
             return None  # replay of a block we already have
@@ -225,16 +244,14 @@ class Transfers:
         conn = self.store.db.conn
         # the rows with their address's label and invoice in the same query: each confirmation
         # is reported from the row as it is now updated, without reading it back
-        rows = [TransferRow.from_row(r) for r in conn.execute(
+        now = self.store.clock.now_ms()
+        rows = [TransferRow.from_row(r, status="confirmed", confirmed_at=now, updated_at=now) for r in conn.execute(
             _SELECT + " WHERE t.chain = ? AND t.status = 'detected' AND t.block_number <= ?"
             " AND (t.min_depth IS NULL OR t.block_number + t.min_depth - 1 <= ?)"
             " ORDER BY t.block_number, t.txid, t.idx", (chain.id, depth_block, tip))]
-        now = self.store.clock.now_ms()
         conn.executemany("UPDATE transfers SET status = 'confirmed', confirmed_at = ?, updated_at = ? WHERE id = ?",
                          [(now, now, r.id) for r in rows])
-        return [self._changed(chain, r.id, "detected", "confirmed", tip,
-                              row=replace(r, status="confirmed", confirmed_at=now, updated_at=now))
-                for r in rows]
+        return [self._changed(chain, r.id, "detected", "confirmed", tip, row=r) for r in rows]
 
     def confirmed_deposits(self, chain: str, *, upto: int) -> list[tuple[str, str, int]]:
         """``(address, asset, amount)`` of every confirmed transfer to a derived address in a
@@ -316,16 +333,18 @@ class Transfers:
         asset, amount = row.asset, row.amount
 
         def count() -> None:
-            where = "in the mempool" if view["block_number"] is None else f"in block {view['block_number']}"
-            log.info("transfer %s %s: %s %s to %s%s %s (%s)", tid, new, view["amount"], asset,
-                     view["address"], f" ({view['label']})" if view["label"] else "", where, view["txid"], extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
-                                          "invoice_id": view["invoice_id"], "status": new})
-            metrics.transfers.labels(chain.id, asset, new).inc()
+            if log.isEnabledFor(logging.INFO):
+                where = "in the mempool" if view["block_number"] is None else f"in block {view['block_number']}"
+                log.info("transfer %s %s: %s %s to %s%s %s (%s)", tid, new, view["amount"], asset,
+                     view["address"], f" ({view['label']})" if view["label"] else "", where, view["txid"],
+                         extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
+                                "invoice_id": view["invoice_id"], "status": new})
+            metrics.child(metrics.transfers, chain.id, asset, new).inc()
             if new == "confirmed":
-                metrics.received.labels(chain.id, asset).inc(amount)
+                metrics.child(metrics.received, chain.id, asset).inc(amount)
                 cfg_asset = chain.asset(asset)
                 decimals = cfg_asset.decimals if cfg_asset else 0
-                metrics.received_units.labels(chain.id, asset).inc(amount / 10**decimals)
+                metrics.child(metrics.received_units, chain.id, asset).inc(amount / 10**decimals)
 
         self.store.db.after_commit(count)
         return change

@@ -10,10 +10,11 @@ dispatcher (``watcher.dispatch``) sends due deliveries and records each attempt 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
@@ -100,6 +101,19 @@ class AttemptRow:
 class Webhooks:
     def __init__(self, store: Store):
         self.store = store
+        # the active endpoints and their event patterns, read once a transaction (a scan's
+        # transaction writes an event for each of its transfers); every write here drops it
+        self._active: tuple[int, list[tuple[str, list[str]]]] | None = None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that writes endpoints: ``fan_out`` reads them again afterwards."""
+        with self.store.db.transaction() as conn:
+            self._active = None
+            try:
+                yield conn
+            finally:
+                self._active = None
 
     # --- endpoints ------------------------------------------------------------------------
 
@@ -108,7 +122,7 @@ class Webhooks:
         now = self.store.clock.now_ms()
         wid = new_id("wh", now_ms=now)
         secret = new_secret()
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             conn.execute(
                 "INSERT INTO webhooks (id, url, events, description, secret, status, created_at, updated_at, owner)"
                 " VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?)",
@@ -140,7 +154,7 @@ class Webhooks:
         """Seal the secrets stored before they were sealed, and erase those of deleted endpoints
         (run when the store opens); returns how many rows changed."""
         changed = 0
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             changed += conn.execute("UPDATE webhooks SET secret = '', old_secret = NULL, old_secret_until = NULL"
                                     " WHERE deleted_at IS NOT NULL AND (secret != '' OR old_secret IS NOT NULL)"
                                     ).rowcount
@@ -187,7 +201,7 @@ class Webhooks:
         """The changed endpoint, or None if there is none (deleted, perhaps while the caller
         awaited something): then nothing is written."""
         now = self.store.clock.now_ms()
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             row = self.row(webhook_id)  # in the transaction that writes
             if row is None:
                 return None
@@ -210,7 +224,7 @@ class Webhooks:
     def delete(self, webhook_id: str) -> None:
         self._row(webhook_id)
         now = self.store.clock.now_ms()
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             # the secrets go with it: nothing can be signed for a deleted endpoint again
             conn.execute("UPDATE webhooks SET deleted_at = ?, status = 'disabled', disabled_reason = 'deleted',"
                          " secret = '', old_secret = NULL, old_secret_until = NULL, updated_at = ? WHERE id = ?",
@@ -226,7 +240,7 @@ class Webhooks:
         now = self.store.clock.now_ms()
         secret = new_secret()
         grace = self.store.config.webhooks.rotation_grace * 1000
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             conn.execute("UPDATE webhooks SET secret = ?, old_secret = ?, old_secret_until = ?, updated_at = ?"
                          " WHERE id = ?", (self._seal(webhook_id, secret), row["secret"] if grace else None,
                                            now + grace if grace else None, now, webhook_id))
@@ -252,9 +266,11 @@ class Webhooks:
         else:
             # only active endpoints: a disabled one would collect deliveries nobody sends (an app
             # back from being disabled catches up with GET /v1/events)
-            targets = [r["id"] for r in conn.execute("SELECT id, events FROM webhooks WHERE deleted_at IS NULL"
-                                                     " AND status = 'active'")
-                       if any(fnmatchcase(event.type, p) for p in json.loads(r["events"]))]
+            serial = self.store.db.tx_serial
+            if self._active is None or self._active[0] != serial:
+                self._active = (serial, [(r["id"], json.loads(r["events"])) for r in conn.execute(
+                    "SELECT id, events FROM webhooks WHERE deleted_at IS NULL AND status = 'active'")])
+            targets = [wid for wid, patterns in self._active[1] if any(fnmatchcase(event.type, p) for p in patterns)]
         now = event.created_at
         for wid in targets:
             seq = conn.execute("UPDATE webhooks SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
@@ -311,7 +327,7 @@ class Webhooks:
             status = "cancelled"
         else:
             status = "pending" if next_attempt_at is not None else "failed"
-        with self.store.db.transaction() as conn:
+        with self._writing() as conn:
             row = conn.execute("SELECT webhook_id, status FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
             if row is None or row["status"] != "pending":
                 return row["status"] if row else "cancelled"  # deleted or redelivered meanwhile
