@@ -336,6 +336,8 @@ def test_the_c_and_python_walks_agree_on_every_block_whole_or_damaged():
             c, py = both(rawblock.candidate_scripts, data)
             assert c == py
             wanted = set(rng.sample(watched, 3))
+            # only the watched ones, each tested as it is found
+            assert both(rawblock.candidate_scripts, data, rawblock.FINDERS, wanted) == [c & wanted, c & wanted]
             c, py = both(rawblock.outputs_to, data, wanted)
             assert c == py
             hits += len(c) if isinstance(c, list) else 0

@@ -112,6 +112,9 @@ class _Watched:
     def prefixes(self, prefixes: Iterable[bytes]) -> set[bytes]:
         return self.store.addresses.key_prefixes(self.chain, prefixes)
 
+    def in_memory(self) -> set[Any] | None:
+        return self.store.addresses.in_memory(self.chain)
+
 
 class ChainWatcher:
     prefetch = 2  # batches fetched ahead while catching up

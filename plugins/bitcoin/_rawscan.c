@@ -63,14 +63,15 @@ static int need(Reader *r, Py_ssize_t n) {
     return 1;
 }
 
-/* scripts(data, prefix, length, into): add to the set ``into`` every ``length``-byte run of
- * ``data`` that follows a byte equal to prefix[0] and starts with prefix[1:] (an output
- * script of one shape with its length byte), at every offset, overlapping ones included. */
-static PyObject *scripts(PyObject *self, PyObject *args) {
+/* scripts(data, prefix, length, into[, within]): add to the set ``into`` every ``length``-byte
+ * run of ``data`` that follows a byte equal to prefix[0] and starts with prefix[1:] (an output
+ * script of one shape with its length byte), at every offset, overlapping ones included; only
+ * those in the set ``within``, if given. */
+static PyObject *scripts(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data, prefix;
     Py_ssize_t length;
-    PyObject *into;
-    if (!PyArg_ParseTuple(args, "y*y*nO!", &data, &prefix, &length, &PySet_Type, &into))
+    PyObject *into, *within = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nO!|O!", &data, &prefix, &length, &PySet_Type, &into, &PySet_Type, &within))
         return NULL;
     PyObject *result = NULL;
     const unsigned char *b = data.buf, *pre = prefix.buf;
@@ -87,7 +88,8 @@ static PyObject *scripts(PyObject *self, PyObject *args) {
         i = at - b;
         if (memcmp(at + 1, pre + 1, (size_t)(plen - 1)) == 0) {
             PyObject *s = PyBytes_FromStringAndSize((const char *)at + 1, length);
-            if (s == NULL || PySet_Add(into, s) < 0) {
+            int wanted = s == NULL ? -1 : within == NULL ? 1 : PySet_Contains(within, s);
+            if (wanted < 0 || (wanted && PySet_Add(into, s) < 0)) {
                 Py_XDECREF(s);
                 goto done;
             }
@@ -114,7 +116,7 @@ static int cmp_ssize(const void *a, const void *b) {
  *    tx start, body start, body end, tx end)
  * where the txid is the double SHA-256 of tx[start:start+4] + tx[body:body_end] + tx[end-4:end].
  * A transaction with a segwit flag other than 1 gives the flag (an int) instead of a list. */
-static PyObject *walk(PyObject *self, PyObject *args) {
+static PyObject *walk(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
     PyObject *places_obj;
     if (!PyArg_ParseTuple(args, "y*O", &data, &places_obj))
@@ -258,7 +260,7 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"scripts", scripts, METH_VARARGS, "Add every script of one shape found in data to a set."},
+    {"scripts", scripts, METH_VARARGS, "Add every script of one shape found in data (and in a set, if given) to a set."},
     {"walk", walk, METH_VARARGS, "The outputs of a serialized block whose scripts start at given offsets."},
     {NULL, NULL, 0, NULL},
 };

@@ -31,6 +31,7 @@ from watcher.chains import (
     Unspent,
     key_prefixes,
     node_data,
+    watched_keys,
 )
 from watcher.config import AssetConfig, NodeConfig
 from watcher.errors import ChainMismatch, InconsistentData, NodeError, RpcError
@@ -162,13 +163,14 @@ class BitcoinClient(ChainClient):
         async with self._parts:
             raw = await self.rpc.batch_hex([("getblock", (hashes[n], 0)) for n in numbers])
         shapes = key_prefixes(watched, rawblock.FINDERS)
+        within = watched_keys(watched)  # (the filter still has the last word: hits below)
         heads = []
         for n, data in zip(numbers, raw, strict=True):
             head = rawblock.header(data)
             if head.hash != hashes[n]:
                 raise NodeError(f"{self.cfg.id}: getblock {hashes[n]} answered block {head.hash}")
             heads.append(head)
-        candidates = [rawblock.candidate_scripts(data, shapes) for data in raw]
+        candidates = [rawblock.candidate_scripts(data, shapes, within) for data in raw]
         keys: set[bytes] = set().union(*candidates)
         hits = watched(keys) if keys else set()
         for n, data, head, found in zip(numbers, raw, heads, candidates, strict=True):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -87,19 +88,25 @@ FINDERS = {prefix[1:]: re.compile(re.escape(prefix[:1]) + b"(?=(" + re.escape(pr
 _PREFIXES = {prefix[1:]: (prefix, length) for prefix, length in _SHAPES}  # the same, for the C finder
 
 
-def candidate_scripts(data: bytes, shapes: Iterable[bytes] = FINDERS) -> set[bytes]:
+def candidate_scripts(data: bytes, shapes: Iterable[bytes] = FINDERS,
+                      within: AbstractSet[bytes] | None = None) -> set[bytes]:
     """Every standard output script of ``shapes`` (keys of :data:`FINDERS`; all of them by
-    default) that may appear in ``data`` (a superset). Each shape is a pass over the block: a
-    scan looks only for the shapes of the scripts it watches. The scripts stay bytes, the
-    form of a match key: a block's ~240 candidates cost ~0.05 ms more as hex."""
+    default) that may appear in ``data`` (a superset); only those in ``within``, if given (the
+    watched set: each is tested as it is found). Each shape is a pass over the block: a scan
+    looks only for the shapes of the scripts it watches. The scripts stay bytes, the form of a
+    match key: a block's ~240 candidates cost ~0.05 ms more as hex."""
     found: set[bytes] = set()
     if _rawscan is not None:
+        limit = within if within is None or isinstance(within, set) else set(within)
         for shape in shapes:
-            _rawscan.scripts(data, *_PREFIXES[shape], found)
+            if limit is None:
+                _rawscan.scripts(data, *_PREFIXES[shape], found)
+            else:
+                _rawscan.scripts(data, *_PREFIXES[shape], found, limit)
         return found
     for shape in shapes:
         found.update(FINDERS[shape].findall(data))
-    return found  # each script once: a block pays many to the same few
+    return found if within is None else found & within  # each script once: a block pays many to the same few
 
 
 @dataclass(frozen=True, slots=True)

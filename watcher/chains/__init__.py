@@ -19,6 +19,7 @@ from .scan import (
     Unspent,
     key_prefixes,
     node_data,
+    watched_keys,
 )
 from .wallet import (
     BroadcastRejected,
@@ -48,5 +49,5 @@ __all__ = [
     "Account", "AddressFilter", "Block", "BroadcastRejected", "ChainClient", "ChainContext", "ChainFamily",
     "ChainKeys", "ChainSpec", "Child", "Deposit", "Done", "Fail", "KeyScheme", "Later", "Mempool", "PayoutIntent", "Purpose", "Release",
     "Send", "SignedTx", "StoredTx", "SweepCandidate", "SweepIntent", "SweepPlan", "Transfer", "TransferKind",
-    "TxLookup", "TxState", "TxStatus", "Unspent", "Wait", "Wallet", "WalletContext", "WalletState", "key_prefixes", "node_data",
+    "TxLookup", "TxState", "TxStatus", "Unspent", "Wait", "Wallet", "WalletContext", "WalletState", "key_prefixes", "node_data", "watched_keys",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
@@ -43,6 +44,15 @@ def key_prefixes(watched: AddressFilter, prefixes: Iterable[bytes]) -> set[bytes
     ask: Callable[[Iterable[bytes]], set[bytes]] | None = getattr(watched, "prefixes", None)
     wanted = set(prefixes)
     return wanted if ask is None else ask(wanted) & wanted
+
+
+def watched_keys(watched: AddressFilter) -> AbstractSet[Any] | None:
+    """Every watched match key (or address), where the core holds them in memory (at most
+    ``[storage] watched_in_memory``): a family may then test each candidate as it finds it,
+    without collecting them first. Read-only, and current only until the caller next yields;
+    the filter itself stays the answer. None when the core has no such set (ask the filter)."""
+    ask: Callable[[], AbstractSet[Any] | None] | None = getattr(watched, "in_memory", None)
+    return None if ask is None else ask()
 
 
 TransferKind = Literal["native", "token", "internal"]

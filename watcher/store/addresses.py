@@ -108,6 +108,11 @@ class Addresses:
                         "SELECT address FROM addresses WHERE chain = ?", (chain,))}
         return self._memory[chain]
 
+    def in_memory(self, chain: str) -> set[Any] | None:
+        """The chain's watched keys (or addresses) if it watches few enough to hold them in
+        memory, else None: not to be changed by the caller."""
+        return self._in_memory(chain)
+
     def _forget(self, chain: str) -> None:
         """Drop the chain's watched keys from memory (loaded again on next use)."""
         self._memory.pop(chain, None)
