@@ -17,6 +17,8 @@ def test_an_id_is_the_time_then_80_random_bits_in_crockford_base32(monkeypatch):
     assert body[10:] == ids._b32(int.from_bytes(bytes(range(1, 11)), "big"), 16)
     monkeypatch.setattr(os, "urandom", lambda n: b"\xff" * n)
     assert ids.new_id("tr", now_ms=1)[13:] == "Z" * 16
+    for ms in (0, 1, 1023, 1024, 2**47, 2**48 - 1):  # the time part, pair by pair, at its edges
+        assert ids.new_id("tr", now_ms=ms)[3:13] == ids._b32(ms, 10)
 
 
 def test_the_random_part_is_every_bit_of_its_bytes():

@@ -26,7 +26,9 @@ def new_id(prefix: str, *, now_ms: int | None = None) -> str:
     global _last_ms
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     if _last_ms[0] != ms:
-        _last_ms = (ms, _b32(ms, 10))
+        p = _PAIRS  # 10 digits of 50 bits (the top 2 zero while ms < 2**48): a lookup per two
+        _last_ms = (ms, p[(ms >> 40) & 1023] + p[(ms >> 30) & 1023] + p[(ms >> 20) & 1023] + p[(ms >> 10) & 1023]
+                    + p[ms & 1023])
     return f"{prefix}_{_last_ms[1]}{_digits80(os.urandom(10))}"
 
 
