@@ -129,17 +129,18 @@ class Transfers:
             return None
         conn = self.store.db.conn
         now = self.store.clock.now_ms()
-        row = self.by_key(chain.id, t.txid, t.index)
-        if row is None:
-            tid = new_id("tr", now_ms=now)
-            value = self._value(chain, t)
-            conn.execute(
+        tid = new_id("tr", now_ms=now)
+        value = self._value(chain, t)
+        # a new transfer is written at once (a catch-up finds hundreds a second); one already
+        # stored (mined after the mempool, found again after a reorg) is read and updated below
+        if conn.execute(
                 "INSERT INTO transfers (id, chain, txid, idx, kind, asset, address, sender, amount,"
                 " block_number, block_hash, block_time, status, detected_at, updated_at, min_depth, value)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'detected', ?, ?, ?, ?)"
+                " ON CONFLICT (chain, txid, idx) DO NOTHING",
                 (tid, chain.id, t.txid, t.index, t.kind, t.asset, t.to, t.sender, str(t.amount),
                  block.number, block.hash, block.timestamp, now, now, t.min_depth or None, value),
-            )
+        ).rowcount == 1:
             # the row as just written, with what _SELECT joins to it (not read back: a scan
             # catching up writes hundreds a second)
             kind, label, invoice_id, order_id = conn.execute(_ADDRESS_OF, (chain.id, t.to)).fetchone() or (None,) * 4
@@ -155,6 +156,8 @@ class Transfers:
             self.store.db.after_commit(
                 lambda: metrics.child(metrics.detection_latency, chain.id).observe(lag))
             return change
+        row = self.by_key(chain.id, t.txid, t.index)
+        assert row is not None
         if row["block_hash"] == block.hash and row["status"] != "orphaned":
             return None  # replay of a block we already have
         # Mined after the mempool showed it, re-included after a reorg, or moved to another
@@ -169,7 +172,7 @@ class Transfers:
             " kind = ?, asset = ?, address = ?, sender = ?, amount = ?, min_depth = ?, value = ?,"
             " confirmed_at = NULL, gone_at = NULL, updated_at = ? WHERE id = ?",
             (block.number, block.hash, block.timestamp, t.kind, t.asset, t.to, t.sender, str(t.amount),
-             t.min_depth or None, self._value(chain, t) if moved else row["value"], now, row["id"]),
+             t.min_depth or None, value if moved else row["value"], now, row["id"]),
         )
         if moved and row["status"] != "orphaned" and row["address"] != t.to:
             # the address it paid before loses it (an orphaned one lost it with its block)
