@@ -186,3 +186,42 @@ async def test_a_payment_dropped_from_the_mempool_is_orphaned(tmp_path, litecoin
             await wait_until(lambda: transfers(d)[0]["status"] == "orphaned", timeout=30,
                              what="the dropped payment orphaned")
             assert [e["txid"] for e in events(d, "transfer.orphaned")] == [txid]
+
+
+async def test_payments_seen_in_the_mempool_before_it_was_turned_off_are_still_followed(tmp_path,
+                                                                                        litecoind: Litecoind):
+    """`mempool = false` set while payments seen in the mempool wait for a block: one that is
+    mined is found in its block as usual; one that left the mempool (dropped here) can no
+    longer be seen to go, and stayed `detected`, counted, for ever. It is now orphaned once the
+    scan passes a block without finding it in one."""
+    node = litecoind
+    node.payer  # noqa: B018
+    secret = hashlib.sha256(b"a customer's key, mempool off").digest()
+    key = p2wpkh(LTC, coincurve.PrivateKey(secret).public_key.format(compressed=True))
+    funding = node.rpc("sendtoaddress", key, "1", wallet="payer")
+    node.mine(1)
+    vout = next(o["n"] for o in node.rpc("getrawtransaction", funding, True)["vout"]
+                if o["scriptPubKey"]["hex"] == to_script(LTC, key).hex())
+    entry = ltc_entry(node, start_block=node.head() + 1)
+    with trio.fail_after(120):
+        async with running(write_config(tmp_path, [entry])) as d:
+            alice = d.store.addresses.deposit_address("ltc", "alice")[0].address
+            bob = d.store.addresses.deposit_address("ltc", "bob")[0].address
+            unsigned = btx.build([btx.Coin(funding, vout, COIN, to_script(LTC, key))],
+                                 [btx.Output(to_script(LTC, alice), COIN - 5_000)])
+            dropped = node.rpc("sendrawtransaction", btx.sign(unsigned, [secret]).hex())
+            mined = node.send(bob, COIN // 4)
+            await wait_until(lambda: len(transfers(d)) == 2, what="both payments in the mempool")
+        node.stop()
+        node.extra = ("-persistmempool=0",)  # the signed one is gone; the wallet's comes back
+        node.start()
+        assert dropped not in node.rpc("getrawmempool")
+        if mined not in node.rpc("getrawmempool"):
+            node.rpc("resendwallettransactions", wallet="payer")
+        async with running(write_config(tmp_path, [{**entry, "mempool": False}])) as d:
+            await mine(node, 1)
+            await wait_until(lambda: d.store.chains.scanned_number("ltc") == node.head(), what="the block scanned")
+            await mine(node, 1)
+            await wait_until(lambda: {t["txid"]: t["status"] for t in transfers(d)} == {
+                dropped: "orphaned", mined: "confirmed"}, timeout=30, what="dropped orphaned, mined confirmed")
+            assert [e["txid"] for e in events(d, "transfer.orphaned")] == [dropped]

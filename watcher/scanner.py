@@ -388,6 +388,10 @@ class ChainWatcher:
     async def _mempool(self, client: ChainClient) -> None:
         pool = await client.mempool(self._watched)
         if pool is None:
+            # no mempool read (``mempool = false`` now): payments seen there before can no
+            # longer be seen to leave it; each one not found in the next block is orphaned
+            if self.store.transfers.has_unmined(self.config.id) and self.store.chains.unfollow_mempool(self.config):
+                self._blocks_changed()
             return
         if self.store.chains.apply_mempool(self.config, pool):
             self._blocks_changed()

@@ -166,6 +166,20 @@ class ChainState:
             self._react(changes)
         return len(changes)
 
+    def unfollow_mempool(self, chain: ChainConfig) -> int:
+        """The chain's mempool is no longer read (``mempool = false`` set while payments seen
+        there wait for a block): each such payment is taken as gone at the next height, so it
+        is orphaned once the scan passes that block without finding it (found in a block, it
+        is detected there as usual). Returns the number of transfers that changed."""
+        with self.store.db.transaction():
+            cur = self.cursor(chain.id)
+            assert cur is not None
+            waiting = [tid for tid, _, gone in self.store.transfers.unmined(chain.id) if gone is None]
+            self.store.transfers.mark_gone(waiting, cur.number + 1)
+            changes = self.store.transfers.orphan_gone(chain, cur.number, cur.number)
+            self._react(changes)
+        return len(changes)
+
     def _react(self, changes: list[TransferChange]) -> None:
         """What transfer changes mean for the rest, in the same transaction: an invoice paid
         by one recomputes its status; a confirmed deposit makes its address a sweep candidate."""
