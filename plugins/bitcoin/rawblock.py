@@ -15,8 +15,9 @@ What this parser does not know (a Litecoin MWEB transaction, flag 0x08) raises
 :class:`Unsupported`; the client then reads that block as verbose JSON instead.
 
 Both passes' loops run in C (``_rawscan.c``, built by ``setup.py`` where a C compiler is
-present: a catch-up spends a third less CPU of its own); without it they run here, in Python,
-with the same results (the tests compare the two on real blocks and damaged ones).
+present: ~26 µs a block instead of ~91 for the candidates, ~21 instead of ~256 for the walk);
+without it they run here, in Python, with the same results (the tests compare the two on real
+blocks and damaged ones).
 """
 
 from __future__ import annotations
@@ -97,12 +98,9 @@ def candidate_scripts(data: bytes, shapes: Iterable[bytes] = FINDERS,
     match key: a block's ~240 candidates cost ~0.05 ms more as hex."""
     found: set[bytes] = set()
     if _rawscan is not None:
-        limit = within if within is None or isinstance(within, set) else set(within)
+        limit = () if within is None else (within if isinstance(within, set) else set(within),)
         for shape in shapes:
-            if limit is None:
-                _rawscan.scripts(data, *_PREFIXES[shape], found)
-            else:
-                _rawscan.scripts(data, *_PREFIXES[shape], found, limit)
+            _rawscan.scripts(data, *_PREFIXES[shape], found, *limit)
         return found
     for shape in shapes:
         found.update(FINDERS[shape].findall(data))
