@@ -5,6 +5,7 @@ fallback for a serialization the parser does not know."""
 
 from __future__ import annotations
 
+import binascii
 import random
 import shutil
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ def parser(request, monkeypatch):
     (``_rawscan``, built by setup.py) and the same in Python (where it cannot be built)."""
     if request.param == "python":
         monkeypatch.setattr(rawblock, "_rawscan", None)
+        monkeypatch.setattr(rawblock, "unhex", binascii.unhexlify)
     else:
         _needs_native()
     return request.param
@@ -100,6 +102,33 @@ def test_blocks_and_transactions_read_as_the_node_decodes_them(litecoind: Liteco
         rawblock.outputs_to(raw[: len(raw) // 2], every_script)
     with pytest.raises(ValueError, match="shorter than its header"):
         rawblock.header(raw[:60])
+
+
+def test_hex_text_is_read_as_binascii_reads_it_and_anything_else_refused(parser):
+    """``rawblock.unhex`` (how the node's hex answers become bytes) gives what
+    ``bytes.fromhex`` gives for every length (the C one reads 32 characters a round, then one
+    pair at a time), either case and a slice of a larger text; a character that is not a hex
+    digit, wherever it is, or an odd length is a ValueError."""
+    rng = random.Random(11)
+    for n in [*range(0, 70), 255, 256, 4097]:
+        data = rng.randbytes(n)
+        text = data.hex()
+        mixed = "".join(c.upper() if rng.random() < 0.5 else c for c in text)
+        for t in (text, text.upper(), mixed):
+            assert rawblock.unhex(memoryview(t.encode())) == data, (n, t)
+        framed = memoryview(b'"result":"' + text.encode() + b'"')
+        assert rawblock.unhex(framed[10:10 + len(text)]) == data
+    # just outside each range of digits, and bytes that are not ASCII
+    strangers = b"/:@G`g \x00\x7f\x80\xff"
+    for at in range(80):
+        for c in strangers:
+            text = bytearray(rng.randbytes(40).hex().encode())
+            text[at] = c
+            with pytest.raises(ValueError):
+                rawblock.unhex(memoryview(bytes(text)))
+    for odd in (b"0", b"abc", b"ab" * 20 + b"a"):
+        with pytest.raises(ValueError):
+            rawblock.unhex(memoryview(odd))
 
 
 def test_candidates_overlap_and_unknown_serializations_are_refused(parser):

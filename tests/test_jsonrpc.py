@@ -96,17 +96,24 @@ async def test_retry_after_seconds_or_http_date_capped_at_a_minute(anvil: Anvil)
     assert waits[0] == 7 and 28 < waits[1] <= 30 and waits[2] == 60 and waits[3] is None
 
 
-def test_hex_results_are_read_in_the_layouts_bitcoin_core_writes_and_nothing_else():
+@pytest.mark.parametrize("unhex", ["binascii", "bitcoin"])
+def test_hex_results_are_read_in_the_layouts_bitcoin_core_writes_and_nothing_else(unhex):
     """``batch_hex`` reads Bitcoin Core's answers without a JSON parser: the 1.0 replies it
     writes and the 2.0 ones of v28 and later, batches and single calls. Any other layout, an
     error, or a result that is not hex gives None: the answer is then parsed as JSON, so the
-    shortcut can never read an answer differently from the parser."""
+    shortcut can never read an answer differently from the parser. The same with the Bitcoin
+    family's own hex decoder (C where built) as with binascii's."""
+    import binascii
+
     import orjson
 
     from watcher.jsonrpc import _hex_results
+    from watcher_bitcoin import rawblock
+
+    decode = binascii.unhexlify if unhex == "binascii" else rawblock.unhex
 
     def read(body: bytes) -> object:
-        got = _hex_results(body)
+        got = _hex_results(body, decode)
         if got is not None:  # the same as parsing the JSON, with the hex as bytes
             parsed = orjson.loads(body)
             for item in parsed if isinstance(parsed, list) else [parsed]:
@@ -127,6 +134,7 @@ def test_hex_results_are_read_in_the_layouts_bitcoin_core_writes_and_nothing_els
         b'[' + one + b',{"result":null,"error":{"code":-8,"message":"x"},"id":2}]',  # one of them
         b'[{"result":"0ff","error":null,"id":1}]',  # odd length
         b'[{"result":"zz","error":null,"id":1}]',  # not hex
+        b'[{"result":"' + b"ab" * 40 + b'g0","error":null,"id":1}]',  # not hex past 32 characters
         b'[{"result":"ab\\u0063d","error":null,"id":1}]',  # an escape: JSON reads "abcd"
         b'[{"id":1,"result":"abcd","error":null}]',  # keys in another order
         b'[{"result": "abcd", "error": null, "id": 1}]',  # spaces

@@ -22,9 +22,10 @@ blocks and damaged ones).
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import ModuleType
@@ -45,6 +46,11 @@ try:
     from . import _rawscan  # type: ignore[attr-defined, no-redef]
 except ImportError:  # not built (no C compiler): the same loops in Python below
     _rawscan = None
+
+
+# hex text as bytes (the node's answer holds each block as hex; ``ValueError`` if it is not
+# hex): in C where built, ~13 µs a block of 120 transactions against binascii's ~36
+unhex: Callable[[memoryview], bytes] = binascii.unhexlify if _rawscan is None else _rawscan.unhex
 
 
 def native() -> bool:
