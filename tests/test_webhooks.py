@@ -486,3 +486,49 @@ async def test_webhook_api(tmp_path):
             assert {a["actor"] for a in audit} == {"default"}
             events = (await http.get("/v1/events", params={"type": "invoice.created"})).json()
             assert len(events["items"]) == 2 and {e["type"] for e in events["items"]} == {"invoice.created"}
+
+
+def test_queued_events_keep_the_order_of_the_calls_and_go_with_a_rollback(tmp_path):
+    """``Outbox.queue`` (how transfer events are written: in one statement at the end of the
+    transaction) numbers the events in the order of the calls, the emitted ones among them;
+    each gets its webhook delivery and reaches the listeners once committed. A rolled back
+    transaction's queued events are gone, and a queue is only for inside a transaction."""
+    from prometheus_client import CollectorRegistry
+
+    from watcher.core import Core
+
+    core = Core.open(write_config(tmp_path, [chain_entry("devnet", DEAD_NODE)]), registry=CollectorRegistry())
+    try:
+        store = core.store
+        store.webhooks.create("http://127.0.0.1:9/hook", ["*"], None)
+        heard: list[tuple[int, str]] = []
+        store.events.on_commit(lambda e: heard.append((e.seq, e.subject)))
+        with store.db.transaction():
+            store.events.queue("transfer.detected", {"n": 1}, chain="devnet", subject="a")
+            store.events.queue("transfer.detected", {"n": 2}, chain="devnet", subject="b")
+            emitted = store.events.emit("invoice.paid", {"n": 3}, subject="c")
+            store.events.queue("transfer.confirmed", {"n": 4, "text": "café"}, chain="devnet", subject="d")
+            assert heard == []  # not before the commit
+        events = store.events.list()
+        assert [(e.subject, e.type, e.data) for e in events] == [
+            ("a", "transfer.detected", {"n": 1}), ("b", "transfer.detected", {"n": 2}),
+            ("c", "invoice.paid", {"n": 3}), ("d", "transfer.confirmed", {"n": 4, "text": "café"})]
+        assert [e.seq for e in events] == [emitted.seq - 2, emitted.seq - 1, emitted.seq, emitted.seq + 1]
+        assert heard == [(e.seq, e.subject) for e in events]
+        deliveries = store.db.query("SELECT e.subject FROM deliveries d JOIN events e ON e.id = d.event_id"
+                                    " ORDER BY d.seq")
+        assert [r["subject"] for r in deliveries] == ["a", "b", "c", "d"]
+
+        with pytest.raises(RuntimeError), store.db.transaction():
+            store.events.queue("transfer.detected", {"n": 5}, subject="gone")
+            raise RuntimeError("rolled back")
+        with store.db.transaction():
+            store.events.queue("transfer.detected", {"n": 6}, subject="f")
+        assert [e.subject for e in store.events.list(after_seq=events[-1].seq)] == ["f"]
+        assert [s for _, s in heard][4:] == ["f"]
+        counted = core.metrics.registry.get_sample_value("watcher_events_total", {"type": "transfer.detected"})
+        assert counted == 3
+        with pytest.raises(AssertionError):
+            store.events.queue("transfer.detected", {"n": 7}, subject="outside")
+    finally:
+        core.close()

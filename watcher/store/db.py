@@ -102,6 +102,8 @@ class Database:
         self._in_tx = False
         self.tx_serial = 0  # which transaction this is (a cache valid for one transaction keys on it)
         self._after: list[Callable[[], None]] = []
+        self._before: list[Callable[[], None]] = []  # before_commit
+        self._counts: dict[Any, float] = {}  # metric children to increment at commit (count_after_commit)
 
     def set_busy_timeout(self, ms: int) -> None:
         """How long a statement waits for another process's lock. The daemon keeps this
@@ -133,9 +135,13 @@ class Database:
         self.tx_serial += 1
         try:
             yield self.conn
+            while self._before:  # (one may add another)
+                self._before.pop(0)()
         except BaseException:
             self._in_tx = False
             self._after.clear()
+            self._before.clear()
+            self._counts.clear()
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             raise
@@ -144,11 +150,15 @@ class Database:
         except BaseException:
             self._in_tx = False
             self._after.clear()
+            self._counts.clear()
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             raise
         self._in_tx = False
         self.trouble = None
+        counts, self._counts = self._counts, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
         callbacks, self._after = self._after, []
         for fn in callbacks:
             fn()
@@ -157,12 +167,28 @@ class Database:
     def in_transaction(self) -> bool:
         return self._in_tx
 
+    def before_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at the end of the current transaction, inside it, just before it
+        commits (an error it raises rolls the transaction back)."""
+        assert self._in_tx, "before_commit outside a transaction"
+        self._before.append(fn)
+
     def after_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the current transaction has committed (dropped on rollback)."""
         if not self._in_tx:
             fn()
         else:
             self._after.append(fn)
+
+    def count_after_commit(self, counter: Any, amount: float = 1) -> None:
+        """Add ``amount`` to ``counter`` (a metric's child) once the current transaction has
+        committed (nothing on rollback). What a transaction counts is added up and each
+        counter incremented once: a catch-up counts hundreds of transfers and events a
+        transaction, and an increment takes the metric's lock."""
+        if not self._in_tx:
+            counter.inc(amount)
+        else:
+            self._counts[counter] = self._counts.get(counter, 0) + amount
 
     def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         return self.conn.execute(sql, params).fetchall()

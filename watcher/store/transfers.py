@@ -346,25 +346,24 @@ class Transfers:
             log.debug("hot wallet coin %s:%d %s", row.txid, row.index, new, extra={"chain": chain.id})
             return change
         view = views.transfer(chain, row, tip=tip)
-        self.store.events.emit(f"transfer.{new}", view, chain=chain.id, subject=tid)
-        metrics = self.store.metrics
+        self.store.events.queue(f"transfer.{new}", view, chain=chain.id, subject=tid)
+        metrics, db = self.store.metrics, self.store.db
         asset, amount = row.asset, row.amount
-
-        def count() -> None:
-            if log.isEnabledFor(logging.INFO):
+        db.count_after_commit(metrics.child(metrics.transfers, chain.id, asset, new))
+        if new == "confirmed":
+            db.count_after_commit(metrics.child(metrics.received, chain.id, asset), amount)
+            cfg_asset = chain.asset(asset)
+            decimals = cfg_asset.decimals if cfg_asset else 0
+            db.count_after_commit(metrics.child(metrics.received_units, chain.id, asset), amount / 10**decimals)
+        if log.isEnabledFor(logging.INFO):
+            def logged() -> None:
                 where = "in the mempool" if view["block_number"] is None else f"in block {view['block_number']}"
                 log.info("transfer %s %s: %s %s to %s%s %s (%s)", tid, new, view["amount"], asset,
-                     view["address"], f" ({view['label']})" if view["label"] else "", where, view["txid"],
+                         view["address"], f" ({view['label']})" if view["label"] else "", where, view["txid"],
                          extra={"chain": chain.id, "transfer_id": tid, "txid": view["txid"],
                                 "invoice_id": view["invoice_id"], "status": new})
-            metrics.child(metrics.transfers, chain.id, asset, new).inc()
-            if new == "confirmed":
-                metrics.child(metrics.received, chain.id, asset).inc(amount)
-                cfg_asset = chain.asset(asset)
-                decimals = cfg_asset.decimals if cfg_asset else 0
-                metrics.child(metrics.received_units, chain.id, asset).inc(amount / 10**decimals)
 
-        self.store.db.after_commit(count)
+            db.after_commit(logged)
         return change
 
     # --- reading ------------------------------------------------------------------------
