@@ -21,6 +21,18 @@ def test_an_id_is_the_time_then_80_random_bits_in_crockford_base32(monkeypatch):
         assert ids.new_id("tr", now_ms=ms)[3:13] == ids._b32(ms, 10)
 
 
+def test_ids_made_together_are_each_their_time_then_their_own_ten_random_bytes(monkeypatch):
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(i % 256 for i in range(n)))
+    times = [5, 5, 1_700_000_000_123, 2**48 - 1]
+    made = ids.new_ids("evt", times)
+    assert [m[:4] for m in made] == ["evt_"] * 4
+    assert [m[4:14] for m in made] == [ids._b32(ms, 10) for ms in times]
+    assert [m[14:] for m in made] == [ids._b32(int.from_bytes(bytes(range(10 * i, 10 * i + 10)), "big"), 16)
+                                      for i in range(4)]
+    monkeypatch.undo()
+    assert len(set(ids.new_ids("evt", [7] * 1000))) == 1000
+
+
 def test_the_random_part_is_every_bit_of_its_bytes():
     for data in [bytes(10), b"\xff" * 10, *(os.urandom(10) for _ in range(2000))]:
         assert ids._digits80(data) == ids._b32(int.from_bytes(data, "big"), 16)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..ids import new_id
+from ..ids import new_id, new_ids
 
 if TYPE_CHECKING:
     from . import Store
@@ -63,9 +63,8 @@ class Outbox:
     def __init__(self, store: Store):
         self.store = store
         self._listeners: list[Callable[[Event], None]] = []
-        # queue(): (id, type, created_at, chain, subject, data as text, data), in the transaction
-        # of serial _queued_in
-        self._queued: list[tuple[str, str, int, str | None, str | None, str, dict[str, Any]]] = []
+        # queue(): (type, created_at, chain, subject, data), in the transaction of serial _queued_in
+        self._queued: list[tuple[str, int, str | None, str | None, dict[str, Any]]] = []
         self._queued_in = -1
 
     def on_commit(self, fn: Callable[[Event], None]) -> None:
@@ -103,14 +102,14 @@ class Outbox:
         before the next event emitted (the outbox's order is the order of the calls). A scan
         catching up reports hundreds of transfers a transaction; written in one statement,
         an event took ~20 µs less CPU than one by one. Only inside a transaction; nothing in
-        it may read the outbox in between (``flush`` first)."""
+        it may read the outbox in between (``flush`` first), and ``data`` is not to change
+        after this call (it is written then)."""
         db = self.store.db
         assert db.in_transaction, "events are written in the transaction of the change they report"
         if self._queued_in != db.tx_serial:  # the first of this transaction (a rolled back one's are gone)
             self._queued, self._queued_in = [], db.tx_serial
             db.before_commit(self.flush)
-        now = self.store.clock.now_ms()
-        self._queued.append((new_id("evt", now_ms=now), type, now, chain, subject, data_text(data), data))
+        self._queued.append((type, self.store.clock.now_ms(), chain, subject, data))
 
     def flush(self) -> None:
         """Write the events :meth:`queue` holds (see there)."""
@@ -118,16 +117,19 @@ class Outbox:
         queued, self._queued = self._queued, []
         if not queued or not db.in_transaction or self._queued_in != db.tx_serial:
             return  # (a rolled back transaction's are dropped)
-        conn = db.conn
-        conn.executemany("INSERT INTO events (id, type, created_at, chain, subject, data) VALUES (?, ?, ?, ?, ?, ?)",
-                         [q[:6] for q in queued])
+        ids = new_ids("evt", [q[1] for q in queued])
+        rows = [(event_id, type, now, chain, subject, data_text(data))
+                for event_id, (type, now, chain, subject, data) in zip(ids, queued, strict=True)]
+        db.conn.executemany("INSERT INTO events (id, type, created_at, chain, subject, data) VALUES (?, ?, ?, ?, ?, ?)",
+                            rows)
         # one statement run once a row: each takes the next seq, so they run up to the last
         # insert's (checked against the first's id: a mismatch would misnumber them all)
         first = db.scalar("SELECT last_insert_rowid()") - len(queued) + 1
-        if db.scalar("SELECT id FROM events WHERE seq = ?", (first,)) != queued[0][0]:
+        if db.scalar("SELECT id FROM events WHERE seq = ?", (first,)) != ids[0]:
             raise RuntimeError("the events just written are not numbered one after the other")
         fan_out, metrics = self.store.webhooks.fan_out, self.store.metrics
-        for seq, (event_id, type, now, chain, subject, body, data) in enumerate(queued, first):
+        for seq, ((event_id, type, now, chain, subject, body), (*_, data)) in enumerate(zip(rows, queued, strict=True),
+                                                                                   first):
             event = Event(seq=seq, id=event_id, type=type, created_at=now, chain=chain, subject=subject, data_json=body)
             event.__dict__["data"] = data  # already parsed: the caller's own dict
             fan_out(event)
