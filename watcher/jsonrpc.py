@@ -29,6 +29,7 @@ from .errors import NodeError, RpcError
 from .httpclient import parse_retry_after
 from .metrics import Metrics
 from .tasks import fan_out
+from .wire import WireTransport
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class JsonRpc:
         final_codes: frozenset[int] = frozenset(),
         credentials: Callable[[], tuple[str, str]] | None = None,
         unhex: Callable[[memoryview], bytes] = binascii.unhexlify,
+        lean_http: bool = False,
     ):
         """``final_codes``: the node's own JSON-RPC error codes that mean "asking again gives
         the same answer" (beyond JSON-RPC's), e.g. Bitcoin Core's -5 and -8. ``credentials``:
@@ -90,7 +92,9 @@ class JsonRpc:
         at each start of the node): read at the first request and again after a 401.
         ``unhex``: how :meth:`batch_hex` turns a result's hex text into bytes (a family may
         have a faster one than ``binascii``'s; it raises ``ValueError`` on text that is not
-        hex)."""
+        hex). ``lean_http``: httpx sends to an ``http://`` node through
+        :class:`watcher.wire.WireTransport` (each answer read into one buffer) instead of
+        httpcore; for a family whose answers are large (serialized blocks)."""
         self._unhex = unhex
         self.url = url
         self._credentials = credentials
@@ -110,6 +114,7 @@ class JsonRpc:
             trust_env=False,
             # loading the CA bundle costs ~30 ms a client; a plain-http node has no use for it
             verify=url.startswith("https:"),
+            transport=WireTransport(max_connections=concurrency) if lean_http and url.startswith("http://") else None,
         )
 
     async def aclose(self) -> None:

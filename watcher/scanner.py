@@ -155,20 +155,21 @@ class ChainWatcher:
     def make_jsonrpc(self, *, concurrency: int = 4, max_batch: int = 50, final_codes: frozenset[int] = frozenset(),
                      credentials: Callable[[NodeConfig], Callable[[], tuple[str, str]] | None] | None = None,
                      head_call: Call | None = None,
-                     unhex: Callable[[memoryview], bytes] = binascii.unhexlify) -> NodePool:
+                     unhex: Callable[[memoryview], bytes] = binascii.unhexlify, lean_http: bool = False) -> NodePool:
         """The transport to the chain's nodes (``ChainContext.jsonrpc``): one :class:`JsonRpc`
         per node behind a :class:`NodePool`. With several nodes a failed request moves to the
         next node at once instead of being retried on the same one. ``head_call``: how the
         pool asks a node for its head (e.g. ``("eth_blockNumber", ())``); ``credentials``: per
         node, where its HTTP basic-auth credentials come from (or None); ``unhex``: how hex
-        results become bytes (:class:`JsonRpc`)."""
+        results become bytes, ``lean_http``: ``http://`` nodes through :mod:`watcher.wire`
+        (both: :class:`JsonRpc`)."""
         cfg = self.config
         several = len(cfg.nodes) > 1
         retry = RetryPolicy(attempts=1, timeout_attempts=1) if several else None
         members = [(node, JsonRpc(node.url, chain=cfg.id, metrics=self.metrics, timeout=cfg.rpc_timeout,
                                   concurrency=concurrency, max_batch=max_batch, final_codes=final_codes,
                                   credentials=credentials(node) if credentials else None, retry=retry,
-                                  unhex=unhex))
+                                  unhex=unhex, lean_http=lean_http))
                    for node in cfg.nodes]
         self.pool = NodePool(cfg.id, members, self.metrics, max_lag=cfg.max_lag, head_call=head_call,
                              # with the polls: a chain polled hourly is not asked every second

@@ -90,7 +90,7 @@ class BitcoinClient(ChainClient):
         self._parts = trio.CapacityLimiter(options.rpc_concurrency)
         self.rpc = ctx.jsonrpc(concurrency=options.rpc_concurrency + SMALL_CALLS, max_batch=50,
                                final_codes=FINAL_CODES, credentials=self._credentials,
-                               head_call=("getblockcount", ()), unhex=rawblock.unhex)
+                               head_call=("getblockcount", ()), unhex=rawblock.unhex, lean_http=True)
 
     def _credentials(self, node: NodeConfig) -> Callable[[], tuple[str, str]] | None:
         """A node's own ``rpc_cookie_file`` ([[chains.nodes]]), else the chain's, else none

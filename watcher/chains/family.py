@@ -82,11 +82,12 @@ class ChainContext:
     """What the core gives a family when it opens a client for one configured chain."""
 
     config: ChainConfig
-    # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=, head_call=, unhex=): the transport to
+    # jsonrpc(concurrency=, max_batch=, final_codes=, credentials=, head_call=, unhex=, lean_http=): the transport to
     # the chain's nodes (a NodePool: used like one JsonRpc; head_call is how it asks a node for
     # its head, e.g. ("eth_blockNumber", ())); credentials(node) gives, per NodeConfig, where
     # that node's HTTP basic-auth credentials are read from (or None); unhex(text) how hex
-    # results (batch_hex) become bytes, binascii.unhexlify unless the family has a faster one
+    # results (batch_hex) become bytes, binascii.unhexlify unless the family has a faster one;
+    # lean_http: http:// nodes through watcher.wire instead of httpx (large answers)
     jsonrpc: Callable[..., NodePool]
 
 
