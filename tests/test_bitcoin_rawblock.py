@@ -386,3 +386,48 @@ def test_the_c_and_python_walks_agree_on_every_block_whole_or_damaged():
                 assert both(rawblock.outputs_to, data, {pay}) == [refusal, refusal]
     assert both(rawblock.outputs_to, b"\x00" * 80, {b"\x00" * 5}) == [[], []]  # no place of it: nothing read
     assert both(rawblock.outputs_to, b"\x00" * 50 + b"\x16" + pay, {pay}) == ["ValueError", "ValueError"]
+
+
+async def test_requests_for_blocks_are_sized_by_the_blocks_the_node_sends(tmp_path, litecoind: Litecoind, monkeypatch):
+    """A request's blocks are up to 50 and about PART_HEX of hex: a main network block is
+    ~3 MB of hex, and 50 a request, 8 requests in flight, would be answers of 150 MB each.
+    Before any block is seen, a block is taken as large (as on main networks; regtest's
+    guess is smaller); then as the last parts were: a larger block counts at once, smaller
+    ones a quarter a part."""
+    from watcher_bitcoin import client as bclient
+
+    node = litecoind
+    node.mine(33)
+    head = node.head()
+    empty_hex = 2 * len(bytes.fromhex(node.rpc("getblock", node.rpc("getblockhash", head), 0)))
+    monkeypatch.setattr(bclient, "PART_HEX", 10 * empty_hex + empty_hex // 2)
+    monkeypatch.setitem(bclient.FIRST_GUESS, "regtest", 20 * empty_hex)  # a large guess: 1 block a request
+    entry = {"id": "ltc", "family": "bitcoin", "network": "ltc-regtest", "rpc_url": node.url}
+    core = Core.open(write_config(tmp_path, [entry]), registry=CollectorRegistry())
+    try:
+        async with core.open_client("ltc") as client:
+            sizes: list[int] = []
+            download = client.rpc.batch_hex
+
+            async def counted(calls: Any) -> list[bytes]:
+                sizes.append(len(calls))
+                return await download(calls)
+
+            client.rpc.batch_hex = counted  # type: ignore[method-assign]
+            nothing = lambda candidates: set()  # noqa: E731
+            first = await client.fetch_blocks(head - 31, head - 20, nothing)  # the guess down to them: 20 * 0.75**12 < 1
+            assert sizes == [1] * 12 and [b.number for b in first] == list(range(head - 31, head - 19))
+            sizes.clear()
+            later = await client.fetch_blocks(head - 19, head, nothing)  # 10 empty blocks a request now
+            assert sizes == [10, 10] and [b.number for b in later] == list(range(head - 19, head + 1))
+            # a large block (a transaction of 300 outputs): the next requests are small at once
+            payer = node.payer
+            outs = {node.rpc("getnewaddress", wallet="payer"): "0.001" for _ in range(300)}
+            node.rpc("sendmany", "", outs, wallet="payer")
+            (big,) = node.mine(1)
+            assert 2 * len(bytes.fromhex(node.rpc("getblock", big, 0))) > 10 * empty_hex
+            await client.fetch_blocks(head + 1, head + 1, nothing)
+            assert client.part_size() == 1
+            assert payer is not None
+    finally:
+        core.close()

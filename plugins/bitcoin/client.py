@@ -52,7 +52,14 @@ FINAL_CODES = frozenset({-5, -8, -3, -25, -26, -27})
 NO_BLOCK_YET = -8  # getblockhash above the tip
 NO_SUCH_TX = -5
 COINBASE_MATURITY = 100  # a coinbase output is spendable (and credited) 100 blocks deep
-PART = 50  # blocks a request: a fetch's parts are parsed while the later ones download
+PART = 50  # blocks a request at most: a fetch's parts are parsed while the later ones download
+# ...and about this much hex at most: a main network block is ~1.5 MB (3 MB of hex), up to
+# 4 (8): parts of 50 would be answers of 150 MB, eight of them in flight
+PART_HEX = 8 << 20
+# hex a block is taken to hold before the node has sent any: main networks' size; regtest's
+# (a test's or a benchmark's chain) a small one
+FIRST_GUESS = {"regtest": 128 << 10}
+FIRST_GUESS_OTHERS = 3 << 20
 SMALL_CALLS = 2  # requests in flight beside the block parts (see BitcoinClient.__init__)
 MEMPOOL_CHUNK = 500  # new mempool transactions read a batch
 
@@ -84,6 +91,8 @@ class BitcoinClient(ChainClient):
         self.network = options.network
         self.native = ctx.config.native.symbol
         self._pool: dict[str, tuple[Transfer, ...]] = {}  # mempool txid -> what it pays us
+        # hex bytes a block, as the last parts were (see part_size)
+        self._block_hex = FIRST_GUESS.get(options.network.node_chain, FIRST_GUESS_OTHERS)
         # the block parts take at most rpc_concurrency requests; the small calls (heads, hashes,
         # headers, the mempool) have two more of their own, so the next batch's hashes never
         # queue behind the parts already waiting (the node would run dry meanwhile)
@@ -144,7 +153,8 @@ class BitcoinClient(ChainClient):
         # serves the later ones), so only the last part's work is left when the fetch ends
         hashes = await self._hashes(list(range(start, end + 1)))
         have = list(itertools.takewhile(lambda n: n in hashes, range(start, end + 1)))  # up to the first it lacks
-        parts = [have[i:i + PART] for i in range(0, len(have), PART)]
+        size = self.part_size()
+        parts = [have[i:i + size] for i in range(0, len(have), size)]
         got: list[list[Block]] = [[] for _ in parts]
         async with fan_out() as nursery:
             for k, numbers in enumerate(parts):
@@ -155,6 +165,16 @@ class BitcoinClient(ChainClient):
                 raise InconsistentData(f"{self.cfg.id}: blocks changed while being fetched (reorg in progress)")
         return blocks
 
+    def part_size(self) -> int:
+        """Blocks a request of a fetch: up to PART, and about PART_HEX of hex, by the size of
+        the blocks of the last parts (a larger one counts at once, smaller ones a quarter a
+        part: a run of small blocks before a large one must not make a huge answer)."""
+        return max(1, min(PART, PART_HEX // max(1, self._block_hex)))
+
+    def _saw_blocks(self, raw: list[bytes]) -> None:
+        hex_size = 2 * sum(len(b) for b in raw) // max(1, len(raw))
+        self._block_hex = max(hex_size, self._block_hex - self._block_hex // 4)
+
     async def _fetch_part(self, numbers: list[int], hashes: dict[int, str], watched: AddressFilter,
                           into: list[Block]) -> None:
         """Blocks ``numbers`` (their ``hashes``) with their transfers. The watched set is read
@@ -162,6 +182,7 @@ class BitcoinClient(ChainClient):
         each), then which of the part's candidate scripts it holds (one lookup for the part)."""
         async with self._parts:
             raw = await self.rpc.batch_hex([("getblock", (hashes[n], 0)) for n in numbers])
+        self._saw_blocks(raw)
         shapes = key_prefixes(watched, rawblock.FINDERS)
         within = watched_keys(watched)  # (the filter still has the last word: hits below)
         heads = []
