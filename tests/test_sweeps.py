@@ -520,3 +520,44 @@ def test_a_deposit_confirmed_while_a_run_plans_its_address_keeps_the_candidate(t
         assert sweeps.candidates("devnet", 10) == []
     finally:
         core.close()
+
+
+async def test_a_sweep_whose_deposit_a_reorg_took_away_fails_and_frees_its_address(tmp_path, anvil: Anvil,
+                                                                                    token: Token):
+    """A native sweep sent, not mined yet, when a reorg takes its deposit off the chain and the
+    node forgets both (a real node may drop them). Sent again, the sweep is refused ("insufficient
+    funds") each time: it stayed ``broadcast`` for ever, and its address, busy with it, was never
+    swept again. Refused while every deposit it sweeps is orphaned, it fails (it moved nothing),
+    and the address's next deposit is swept."""
+    port = free_port()
+    cfg = write_config(tmp_path, [chain_entry(
+        "devnet", anvil.url, tokens=[("USDT", token.address, 6)], confirmations=1, chain_id=31337, finality_depth=6,
+        sweep={"to": TREASURY, "min_amount": {"ETH": "0.01"}, "interval": 0})],
+        api_port=port, extra={"api": {"admin_token": ADMIN_TOKEN}})
+    with trio.fail_after(120):
+        async with alice_deposited(cfg, port, anvil) as (d, http, alice):
+            (deposit,) = d.views.transfers()[0]
+            anvil.automine(False)
+            before = anvil.balance(TREASURY)
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            sweep = await wait_until(lambda: (s := d.views.sweeps()[0]) and s[0]["status"] == "broadcast" and s[0],
+                                     what="the sweep out")
+            anvil.reorg(anvil.head() - deposit["block_number"] + 1)  # empty blocks from the deposit's on
+            for txid in (deposit["txid"], sweep["txid"]):
+                anvil.rpc("anvil_dropTransaction", txid)
+            assert anvil.balance(alice.address) == 0
+            failed = await mine_until(anvil, lambda: (s := d.views.sweeps()[0][0])["status"] == "failed" and s,
+                                      what="the sweep failed")
+            assert "insufficient funds" in failed["reason"].lower(), failed
+            assert d.views.transfer(deposit["id"])["status"] == "orphaned"
+            assert anvil.balance(TREASURY) == before
+            # the address is free: its next deposit is swept
+            anvil.automine(True)
+            again = anvil.send(anvil.accounts[1], alice.address, 10**18)
+            anvil.wait_receipt(again)
+            await mine_until(anvil, lambda: any(t["txid"] == again and t["status"] == "confirmed"
+                                                for t in d.views.transfers()[0]), what="the next deposit confirmed")
+            assert (await http.post("/v1/sweeps/run", json={})).status_code == 202
+            done = await mine_until(anvil, lambda: next((s for s in d.views.sweeps()[0] if s["status"] == "confirmed"),
+                                                        None), what="the next deposit swept")
+            assert anvil.balance(TREASURY) - before == int(done["base_units"]) > 0

@@ -231,7 +231,14 @@ class Sweeper:
         def replace(tx: SignedTx) -> None:
             self.store.sweeps.replaced(group[0], tx)
 
-        t = await self.s.tracker.follow(group, statuses, head=head, what=what, replace=replace)
+        def final(refusal: str) -> bool:
+            # the node refuses the transfer, which it does not hold, and every deposit it
+            # sweeps left the chain (a reorg): the money it would move is not there any more,
+            # and nothing brings it back to this transaction (a deposit mined again is
+            # planned again). Left to be sent again for ever, the sweep kept its address busy
+            return purpose == "sweep" and self._deposits_gone(row)
+
+        t = await self.s.tracker.follow(group, statuses, head=head, what=what, replace=replace, final=final)
         if t.state == "dead":  # it moved nothing: what is there is planned again by the next run
             if t.error is not None:
                 self.store.sweeps.failed(row.id, f"the node refused it: {t.error[:300]}", replan=True)
@@ -255,6 +262,11 @@ class Sweeper:
                                              f"{t.status.error}", replan=True)
             return None
         return t
+
+
+    def _deposits_gone(self, row: SweepRow) -> bool:
+        statuses = [self.store.transfers.status_of(d.transfer_id) for d in self.store.sweeps.deposits(row.id)]
+        return bool(statuses) and all(s == "orphaned" for s in statuses)
 
 
 def _current(txs: list[StoredTx]) -> list[StoredTx]:

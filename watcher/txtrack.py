@@ -104,18 +104,25 @@ class Tracker:
     async def broadcast(self, tx: SignedTx, what: str, purpose: str) -> bool:
         """Send stored bytes; a transient refusal is logged and False returned (they are sent
         again, or replaced, in a later round); a permanent one raises."""
+        return await self._send(tx, what, purpose) is None
+
+    async def _send(self, tx: SignedTx, what: str, purpose: str, *,
+                    final: Callable[[str], bool] | None = None) -> str | None:
+        """:meth:`broadcast`: None once sent, else the node's transient refusal; one that
+        ``final`` says cannot pass any more is raised as permanent."""
         try:
             await self.wallet.broadcast(tx)
         except BroadcastRejected as e:
+            permanent = e.permanent or (final is not None and final(e.message))
             log.warning("%s: node refused %s (%s); %s", what, tx.txid, e.message,
-                        "will not retry these bytes" if e.permanent else "trying again later",
+                        "will not retry these bytes" if permanent else "trying again later",
                         extra={"chain": self.chain, "txid": tx.txid})
-            if e.permanent:
-                raise
-            return False
+            if permanent:
+                raise BroadcastRejected(e.message, permanent=True) from None
+            return e.message
         failpoint(f"{purpose}.sent")
         self.store.chaintxs.mark_broadcast(tx.txid)
-        return True
+        return None
 
     async def _rival_mined(self, newest: StoredTx, head: int) -> Tracked | None:
         """The newest of a group was refused as it went out again (an EVM "nonce too low": the
@@ -154,10 +161,13 @@ class Tracker:
         return Tracked("mined", row, mined, max(0, head - (mined.block_number or head) + 1))
 
     async def follow(self, group: Sequence[StoredTx], statuses: Statuses, *, head: int, what: str,
-                     replace: Callable[[SignedTx], None] | None) -> Tracked:
+                     replace: Callable[[SignedTx], None] | None,
+                     final: Callable[[str], bool] | None = None) -> Tracked:
         """One round for one conflict group. ``replace`` stores a replacement (and moves its
         payout or sweep on); None: never replace (the group is only kept on chain).
-        ``statuses`` asked before the scan's latest rollback are asked again for this group."""
+        ``statuses`` asked before the scan's latest rollback are asked again for this group.
+        ``final(refusal)``: whether the node's transient refusal of the newest, sent again,
+        means it can no longer pass (the group is then given up like one refused for good)."""
         alive = live(group)
         if not alive:
             return Tracked("dead", error=next((t.error for t in reversed(group) if t.error), None))
@@ -182,7 +192,7 @@ class Tracker:
         # for now (fees below what it accepts), it is replaced below once it is stuck_after old.
         if seen[-1].state == "unknown":
             try:
-                if await self.broadcast(newest.signed(), what, newest.purpose):
+                if await self._send(newest.signed(), what, newest.purpose, final=final) is None:
                     return Tracked("pending")
             except BroadcastRejected as e:
                 rival = await self._rival_mined(newest, head)

@@ -368,6 +368,9 @@ class Transfers:
 
     # --- reading ------------------------------------------------------------------------
 
+    def status_of(self, transfer_id: str) -> str | None:
+        return self.store.db.scalar("SELECT status FROM transfers WHERE id = ?", (transfer_id,))
+
     def row(self, transfer_id: str) -> TransferRow | None:
         r = self.store.db.one(_SELECT + " WHERE t.id = ?", (transfer_id,))
         return TransferRow.from_row(r) if r else None
