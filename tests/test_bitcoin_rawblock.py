@@ -421,13 +421,12 @@ async def test_requests_for_blocks_are_sized_by_the_blocks_the_node_sends(tmp_pa
             later = await client.fetch_blocks(head - 19, head, nothing)  # 10 empty blocks a request now
             assert sizes == [10, 10] and [b.number for b in later] == list(range(head - 19, head + 1))
             # a large block (a transaction of 300 outputs): the next requests are small at once
-            payer = node.payer
+            node.payer  # noqa: B018
             outs = {node.rpc("getnewaddress", wallet="payer"): "0.001" for _ in range(300)}
             node.rpc("sendmany", "", outs, wallet="payer")
             (big,) = node.mine(1)
             assert 2 * len(bytes.fromhex(node.rpc("getblock", big, 0))) > 10 * empty_hex
             await client.fetch_blocks(head + 1, head + 1, nothing)
             assert client.part_size() == 1
-            assert payer is not None
     finally:
         core.close()
